@@ -1,0 +1,39 @@
+"""Request dependencies: the wired services and the service-key check."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from tollhouse.app import Tollhouse
+from tollhouse.errors import Unauthenticated
+from tollhouse.keys import ApiKey
+
+_bearer = HTTPBearer(auto_error=False, description="A service API key: `tollhouse keys create`.")
+
+
+def get_tollhouse(request: Request) -> Tollhouse:
+    """The services the app was built with."""
+    tollhouse: Tollhouse = request.app.state.tollhouse
+    return tollhouse
+
+
+TollhouseDep = Annotated[Tollhouse, Depends(get_tollhouse)]
+
+
+async def require_service_key(
+    tollhouse: TollhouseDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> ApiKey:
+    """The service API key of the request, or 401."""
+    if credentials is None:
+        raise Unauthenticated("missing 'Authorization: Bearer <service API key>' header")
+    key = await tollhouse.keys.authenticate(credentials.credentials)
+    if key is None:
+        raise Unauthenticated("the service API key is unknown or revoked")
+    return key
+
+
+ServiceKey = Annotated[ApiKey, Depends(require_service_key)]

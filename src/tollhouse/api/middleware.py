@@ -1,0 +1,125 @@
+"""The outermost layer of the HTTP service: request ids, access logs, metrics, the
+JSON-only rule for API bodies, and a last net that turns any unhandled error into a 500
+envelope without a traceback."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tollhouse.api.errors import envelope
+from tollhouse.observability import Metrics
+
+log = structlog.get_logger("tollhouse.http")
+
+REQUEST_ID_HEADER = "x-request-id"
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+class RequestMiddleware:
+    """Pure ASGI middleware, so it also sees errors raised by other middleware."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, json_prefix: str = "/v1/") -> None:
+        self.app = app
+        self.metrics = metrics
+        self.json_prefix = json_prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        incoming = headers.get(REQUEST_ID_HEADER, "")
+        request_id = incoming if _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        method = scope["method"]
+        started = time.perf_counter()
+        status = 500
+        sent_start = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, sent_start
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                sent_start = True
+                message.setdefault("headers", [])
+                message["headers"] = [
+                    *message["headers"],
+                    (REQUEST_ID_HEADER.encode(), request_id.encode()),
+                ]
+            await send(message)
+
+        try:
+            if (
+                method in _BODY_METHODS
+                and scope["path"].startswith(self.json_prefix)
+                and _has_body(headers)
+                and not _is_json(headers.get("content-type", ""))
+            ):
+                await _send_error(
+                    send_with_id,
+                    415,
+                    "unsupported_media_type",
+                    "The request body must be JSON (Content-Type: application/json).",
+                )
+            else:
+                await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled_error", method=method, path=scope["path"])
+            if not sent_start:
+                await _send_error(
+                    send_with_id,
+                    500,
+                    "internal_error",
+                    "An unexpected error occurred; the request id identifies it in the logs.",
+                    request_id=request_id,
+                )
+        finally:
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", None) or "<unmatched>"
+            self.metrics.requests.labels(method, route, str(status)).inc()
+            self.metrics.latency.labels(method, route).observe(elapsed)
+            log.info(
+                "request",
+                method=method,
+                path=scope["path"],
+                route=route,
+                status=status,
+                duration_ms=round(elapsed * 1000, 2),
+            )
+            structlog.contextvars.unbind_contextvars("request_id")
+
+
+def _has_body(headers: dict[str, str]) -> bool:
+    length = headers.get("content-length")
+    if length is not None:
+        return length.strip() not in ("", "0")
+    return "transfer-encoding" in headers
+
+
+async def _send_error(send: Send, status: int, code: str, message: str, **fields: str) -> None:
+    body = json.dumps(envelope(code, message, **fields)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

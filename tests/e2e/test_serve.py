@@ -1,0 +1,77 @@
+"""`tollhouse serve` on the embedded database, from a fresh data dir, as the README says."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import psycopg
+
+from tests.e2e.conftest import Service, clean_env, error_lines, run_cli, start_service
+
+
+def _postmaster_running(data_dir: Path) -> bool:
+    return (data_dir / "pgdata" / "postmaster.pid").exists()
+
+
+def test_fresh_start_serves_stops_on_sigterm_and_keeps_data_across_restarts(
+    tmp_path: Path, services: list[Service]
+) -> None:
+    env = clean_env(tmp_path)
+    data_dir = Path(env["TOLLHOUSE_DATA_DIR"])
+
+    first = start_service(env, tmp_path)
+    services.append(first)
+    assert first.wait_ready(60) < 60
+    assert first.process.stdout is not None
+    banner = first.process.stdout.readline() + first.process.stdout.readline()
+    match = re.search(r"^\s+(th_\S+)$", banner, re.MULTILINE)
+    assert match, banner
+    auth = {"Authorization": f"Bearer {match[1]}"}
+    created = httpx.post(f"{first.url}/v1/keys", json={"name": "kept"}, headers=auth)
+    assert created.status_code == 201
+    assert _postmaster_running(data_dir)
+
+    assert first.stop(signal.SIGTERM) == 0
+    assert not _postmaster_running(data_dir), "SIGTERM left the embedded PostgreSQL running"
+
+    second = start_service(env, tmp_path)
+    services.append(second)
+    second.wait_ready(60)
+    names = httpx.get(f"{second.url}/v1/keys", headers=auth).json()["keys"]
+    assert {k["name"] for k in names} == {"bootstrap", "kept"}
+    assert second.stop(signal.SIGINT) == 0
+    assert "th_" not in second.stdout(), "a second bootstrap key was printed"
+    assert not _postmaster_running(data_dir)
+
+
+def test_serve_without_migrating_reports_not_ready(tmp_path: Path, services: list[Service]) -> None:
+    env = clean_env(tmp_path)
+    service = start_service(env, tmp_path, "--no-migrate")
+    services.append(service)
+    for _ in range(300):
+        try:
+            answer = httpx.get(f"{service.url}/readyz", timeout=1)
+            break
+        except httpx.HTTPError:
+            assert service.process.poll() is None, service.logs()
+            time.sleep(0.1)
+    assert answer.status_code == 503
+    assert answer.json()["error"]["migrations"] is False
+    assert service.stop(signal.SIGTERM) == 0
+
+
+def test_an_edited_migration_stops_migrate_and_serve(tmp_path: Path, dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # What the runner sees when 0001_foundation.sql changed after it was applied.
+        conn.execute("UPDATE tollhouse.schema_migrations SET checksum = 'edited' WHERE version = 1")
+    env = clean_env(tmp_path, DATABASE_URL=dsn)
+    for args in (["migrate"], ["serve", "--port", "0"]):
+        result = run_cli(args, env)
+        assert result.returncode == 1, result
+        (line,) = error_lines(result.stderr)
+        assert "0001_foundation.sql" in line and "changed after it was applied" in line
+        assert "Traceback" not in result.stderr

@@ -1,0 +1,236 @@
+"""The pool: error translation, the retry helper, roles and the acting-user pattern."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import psycopg
+import pytest
+from structlog.testing import capture_logs
+
+from tollhouse.app import Tollhouse
+from tollhouse.db.pool import Conn, Database, check_server
+from tollhouse.errors import (
+    ApiKeyNameTaken,
+    DatabaseError,
+    DatabaseUnavailable,
+    SerializationRetriesExhausted,
+    UniqueViolation,
+    UnsafeDatabaseSettings,
+)
+
+
+async def test_unique_violation_is_translated_by_constraint_name(tollhouse: Tollhouse) -> None:
+    await tollhouse.keys.create("same")
+    with pytest.raises(ApiKeyNameTaken) as caught:
+        await tollhouse.keys.create("same")
+    assert caught.value.fields["constraint"] == "service_api_keys_active_name_key"
+    assert isinstance(caught.value, UniqueViolation)
+    assert isinstance(caught.value.__cause__, psycopg.errors.UniqueViolation)
+
+
+async def test_unmapped_errors_become_generic_database_errors(tollhouse: Tollhouse) -> None:
+    with pytest.raises(DatabaseError) as caught:
+        async with tollhouse.db.connection() as conn:
+            await conn.execute("SELECT * FROM tollhouse.no_such_table")
+    assert caught.value.fields["sqlstate"] == "42P01"
+
+
+def _as_owner(dsn: str, *statements: str) -> None:
+    """Run DDL as the login role, outside the service's pool."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(statement)  # type: ignore[call-overload]
+
+
+@pytest.fixture
+async def counter(dsn: str, tollhouse: Tollhouse) -> Database:
+    _as_owner(
+        dsn,
+        "CREATE TABLE public.counter (id int PRIMARY KEY, n int NOT NULL)",
+        "INSERT INTO public.counter VALUES (1, 0)",
+        "GRANT SELECT, UPDATE ON public.counter TO tollhouse_service",
+    )
+    return tollhouse.db
+
+
+async def _increment_read_then_write(conn: Conn, barrier: asyncio.Barrier) -> None:
+    cur = await conn.execute("SELECT n FROM public.counter WHERE id = 1")
+    row = await cur.fetchone()
+    assert row is not None
+    await barrier.wait()  # both transactions have read before either writes
+    await conn.execute("UPDATE public.counter SET n = %s WHERE id = 1", (row[0] + 1,))
+
+
+async def _count(db: Database) -> int:
+    async with db.connection() as conn:
+        cur = await conn.execute("SELECT n FROM public.counter WHERE id = 1")
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_serializable_conflict_is_retried_until_both_increments_land(
+    counter: Database,
+) -> None:
+    barrier = asyncio.Barrier(2)
+    runs = 0
+
+    async def work(conn: Conn) -> None:
+        nonlocal runs
+        runs += 1
+        # Only the first round meets at the barrier; retries run alone.
+        if runs <= 2:
+            await _increment_read_then_write(conn, barrier)
+        else:
+            await _increment_read_then_write(conn, asyncio.Barrier(1))
+
+    await asyncio.gather(
+        counter.transaction(work, isolation="serializable"),
+        counter.transaction(work, isolation="serializable"),
+    )
+    assert await _count(counter) == 2
+    assert runs == 3  # one of the two collided and ran again
+
+
+async def test_control_without_retry_one_increment_fails(counter: Database) -> None:
+    """The naive version of the test above: no retry means a lost or failed update."""
+    barrier = asyncio.Barrier(2)
+
+    async def work(conn: Conn) -> None:
+        await _increment_read_then_write(conn, barrier)
+
+    results = await asyncio.gather(
+        counter.transaction(work, isolation="serializable", attempts=1),
+        counter.transaction(work, isolation="serializable", attempts=1),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(r, SerializationRetriesExhausted) for r in results) == 1
+    assert await _count(counter) == 1
+
+
+@pytest.mark.parametrize("sqlstate", ["40001", "40P01"])
+async def test_retry_gives_up_after_the_attempts(tollhouse: Tollhouse, sqlstate: str) -> None:
+    calls = 0
+
+    async def always_conflicts(conn: Conn) -> None:
+        nonlocal calls
+        calls += 1
+        await conn.execute(
+            f"DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '{sqlstate}'; END $$"  # type: ignore[arg-type]
+        )
+
+    with pytest.raises(SerializationRetriesExhausted):
+        await tollhouse.db.transaction(always_conflicts, attempts=3)
+    assert calls == 3
+
+
+async def test_other_errors_are_not_retried(tollhouse: Tollhouse) -> None:
+    calls = 0
+
+    async def fails(conn: Conn) -> None:
+        nonlocal calls
+        calls += 1
+        await conn.execute("SELECT 1/0")
+
+    with pytest.raises(DatabaseError, match="division by zero"):
+        await tollhouse.db.transaction(fails)
+    assert calls == 1
+
+
+async def test_a_transaction_commits_all_or_nothing(counter: Database) -> None:
+    async def half_then_fail(conn: Conn) -> None:
+        await conn.execute("UPDATE public.counter SET n = 100 WHERE id = 1")
+        await conn.execute("SELECT 1/0")
+
+    with pytest.raises(DatabaseError):
+        await counter.transaction(half_then_fail)
+    assert await _count(counter) == 0
+
+
+async def _whoami(conn: Conn) -> tuple[str, uuid.UUID | None]:
+    cur = await conn.execute("SELECT current_user, tollhouse.current_user_id()")
+    row = await cur.fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+async def test_service_connections_act_as_the_service_role(tollhouse: Tollhouse) -> None:
+    async with tollhouse.db.connection() as conn:
+        assert await _whoami(conn) == ("tollhouse_service", None)
+
+
+async def test_acting_user_is_transaction_local_and_never_leaks(dsn: str) -> None:
+    # One connection, so the next transaction is sure to reuse it.
+    async with Tollhouse.open(dsn, min_size=1, max_size=1) as tollhouse:
+        alice = uuid.uuid4()
+        async with tollhouse.db.as_end_user(alice) as conn:
+            assert await _whoami(conn) == ("tollhouse_user", alice)
+        async with tollhouse.db.connection() as conn:
+            assert await _whoami(conn) == ("tollhouse_service", None)
+
+
+async def test_acting_user_is_undone_when_the_transaction_fails(dsn: str) -> None:
+    async with Tollhouse.open(dsn, min_size=1, max_size=1) as tollhouse:
+        with pytest.raises(DatabaseError):
+            async with tollhouse.db.as_end_user(uuid.uuid4()) as conn:
+                await conn.execute("SELECT 1/0")
+        async with tollhouse.db.connection() as conn:
+            assert await _whoami(conn) == ("tollhouse_service", None)
+
+
+async def test_end_user_role_sees_no_rows_without_a_policy(tollhouse: Tollhouse) -> None:
+    await tollhouse.keys.create("hidden")
+    async with tollhouse.db.as_end_user(uuid.uuid4()) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            await conn.execute("SELECT count(*) FROM tollhouse.service_api_keys")
+
+
+async def test_forced_rls_binds_even_a_role_with_table_rights(
+    dsn: str, tollhouse: Tollhouse
+) -> None:
+    """Grant the end-user role SELECT but no policy: forced RLS still shows it nothing."""
+    await tollhouse.keys.create("hidden")
+    _as_owner(dsn, "GRANT SELECT ON tollhouse.service_api_keys TO tollhouse_user")
+    async with tollhouse.db.as_end_user(uuid.uuid4()) as conn:
+        cur = await conn.execute("SELECT count(*) FROM tollhouse.service_api_keys")
+        assert await cur.fetchone() == (0,)
+
+
+async def test_check_server_accepts_the_test_server(dsn: str) -> None:
+    info = await check_server(dsn)
+    assert info.fsync
+    assert info.version_num >= 150000
+
+
+async def test_synchronous_commit_off_is_a_warning(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        dbname = conn.info.dbname
+        conn.execute(f"ALTER DATABASE {dbname} SET synchronous_commit = off")  # type: ignore[arg-type]
+    with capture_logs() as logs:
+        info = await check_server(dsn)
+    assert info.synchronous_commit == "off"
+    assert any(entry["event"] == "synchronous_commit_off" for entry in logs)
+
+
+async def test_fsync_off_is_refused(admin_dsn: str, dsn: str) -> None:
+    if not admin_dsn.startswith("postgresql://postgres:@/"):
+        pytest.skip("changes a server-wide setting: only on the embedded test server")
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET fsync = off")
+        conn.execute("SELECT pg_reload_conf()")
+        try:
+            await asyncio.sleep(0.2)
+            with pytest.raises(UnsafeDatabaseSettings, match="fsync=off"):
+                await check_server(dsn)
+        finally:
+            conn.execute("ALTER SYSTEM RESET fsync")
+            conn.execute("SELECT pg_reload_conf()")
+
+
+async def test_unreachable_server_is_one_clear_error() -> None:
+    with pytest.raises(
+        DatabaseUnavailable, match=r"cannot connect to PostgreSQL at 127\.0\.0\.1:1/"
+    ):
+        await check_server("postgresql://nobody@127.0.0.1:1/nothing")
