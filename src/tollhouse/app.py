@@ -12,6 +12,13 @@ from contextlib import asynccontextmanager, contextmanager
 from tollhouse.db.embedded import EmbeddedPostgres
 from tollhouse.db.pool import Database
 from tollhouse.health import HealthService
+from tollhouse.identity import (
+    AuthService,
+    IdentityConfig,
+    IdentityHooks,
+    SelfService,
+    UserService,
+)
 from tollhouse.keys import ApiKeyService
 from tollhouse.settings import Settings
 
@@ -19,23 +26,56 @@ from tollhouse.settings import Settings
 class Tollhouse:
     """Every service, over one pool."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(
+        self,
+        db: Database,
+        identity: IdentityConfig | None = None,
+        hooks: IdentityHooks | None = None,
+    ) -> None:
         self.db = db
         self.keys = ApiKeyService(db)
         self.health = HealthService(db)
+        self.users = UserService(db, hooks)
+        self.me = SelfService(db)
+        self.auth = AuthService(db, identity, hooks)
 
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, dsn: str, *, min_size: int = 2, max_size: int = 10
+        cls,
+        dsn: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 10,
+        identity: IdentityConfig | None = None,
+        hooks: IdentityHooks | None = None,
     ) -> AsyncIterator[Tollhouse]:
         """Open a pool on `dsn`, yield the wired services, close the pool."""
         db = Database(dsn, min_size=min_size, max_size=max_size)
         await db.open()
         try:
-            yield cls(db)
+            yield cls(db, identity, hooks)
         finally:
             await db.close()
+
+
+def _ids(value: str) -> frozenset[str]:
+    return frozenset(part.strip() for part in value.split(",") if part.strip())
+
+
+def identity_config(settings: Settings) -> IdentityConfig:
+    """The identity part of the settings."""
+    return IdentityConfig(
+        password_profile=settings.password_hash_profile,
+        password_concurrency=settings.password_hash_concurrency,
+        session_ttl_seconds=settings.session_ttl_seconds,
+        signin_limit=settings.signin_limit,
+        signin_window_seconds=settings.signin_window_seconds,
+        google_client_ids=_ids(settings.google_client_ids),
+        apple_client_ids=_ids(settings.apple_client_ids),
+        google_jwks_url=settings.google_jwks_url,
+        apple_jwks_url=settings.apple_jwks_url,
+    )
 
 
 @contextmanager

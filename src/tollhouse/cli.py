@@ -17,7 +17,7 @@ from typing import Annotated, TypeVar
 import typer
 
 from tollhouse import __version__
-from tollhouse.app import Tollhouse, database_url
+from tollhouse.app import Tollhouse, database_url, identity_config
 from tollhouse.db import migrate as migrations
 from tollhouse.db.dsn import redact
 from tollhouse.db.embedded import EmbeddedPostgres, start_detached
@@ -62,7 +62,9 @@ def _with_services(settings: Settings, work: Callable[[Tollhouse], Awaitable[T]]
 
     async def go(dsn: str) -> T:
         migrations.require_current(await migrations.status(dsn))
-        async with Tollhouse.open(dsn, min_size=1, max_size=2) as tollhouse:
+        async with Tollhouse.open(
+            dsn, min_size=1, max_size=2, identity=identity_config(settings)
+        ) as tollhouse:
             return await work(tollhouse)
 
     with database_url(settings) as dsn:

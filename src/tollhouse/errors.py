@@ -150,3 +150,244 @@ class ApiKeyNameTaken(UniqueViolation):
     """An active service API key already has this name."""
 
     code = "api_key_name_taken"
+
+
+# --- generic request outcomes -----------------------------------------------------------------
+
+
+class Conflict(TollhouseError):
+    """The request conflicts with the current state."""
+
+    code = "conflict_with_state"
+
+
+class Forbidden(TollhouseError):
+    """The caller may not do this."""
+
+    code = "forbidden"
+
+
+class TooManyRequests(TollhouseError):
+    """Too many attempts; wait and try again."""
+
+    code = "too_many_requests"
+
+
+# --- identity -------------------------------------------------------------------------------
+
+
+class UserNotFound(NotFound):
+    """No such user."""
+
+    code = "user_not_found"
+
+
+class InvalidEmail(InvalidRequest):
+    """The e-mail address is not valid."""
+
+    code = "invalid_email"
+
+
+class InvalidPassword(InvalidRequest):
+    """The password does not meet the length rules."""
+
+    code = "invalid_password"
+
+
+class InvalidProfile(InvalidRequest):
+    """A profile field is not valid."""
+
+    code = "invalid_profile"
+
+
+class EmailTaken(Conflict):
+    """The e-mail address belongs to another user."""
+
+    code = "email_taken"
+
+
+class UsernameTaken(Conflict):
+    """The username belongs to another user."""
+
+    code = "username_taken"
+
+
+class EmailNotFound(NotFound):
+    """The user has no such e-mail address."""
+
+    code = "email_not_found"
+
+
+class PrimaryEmailRequired(Conflict):
+    """The primary e-mail address cannot be removed; make another one primary first."""
+
+    code = "primary_email_required"
+
+
+class EmailNotVerified(Conflict):
+    """Only a verified e-mail address can become primary."""
+
+    code = "email_not_verified"
+
+
+class InvalidCredentials(Unauthenticated):
+    """The e-mail address or the password is wrong."""
+
+    code = "invalid_credentials"
+
+
+class AccountDisabled(Forbidden):
+    """This account cannot sign in."""
+
+    code = "account_disabled"
+
+
+class TooManySignInAttempts(TooManyRequests):
+    """Too many sign-in attempts; wait a few minutes or use another way to sign in."""
+
+    code = "too_many_attempts"
+
+
+class InvalidSession(Unauthenticated):
+    """The session token is unknown, expired or revoked."""
+
+    code = "invalid_session"
+
+
+class ReauthenticationRequired(Forbidden):
+    """Sign in again (within the last 5 minutes) to do this."""
+
+    code = "reauthentication_required"
+
+
+class InvalidToken(InvalidRequest):
+    """The token is unknown or malformed."""
+
+    code = "invalid_token"
+
+
+class TokenExpired(InvalidToken):
+    """The token has expired."""
+
+    code = "token_expired"
+
+
+class TokenUsed(InvalidToken):
+    """The token was already used."""
+
+    code = "token_used"
+
+
+class ProviderNotConfigured(InvalidRequest):
+    """Sign-in with this provider is not configured."""
+
+    code = "provider_not_configured"
+
+
+class IdentityTaken(Conflict):
+    """This identity is linked to another user."""
+
+    code = "identity_taken"
+
+
+class AccountExistsLinkRequired(Conflict):
+    """An account with this e-mail address exists: sign in with your existing method, then
+    link this provider from your account."""
+
+    code = "account_exists_link_required"
+
+
+class LastCredential(Conflict):
+    """This is the last way to sign in; add another before removing it."""
+
+    code = "last_credential"
+
+
+class IdentityNotFound(NotFound):
+    """The user has no such identity."""
+
+    code = "identity_not_found"
+
+
+class IdTokenRejected(Unauthenticated):
+    """The ID token was rejected."""
+
+    code = "id_token_invalid"
+
+
+class IdTokenMalformed(IdTokenRejected):
+    """The ID token is not a well-formed JWT."""
+
+    code = "id_token_malformed"
+
+
+class IdTokenAlgorithm(IdTokenRejected):
+    """The ID token's signing algorithm is not accepted."""
+
+    code = "id_token_algorithm_not_allowed"
+
+
+class IdTokenUnknownKey(IdTokenRejected):
+    """The ID token is signed with a key the provider does not publish."""
+
+    code = "id_token_unknown_key"
+
+
+class IdTokenSignature(IdTokenRejected):
+    """The ID token's signature does not verify."""
+
+    code = "id_token_bad_signature"
+
+
+class IdTokenIssuer(IdTokenRejected):
+    """The ID token comes from an unexpected issuer."""
+
+    code = "id_token_wrong_issuer"
+
+
+class IdTokenAudience(IdTokenRejected):
+    """The ID token was issued for another client."""
+
+    code = "id_token_wrong_audience"
+
+
+class IdTokenExpired(IdTokenRejected):
+    """The ID token has expired."""
+
+    code = "id_token_expired"
+
+
+class IdTokenNotYetValid(IdTokenRejected):
+    """The ID token was issued in the future."""
+
+    code = "id_token_issued_in_future"
+
+
+class IdTokenClaims(IdTokenRejected):
+    """The ID token lacks a required claim or has a malformed one."""
+
+    code = "id_token_bad_claims"
+
+
+class NonceMissing(IdTokenRejected):
+    """A nonce is required for this sign-in."""
+
+    code = "nonce_missing"
+
+
+class NonceMismatch(IdTokenRejected):
+    """The nonce does not match the ID token."""
+
+    code = "nonce_mismatch"
+
+
+class NonceReplayed(IdTokenRejected):
+    """This ID token's nonce was already used."""
+
+    code = "nonce_replayed"
+
+
+class ProviderUnavailable(TollhouseError):
+    """The identity provider's keys could not be fetched; try again."""
+
+    code = "provider_unavailable"

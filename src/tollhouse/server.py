@@ -19,7 +19,7 @@ import structlog
 import uvicorn
 
 from tollhouse.api import create_app
-from tollhouse.app import Tollhouse, database_url
+from tollhouse.app import Tollhouse, database_url, identity_config
 from tollhouse.db import migrate
 from tollhouse.db.pool import check_server
 from tollhouse.errors import PortInUse
@@ -96,7 +96,10 @@ async def _serve(
             message="/readyz answers 503 until 'tollhouse migrate' applies them",
         )
     async with Tollhouse.open(
-        dsn, min_size=settings.pool_min_size, max_size=settings.pool_max_size
+        dsn,
+        min_size=settings.pool_min_size,
+        max_size=settings.pool_max_size,
+        identity=identity_config(settings),
     ) as tollhouse:
         if settings.bootstrap_api_key and not pending:
             created = await tollhouse.keys.create_bootstrap()

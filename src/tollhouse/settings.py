@@ -50,6 +50,18 @@ class Settings(BaseSettings):
     bootstrap_api_key: bool = Field(
         default=True, description="Create and print a service API key when none was ever made."
     )
+    # Identity
+    password_hash_profile: Literal["rfc9106-low-memory", "owasp-minimum", "test"] = (
+        "rfc9106-low-memory"  # noqa: S105 - a profile name, not a password
+    )
+    password_hash_concurrency: int = Field(default=2, ge=1, le=64)
+    session_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=60)
+    signin_limit: int = Field(default=20, ge=1)
+    signin_window_seconds: int = Field(default=900, ge=1)
+    google_client_ids: str = Field(default="", description="Comma-separated OAuth client ids.")
+    apple_client_ids: str = Field(default="", description="Comma-separated Services/App ids.")
+    google_jwks_url: str = "https://www.googleapis.com/oauth2/v3/certs"
+    apple_jwks_url: str = "https://appleid.apple.com/auth/keys"
 
     @property
     def embedded(self) -> bool:

@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from tollhouse import __version__
 from tollhouse.api import errors
 from tollhouse.api.middleware import RequestMiddleware
-from tollhouse.api.routes import health, keys
+from tollhouse.api.routes import auth, health, keys, me, users
 from tollhouse.app import Tollhouse
 from tollhouse.observability import Metrics
 
@@ -24,6 +24,9 @@ def create_app(tollhouse: Tollhouse) -> FastAPI:
     errors.install(app)
     app.include_router(health.router)
     app.include_router(keys.router)
+    app.include_router(users.router)
+    app.include_router(auth.router)
+    app.include_router(me.router)
     app.add_middleware(RequestMiddleware, metrics=app.state.metrics)
     return app
 

@@ -8,7 +8,8 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from tollhouse.app import Tollhouse
-from tollhouse.errors import Unauthenticated
+from tollhouse.errors import InvalidSession, Unauthenticated
+from tollhouse.identity import Session
 from tollhouse.keys import ApiKey
 
 _bearer = HTTPBearer(auto_error=False, description="A service API key: `tollhouse keys create`.")
@@ -37,3 +38,21 @@ async def require_service_key(
 
 
 ServiceKey = Annotated[ApiKey, Depends(require_service_key)]
+
+
+_session_bearer = HTTPBearer(
+    auto_error=False, scheme_name="SessionToken", description="An end user's session token."
+)
+
+
+async def require_session(
+    tollhouse: TollhouseDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_session_bearer)],
+) -> Session:
+    """The end user's live session, or 401."""
+    if credentials is None:
+        raise InvalidSession("missing 'Authorization: Bearer <session token>' header")
+    return await tollhouse.auth.authenticate(credentials.credentials)
+
+
+CurrentSession = Annotated[Session, Depends(require_session)]

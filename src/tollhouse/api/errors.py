@@ -28,6 +28,12 @@ STATUS: dict[type[e.TollhouseError], int] = {
     e.NotFound: 404,
     e.InvalidRequest: 422,
     e.Unauthenticated: 401,
+    e.Conflict: 409,
+    e.Forbidden: 403,
+    e.TooManyRequests: 429,
+    e.ProviderNotConfigured: 400,
+    e.InvalidToken: 400,
+    e.ProviderUnavailable: 503,
 }
 
 _HTTP_CODES = {

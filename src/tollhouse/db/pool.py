@@ -179,7 +179,9 @@ class Database:
         raise AssertionError("unreachable")  # pragma: no cover
 
     @asynccontextmanager
-    async def as_end_user(self, user_id: uuid.UUID) -> AsyncIterator[Conn]:
+    async def as_end_user(
+        self, user_id: uuid.UUID, constraints: ConstraintMap | None = None
+    ) -> AsyncIterator[Conn]:
         """A transaction that runs as the end-user role with `user_id` as the acting user.
 
         Both the role and the setting are transaction-local (`SET LOCAL`, `set_config(...,
@@ -195,7 +197,7 @@ class Database:
         except PoolTimeout as exc:
             raise DatabaseUnavailable("no database connection became free in time") from exc
         except psycopg.Error as exc:
-            raise translate(exc) from exc
+            raise translate(exc, constraints) from exc
 
 
 _ISOLATION_SQL = {

@@ -1,0 +1,189 @@
+-- Sign-in, sessions, single-use tokens and identity linking (tollhouse.identity.auth).
+
+-- name: signin_attempt
+SELECT tollhouse.signin_attempt_v1(%(keys)s, %(limit)s, make_interval(secs => %(window)s))
+
+-- name: clear_attempts
+DELETE FROM tollhouse.signin_attempts WHERE key = %(key)s
+
+-- name: password_user
+-- The account behind an address, with what sign-in needs to decide.
+SELECT u.id, u.password_hash, u.status, u.deleted_at IS NOT NULL AS deleted
+FROM tollhouse.email_routes r
+JOIN tollhouse.users u ON u.id = r.user_id
+WHERE r.email = %(email)s
+
+-- name: user_password
+SELECT password_hash FROM tollhouse.users WHERE id = %(user_id)s AND deleted_at IS NULL
+
+-- name: set_password
+-- A new password ends every session of the user and every outstanding reset token.
+WITH u AS (
+    UPDATE tollhouse.users
+    SET password_hash = %(password_hash)s, password_changed_at = now(), updated_at = now()
+    WHERE id = %(user_id)s
+    RETURNING id
+), s AS (
+    UPDATE tollhouse.sessions SET revoked_at = now()
+    WHERE user_id IN (SELECT id FROM u) AND revoked_at IS NULL
+      AND (%(keep_session)s::uuid IS NULL OR id <> %(keep_session)s::uuid)
+), t AS (
+    UPDATE tollhouse.user_tokens SET used_at = now()
+    WHERE user_id IN (SELECT id FROM u) AND purpose = 'reset_password' AND used_at IS NULL
+)
+SELECT id FROM u
+
+-- name: rehash_password
+-- Only if the hash is still the one that was verified (a concurrent change wins).
+UPDATE tollhouse.users SET password_hash = %(new_hash)s
+WHERE id = %(user_id)s AND password_hash = %(old_hash)s
+
+-- name: create_session
+INSERT INTO tollhouse.sessions (id, user_id, secret_hash, method, expires_at)
+VALUES (%(id)s, %(user_id)s, %(secret_hash)s, %(method)s,
+        now() + make_interval(secs => %(ttl)s))
+RETURNING id, user_id, method, created_at, authenticated_at, expires_at, last_seen_at
+
+-- name: session
+SELECT s.id, s.user_id, s.method, s.created_at, s.authenticated_at, s.expires_at,
+       s.last_seen_at, s.secret_hash
+FROM tollhouse.sessions s
+JOIN tollhouse.users u ON u.id = s.user_id
+WHERE s.id = %(id)s AND s.revoked_at IS NULL AND s.expires_at > now()
+  AND u.deleted_at IS NULL AND u.status = 'active'
+
+-- name: touch_session
+UPDATE tollhouse.sessions SET last_seen_at = now()
+WHERE id = %(id)s AND (last_seen_at IS NULL OR last_seen_at < now() - interval '1 minute')
+
+-- name: reauthenticate_session
+UPDATE tollhouse.sessions SET authenticated_at = now()
+WHERE id = %(id)s AND revoked_at IS NULL
+RETURNING id, user_id, method, created_at, authenticated_at, expires_at, last_seen_at
+
+-- name: revoke_session
+UPDATE tollhouse.sessions SET revoked_at = now()
+WHERE id = %(id)s AND revoked_at IS NULL
+RETURNING user_id
+
+-- name: revoke_sessions
+UPDATE tollhouse.sessions SET revoked_at = now()
+WHERE user_id = %(user_id)s AND revoked_at IS NULL
+
+-- name: seen
+UPDATE tollhouse.users SET last_seen_at = now() WHERE id = %(user_id)s
+
+-- name: create_token
+-- A new token of a purpose retires the user's older unused ones of that purpose.
+WITH old AS (
+    UPDATE tollhouse.user_tokens SET used_at = now()
+    WHERE user_id = %(user_id)s AND purpose = %(purpose)s AND used_at IS NULL
+      AND (%(email)s::text IS NULL OR email = %(email)s)
+)
+INSERT INTO tollhouse.user_tokens (id, user_id, purpose, email, secret_hash, expires_at)
+VALUES (%(id)s, %(user_id)s, %(purpose)s, %(email)s, %(secret_hash)s,
+        now() + make_interval(secs => %(ttl)s))
+RETURNING expires_at
+
+-- name: token
+SELECT user_id, email, secret_hash, used_at IS NOT NULL AS used, expires_at <= now() AS expired
+FROM tollhouse.user_tokens
+WHERE id = %(id)s AND purpose = %(purpose)s
+
+-- name: use_token
+-- Consumes the token at most once: of concurrent users, exactly one gets the row back.
+UPDATE tollhouse.user_tokens SET used_at = now()
+WHERE id = %(id)s AND used_at IS NULL AND expires_at > now()
+RETURNING user_id, email
+
+-- name: remember_nonce
+INSERT INTO tollhouse.oidc_nonces (provider, nonce_hash, expires_at)
+VALUES (%(provider)s, %(nonce_hash)s, to_timestamp(%(expires_at)s) + interval '5 minutes')
+ON CONFLICT DO NOTHING
+RETURNING provider
+
+-- name: forget_expired_nonces
+DELETE FROM tollhouse.oidc_nonces WHERE expires_at < now()
+
+-- name: identity_owner
+SELECT user_id FROM tollhouse.identity_routes WHERE provider = %(provider)s AND subject = %(subject)s
+
+-- name: touch_identity
+-- A later sign-in updates last use; an e-mail the provider stops sending is kept.
+UPDATE tollhouse.user_identities SET
+    last_used_at = now(),
+    email = coalesce(%(email)s, email),
+    email_verified = CASE WHEN %(email)s::text IS NULL THEN email_verified ELSE %(email_verified)s END
+WHERE user_id = %(user_id)s AND provider = %(provider)s AND subject = %(subject)s
+
+-- name: link_identity
+WITH route AS (
+    INSERT INTO tollhouse.identity_routes (provider, subject, user_id)
+    VALUES (%(provider)s, %(subject)s, %(user_id)s)
+)
+INSERT INTO tollhouse.user_identities
+    (user_id, provider, subject, email, email_verified, is_private_email, last_used_at)
+VALUES (%(user_id)s, %(provider)s, %(subject)s, %(email)s, %(email_verified)s,
+        %(is_private_email)s, now())
+
+-- name: unlink_identity
+WITH gone AS (
+    DELETE FROM tollhouse.user_identities
+    WHERE user_id = %(user_id)s AND provider = %(provider)s AND subject = %(subject)s
+    RETURNING provider, subject
+), route AS (
+    DELETE FROM tollhouse.identity_routes r USING gone
+    WHERE r.provider = gone.provider AND r.subject = gone.subject
+)
+SELECT provider FROM gone
+
+-- name: credentials
+-- How a user can sign in, read under a row lock so concurrent unlinks cannot both pass.
+SELECT u.password_hash IS NOT NULL AS has_password,
+       (SELECT count(*) FROM tollhouse.user_identities i WHERE i.user_id = u.id) AS identities
+FROM tollhouse.users u WHERE u.id = %(user_id)s
+FOR UPDATE
+
+-- name: email_owner
+-- Who holds an address, whether verified, and which providers that user already has.
+SELECT e.user_id, e.verified, u.password_hash IS NOT NULL AS has_password,
+       coalesce((SELECT array_agg(DISTINCT i.provider) FROM tollhouse.user_identities i
+                 WHERE i.user_id = e.user_id), '{}') AS providers
+FROM tollhouse.email_routes r
+JOIN tollhouse.user_emails e ON e.user_id = r.user_id AND e.email = r.email
+JOIN tollhouse.users u ON u.id = e.user_id
+WHERE r.email = %(email)s
+FOR UPDATE OF e
+
+-- name: claim_unverified_account
+-- A provider proved ownership of an address that a password account held unverified: the
+-- unverified password credential is removed, every session ends, the address is verified.
+WITH u AS (
+    UPDATE tollhouse.users SET password_hash = NULL, password_changed_at = now(),
+                               updated_at = now()
+    WHERE id = %(user_id)s
+    RETURNING id
+), s AS (
+    UPDATE tollhouse.sessions SET revoked_at = now()
+    WHERE user_id = %(user_id)s AND revoked_at IS NULL
+), t AS (
+    UPDATE tollhouse.user_tokens SET used_at = now()
+    WHERE user_id = %(user_id)s AND used_at IS NULL
+)
+UPDATE tollhouse.user_emails SET verified = true, verified_at = now()
+WHERE user_id = %(user_id)s AND email = %(email)s
+
+-- name: detach_unverified_email
+WITH route AS (
+    DELETE FROM tollhouse.email_routes WHERE email = %(email)s AND user_id = %(user_id)s
+)
+DELETE FROM tollhouse.user_emails
+WHERE user_id = %(user_id)s AND email = %(email)s AND NOT verified
+RETURNING is_primary
+
+-- name: promote_primary
+UPDATE tollhouse.user_emails SET is_primary = true
+WHERE user_id = %(user_id)s
+  AND NOT EXISTS (SELECT 1 FROM tollhouse.user_emails WHERE user_id = %(user_id)s AND is_primary)
+  AND email = (SELECT email FROM tollhouse.user_emails WHERE user_id = %(user_id)s
+               ORDER BY verified DESC, created_at LIMIT 1)

@@ -1,0 +1,29 @@
+"""E-mail addresses: normalised (trimmed, lower-cased) and checked at the edge.
+
+Dots and `+tags` are kept: `alice+1@x.com` is another mailbox than `alice@x.com`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from tollhouse.errors import InvalidEmail
+
+_LOCAL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_EMAIL = re.compile(rf"^{_LOCAL}@(?:{_LABEL}\.)+(?:[a-z]{{2,63}}|xn--[a-z0-9-]{{1,59}})$")
+
+
+def normalise_email(raw: str) -> str:
+    """The stored form of an address, or `InvalidEmail`."""
+    email = raw.strip().lower()
+    if len(email) > 254 or "@" not in email:
+        raise InvalidEmail(f"{_shown(raw)} is not a valid e-mail address", field="email")
+    local = email.rsplit("@", 1)[0]
+    if len(local) > 64 or not _EMAIL.match(email):
+        raise InvalidEmail(f"{_shown(raw)} is not a valid e-mail address", field="email")
+    return email
+
+
+def _shown(raw: str) -> str:
+    return repr(raw[:80] + ("…" if len(raw) > 80 else ""))

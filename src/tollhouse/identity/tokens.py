@@ -1,0 +1,58 @@
+"""Opaque bearer tokens in selector.verifier form: `<prefix>_<selector>_<secret>`.
+
+The selector (a UUID, base64url) finds the row; only SHA-256 of the secret is stored and it
+is compared with `hmac.compare_digest`. A token carries 256 random bits.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from tollhouse.ids import uuid7
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """A token just made: `token` goes to the caller once, `secret_hash` to the database."""
+
+    id: uuid.UUID
+    token: str
+    secret_hash: bytes
+
+
+def digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("ascii")).digest()
+
+
+def issue(prefix: str) -> IssuedToken:
+    """A new random token with a time-ordered selector."""
+    token_id = uuid7()
+    secret = secrets.token_urlsafe(32)
+    selector = base64.urlsafe_b64encode(token_id.bytes).rstrip(b"=").decode("ascii")
+    return IssuedToken(token_id, f"{prefix}_{selector}_{secret}", digest(secret))
+
+
+def parse(token: str, prefix: str) -> tuple[uuid.UUID, str] | None:
+    """(selector, secret) of a well-formed token, else None."""
+    if len(token) > 200 or not token.isascii():
+        return None
+    parts = token.split("_")
+    if len(parts) != 3 or parts[0] != prefix or len(parts[1]) != 22 or len(parts[2]) != 43:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(parts[1] + "==")
+    except ValueError:
+        return None
+    if len(raw) != 16:
+        return None
+    return uuid.UUID(bytes=raw), parts[2]
+
+
+def matches(secret: str, stored_hash: bytes) -> bool:
+    """Constant-time comparison of a presented secret with the stored hash."""
+    return hmac.compare_digest(digest(secret), bytes(stored_hash))
