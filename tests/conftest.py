@@ -19,8 +19,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from tests.support.idp import APPLE_CLIENT, GOOGLE_CLIENT, KeySet, serve_jwks
 from tollhouse.api import create_app
 from tollhouse.app import Tollhouse
+from tollhouse.identity import IdentityConfig
 from tollhouse.db import migrate
 from tollhouse.db.dsn import with_dbname
 from tollhouse.db.embedded import pgserver_module
@@ -103,10 +105,35 @@ def dsn(admin_dsn: str, template_dsn: str) -> Iterator[str]:
         _drop_database(admin_dsn, name)
 
 
+@pytest.fixture(scope="session")
+def idp_keys() -> KeySet:
+    """The signing keys of the fake Google and Apple."""
+    return KeySet()
+
+
+@pytest.fixture(scope="session")
+def jwks_url(idp_keys: KeySet) -> Iterator[str]:
+    """The fake providers' JWKS endpoint on 127.0.0.1."""
+    with serve_jwks(idp_keys) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def identity_config(jwks_url: str) -> IdentityConfig:
+    """Identity settings for tests: a cheap Argon2 profile, the fake providers."""
+    return IdentityConfig(
+        password_profile="test",
+        google_client_ids=frozenset({GOOGLE_CLIENT}),
+        apple_client_ids=frozenset({APPLE_CLIENT}),
+        google_jwks_url=jwks_url,
+        apple_jwks_url=jwks_url,
+    )
+
+
 @pytest.fixture
-async def tollhouse(dsn: str) -> AsyncIterator[Tollhouse]:
+async def tollhouse(dsn: str, identity_config: IdentityConfig) -> AsyncIterator[Tollhouse]:
     """The wired services over a fresh migrated database."""
-    async with Tollhouse.open(dsn, min_size=1, max_size=4) as services:
+    async with Tollhouse.open(dsn, min_size=1, max_size=4, identity=identity_config) as services:
         yield services
 
 

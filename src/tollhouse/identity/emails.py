@@ -20,7 +20,7 @@ def normalise_email(raw: str) -> str:
     if len(email) > 254 or "@" not in email:
         raise InvalidEmail(f"{_shown(raw)} is not a valid e-mail address", field="email")
     local = email.rsplit("@", 1)[0]
-    if len(local) > 64 or not _EMAIL.match(email):
+    if len(local) > 64 or not _EMAIL.fullmatch(email):
         raise InvalidEmail(f"{_shown(raw)} is not a valid e-mail address", field="email")
     return email
 

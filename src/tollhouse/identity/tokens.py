@@ -1,12 +1,11 @@
-"""Opaque bearer tokens in selector.verifier form: `<prefix>_<selector>_<secret>`.
+"""Opaque bearer tokens in selector.verifier form: `<prefix>_<selector>.<secret>`.
 
-The selector (a UUID, base64url) finds the row; only SHA-256 of the secret is stored and it
+The selector (a UUID in hex) finds the row; only SHA-256 of the secret is stored and it
 is compared with `hmac.compare_digest`. A token carries 256 random bits.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import secrets
@@ -33,24 +32,20 @@ def issue(prefix: str) -> IssuedToken:
     """A new random token with a time-ordered selector."""
     token_id = uuid7()
     secret = secrets.token_urlsafe(32)
-    selector = base64.urlsafe_b64encode(token_id.bytes).rstrip(b"=").decode("ascii")
-    return IssuedToken(token_id, f"{prefix}_{selector}_{secret}", digest(secret))
+    return IssuedToken(token_id, f"{prefix}_{token_id.hex}.{secret}", digest(secret))
 
 
 def parse(token: str, prefix: str) -> tuple[uuid.UUID, str] | None:
     """(selector, secret) of a well-formed token, else None."""
-    if len(token) > 200 or not token.isascii():
+    if len(token) > 200 or not token.isascii() or not token.startswith(f"{prefix}_"):
         return None
-    parts = token.split("_")
-    if len(parts) != 3 or parts[0] != prefix or len(parts[1]) != 22 or len(parts[2]) != 43:
+    selector, _, secret = token[len(prefix) + 1 :].partition(".")
+    if len(selector) != 32 or len(secret) != 43:
         return None
     try:
-        raw = base64.urlsafe_b64decode(parts[1] + "==")
+        return uuid.UUID(hex=selector), secret
     except ValueError:
         return None
-    if len(raw) != 16:
-        return None
-    return uuid.UUID(bytes=raw), parts[2]
 
 
 def matches(secret: str, stored_hash: bytes) -> bool:
