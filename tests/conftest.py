@@ -22,10 +22,11 @@ from psycopg import sql
 from tests.support.idp import APPLE_CLIENT, GOOGLE_CLIENT, KeySet, serve_jwks
 from tollhouse.api import create_app
 from tollhouse.app import Tollhouse
-from tollhouse.identity import IdentityConfig
 from tollhouse.db import migrate
-from tollhouse.db.dsn import with_dbname
+from tollhouse.db.dsn import as_user, with_dbname
 from tollhouse.db.embedded import pgserver_module
+from tollhouse.db.roles import SERVICE_ROLE
+from tollhouse.identity import IdentityConfig
 
 TEMPLATE = f"tollhouse_template_{os.getpid()}"
 
@@ -131,9 +132,18 @@ def identity_config(jwks_url: str) -> IdentityConfig:
 
 
 @pytest.fixture
-async def tollhouse(dsn: str, identity_config: IdentityConfig) -> AsyncIterator[Tollhouse]:
-    """The wired services over a fresh migrated database."""
-    async with Tollhouse.open(dsn, min_size=1, max_size=4, identity=identity_config) as services:
+def service_dsn(dsn: str) -> str:
+    """How the running service logs in: as tollhouse_service on the embedded server; with
+    an external DATABASE_URL, as its user (connections then switch role)."""
+    return dsn if os.environ.get("DATABASE_URL") else as_user(dsn, SERVICE_ROLE)
+
+
+@pytest.fixture
+async def tollhouse(service_dsn: str, identity_config: IdentityConfig) -> AsyncIterator[Tollhouse]:
+    """The wired services over a fresh migrated database, logged in as the service does."""
+    async with Tollhouse.open(
+        service_dsn, min_size=1, max_size=4, identity=identity_config
+    ) as services:
         yield services
 
 

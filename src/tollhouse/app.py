@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
+from tollhouse.db.dsn import as_user
 from tollhouse.db.embedded import EmbeddedPostgres
 from tollhouse.db.pool import Database
+from tollhouse.db.roles import SERVICE_ROLE
 from tollhouse.health import HealthService
 from tollhouse.identity import (
     AuthService,
@@ -85,8 +87,18 @@ def database_url(settings: Settings) -> Iterator[str]:
         yield settings.database_url
         return
     server = EmbeddedPostgres(settings.pgdata)
-    dsn = server.start()
     try:
-        yield dsn
+        yield server.start()
     finally:
-        server.stop()
+        server.stop()  # also after a start that failed half-way
+
+
+def runtime_url(settings: Settings, owner_dsn: str) -> str:
+    """The DSN the running service uses: a login of `tollhouse_service` where there is one
+    (the embedded server, or TOLLHOUSE_SERVICE_DATABASE_URL), else the owner's DSN, whose
+    connections then switch to that role."""
+    if settings.service_database_url:
+        return settings.service_database_url
+    if settings.embedded:
+        return as_user(owner_dsn, SERVICE_ROLE)
+    return owner_dsn

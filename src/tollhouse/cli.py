@@ -17,11 +17,13 @@ from typing import Annotated, TypeVar
 import typer
 
 from tollhouse import __version__
-from tollhouse.app import Tollhouse, database_url, identity_config
+from tollhouse.app import Tollhouse, database_url, identity_config, runtime_url
 from tollhouse.db import migrate as migrations
 from tollhouse.db.dsn import redact
 from tollhouse.db.embedded import EmbeddedPostgres, start_detached
+from tollhouse.db.pool import Database
 from tollhouse.errors import TollhouseError
+from tollhouse.health import HealthService
 from tollhouse.keys import ApiKey
 from tollhouse.observability import configure_logging
 from tollhouse.settings import Settings, load_settings
@@ -63,7 +65,7 @@ def _with_services(settings: Settings, work: Callable[[Tollhouse], Awaitable[T]]
     async def go(dsn: str) -> T:
         migrations.require_current(await migrations.status(dsn))
         async with Tollhouse.open(
-            dsn, min_size=1, max_size=2, identity=identity_config(settings)
+            runtime_url(settings, dsn), min_size=1, max_size=2, identity=identity_config(settings)
         ) as tollhouse:
             return await work(tollhouse)
 
@@ -138,16 +140,10 @@ def doctor(data_dir: DataDir = None) -> None:
     )
     typer.echo(f"settings  database: {where}")
 
-    async def checks(tollhouse: Tollhouse) -> list[tuple[str, bool, str]]:
-        return [(c.name, c.ok, c.detail) for c in await tollhouse.health.doctor()]
-
     with database_url(settings) as dsn:
-
-        async def go() -> list[tuple[str, bool, str]]:
-            async with Tollhouse.open(dsn, min_size=1, max_size=1) as tollhouse:
-                return await checks(tollhouse)
-
-        results = asyncio.run(go())
+        # No pool: the checks use their own connections, so a dead database is reported.
+        health = HealthService(Database(dsn), runtime_dsn=runtime_url(settings, dsn))
+        results = [(c.name, c.ok, c.detail) for c in asyncio.run(health.doctor())]
     for name, ok, detail in results:
         typer.echo(f"{'ok' if ok else 'FAIL':4}  {name:10}  {detail}")
     if not all(ok for _, ok, _ in results):

@@ -19,10 +19,10 @@ import structlog
 import uvicorn
 
 from tollhouse.api import create_app
-from tollhouse.app import Tollhouse, database_url, identity_config
+from tollhouse.app import Tollhouse, database_url, identity_config, runtime_url
 from tollhouse.db import migrate
 from tollhouse.db.pool import check_server
-from tollhouse.errors import PortInUse
+from tollhouse.errors import MigrationsPending, PortInUse
 from tollhouse.settings import Settings
 
 log = structlog.get_logger("tollhouse.server")
@@ -59,44 +59,64 @@ class _Server(uvicorn.Server):
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+                signal.signal(sig, signal.SIG_IGN)  # shutdown goes on; a second signal waits
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+class _StopRequests:
+    """Remembers SIGINT/SIGTERM during start-up, so the embedded PostgreSQL is never left
+    half-started: start-up finishes its step, then everything stops in order."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
 
 
 def run(settings: Settings, *, announce: Callable[[str], None] = print) -> None:
     """Serve until SIGINT or SIGTERM; raise a `TollhouseError` when start-up fails."""
-    # Until the event loop takes over, SIGTERM unwinds like Ctrl-C so cleanup still runs.
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop = _StopRequests()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
     sock = bind_socket(settings.host, settings.port)
     try:
         with database_url(settings) as dsn:
-            asyncio.run(_serve(settings, dsn, sock, announce))
-    except KeyboardInterrupt:
-        log.info("interrupted_during_startup")
+            if not stop.requested:
+                asyncio.run(_serve(settings, dsn, sock, announce, stop))
+            # From here on a second signal must not cut the shutdown short.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
     finally:
         sock.close()
     log.info("stopped")
 
 
 async def _serve(
-    settings: Settings, dsn: str, sock: socket.socket, announce: Callable[[str], None]
+    settings: Settings,
+    dsn: str,
+    sock: socket.socket,
+    announce: Callable[[str], None],
+    stop: _StopRequests,
 ) -> None:
     info = await check_server(dsn)
     log.info("database", version=info.version, embedded=settings.embedded)
     if settings.migrate_on_start:
         for applied in await migrate.migrate(dsn):
             log.info("migration_applied", file=applied.filename)
-    pending = [s.filename for s in await migrate.verify(dsn) if s.state == "pending"]
+    statuses = await migrate.verify(dsn)
+    pending = [s.filename for s in statuses if s.state == "pending"]
+    if len(pending) == len(statuses):
+        raise MigrationsPending("the database has no Tollhouse schema yet: run 'tollhouse migrate'")
     if pending:
         log.warning(
             "migrations_pending",
             pending=pending,
             message="/readyz answers 503 until 'tollhouse migrate' applies them",
         )
+    if stop.requested:
+        return
     async with Tollhouse.open(
-        dsn,
+        runtime_url(settings, dsn),
         min_size=settings.pool_min_size,
         max_size=settings.pool_max_size,
         identity=identity_config(settings),
@@ -118,6 +138,7 @@ async def _serve(
             timeout_graceful_shutdown=10,
         )
         server = _Server(config)
+        server.should_exit = stop.requested
         host, port = sock.getsockname()[:2]
         announce(f"Tollhouse is listening on http://{host}:{port} (API docs at /docs)")
         sys.stdout.flush()

@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 import platformdirs
 from dotenv.parser import parse_stream
-from pydantic import AliasChoices, Field, ValidationError
+from psycopg.conninfo import conninfo_to_dict
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tollhouse.errors import ConfigurationError
@@ -39,6 +40,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("DATABASE_URL", "TOLLHOUSE_DATABASE_URL"),
         description="PostgreSQL URL; unset means the embedded server in data_dir.",
     )
+    service_database_url: str | None = Field(
+        default=None,
+        description="Optional login of the tollhouse_service role for the running service;"
+        " unset: the embedded server's, or DATABASE_URL switching role per connection.",
+    )
     data_dir: Path = Field(default_factory=default_data_dir)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -62,6 +68,17 @@ class Settings(BaseSettings):
     apple_client_ids: str = Field(default="", description="Comma-separated Services/App ids.")
     google_jwks_url: str = "https://www.googleapis.com/oauth2/v3/certs"
     apple_jwks_url: str = "https://appleid.apple.com/auth/keys"
+
+    @field_validator("database_url", "service_database_url")
+    @classmethod
+    def _parsable_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        try:
+            conninfo_to_dict(value)
+        except Exception:
+            raise ValueError("is not a valid PostgreSQL URL") from None
+        return value
 
     @property
     def embedded(self) -> bool:
@@ -107,7 +124,8 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         first = exc.errors()[0]
         name = ".".join(str(p) for p in first["loc"]) or "settings"
-        raise ConfigurationError(f"invalid setting {name}: {first['msg']}", setting=name) from exc
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise ConfigurationError(f"invalid setting {name}: {message}", setting=name) from None
     if settings.pool_min_size > settings.pool_max_size:
         raise ConfigurationError("pool_min_size must not exceed pool_max_size")
     return settings

@@ -56,6 +56,7 @@ def test_doctor_passes_then_catches_a_table_without_rls(tmp_path: Path, dsn: str
         ["ok", "migrations"],
         ["ok", "roles"],
         ["ok", "rls"],
+        ["ok", "runtime"],
     ]
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE tollhouse.careless (id int)")
@@ -91,11 +92,16 @@ def _busy_port() -> socket.socket:
     ("case", "expected_code", "expected"),
     [
         ("unknown option", 2, "No such option: --bogus"),
-        ("unreachable database", 1, "cannot connect to PostgreSQL at 127.0.0.1:1/"),
+        ("unreachable database", 1, "at 127.0.0.1:1/nothing: Connection refused"),
         ("data dir is a file", 1, "is not a directory"),
         ("port in use", 1, "cannot listen on 127.0.0.1:"),
         ("malformed .env", 1, "at line 2"),
         ("invalid setting", 1, "invalid setting port"),
+        (
+            "malformed database url",
+            1,
+            "invalid setting DATABASE_URL: is not a valid PostgreSQL URL",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(
@@ -117,6 +123,8 @@ def test_bad_input_is_one_clear_line(
         args = ["serve", "--port", str(busy.getsockname()[1])]
     elif case == "malformed .env":
         Path(env["TOLLHOUSE_ENV_FILE"]).write_text("TOLLHOUSE_HOST=127.0.0.1\nnot a setting\n")
+    elif case == "malformed database url":
+        env["DATABASE_URL"] = "postgresql://x:hunter2@[bad"
     elif case == "invalid setting":
         env["TOLLHOUSE_PORT"] = "eighty"
         args = ["serve"]
@@ -129,3 +137,4 @@ def test_bad_input_is_one_clear_line(
     (line,) = error_lines(result.stderr)
     assert expected in line
     assert "Traceback" not in result.stderr
+    assert "hunter2" not in result.stderr

@@ -7,9 +7,11 @@ import re
 import httpx
 import pytest
 from fastapi import FastAPI
+from structlog.testing import capture_logs
 
 from tollhouse.api import create_app
 from tollhouse.app import Tollhouse
+from tollhouse.db import migrate
 
 
 async def test_healthz_and_readyz(client: httpx.AsyncClient) -> None:
@@ -20,6 +22,8 @@ async def test_healthz_and_readyz(client: httpx.AsyncClient) -> None:
 
 
 async def test_readyz_is_503_while_migrations_are_pending(empty_dsn: str) -> None:
+    # The code is newer than the database: the last migration is not applied yet.
+    await migrate.migrate(empty_dsn, migrate.load_migrations()[:-1])
     async with Tollhouse.open(empty_dsn, min_size=1, max_size=1) as tollhouse:
         transport = httpx.ASGITransport(app=create_app(tollhouse))
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
@@ -174,3 +178,27 @@ async def test_metrics_count_requests_by_route_and_show_the_pool(
     assert 'tollhouse_http_requests_total{method="GET",route="/v1/keys",status="401"} 1.0' in text
     assert "tollhouse_http_request_duration_seconds_bucket" in text
     assert re.search(r"^tollhouse_db_pool_size \d", text, re.MULTILINE)
+
+
+async def test_a_server_side_domain_error_is_logged_with_its_details(
+    tollhouse: Tollhouse,
+) -> None:
+    app: FastAPI = create_app(tollhouse)
+
+    @app.get("/broken-sql")
+    async def broken_sql() -> None:
+        async with tollhouse.db.connection() as conn:
+            await conn.execute("SELECT * FROM tollhouse.missing_table")
+
+    transport = httpx.ASGITransport(app=app)
+    with capture_logs() as logs:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            answer = await http.get("/broken-sql")
+    assert answer.status_code == 500
+    error = answer.json()["error"]
+    assert error["code"] == "database_error"
+    assert "missing_table" not in answer.text  # details stay out of the answer...
+    assert error["request_id"] == answer.headers["x-request-id"]
+    (failure,) = [entry for entry in logs if entry["event"] == "request_failed"]
+    assert failure["sqlstate"] == "42P01"  # ...and go to the log
+    assert "missing_table" in failure["error"]

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import os
+import re
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
 from structlog.testing import capture_logs
 
+import tollhouse as tollhouse_package
 from tollhouse.app import Tollhouse
 from tollhouse.db.pool import Conn, Database, check_server
 from tollhouse.errors import (
     ApiKeyNameTaken,
     DatabaseError,
     DatabaseUnavailable,
+    MigrationsPending,
     SerializationRetriesExhausted,
     UniqueViolation,
     UnsafeDatabaseSettings,
@@ -161,9 +167,9 @@ async def test_service_connections_act_as_the_service_role(tollhouse: Tollhouse)
         assert await _whoami(conn) == ("tollhouse_service", None)
 
 
-async def test_acting_user_is_transaction_local_and_never_leaks(dsn: str) -> None:
+async def test_acting_user_is_transaction_local_and_never_leaks(service_dsn: str) -> None:
     # One connection, so the next transaction is sure to reuse it.
-    async with Tollhouse.open(dsn, min_size=1, max_size=1) as tollhouse:
+    async with Tollhouse.open(service_dsn, min_size=1, max_size=1) as tollhouse:
         alice = uuid.uuid4()
         async with tollhouse.db.as_end_user(alice) as conn:
             assert await _whoami(conn) == ("tollhouse_user", alice)
@@ -171,8 +177,8 @@ async def test_acting_user_is_transaction_local_and_never_leaks(dsn: str) -> Non
             assert await _whoami(conn) == ("tollhouse_service", None)
 
 
-async def test_acting_user_is_undone_when_the_transaction_fails(dsn: str) -> None:
-    async with Tollhouse.open(dsn, min_size=1, max_size=1) as tollhouse:
+async def test_acting_user_is_undone_when_the_transaction_fails(service_dsn: str) -> None:
+    async with Tollhouse.open(service_dsn, min_size=1, max_size=1) as tollhouse:
         with pytest.raises(DatabaseError):
             async with tollhouse.db.as_end_user(uuid.uuid4()) as conn:
                 await conn.execute("SELECT 1/0")
@@ -234,3 +240,73 @@ async def test_unreachable_server_is_one_clear_error() -> None:
         DatabaseUnavailable, match=r"cannot connect to PostgreSQL at 127\.0\.0\.1:1/"
     ):
         await check_server("postgresql://nobody@127.0.0.1:1/nothing")
+
+
+async def test_pooled_connections_never_mix_up_acting_users(service_dsn: str) -> None:
+    """R-05 in small: 400 end-user transactions of 40 users over 4 pooled connections; each
+    sees exactly its own acting user, and the service sees none afterwards."""
+    users = [uuid.uuid4() for _ in range(40)]
+    async with Tollhouse.open(service_dsn, min_size=4, max_size=4) as tollhouse:
+
+        async def as_user(user: uuid.UUID) -> tuple[uuid.UUID, tuple[str, uuid.UUID | None]]:
+            async with tollhouse.db.as_end_user(user) as conn:
+                await asyncio.sleep(0)  # let other transactions interleave
+                return user, await _whoami(conn)
+
+        results = await asyncio.gather(*(as_user(users[i % 40]) for i in range(400)))
+        assert all(seen == ("tollhouse_user", user) for user, seen in results)
+        for _ in range(4):
+            async with tollhouse.db.connection() as conn:
+                assert await _whoami(conn) == ("tollhouse_service", None)
+
+
+async def test_the_service_login_is_not_a_superuser(service_dsn: str, admin_dsn: str) -> None:
+    if os.environ.get("DATABASE_URL"):
+        pytest.skip("with an external DATABASE_URL the login is the operator's choice")
+    async with Tollhouse.open(service_dsn, min_size=1, max_size=1) as tollhouse:
+        async with tollhouse.db.as_end_user(uuid.uuid4()) as conn:
+            await conn.execute("RESET ROLE")  # what an injected statement could try
+            cur = await conn.execute("SELECT current_user, current_setting('is_superuser')")
+            assert await cur.fetchone() == ("tollhouse_service", "off")
+
+
+async def test_a_pool_on_an_unmigrated_database_is_refused(empty_dsn: str) -> None:
+    """Connections opened before the roles exist would act as the login role: refused."""
+    with pytest.raises(MigrationsPending, match="tollhouse migrate"):
+        async with Tollhouse.open(empty_dsn, min_size=1, max_size=1):
+            pass
+
+
+def _sql_texts(path: Path) -> list[str]:
+    """The SQL a file can send: a .sql file whole, a .py file's string literals (not its
+    docstrings or comments)."""
+    text = path.read_text()
+    if path.suffix == ".sql":
+        return [text]
+    tree = ast.parse(text)
+    docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
+    return [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in docstrings
+    ]
+
+
+def test_no_session_level_settings_outside_the_pool_setup() -> None:
+    """A session-level SET would leak into the next user of a pooled connection."""
+    root = Path(tollhouse_package.__file__).parent
+    # SET ROLE / SET SESSION ... / SET some.custom_setting, or set_config(..., false).
+    pattern = re.compile(
+        r"(?i)\bSET\s+(?:SESSION\s+)?(?:ROLE\b|AUTHORIZATION\b|\w+\.\w+)"
+        r"|set_config\([^)]*,\s*false\)"
+    )
+    offenders = [
+        f"{path.relative_to(root)}: {match.group(0)}"
+        for path in sorted(root.rglob("*"))
+        if path.suffix in {".py", ".sql"} and "migrations" not in path.parts
+        for text in _sql_texts(path)
+        for match in pattern.finditer(text)
+    ]
+    assert offenders == ["db/pool.py: set_config('role', %s, false)"]

@@ -85,3 +85,10 @@ async def test_concurrent_starts_create_one_bootstrap_key(tollhouse: Tollhouse) 
 async def test_no_bootstrap_key_once_any_key_was_made(tollhouse: Tollhouse) -> None:
     await tollhouse.keys.create("made-by-hand")
     assert await tollhouse.keys.create_bootstrap() is None
+
+
+async def test_revoking_by_id_never_touches_a_key_named_like_that_id(tollhouse: Tollhouse) -> None:
+    target = await tollhouse.keys.create("target")
+    await tollhouse.keys.create(str(target.key.id))  # a key whose name is the other's id
+    await tollhouse.keys.revoke(str(target.key.id))
+    assert [k.name for k in await tollhouse.keys.list()] == [str(target.key.id)]

@@ -161,7 +161,7 @@ async def test_disabled_and_deleted_accounts_cannot_sign_in(tollhouse: Tollhouse
 
 async def test_change_password_ends_other_sessions(tollhouse: Tollhouse) -> None:
     first = await _signup(tollhouse)
-    second = (await tollhouse.auth.sign_in_password("pat@example.com", PASSWORD, "10.0.0.5"))
+    second = await tollhouse.auth.sign_in_password("pat@example.com", PASSWORD, "10.0.0.5")
     session = await tollhouse.auth.authenticate(second.session_token)
     with pytest.raises(errors.InvalidCredentials):
         await tollhouse.auth.change_password(session, "wrong password", "new password 1")
@@ -253,7 +253,9 @@ async def test_raw_tokens_never_reach_the_database(dsn: str, tollhouse: Tollhous
     assert all(len(t.rsplit(".", 1)[1]) == 43 for t in issued)  # 256-bit secrets
     dump = subprocess.run(
         [pg_dump_path(), "--data-only", f"--dbname={dsn}"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "t0@example.com" in dump  # the dump is real
     leaked = [t for t in issued if t.rsplit(".", 1)[1] in dump or t in dump]

@@ -12,7 +12,9 @@ from tollhouse import errors
 from tollhouse.app import Tollhouse
 
 
-async def test_a_new_user_gets_everything_in_one_transaction(dsn: str, tollhouse: Tollhouse) -> None:
+async def test_a_new_user_gets_everything_in_one_transaction(
+    dsn: str, tollhouse: Tollhouse
+) -> None:
     user = await tollhouse.users.create(email="  Ada@Example.COM ", display_name="Ada")
     assert user.primary_email == "ada@example.com"
     assert [(e.email, e.is_primary, e.verified) for e in user.emails] == [
@@ -66,8 +68,19 @@ async def test_plus_tags_and_dots_are_different_addresses(tollhouse: Tollhouse) 
 
 
 @pytest.mark.parametrize(
-    "bad", ["", "no-at-sign", "a@b", "a b@example.com", "a@-example.com", "x" * 65 + "@example.com",
-            "a@" + "b" * 250 + ".com", "a@exa\nmple.com", "a@example.com\x00", "\u00e9@example.com"]
+    "bad",
+    [
+        "",
+        "no-at-sign",
+        "a@b",
+        "a b@example.com",
+        "a@-example.com",
+        "x" * 65 + "@example.com",
+        "a@" + "b" * 250 + ".com",
+        "a@exa\nmple.com",
+        "a@example.com\x00",
+        "\u00e9@example.com",
+    ],
 )
 async def test_invalid_addresses_are_refused(tollhouse: Tollhouse, bad: str) -> None:
     with pytest.raises(errors.InvalidEmail):
@@ -80,7 +93,9 @@ async def test_update_soft_delete_and_restore(tollhouse: Tollhouse) -> None:
         user.id, {"display_name": "Cee", "plan_override": "pro", "metadata": {"team": "a"}}
     )
     assert (updated.display_name, updated.effective_plan, updated.metadata) == (
-        "Cee", "pro", {"team": "a"}
+        "Cee",
+        "pro",
+        {"team": "a"},
     )
     assert updated.username is None  # fields not named stay as they were
     deleted = await tollhouse.users.delete(user.id)

@@ -50,7 +50,7 @@ class KeySet:
 class _Handler(BaseHTTPRequestHandler):
     body = b"{}"
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(self.body)))

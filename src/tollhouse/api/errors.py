@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tollhouse import errors as e
+
+log = structlog.get_logger("tollhouse.http")
 
 #: Domain error -> HTTP status. A class not listed takes the status of its nearest listed
 #: ancestor, so a new leaf needs a line here only when it differs from its parent.
@@ -77,6 +80,12 @@ def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     status = status_for(exc)
     fields = {k: v for k, v in exc.fields.items() if k not in _PRIVATE_FIELDS}
     message = exc.message if status < 500 else (type(exc).__doc__ or "").strip() or exc.message
+    if status >= 500:
+        # The client gets the class's plain message; the details go to the logs.
+        log.error("request_failed", code=exc.code, error=exc.message, exc_info=exc, **exc.fields)
+        request_id = structlog.contextvars.get_contextvars().get("request_id")
+        if request_id:
+            fields["request_id"] = request_id
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return error_response(status, exc.code, message, headers, **_jsonable(fields))
 

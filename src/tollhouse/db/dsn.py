@@ -30,3 +30,18 @@ def describe(dsn: str) -> str:
 def with_dbname(dsn: str, dbname: str) -> str:
     """The same server and credentials, another database."""
     return make_conninfo(dsn, dbname=dbname)
+
+
+def as_user(dsn: str, user: str) -> str:
+    """The same server and database, logged in as `user` (no password carried over)."""
+    params = conninfo_to_dict(dsn)
+    params.pop("password", None)
+    params["user"] = user
+    return make_conninfo("", **params)
+
+
+def split_password(dsn: str) -> tuple[str, str | None]:
+    """The DSN without its password, and the password (to pass through PGPASSWORD)."""
+    params = conninfo_to_dict(dsn)
+    password = params.pop("password", None)
+    return make_conninfo("", **params), None if password is None else str(password)

@@ -68,14 +68,17 @@ class EmbeddedPostgres:
                 f"the embedded PostgreSQL in {self.pgdata} failed to start: {exc}"
             ) from exc
         admin_dsn: str = self._server.get_uri()
-        _ensure_database(admin_dsn, DATABASE_NAME)
+        try:
+            _ensure_database(admin_dsn, DATABASE_NAME)
+        except psycopg.Error as exc:
+            raise DatabaseUnavailable(f"the embedded PostgreSQL did not answer: {exc}") from exc
         return with_dbname(admin_dsn, DATABASE_NAME)
 
     def stop(self) -> None:
-        """Stop the server unless another process still uses it."""
-        if self._server is not None:
-            self._server.cleanup()
-            self._server = None
+        """Stop the server unless another process still uses it (safe after a failed start)."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.cleanup()
 
     @staticmethod
     def running_dsn(pgdata: Path) -> str:
@@ -96,9 +99,14 @@ class EmbeddedPostgres:
 def start_detached(pgdata: Path) -> str:
     """Start the embedded server and leave it running after this process exits."""
     prepare_data_dir(pgdata.parent)
-    server = pgserver_module().get_server(pgdata, cleanup_mode=None)
-    admin_dsn: str = server.get_uri()
-    _ensure_database(admin_dsn, DATABASE_NAME)
+    try:
+        server = pgserver_module().get_server(pgdata, cleanup_mode=None)
+        admin_dsn: str = server.get_uri()
+        _ensure_database(admin_dsn, DATABASE_NAME)
+    except Exception as exc:
+        raise DatabaseUnavailable(
+            f"the embedded PostgreSQL in {pgdata} failed to start: {exc}"
+        ) from exc
     return with_dbname(admin_dsn, DATABASE_NAME)
 
 

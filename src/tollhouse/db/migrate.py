@@ -8,6 +8,7 @@ Concurrent runners queue on an advisory lock, so two at once leave one history.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import time
@@ -58,8 +59,17 @@ class MigrationStatus:
     applied_at: datetime | None
 
 
+@functools.cache
+def _load(package: str) -> tuple[Migration, ...]:
+    return tuple(_read_migrations(package))
+
+
 def load_migrations(package: str = MIGRATIONS_PACKAGE) -> list[Migration]:
-    """The migrations shipped in `package`, in version order."""
+    """The migrations shipped in `package`, in version order (read once per process)."""
+    return list(_load(package))
+
+
+def _read_migrations(package: str) -> list[Migration]:
     found: list[Migration] = []
     for entry in resources.files(package).iterdir():
         match = _FILENAME.match(entry.name)

@@ -22,10 +22,11 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from tollhouse.db.dsn import describe
 from tollhouse.db.errors import RETRYABLE_SQLSTATES, ConstraintMap, translate
-from tollhouse.db.roles import ACTING_USER_SETTING, END_USER_ROLE, SERVICE_ROLE
+from tollhouse.db.roles import ACTING_USER_SETTING, END_USER_ROLE, SCHEMA, SERVICE_ROLE
 from tollhouse.errors import (
     ConfigurationError,
     DatabaseUnavailable,
+    MigrationsPending,
     SerializationRetriesExhausted,
     UnsafeDatabaseSettings,
 )
@@ -57,10 +58,19 @@ async def connect(dsn: str, *, timeout: float = 10.0) -> Conn:
             dsn, autocommit=True, connect_timeout=max(1, int(timeout))
         )
     except psycopg.OperationalError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "no answer"
+        reason = _connect_reason(exc)
         raise DatabaseUnavailable(
             f"cannot connect to PostgreSQL at {describe(dsn)}: {reason}"
         ) from exc
+
+
+def _connect_reason(exc: BaseException) -> str:
+    """libpq's cause ("Connection refused"), not its closing hint."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return "no answer"
+    first = lines[0]
+    return first.rsplit("failed: ", 1)[-1] if "failed: " in first else first
 
 
 async def check_server(dsn: str) -> ServerInfo:
@@ -93,11 +103,36 @@ async def check_server(dsn: str) -> ServerInfo:
     return info
 
 
+async def configure_connection(conn: Conn) -> None:
+    """Make a new connection act as the service role, or refuse it.
+
+    The service never acts as the owner of the tables (owners and superusers bypass RLS).
+    Logged in as `tollhouse_service` there is nothing to do; logged in as another role it
+    switches with `SET ROLE`. Before migration 0001 (no role, no schema): refused.
+    """
+    cur = await conn.execute(
+        "SELECT current_user = %s, to_regrole(%s) IS NOT NULL AND to_regnamespace(%s) IS NOT NULL",
+        (SERVICE_ROLE, SERVICE_ROLE, SCHEMA),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    if row[0]:
+        return
+    if not row[1]:
+        raise MigrationsPending("the database has no Tollhouse schema yet: run 'tollhouse migrate'")
+    await conn.execute("SELECT set_config('role', %s, false)", (SERVICE_ROLE,))
+
+
 class Database:
     """The pool, plus helpers that run work in transactions the right way."""
 
-    def __init__(self, dsn: str, *, min_size: int = 2, max_size: int = 10) -> None:
+    def __init__(
+        self, dsn: str, *, min_size: int = 2, max_size: int = 10, timeout: float = 5.0
+    ) -> None:
         self.dsn = dsn
+        # No per-checkout check or reset: each costs a round trip on the hot path (about
+        # 40%). Session state is never set outside `configure_connection` (a test greps for
+        # it), and a broken connection is replaced after its error.
         self._pool = AsyncConnectionPool(
             dsn,
             min_size=min_size,
@@ -105,21 +140,16 @@ class Database:
             open=False,
             name="tollhouse",
             kwargs={"autocommit": True},
-            configure=self._configure,
-            check=AsyncConnectionPool.check_connection,
+            configure=configure_connection,
+            timeout=timeout,
+            max_idle=300,
         )
-
-    @staticmethod
-    async def _configure(conn: Conn) -> None:
-        # Act as the service role, never as the owner of the tables (which bypasses RLS).
-        # Before the first migration the role does not exist yet; readyz reports that.
-        cur = await conn.execute("SELECT to_regrole(%s) IS NOT NULL", (SERVICE_ROLE,))
-        row = await cur.fetchone()
-        if row is not None and row[0]:
-            await conn.execute("SELECT set_config('role', %s, false)", (SERVICE_ROLE,))
 
     async def open(self, timeout: float = 10.0) -> None:
         """Open the pool and wait until its first connections are ready."""
+        # One direct connection first, so a refusal reads as its real cause.
+        async with await connect(self.dsn, timeout=timeout) as conn:
+            await configure_connection(conn)
         try:
             await self._pool.open(wait=True, timeout=timeout)
         except PoolTimeout as exc:
@@ -166,6 +196,8 @@ class Database:
                     if isolation != "read committed":
                         await conn.execute(_ISOLATION_SQL[isolation])
                     return await work(conn)
+            except PoolTimeout as exc:  # a psycopg.OperationalError: catch it first
+                raise DatabaseUnavailable("no database connection became free in time") from exc
             except psycopg.Error as exc:
                 if exc.sqlstate not in RETRYABLE_SQLSTATES:
                     raise translate(exc, constraints) from exc
@@ -174,8 +206,6 @@ class Database:
                     raise SerializationRetriesExhausted(attempts=attempts) from exc
                 # Full jitter, so that the transactions that collided do not collide again.
                 await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))  # noqa: S311
-            except PoolTimeout as exc:
-                raise DatabaseUnavailable("no database connection became free in time") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     @asynccontextmanager

@@ -6,11 +6,12 @@ The test suite compares a freshly migrated database with the checked-in
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
-from tollhouse.db.dsn import describe
+from tollhouse.db.dsn import describe, split_password
 from tollhouse.db.embedded import pgserver_module
 from tollhouse.db.roles import SCHEMA
 from tollhouse.errors import DatabaseError
@@ -41,8 +42,14 @@ def normalise(dump: str) -> str:
 
 def dump_schema(dsn: str) -> str:
     """The normalised DDL of the `tollhouse` schema of the database at `dsn`."""
+    # The password goes through the environment, never onto a command line `ps` can read.
+    bare, password = split_password(dsn)
+    env = dict(os.environ)
+    if password is not None:
+        env["PGPASSWORD"] = password
     result = subprocess.run(  # noqa: S603 - fixed executable, arguments are not a shell string
-        [pg_dump_path(), "--schema-only", "--no-owner", f"--schema={SCHEMA}", f"--dbname={dsn}"],
+        [pg_dump_path(), "--schema-only", "--no-owner", f"--schema={SCHEMA}", f"--dbname={bare}"],
+        env=env,
         capture_output=True,
         text=True,
         check=False,

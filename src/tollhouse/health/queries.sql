@@ -20,3 +20,8 @@ WHERE n.nspname = %(schema)s
   AND NOT (c.relrowsecurity AND c.relforcerowsecurity)
   AND c.relname <> ALL(%(allowed)s)
 ORDER BY c.relname
+
+-- name: runtime_role
+SELECT a.rolname, a.rolsuper, a.rolbypassrls, l.rolname, l.rolsuper
+FROM pg_roles a, pg_roles l
+WHERE a.rolname = current_user AND l.rolname = session_user

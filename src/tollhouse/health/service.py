@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from tollhouse.db import migrate
-from tollhouse.db.pool import Conn, Database, check_server, connect
+from tollhouse.db.pool import Conn, Database, check_server, configure_connection, connect
 from tollhouse.db.queries import Queries
 from tollhouse.db.roles import END_USER_ROLE, SCHEMA, SERVICE_ROLE
 from tollhouse.errors import TollhouseError
@@ -46,9 +46,16 @@ DoctorCheck = Callable[[Conn], Awaitable[Check]]
 class HealthService:
     """Answers /readyz and runs `tollhouse doctor`."""
 
-    def __init__(self, db: Database, extra_checks: Sequence[DoctorCheck] = ()) -> None:
+    def __init__(
+        self,
+        db: Database,
+        extra_checks: Sequence[DoctorCheck] = (),
+        *,
+        runtime_dsn: str | None = None,
+    ) -> None:
         self._db = db
         self._extra_checks = tuple(extra_checks)
+        self._runtime_dsn = runtime_dsn
 
     async def readiness(self) -> Readiness:
         """Ready when the database answers and every migration is applied unchanged."""
@@ -85,7 +92,27 @@ class HealthService:
                     checks.append(await check(conn))
                 except TollhouseError as exc:
                     checks.append(Check(check.__name__.strip("_"), False, exc.message))
+        checks.append(await self._runtime_check())
         return checks
+
+    async def _runtime_check(self) -> Check:
+        """What the running service's connections act as: never an owner or superuser."""
+        try:
+            async with await connect(self._runtime_dsn or self._db.dsn) as conn:
+                await configure_connection(conn)
+                cur = await conn.execute(_queries["runtime_role"])
+                row = await cur.fetchone()
+        except TollhouseError as exc:
+            return Check("runtime", False, exc.message)
+        assert row is not None
+        acting, acting_super, acting_bypass, login, login_super = row
+        if acting_super or acting_bypass:
+            return Check("runtime", False, f"the service acts as {acting}, which bypasses RLS")
+        detail = f"acts as {acting} (login {login})"
+        if login_super:
+            detail += "; the login is a superuser: set TOLLHOUSE_SERVICE_DATABASE_URL to a"
+            detail += " tollhouse_service login for a hard boundary"
+        return Check("runtime", True, detail)
 
 
 async def _migrations_check(conn: Conn) -> Check:

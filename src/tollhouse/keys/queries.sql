@@ -21,9 +21,11 @@ WHERE %(include_revoked)s OR revoked_at IS NULL
 ORDER BY created_at, id
 
 -- name: revoke
+-- By id when the caller gave one, else the active key of that name; never both.
 UPDATE tollhouse.service_api_keys
 SET revoked_at = coalesce(revoked_at, now())
-WHERE id = %(id)s OR (name = %(name)s AND revoked_at IS NULL)
+WHERE CASE WHEN %(id)s::uuid IS NOT NULL THEN id = %(id)s::uuid
+           ELSE name = %(name)s AND revoked_at IS NULL END
 RETURNING id, name, prefix, bootstrap, created_at, last_used_at, revoked_at
 
 -- name: authenticate
