@@ -263,11 +263,13 @@ async def test_pooled_connections_never_mix_up_acting_users(service_dsn: str) ->
 async def test_the_service_login_is_not_a_superuser(service_dsn: str, admin_dsn: str) -> None:
     if os.environ.get("DATABASE_URL"):
         pytest.skip("with an external DATABASE_URL the login is the operator's choice")
-    async with Tollhouse.open(service_dsn, min_size=1, max_size=1) as tollhouse:
-        async with tollhouse.db.as_end_user(uuid.uuid4()) as conn:
-            await conn.execute("RESET ROLE")  # what an injected statement could try
-            cur = await conn.execute("SELECT current_user, current_setting('is_superuser')")
-            assert await cur.fetchone() == ("tollhouse_service", "off")
+    async with (
+        Tollhouse.open(service_dsn, min_size=1, max_size=1) as tollhouse,
+        tollhouse.db.as_end_user(uuid.uuid4()) as conn,
+    ):
+        await conn.execute("RESET ROLE")  # what an injected statement could try
+        cur = await conn.execute("SELECT current_user, current_setting('is_superuser')")
+        assert await cur.fetchone() == ("tollhouse_service", "off")
 
 
 async def test_a_pool_on_an_unmigrated_database_is_refused(empty_dsn: str) -> None:
