@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import sys
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -22,8 +23,9 @@ from tollhouse.db import migrate as migrations
 from tollhouse.db.dsn import redact
 from tollhouse.db.embedded import EmbeddedPostgres, start_detached
 from tollhouse.db.pool import Database
-from tollhouse.errors import TollhouseError
+from tollhouse.errors import InvalidRequest, TollhouseError, UserNotFound
 from tollhouse.health import HealthService
+from tollhouse.identity import User
 from tollhouse.keys import ApiKey
 from tollhouse.observability import configure_logging
 from tollhouse.settings import Settings, load_settings
@@ -39,8 +41,10 @@ app = typer.Typer(
     add_completion=False,
 )
 keys_app = typer.Typer(help="Service API keys for server-to-server calls.", no_args_is_help=True)
+users_app = typer.Typer(help="Users: create, look up, grant roles, delete.", no_args_is_help=True)
 db_app = typer.Typer(help="The database Tollhouse uses.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(users_app, name="users")
 app.add_typer(db_app, name="db")
 
 DataDir = Annotated[
@@ -204,6 +208,89 @@ def keys_revoke(
     """Revoke a key; calls with it are refused from then on."""
     revoked = _with_services(_settings(data_dir), lambda t: t.keys.revoke(key))
     typer.echo(f"revoked key {revoked.name!r} ({revoked.id})")
+
+
+def _user_json(user: User) -> str:
+    from tollhouse.api.schemas import UserOut
+
+    return UserOut.of(user).model_dump_json(indent=2)
+
+
+def _user_id(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidRequest(f"{value!r} is not a user id") from None
+
+
+@users_app.command("create")
+def users_create(
+    email: Annotated[str | None, typer.Option(help="Primary e-mail address.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Display name.")] = None,
+    verified: Annotated[bool, typer.Option(help="Mark the address verified.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Create a user (with its personal tenant) and print it as JSON."""
+
+    async def work(t: Tollhouse) -> User:
+        return await t.users.create(email=email, display_name=name, email_verified=verified)
+
+    typer.echo(_user_json(_with_services(_settings(data_dir), work)))
+
+
+@users_app.command("show")
+def users_show(
+    user_id: Annotated[str, typer.Argument(help="The user's id.")],
+    data_dir: DataDir = None,
+) -> None:
+    """Print a user with e-mails, identities, roles and plan as JSON."""
+    uid = _user_id(user_id)
+    user = _with_services(_settings(data_dir), lambda t: t.users.get(uid, include_deleted=True))
+    typer.echo(_user_json(user))
+
+
+@users_app.command("find")
+def users_find(
+    email: Annotated[str, typer.Option(help="An e-mail address of the user.")],
+    data_dir: DataDir = None,
+) -> None:
+    """Find a user by e-mail address; exit 1 when there is none."""
+    user = _with_services(_settings(data_dir), lambda t: t.users.find_by_email(email))
+    if user is None:
+        raise UserNotFound(f"no user with the address {email.strip().lower()!r}")
+    typer.echo(_user_json(user))
+
+
+@users_app.command("set-role")
+def users_set_role(
+    user_id: Annotated[str, typer.Argument(help="The user's id.")],
+    role: Annotated[str, typer.Argument(help="superuser, admin, user or member.")],
+    revoke: Annotated[bool, typer.Option("--revoke", help="Take the role away.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Grant (or with --revoke, take away) a role."""
+    uid = _user_id(user_id)
+    user = _with_services(
+        _settings(data_dir), lambda t: t.users.set_role(uid, role, granted=not revoke)
+    )
+    typer.echo(f"{user.id}: roles {', '.join(user.roles) or '(none)'}")
+
+
+@users_app.command("delete")
+def users_delete(
+    user_id: Annotated[str, typer.Argument(help="The user's id.")],
+    restore: Annotated[bool, typer.Option("--restore", help="Undo a soft delete.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Soft-delete a user (sessions end, sign-in stops); --restore undoes it."""
+    uid = _user_id(user_id)
+    settings = _settings(data_dir)
+    if restore:
+        user = _with_services(settings, lambda t: t.users.restore(uid))
+        typer.echo(f"restored {user.id}")
+    else:
+        user = _with_services(settings, lambda t: t.users.delete(uid))
+        typer.echo(f"deleted {user.id} (restore with 'tollhouse users delete --restore')")
 
 
 @db_app.command("url")

@@ -138,3 +138,30 @@ def test_bad_input_is_one_clear_line(
     assert expected in line
     assert "Traceback" not in result.stderr
     assert "hunter2" not in result.stderr
+
+
+def test_users_commands(tmp_path: Path, dsn: str) -> None:
+    env = clean_env(tmp_path, DATABASE_URL=dsn)
+    created = run_cli(["users", "create", "--email", "Cli@Example.com", "--name", "Cli"], env)
+    assert created.returncode == 0, created.stderr
+    user = json.loads(created.stdout)
+    assert user["email"] == "cli@example.com" and user["personal_tenant_id"]
+    found = run_cli(["users", "find", "--email", "CLI@example.com"], env)
+    assert json.loads(found.stdout)["id"] == user["id"]
+    role = run_cli(["users", "set-role", user["id"], "admin"], env)
+    assert role.stdout.strip() == f"{user['id']}: roles admin, user"
+    bad_role = run_cli(["users", "set-role", user["id"], "emperor"], env)
+    assert bad_role.returncode == 1 and "role must be one of" in error_lines(bad_role.stderr)[0]
+    assert run_cli(["users", "delete", user["id"]], env).returncode == 0
+    shown = json.loads(run_cli(["users", "show", user["id"]], env).stdout)
+    assert shown["deleted_at"] is not None
+    missing = run_cli(["users", "find", "--email", "cli@example.com"], env)
+    assert missing.returncode == 1
+    assert run_cli(["users", "delete", "--restore", user["id"]], env).returncode == 0
+    not_an_id = run_cli(["users", "show", "bob"], env)
+    assert error_lines(not_an_id.stderr) == ["tollhouse: error: 'bob' is not a user id"]
+    dup = run_cli(["users", "create", "--email", "cli@example.com"], env)
+    assert dup.returncode == 1
+    assert error_lines(dup.stderr) == [
+        "tollhouse: error: The e-mail address belongs to another user."
+    ]

@@ -11,7 +11,6 @@ from pydantic import BaseModel, Field
 from tollhouse.api.deps import ServiceKey, TollhouseDep
 from tollhouse.api.schemas import (
     EmailStr,
-    PasswordStr,
     PreferencesOut,
     PreferencesPatch,
     ProfilePatch,
@@ -25,9 +24,9 @@ router = APIRouter(prefix="/v1/users", tags=["users"])
 
 
 class UserCreate(Strict):
-    email: str | None = EmailStr
+    email: str | None = Field(default=None, min_length=3, max_length=320)
     display_name: str | None = Field(default=None, max_length=200)
-    password: str | None = PasswordStr
+    password: str | None = Field(default=None, min_length=1, max_length=1024)
     email_verified: bool = False
 
 

@@ -1,0 +1,444 @@
+"""Google and Apple sign-in: ID-token verification (A-05), claims (A-06) and the merge
+rules (A-01..A-04, A-10), against key sets the tests generate and serve on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jwt
+import psycopg
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from tests.support.idp import GOOGLE_CLIENT, KeySet, claims, sign
+from tollhouse import errors
+from tollhouse.app import Tollhouse
+from tollhouse.identity.oidc import parse_bool_claim
+
+PASSWORD = "correct horse battery"
+
+
+def _count_sessions(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM tollhouse.sessions").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _other_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _hs256_with_public_key(keys: KeySet) -> str:
+    pem = keys.rsa_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    header = jwt.utils.base64url_encode(b'{"alg":"HS256","kid":"rsa-1","typ":"JWT"}')
+    payload = jwt.utils.base64url_encode(
+        jwt.api_jws.json.dumps(claims("google")).encode()  # type: ignore[attr-defined]
+    )
+    import hmac
+
+    signature = hmac.new(pem, header + b"." + payload, hashlib.sha256).digest()
+    return b".".join([header, payload, jwt.utils.base64url_encode(signature)]).decode()
+
+
+def _alg_none() -> str:
+    return jwt.encode(claims("google"), key=None, algorithm="none")  # type: ignore[arg-type]
+
+
+BadToken = Callable[[KeySet], tuple[str, str, str | None, str]]
+
+# (provider, token, nonce sent, expected error code): the 14 cases of RELIABILITY A-05.
+BAD_TOKENS: dict[str, BadToken] = {
+    "bad signature": lambda k: (
+        "google",
+        sign(k, claims("google"), key=_other_key()),
+        None,
+        "id_token_bad_signature",
+    ),
+    "alg none": lambda k: ("google", _alg_none(), None, "id_token_algorithm_not_allowed"),
+    "HS256 keyed with the RSA public key": lambda k: (
+        "google",
+        _hs256_with_public_key(k),
+        None,
+        "id_token_algorithm_not_allowed",
+    ),
+    "unknown kid": lambda k: (
+        "google",
+        sign(k, claims("google"), kid="rotated-away"),
+        None,
+        "id_token_unknown_key",
+    ),
+    "look-alike issuer": lambda k: (
+        "google",
+        sign(k, claims("google", iss="https://accounts.google.com.evil")),
+        None,
+        "id_token_wrong_issuer",
+    ),
+    "audience not ours": lambda k: (
+        "google",
+        sign(k, claims("google", aud="someone-else")),
+        None,
+        "id_token_wrong_audience",
+    ),
+    "extra untrusted audience": lambda k: (
+        "google",
+        sign(k, claims("google", aud=[GOOGLE_CLIENT, "other"], azp=GOOGLE_CLIENT)),
+        None,
+        "id_token_wrong_audience",
+    ),
+    "azp mismatch": lambda k: (
+        "google",
+        sign(k, claims("google", azp="other-client")),
+        None,
+        "id_token_wrong_audience",
+    ),
+    "expired beyond the skew": lambda k: (
+        "google",
+        sign(k, claims("google", exp=int(time.time()) - 61)),
+        None,
+        "id_token_expired",
+    ),
+    "issued in the future": lambda k: (
+        "google",
+        sign(k, claims("google", iat=int(time.time()) + 600)),
+        None,
+        "id_token_issued_in_future",
+    ),
+    "nonce missing": lambda k: (
+        "apple",
+        sign(k, claims("apple", nonce=None)),
+        None,
+        "nonce_missing",
+    ),
+    "nonce mismatched": lambda k: (
+        "apple",
+        sign(k, claims("apple", nonce="token-nonce")),
+        "other-nonce",
+        "nonce_mismatch",
+    ),
+    "other environment's client id": lambda k: (
+        "apple",
+        sign(k, claims("apple", aud="com.example.tollhouse.staging", nonce="n1")),
+        "n1",
+        "id_token_wrong_audience",
+    ),
+    "malformed": lambda k: ("google", "not.a.jwt", None, "id_token_malformed"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TOKENS))
+async def test_bad_id_tokens_are_refused_and_create_nothing(
+    dsn: str, tollhouse: Tollhouse, idp_keys: KeySet, case: str
+) -> None:
+    provider, token, nonce, code = BAD_TOKENS[case](idp_keys)
+    with pytest.raises(errors.IdTokenRejected) as caught:
+        await tollhouse.auth.sign_in_oidc(provider, token, nonce)
+    assert caught.value.code == code
+    assert _count_sessions(dsn) == 0
+    assert await tollhouse.users.find_by_identity(provider, "x") is None
+
+
+async def test_a_replayed_nonce_is_refused(
+    dsn: str, tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    token = sign(idp_keys, claims("apple", nonce="once-only", email="r@icloud.com"))
+    await tollhouse.auth.sign_in_oidc("apple", token, "once-only")
+    with pytest.raises(errors.NonceReplayed):
+        await tollhouse.auth.sign_in_oidc("apple", token, "once-only")
+    assert _count_sessions(dsn) == 1
+
+
+async def test_apple_hashed_nonce_and_es256_keys_are_accepted(
+    tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    raw = "raw-nonce-123"
+    hashed = hashlib.sha256(raw.encode()).hexdigest()
+    token = sign(idp_keys, claims("apple", nonce=hashed), alg="ES256")
+    sign_in = await tollhouse.auth.sign_in_oidc("apple", token, raw)
+    assert sign_in.created
+
+
+@pytest.mark.parametrize("issuer", ["https://accounts.google.com", "accounts.google.com"])
+async def test_both_google_issuer_spellings_are_accepted(
+    tollhouse: Tollhouse, idp_keys: KeySet, issuer: str
+) -> None:
+    sign_in = await tollhouse.auth.sign_in_oidc(
+        "google", sign(idp_keys, claims("google", iss=issuer))
+    )
+    assert sign_in.created and sign_in.user.identities[0].provider == "google"
+
+
+async def test_a_provider_without_client_ids_is_not_configured(
+    dsn: str, idp_keys: KeySet, jwks_url: str
+) -> None:
+    from tollhouse.identity import IdentityConfig
+
+    async with Tollhouse.open(
+        dsn, min_size=1, max_size=1, identity=IdentityConfig(password_profile="test")
+    ) as bare:
+        with pytest.raises(errors.ProviderNotConfigured):
+            await bare.auth.sign_in_oidc("google", sign(idp_keys, claims("google")))
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("true", True),
+        (True, True),
+        ("false", False),
+        (False, False),
+        (None, False),
+        ("True", False),
+        ("yes", False),
+        (1, False),
+    ],
+)
+def test_boolean_claims_are_parsed_strictly(value: Any, expected: bool) -> None:
+    assert parse_bool_claim(value) is expected
+
+
+# --- merge rules -------------------------------------------------------------------------------
+
+
+async def test_new_google_user_with_a_verified_address(
+    tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    token = sign(idp_keys, claims("google", email="New@Gmail.com", email_verified=True))
+    sign_in = await tollhouse.auth.sign_in_oidc("google", token)
+    assert (sign_in.created, sign_in.linked) == (True, False)
+    assert [(e.email, e.verified, e.via) for e in sign_in.user.emails] == [
+        ("new@gmail.com", True, "google")
+    ]
+    assert sign_in.user.personal_tenant_id is not None
+    await tollhouse.auth.authenticate(sign_in.session_token)
+
+
+async def test_known_subject_signs_in_even_with_a_new_or_missing_email(
+    tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    """A-02 (same sub) and A-06 (Apple sends the e-mail only the first time)."""
+    first = await tollhouse.auth.sign_in_oidc(
+        "apple",
+        sign(
+            idp_keys,
+            claims(
+                "apple", "apple-sub-1", email="me@icloud.com", email_verified="true", nonce="n1"
+            ),
+        ),
+        "n1",
+        first_name="Jo",
+        last_name="Apple",
+    )
+    assert first.created and first.user.display_name == "Jo Apple"
+    again = await tollhouse.auth.sign_in_oidc(
+        "apple",
+        sign(idp_keys, claims("apple", "apple-sub-1", nonce="n2")),
+        "n2",
+        first_name="Someone",
+        last_name="Else",
+    )
+    assert again.user.id == first.user.id and not again.created
+    assert again.user.display_name == "Jo Apple"  # kept from the first authorisation
+    assert again.user.identities[0].email == "me@icloud.com"  # not erased by the missing claim
+    changed = await tollhouse.auth.sign_in_oidc(
+        "apple",
+        sign(
+            idp_keys,
+            claims("apple", "apple-sub-1", email="new@icloud.com", email_verified=True, nonce="n3"),
+        ),
+        "n3",
+    )
+    assert changed.user.id == first.user.id
+
+
+async def test_unverified_provider_email_never_links(
+    dsn: str, tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    """A-01: the existing account is not entered; the answer says to use the old method."""
+    owner, verification = await tollhouse.auth.sign_up("victim@example.com", PASSWORD)
+    await tollhouse.auth.verify_email(verification.token)
+    token = sign(idp_keys, claims("google", email="victim@example.com", email_verified=False))
+    with pytest.raises(errors.AccountExistsLinkRequired):
+        await tollhouse.auth.sign_in_oidc("google", token)
+    user = await tollhouse.users.get(owner.user.id)
+    assert user.identities == []
+    assert _count_sessions(dsn) == 1  # only the owner's, from sign-up (revoked at verify)
+
+
+async def test_unverified_provider_email_is_not_stored_as_an_address(
+    tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    token = sign(idp_keys, claims("google", email="squat@example.com", email_verified=False))
+    sign_in = await tollhouse.auth.sign_in_oidc("google", token)
+    assert sign_in.created and sign_in.user.emails == []
+    assert sign_in.user.identities[0].email == "squat@example.com"
+    await tollhouse.users.create(email="squat@example.com")  # the address stays free
+
+
+async def test_verified_address_links_to_the_verified_owner(
+    tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    owner, verification = await tollhouse.auth.sign_up("owner@example.com", PASSWORD)
+    await tollhouse.auth.verify_email(verification.token)
+    token = sign(idp_keys, claims("google", email="OWNER@example.com", email_verified=True))
+    sign_in = await tollhouse.auth.sign_in_oidc("google", token)
+    assert (sign_in.user.id, sign_in.created, sign_in.linked) == (owner.user.id, False, True)
+    assert sign_in.user.has_password  # a verified owner keeps its password
+
+
+async def test_a_second_account_at_the_same_provider_needs_explicit_linking(
+    tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    """A-02: a different sub with the same address is not merged automatically."""
+    token = sign(idp_keys, claims("google", "sub-a", email="two@gmail.com", email_verified=True))
+    await tollhouse.auth.sign_in_oidc("google", token)
+    other = sign(idp_keys, claims("google", "sub-b", email="two@gmail.com", email_verified=True))
+    with pytest.raises(errors.AccountExistsLinkRequired):
+        await tollhouse.auth.sign_in_oidc("google", other)
+
+
+async def test_pre_hijacked_password_account_is_claimed_by_the_verified_identity(
+    dsn: str, tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    """A-03: the attacker registered the victim's address with a password; the victim then
+    signs in with Google. The attacker's password and sessions are gone."""
+    attacker, _ = await tollhouse.auth.sign_up("target@example.com", "attacker password")
+    victim = await tollhouse.auth.sign_in_oidc(
+        "google", sign(idp_keys, claims("google", email="target@example.com", email_verified=True))
+    )
+    assert victim.user.id == attacker.user.id and victim.linked
+    assert not victim.user.has_password
+    assert victim.user.emails[0].verified
+    with pytest.raises(errors.InvalidSession):
+        await tollhouse.auth.authenticate(attacker.session_token)
+    with pytest.raises(errors.InvalidCredentials):
+        await tollhouse.auth.sign_in_password("target@example.com", "attacker password", "10.9.0.1")
+    await tollhouse.auth.authenticate(victim.session_token)
+    with psycopg.connect(dsn) as conn:
+        events = conn.execute(
+            "SELECT kind FROM tollhouse.identity_events WHERE user_id = %s ORDER BY id",
+            (victim.user.id,),
+        ).fetchall()
+    assert ("account_claimed",) in events
+
+
+async def test_an_unverified_holder_with_another_identity_loses_the_address(
+    tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    """Taking over an account that also opens through someone's Apple identity would share
+    it: the address moves to a new user instead."""
+    squatter = await tollhouse.auth.sign_in_oidc(
+        "apple", sign(idp_keys, claims("apple", nonce="s1")), "s1"
+    )
+    await tollhouse.users.add_email(squatter.user.id, "wanted@example.com")
+    victim = await tollhouse.auth.sign_in_oidc(
+        "google", sign(idp_keys, claims("google", email="wanted@example.com", email_verified=True))
+    )
+    assert victim.created and victim.user.id != squatter.user.id
+    assert victim.user.primary_email == "wanted@example.com"
+    assert (await tollhouse.users.get(squatter.user.id)).emails == []
+
+
+async def test_relay_address_never_merges_with_a_real_one(
+    tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    owner, verification = await tollhouse.auth.sign_up("real@example.com", PASSWORD)
+    await tollhouse.auth.verify_email(verification.token)
+    relay = sign(
+        idp_keys,
+        claims(
+            "apple",
+            email="abc123@privaterelay.appleid.com",
+            email_verified="true",
+            is_private_email="true",
+            nonce="r1",
+        ),
+    )
+    sign_in = await tollhouse.auth.sign_in_oidc("apple", relay, "r1")
+    assert sign_in.created and sign_in.user.id != owner.user.id
+    assert sign_in.user.identities[0].is_private_email is True
+
+
+async def test_simultaneous_first_sign_ins_make_one_user(
+    tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    """A-10: ten first logins of one (provider, subject) at once: exactly one user."""
+    tokens = [
+        sign(idp_keys, claims("google", "same-sub", email="race@gmail.com", email_verified=True))
+        for _ in range(10)
+    ]
+    results = await asyncio.gather(
+        *(tollhouse.auth.sign_in_oidc("google", t) for t in tokens), return_exceptions=True
+    )
+    users = {r.user.id for r in results if not isinstance(r, BaseException)}
+    assert len(users) == 1
+    assert sum(1 for r in results if not isinstance(r, BaseException) and r.created) == 1
+
+
+# --- explicit linking ---------------------------------------------------------------------------
+
+
+async def test_explicit_link_needs_a_recent_sign_in(
+    dsn: str, tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    sign_in, _ = await tollhouse.auth.sign_up("linker@example.com", PASSWORD)
+    session = await tollhouse.auth.authenticate(sign_in.session_token)
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "UPDATE tollhouse.sessions SET authenticated_at = now() - interval '6 minutes'"
+        )
+    stale = await tollhouse.auth.authenticate(sign_in.session_token)
+    token = sign(idp_keys, claims("google", "link-sub"))
+    with pytest.raises(errors.ReauthenticationRequired):
+        await tollhouse.auth.link_identity(stale, "google", token)
+    fresh = await tollhouse.auth.reauthenticate(stale, PASSWORD)
+    user = await tollhouse.auth.link_identity(fresh, "google", token)
+    assert [(i.provider, i.subject) for i in user.identities] == [("google", "link-sub")]
+    assert session.user_id == user.id
+
+
+async def test_linking_someone_elses_identity_is_409(
+    tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    await tollhouse.auth.sign_in_oidc("google", sign(idp_keys, claims("google", "taken-sub")))
+    sign_in, _ = await tollhouse.auth.sign_up("other@example.com", PASSWORD)
+    session = await tollhouse.auth.authenticate(sign_in.session_token)
+    with pytest.raises(errors.IdentityTaken):
+        await tollhouse.auth.link_identity(
+            session, "google", sign(idp_keys, claims("google", "taken-sub"))
+        )
+
+
+async def test_the_last_way_to_sign_in_cannot_be_unlinked(
+    tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    sign_in = await tollhouse.auth.sign_in_oidc(
+        "google", sign(idp_keys, claims("google", "only-sub"))
+    )
+    with pytest.raises(errors.LastCredential):
+        await tollhouse.auth.unlink_identity(sign_in.user.id, "google", "only-sub")
+    assert len((await tollhouse.users.get(sign_in.user.id)).identities) == 1
+    session = await tollhouse.auth.authenticate(sign_in.session_token)
+    await tollhouse.auth.link_identity(
+        session, "apple", sign(idp_keys, claims("apple", "second-sub", nonce="l1")), "l1"
+    )
+    user = await tollhouse.auth.unlink_identity(sign_in.user.id, "google", "only-sub")
+    assert [i.provider for i in user.identities] == ["apple"]
+    with pytest.raises(errors.IdentityNotFound):
+        await tollhouse.auth.unlink_identity(sign_in.user.id, "google", "only-sub")
+
+
+async def test_unlinked_identity_can_sign_up_again(tollhouse: Tollhouse, idp_keys: KeySet) -> None:
+    sign_in, _ = await tollhouse.auth.sign_up("u@example.com", PASSWORD)
+    session = await tollhouse.auth.authenticate(sign_in.session_token)
+    await tollhouse.auth.link_identity(session, "google", sign(idp_keys, claims("google", "g9")))
+    await tollhouse.auth.unlink_identity(sign_in.user.id, "google", "g9")
+    again = await tollhouse.auth.sign_in_oidc("google", sign(idp_keys, claims("google", "g9")))
+    assert again.created and again.user.id != sign_in.user.id
