@@ -64,3 +64,16 @@ def test_pool_bounds_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOLLHOUSE_POOL_MAX_SIZE", "5")
     with pytest.raises(ConfigurationError, match="pool_min_size"):
         load_settings()
+
+
+def test_the_readme_lists_every_setting() -> None:
+    from tollhouse.settings import Settings
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    missing = [
+        name
+        for name in Settings.model_fields
+        if name != "database_url" and f"TOLLHOUSE_{name.upper()}" not in readme
+    ]
+    assert "`DATABASE_URL`" in readme
+    assert missing == []
