@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from tests.support.idp import GOOGLE_CLIENT, KeySet, claims, sign
 from tollhouse import errors
 from tollhouse.app import Tollhouse
+from tollhouse.identity import IdentityConfig, NoHooks
 from tollhouse.identity.oidc import parse_bool_claim
 
 PASSWORD = "correct horse battery"
@@ -442,3 +444,61 @@ async def test_unlinked_identity_can_sign_up_again(tollhouse: Tollhouse, idp_key
     await tollhouse.auth.unlink_identity(sign_in.user.id, "google", "g9")
     again = await tollhouse.auth.sign_in_oidc("google", sign(idp_keys, claims("google", "g9")))
     assert again.created and again.user.id != sign_in.user.id
+
+
+async def test_hooks_hear_of_creations_links_and_claims(
+    service_dsn: str, identity_config: IdentityConfig, idp_keys: KeySet
+) -> None:
+    heard: list[tuple[str, str]] = []
+
+    class Recorder(NoHooks):
+        async def on_user_created(self, user_id: uuid.UUID, method: str) -> None:
+            heard.append(("created", method))
+
+        async def on_identity_linked(self, user_id: uuid.UUID, provider: str) -> None:
+            heard.append(("linked", provider))
+
+        async def on_account_claimed(self, user_id: uuid.UUID, provider: str) -> None:
+            heard.append(("claimed", provider))
+
+        async def on_email_verified(self, user_id: uuid.UUID, email: str) -> None:
+            heard.append(("verified", email))
+
+    async with Tollhouse.open(
+        service_dsn, min_size=1, max_size=2, identity=identity_config, hooks=Recorder()
+    ) as tollhouse:
+        await tollhouse.auth.sign_up("h@example.com", PASSWORD)
+        await tollhouse.auth.sign_in_oidc(
+            "google", sign(idp_keys, claims("google", email="h@example.com", email_verified=True))
+        )
+        _, token = await tollhouse.auth.sign_up("v@example.com", PASSWORD)
+        await tollhouse.auth.verify_email(token.token)
+    assert heard == [
+        ("created", "email:password"),
+        ("linked", "google"),
+        ("claimed", "google"),
+        ("created", "email:password"),
+        ("verified", "v@example.com"),
+    ]
+
+
+async def test_housekeeping_forgets_only_what_has_expired(
+    dsn: str, tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    await tollhouse.auth.sign_in_oidc(
+        "apple", sign(idp_keys, claims("apple", nonce="fresh")), "fresh"
+    )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO tollhouse.oidc_nonces VALUES ('apple', 'old', now() - interval '1 s')"
+        )
+        conn.execute(
+            "INSERT INTO tollhouse.signin_attempts VALUES ('ip:x', now() - interval '1 day', 3)"
+        )
+    await tollhouse.auth.housekeeping()
+    with psycopg.connect(dsn) as conn:
+        left = conn.execute(
+            "SELECT (SELECT count(*) FROM tollhouse.oidc_nonces),"
+            " (SELECT count(*) FROM tollhouse.signin_attempts)"
+        ).fetchone()
+    assert left == (1, 0)

@@ -260,3 +260,12 @@ async def test_raw_tokens_never_reach_the_database(dsn: str, tollhouse: Tollhous
     assert "t0@example.com" in dump  # the dump is real
     leaked = [t for t in issued if t.rsplit(".", 1)[1] in dump or t in dump]
     assert leaked == []
+
+
+async def test_concurrent_sign_ups_of_one_address_make_one_account(tollhouse: Tollhouse) -> None:
+    variants = ["race@example.com", "RACE@example.com", " Race@Example.com "] * 3
+    results = await asyncio.gather(
+        *(tollhouse.auth.sign_up(v, PASSWORD) for v in variants), return_exceptions=True
+    )
+    assert sum(not isinstance(r, BaseException) for r in results) == 1
+    assert all(isinstance(r, errors.EmailTaken) for r in results if isinstance(r, BaseException))

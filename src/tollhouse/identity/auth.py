@@ -14,6 +14,7 @@ The merge rules (DATA_MODEL.md, RELIABILITY.md §4) on an ID-token sign-in:
 
 from __future__ import annotations
 
+import random
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ from tollhouse.identity.users import CONSTRAINTS, insert_user, load_user, record
 
 queries = Queries("tollhouse.identity", "auth.sql")
 
+HOUSEKEEPING_CHANCE = 0.01
 SESSION_PREFIX = "ths"
 VERIFY_PREFIX = "thv"
 RESET_PREFIX = "thr"
@@ -46,6 +48,7 @@ class _Outcome:
     user_id: uuid.UUID
     created: bool
     linked: bool
+    claimed: bool = False
 
 
 class AuthService:
@@ -139,7 +142,10 @@ class AuthService:
                 )
             return await self._session(conn, user_id, "password", created=False, linked=False)
 
-        return await self._db.transaction(work)
+        sign_in = await self._db.transaction(work)
+        if random.random() < HOUSEKEEPING_CHANCE:  # noqa: S311 - not security-relevant
+            await self.housekeeping()
+        return sign_in
 
     async def change_password(self, session: Session, current: str, new: str) -> None:
         """Needs the current password; every other session of the user ends."""
@@ -264,22 +270,27 @@ class AuthService:
         """Sign in, link or sign up with a provider's ID token (rules in the module doc)."""
         identity = await self.oidc.verify(provider, id_token, nonce)
 
-        async def work(conn: Conn) -> SignIn:
+        async def work(conn: Conn) -> tuple[SignIn, bool]:
             await self._consume_nonce(conn, identity)
             outcome = await self._resolve(conn, identity, first_name, last_name)
-            return await self._session(
+            sign_in = await self._session(
                 conn, outcome.user_id, identity.provider, outcome.created, outcome.linked
             )
+            return sign_in, outcome.claimed
 
         try:
-            sign_in = await self._db.transaction(work, constraints=_AUTH_CONSTRAINTS)
+            sign_in, claimed = await self._db.transaction(work, constraints=_AUTH_CONSTRAINTS)
         except e.IdentityTaken:
             # Two first sign-ins of one identity raced; the loser now finds it linked.
-            sign_in = await self._db.transaction(work, constraints=_AUTH_CONSTRAINTS)
+            sign_in, claimed = await self._db.transaction(work, constraints=_AUTH_CONSTRAINTS)
+        if random.random() < HOUSEKEEPING_CHANCE:  # noqa: S311 - not security-relevant
+            await self.housekeeping()
         if sign_in.created:
             await self._hooks.on_user_created(sign_in.user.id, identity.provider)
         if sign_in.linked or sign_in.created:
             await self._hooks.on_identity_linked(sign_in.user.id, identity.provider)
+        if claimed:
+            await self._hooks.on_account_claimed(sign_in.user.id, identity.provider)
         return sign_in
 
     async def _consume_nonce(self, conn: Conn, identity: VerifiedIdentity) -> None:
@@ -358,7 +369,7 @@ class AuthService:
                 password_removed=holder["has_password"],
             )
             await self._link(conn, holder["user_id"], identity)
-            return _Outcome(holder["user_id"], created=False, linked=True)
+            return _Outcome(holder["user_id"], created=False, linked=True, claimed=True)
         # rule 4: a new user; only an address the provider vouches for becomes its e-mail
         display = " ".join(p for p in (first_name, last_name) if p) or identity.name
         user_id = await insert_user(
@@ -437,6 +448,15 @@ class AuthService:
             return await load_user(conn, user_id)
 
         return await self._db.transaction(work)
+
+    async def housekeeping(self) -> None:
+        """Forget used nonces past their token's expiry and throttling windows long closed.
+        Sign-ins call it now and then; an operator may call it on a schedule."""
+        async with self._db.connection() as conn:
+            await conn.execute(queries["forget_expired_nonces"])
+            await conn.execute(
+                queries["forget_old_attempts"], {"window": self.config.signin_window_seconds}
+            )
 
     # --- sessions ----------------------------------------------------------------------------
 

@@ -187,3 +187,7 @@ WHERE user_id = %(user_id)s
   AND NOT EXISTS (SELECT 1 FROM tollhouse.user_emails WHERE user_id = %(user_id)s AND is_primary)
   AND email = (SELECT email FROM tollhouse.user_emails WHERE user_id = %(user_id)s
                ORDER BY verified DESC, created_at LIMIT 1)
+
+-- name: forget_old_attempts
+DELETE FROM tollhouse.signin_attempts
+WHERE window_start < now() - 2 * make_interval(secs => %(window)s)
