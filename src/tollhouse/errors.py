@@ -297,6 +297,12 @@ class AccountExistsLinkRequired(Conflict):
     code = "account_exists_link_required"
 
 
+class VerifiedEmailRequired(Forbidden):
+    """Verify an e-mail address of this account before linking another sign-in method."""
+
+    code = "verified_email_required"
+
+
 class LastCredential(Conflict):
     """This is the last way to sign in; add another before removing it."""
 

@@ -224,7 +224,24 @@ async def test_link_and_unlink_over_http(
     client: httpx.AsyncClient, auth: dict[str, str], idp_keys: KeySet
 ) -> None:
     signup = await _signup(client, auth, "link@example.com")
-    session = _bearer(signup["session_token"])
+    refused = await client.post(
+        "/v1/me/identities",
+        json={"provider": "google", "id_token": sign(idp_keys, claims("google", "lk"))},
+        headers=_bearer(signup["session_token"]),
+    )
+    assert (refused.status_code, refused.json()["error"]["code"]) == (
+        403,
+        "verified_email_required",
+    )
+    await client.post(
+        "/v1/auth/email/verify", json={"token": signup["verification_token"]["token"]}, headers=auth
+    )
+    login = await client.post(
+        "/v1/auth/password/login",
+        json={"email": "link@example.com", "password": PASSWORD},
+        headers=auth,
+    )
+    session = _bearer(login.json()["session_token"])
     linked = await client.post(
         "/v1/me/identities",
         json={"provider": "google", "id_token": sign(idp_keys, claims("google", "lk"))},

@@ -16,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tests.support.flows import verified_account
 from tests.support.idp import GOOGLE_CLIENT, KeySet, claims, sign
 from tollhouse import errors
 from tollhouse.app import Tollhouse
@@ -376,12 +377,9 @@ async def test_simultaneous_first_sign_ins_make_one_user(
         sign(idp_keys, claims("google", "same-sub", email="race@gmail.com", email_verified=True))
         for _ in range(10)
     ]
-    results = await asyncio.gather(
-        *(tollhouse.auth.sign_in_oidc("google", t) for t in tokens), return_exceptions=True
-    )
-    users = {r.user.id for r in results if not isinstance(r, BaseException)}
-    assert len(users) == 1
-    assert sum(1 for r in results if not isinstance(r, BaseException) and r.created) == 1
+    results = await asyncio.gather(*(tollhouse.auth.sign_in_oidc("google", t) for t in tokens))
+    assert len({r.user.id for r in results}) == 1  # and no loser got an error
+    assert sum(r.created for r in results) == 1
 
 
 # --- explicit linking ---------------------------------------------------------------------------
@@ -390,8 +388,7 @@ async def test_simultaneous_first_sign_ins_make_one_user(
 async def test_explicit_link_needs_a_recent_sign_in(
     dsn: str, tollhouse: Tollhouse, idp_keys: KeySet
 ) -> None:
-    sign_in, _ = await tollhouse.auth.sign_up("linker@example.com", PASSWORD)
-    session = await tollhouse.auth.authenticate(sign_in.session_token)
+    sign_in, session = await verified_account(tollhouse, "linker@example.com")
     with psycopg.connect(dsn) as conn:
         conn.execute(
             "UPDATE tollhouse.sessions SET authenticated_at = now() - interval '6 minutes'"
@@ -410,8 +407,7 @@ async def test_linking_someone_elses_identity_is_409(
     tollhouse: Tollhouse, idp_keys: KeySet
 ) -> None:
     await tollhouse.auth.sign_in_oidc("google", sign(idp_keys, claims("google", "taken-sub")))
-    sign_in, _ = await tollhouse.auth.sign_up("other@example.com", PASSWORD)
-    session = await tollhouse.auth.authenticate(sign_in.session_token)
+    _, session = await verified_account(tollhouse, "other@example.com")
     with pytest.raises(errors.IdentityTaken):
         await tollhouse.auth.link_identity(
             session, "google", sign(idp_keys, claims("google", "taken-sub"))
@@ -438,8 +434,7 @@ async def test_the_last_way_to_sign_in_cannot_be_unlinked(
 
 
 async def test_unlinked_identity_can_sign_up_again(tollhouse: Tollhouse, idp_keys: KeySet) -> None:
-    sign_in, _ = await tollhouse.auth.sign_up("u@example.com", PASSWORD)
-    session = await tollhouse.auth.authenticate(sign_in.session_token)
+    sign_in, session = await verified_account(tollhouse, "u@example.com")
     await tollhouse.auth.link_identity(session, "google", sign(idp_keys, claims("google", "g9")))
     await tollhouse.auth.unlink_identity(sign_in.user.id, "google", "g9")
     again = await tollhouse.auth.sign_in_oidc("google", sign(idp_keys, claims("google", "g9")))
@@ -502,3 +497,123 @@ async def test_housekeeping_forgets_only_what_has_expired(
             " (SELECT count(*) FROM tollhouse.signin_attempts)"
         ).fetchone()
     assert left == (1, 0)
+
+
+# --- takeover paths found in review -------------------------------------------------------------
+
+
+async def test_a_holder_with_a_verified_address_of_its_own_is_not_taken_over(
+    tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    """The attacker verified its own address and added the victim's unverified; the victim's
+    Google sign-in must not land in the attacker's account (which the attacker can reset)."""
+    attacker, _ = await verified_account(tollhouse, "attacker@evil.example")
+    await tollhouse.users.add_email(attacker.user.id, "victim@example.com")
+    victim = await tollhouse.auth.sign_in_oidc(
+        "google", sign(idp_keys, claims("google", email="victim@example.com", email_verified=True))
+    )
+    assert victim.created and victim.user.id != attacker.user.id
+    assert victim.user.primary_email == "victim@example.com"
+    kept = await tollhouse.users.get(attacker.user.id)
+    assert [e.email for e in kept.emails] == ["attacker@evil.example"]
+    assert kept.identities == []
+
+
+async def test_an_unverified_sign_up_cannot_plant_an_identity(
+    tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    """Linking needs something proven first, so an attacker who signed up with the victim's
+    address cannot leave its own Google identity in the account the victim later claims."""
+    attacker, _ = await tollhouse.auth.sign_up("prey@example.com", "attacker password")
+    session = await tollhouse.auth.authenticate(attacker.session_token)
+    with pytest.raises(errors.VerifiedEmailRequired):
+        await tollhouse.auth.link_identity(
+            session, "google", sign(idp_keys, claims("google", "attacker-sub"))
+        )
+    assert await tollhouse.users.find_by_identity("google", "attacker-sub") is None
+
+
+async def test_a_disabled_unverified_holder_loses_the_address_to_its_owner(
+    tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    squatter, _ = await tollhouse.auth.sign_up("mine@example.com", PASSWORD)
+    await tollhouse.users.delete(squatter.user.id)
+    owner = await tollhouse.auth.sign_in_oidc(
+        "google", sign(idp_keys, claims("google", email="mine@example.com", email_verified=True))
+    )
+    assert owner.created and owner.user.primary_email == "mine@example.com"
+
+
+async def test_a_password_sign_in_in_flight_loses_to_a_claim(
+    tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    """Argon2 runs outside the transaction; the claim that commits meanwhile must win."""
+    await tollhouse.auth.sign_up("slow@example.com", "attacker password")
+    hasher = tollhouse.auth.hasher
+    entered, release = asyncio.Event(), asyncio.Event()
+    real_verify = hasher.verify
+
+    async def paused_verify(stored: str | None, password: str) -> Any:
+        result = await real_verify(stored, password)
+        entered.set()
+        await release.wait()
+        return result
+
+    hasher.verify = paused_verify  # type: ignore[method-assign]
+    attempt = asyncio.create_task(
+        tollhouse.auth.sign_in_password("slow@example.com", "attacker password", None)
+    )
+    await entered.wait()
+    await tollhouse.auth.sign_in_oidc(
+        "google", sign(idp_keys, claims("google", email="slow@example.com", email_verified=True))
+    )
+    release.set()
+    with pytest.raises(errors.InvalidCredentials):
+        await attempt
+
+
+async def test_linking_ends_the_other_sessions(tollhouse: Tollhouse, idp_keys: KeySet) -> None:
+    """RELIABILITY 4.2.4: any link revokes the sessions opened before it."""
+    first, _ = await verified_account(tollhouse, "multi@example.com")
+    second = await tollhouse.auth.sign_in_password("multi@example.com", PASSWORD, None)
+    session = await tollhouse.auth.authenticate(second.session_token)
+    await tollhouse.auth.link_identity(session, "google", sign(idp_keys, claims("google", "m1")))
+    with pytest.raises(errors.InvalidSession):
+        await tollhouse.auth.authenticate(first.session_token)
+    await tollhouse.auth.authenticate(second.session_token)
+    # An automatic link by verified address ends them all.
+    via_apple = await tollhouse.auth.sign_in_oidc(
+        "apple",
+        sign(idp_keys, claims("apple", email="multi@example.com", email_verified=True, nonce="m")),
+        "m",
+    )
+    assert via_apple.linked
+    with pytest.raises(errors.InvalidSession):
+        await tollhouse.auth.authenticate(second.session_token)
+
+
+async def test_a_password_without_an_address_does_not_count_as_a_way_in(
+    tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    sign_in = await tollhouse.auth.sign_in_oidc(
+        "google", sign(idp_keys, claims("google", "nomail"))
+    )
+    assert sign_in.user.emails == []  # no address at all
+    hashed = await tollhouse.auth.hasher.hash(PASSWORD)
+    async with tollhouse.db.connection() as conn:
+        await conn.execute(
+            "UPDATE tollhouse.users SET password_hash = %s WHERE id = %s",
+            (hashed, sign_in.user.id),
+        )
+    with pytest.raises(errors.LastCredential):
+        await tollhouse.auth.unlink_identity(sign_in.user.id, "google", "nomail")
+
+
+async def test_a_crit_header_is_malformed_not_a_crash(
+    tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    token = sign(idp_keys, claims("google"))
+    header = jwt.utils.base64url_encode(b'{"alg":"RS256","kid":"rsa-1","crit":"x"}').decode()
+    forged = ".".join([header, *token.split(".")[1:]])
+    with pytest.raises(errors.IdTokenMalformed):
+        await tollhouse.auth.sign_in_oidc("google", forged)

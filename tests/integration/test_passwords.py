@@ -7,6 +7,7 @@ import subprocess
 
 import psycopg
 import pytest
+from structlog.testing import capture_logs
 
 from tollhouse import errors
 from tollhouse.app import Tollhouse
@@ -242,14 +243,19 @@ async def test_sign_out(tollhouse: Tollhouse) -> None:
         await tollhouse.auth.authenticate("ths_not_a_token")
 
 
-async def test_raw_tokens_never_reach_the_database(dsn: str, tollhouse: Tollhouse) -> None:
-    """T-01: a full dump holds none of the issued session, verification or reset tokens."""
+async def test_raw_tokens_never_reach_the_database_or_the_logs(
+    dsn: str, tollhouse: Tollhouse
+) -> None:
+    """T-01: a full dump and the captured logs hold none of 102 issued tokens."""
     issued: list[str] = []
-    for i in range(10):
-        sign_in, verification = await tollhouse.auth.sign_up(f"t{i}@example.com", PASSWORD)
-        reset = await tollhouse.auth.request_password_reset(f"t{i}@example.com")
-        assert reset is not None
-        issued += [sign_in.session_token, verification.token, reset.token]
+    with capture_logs() as logs:
+        for i in range(34):
+            sign_in, verification = await tollhouse.auth.sign_up(f"t{i}@example.com", PASSWORD)
+            reset = await tollhouse.auth.request_password_reset(f"t{i}@example.com")
+            assert reset is not None
+            issued += [sign_in.session_token, verification.token, reset.token]
+            await tollhouse.auth.authenticate(sign_in.session_token)
+    logged = repr(logs)
     assert all(len(t.rsplit(".", 1)[1]) == 43 for t in issued)  # 256-bit secrets
     dump = subprocess.run(
         [pg_dump_path(), "--data-only", f"--dbname={dsn}"],
@@ -258,7 +264,7 @@ async def test_raw_tokens_never_reach_the_database(dsn: str, tollhouse: Tollhous
         check=True,
     ).stdout
     assert "t0@example.com" in dump  # the dump is real
-    leaked = [t for t in issued if t.rsplit(".", 1)[1] in dump or t in dump]
+    leaked = [t for t in issued if t.rsplit(".", 1)[1] in dump + logged]
     assert leaked == []
 
 
@@ -269,3 +275,31 @@ async def test_concurrent_sign_ups_of_one_address_make_one_account(tollhouse: To
     )
     assert sum(not isinstance(r, BaseException) for r in results) == 1
     assert all(isinstance(r, errors.EmailTaken) for r in results if isinstance(r, BaseException))
+
+
+async def test_successful_sign_ins_do_not_fill_the_address_limit(tollhouse: Tollhouse) -> None:
+    """The per-address limit counts failures: one office behind one address can sign in."""
+    await _signup(tollhouse)
+    for _ in range(30):
+        await tollhouse.auth.sign_in_password("pat@example.com", PASSWORD, "192.0.2.200")
+
+
+async def test_a_reset_lifts_the_guessing_lock(tollhouse: Tollhouse) -> None:
+    await _signup(tollhouse)
+    for i in range(25):
+        with pytest.raises((errors.InvalidCredentials, errors.TooManySignInAttempts)):
+            await tollhouse.auth.sign_in_password("pat@example.com", f"guess {i}", None)
+    issued = await tollhouse.auth.request_password_reset("pat@example.com")
+    assert issued is not None
+    await tollhouse.auth.reset_password(issued.token, "brand new password")
+    await tollhouse.auth.sign_in_password("pat@example.com", "brand new password", None)
+
+
+async def test_reauthentication_is_throttled(tollhouse: Tollhouse) -> None:
+    token = await _signup(tollhouse)
+    session = await tollhouse.auth.authenticate(token)
+    before = tollhouse.auth.hasher.verifications
+    for i in range(40):
+        with pytest.raises((errors.InvalidCredentials, errors.TooManySignInAttempts)):
+            await tollhouse.auth.reauthenticate(session, f"guess {i}")
+    assert tollhouse.auth.hasher.verifications - before <= 20

@@ -10,6 +10,7 @@ import pytest
 from psycopg import errors as pg
 from psycopg import sql
 
+from tests.support.flows import verified_account
 from tests.support.idp import KeySet, claims, sign
 from tollhouse.app import Tollhouse
 from tollhouse.db.pool import Conn
@@ -33,10 +34,29 @@ OWNERS = {
 }
 
 
+#: Tables an end user may update, with a column it may set and a constant to set it to (a
+#: constant: reading the column would bring the SELECT policy in and hide the UPDATE one).
+UPDATABLE = {"users": ("display_name", "'probe'"), "user_email_preferences": ("marketing", "false")}
+
+#: Every end-user policy of the identity tables, and the command it covers.
+POLICIES = {
+    ("users", "users_self_read"): "read",
+    ("users", "users_self_update"): "update",
+    ("user_emails", "user_emails_self_read"): "read",
+    ("user_identities", "user_identities_self_read"): "read",
+    ("user_roles", "user_roles_self_read"): "read",
+    ("user_email_preferences", "user_email_preferences_self_read"): "read",
+    ("user_email_preferences", "user_email_preferences_self_update"): "update",
+    ("sessions", "sessions_self_read"): "read",
+    ("tenants", "tenants_member_read"): "read",
+    ("tenant_members", "tenant_members_self_read"): "read",
+}
+
+
 async def _denied_or(conn: Conn, query: sql.Composed, params: dict[str, object]) -> int:
-    """Rows the statement saw or touched; 0 when RLS or grants refuse it outright."""
+    """Rows the statement saw or touched (then rolled back); 0 when refused outright."""
     try:
-        async with conn.transaction():
+        async with conn.transaction(force_rollback=True):
             cur = await conn.execute(query, params)
             if cur.description is not None:
                 row = await cur.fetchone()
@@ -68,6 +88,24 @@ async def leaks(tollhouse: Tollhouse, me: uuid.UUID, other: uuid.UUID) -> list[s
                 touched = await _denied_or(conn, query, {"me": me, "other": other})
                 if touched:
                     found.append(f"{action} {table}: {touched} row(s) of another user")
+        # Updates with no WHERE clause: only the UPDATE policy stands between the statement and
+        # every row. Anything beyond one's own rows is a leak.
+        for table, (column, value) in UPDATABLE.items():
+            t = sql.Identifier("tollhouse", table)
+            c = sql.Identifier(column)
+            own = await _denied_or(
+                conn,
+                sql.SQL("SELECT count(*) FROM {} WHERE {} = %(me)s").format(
+                    t, sql.SQL(OWNERS[table])
+                ),
+                {"me": me},
+            )
+            update = sql.SQL("UPDATE {} SET {} = " + value).format(t, c)  # type: ignore[arg-type]
+            touched = await _denied_or(conn, update, {})
+            if touched > own:
+                found.append(f"update {table}: {touched - own} row(s) of another user")
+        if await _denied_or(conn, sql.SQL("SELECT count(password_hash) FROM tollhouse.users"), {}):
+            found.append("read users.password_hash")
         # Writing rows in the other user's name, or moving one's own row to them.
         for label, statement in {
             "insert users": "INSERT INTO tollhouse.users (id) VALUES (%(other)s)",
@@ -87,8 +125,7 @@ async def leaks(tollhouse: Tollhouse, me: uuid.UUID, other: uuid.UUID) -> list[s
 async def two_users(tollhouse: Tollhouse, idp_keys: KeySet) -> tuple[uuid.UUID, uuid.UUID]:
     ids = []
     for name in ("a", "b"):
-        sign_in, _ = await tollhouse.auth.sign_up(f"{name}@example.com", "correct horse battery")
-        session = await tollhouse.auth.authenticate(sign_in.session_token)
+        sign_in, session = await verified_account(tollhouse, f"{name}@example.com")
         await tollhouse.auth.link_identity(
             session, "google", sign(idp_keys, claims("google", f"sub-{name}"))
         )
@@ -142,16 +179,16 @@ async def test_without_an_acting_user_nothing_is_visible(
             assert await cur.fetchone() == (0,), table
 
 
-@pytest.mark.parametrize(
-    ("table", "policy"),
-    [
-        ("users", "users_self_read"),
-        ("user_emails", "user_emails_self_read"),
-        ("user_identities", "user_identities_self_read"),
-        ("sessions", "sessions_self_read"),
-        ("tenants", "tenants_member_read"),
-    ],
-)
+def test_every_end_user_policy_is_in_the_mutation_list(dsn: str) -> None:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT tablename, policyname FROM pg_policies"
+            " WHERE schemaname = 'tollhouse' AND 'tollhouse_user' = ANY(roles)"
+        ).fetchall()
+    assert {(t, p) for t, p in rows} == set(POLICIES)
+
+
+@pytest.mark.parametrize(("table", "policy"), list(POLICIES))
 async def test_the_matrix_catches_a_loosened_policy(
     dsn: str,
     tollhouse: Tollhouse,
@@ -159,12 +196,18 @@ async def test_the_matrix_catches_a_loosened_policy(
     table: str,
     policy: str,
 ) -> None:
-    """Mutation check: loosen one policy on purpose and the matrix must report it."""
+    """Mutation check (R-09): loosen each policy on purpose; the matrix must report it."""
+    loosen = (
+        "USING (true)"
+        if POLICIES[(table, policy)] == "read"
+        else ("USING (true) WITH CHECK (true)")
+    )
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
-            sql.SQL("ALTER POLICY {} ON {} USING (true)").format(
+            sql.SQL("ALTER POLICY {} ON {} " + loosen).format(  # type: ignore[arg-type]
                 sql.Identifier(policy), sql.Identifier("tollhouse", table)
             )
         )
     a, b = two_users
-    assert any(leak.startswith(f"read {table}:") for leak in await leaks(tollhouse, a, b))
+    action = POLICIES[(table, policy)]
+    assert any(leak.startswith(f"{action} {table}:") for leak in await leaks(tollhouse, a, b))

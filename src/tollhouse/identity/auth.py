@@ -14,11 +14,13 @@ The merge rules (DATA_MODEL.md, RELIABILITY.md §4) on an ID-token sign-in:
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from psycopg.rows import class_row, dict_row
 
 from tollhouse import errors as e
@@ -32,8 +34,10 @@ from tollhouse.identity.oidc import OidcVerifier, VerifiedIdentity
 from tollhouse.identity.passwords import PasswordHasher, check_password_rules
 from tollhouse.identity.records import IssuedUserToken, Session, SignIn, User
 from tollhouse.identity.users import CONSTRAINTS, insert_user, load_user, record_event
+from tollhouse.identity.users import queries as user_queries
 
 queries = Queries("tollhouse.identity", "auth.sql")
+log = structlog.get_logger(__name__)
 
 HOUSEKEEPING_CHANCE = 0.01
 SESSION_PREFIX = "ths"
@@ -65,6 +69,7 @@ class AuthService:
         self.hasher = PasswordHasher(self.config.password_profile, self.config.password_concurrency)
         self.oidc = OidcVerifier(self.config.providers())
         self._hooks: IdentityHooks = hooks or NoHooks()
+        self._background: set[asyncio.Task[None]] = set()
 
     # --- passwords ---------------------------------------------------------------------------
 
@@ -101,37 +106,44 @@ class AuthService:
         await self._hooks.on_user_created(result[0].user.id, "email:password")
         return result
 
-    async def sign_in_password(self, email: str, password: str, client_ip: str) -> SignIn:
-        """Unknown address and wrong password answer alike, after the same Argon2 work."""
+    async def sign_in_password(self, email: str, password: str, client_ip: str | None) -> SignIn:
+        """Unknown address and wrong password answer alike, after the same Argon2 work.
+
+        Every attempt first takes a slot in the account's window and, when the app names its
+        end user's address, in that address's window; a success gives the account its slots
+        back and the address its one slot, so the address limit counts failures only.
+        """
         normalised = normalise_email(email)
         if len(password) > 1024:
             raise e.InvalidCredentials()
         account_key = f"account:{normalised}"
+        ip_key = f"ip:{client_ip}" if client_ip else None
+        await self._take_attempt([account_key] + ([ip_key] if ip_key else []))
         async with self._db.connection() as conn:
-            cur = await conn.execute(
-                queries["signin_attempt"],
-                {
-                    "keys": [account_key, f"ip:{client_ip}"],
-                    "limit": self.config.signin_limit,
-                    "window": self.config.signin_window_seconds,
-                },
-            )
-            allowed = await cur.fetchone()
-            if allowed is None or not allowed[0]:
-                raise e.TooManySignInAttempts()
             cur = await conn.execute(queries["password_user"], {"email": normalised})
             row = await cur.fetchone()
         stored_hash = row[1] if row is not None else None
         verification = await self.hasher.verify(stored_hash, password)
-        if not verification.ok or row is None:
+        if not verification.ok or row is None or stored_hash is None:
             raise e.InvalidCredentials()
         user_id, _, status, deleted = row
         if deleted or status != "active":
             raise e.AccountDisabled()
 
         async def work(conn: Conn) -> SignIn:
+            cur = await conn.execute(
+                queries["confirm_password_unchanged"], {"user_id": user_id, "hash": stored_hash}
+            )
+            still = await cur.fetchone()
+            if still is None or not still[0]:
+                raise e.InvalidCredentials()  # changed, reset or claimed meanwhile
             await conn.execute(queries["clear_attempts"], {"key": account_key})
-            if verification.needs_rehash and stored_hash is not None:
+            if ip_key is not None:
+                await conn.execute(
+                    queries["refund_attempt"],
+                    {"key": ip_key, "window": self.config.signin_window_seconds},
+                )
+            if verification.needs_rehash:
                 await conn.execute(
                     queries["rehash_password"],
                     {
@@ -143,31 +155,46 @@ class AuthService:
             return await self._session(conn, user_id, "password", created=False, linked=False)
 
         sign_in = await self._db.transaction(work)
-        if random.random() < HOUSEKEEPING_CHANCE:  # noqa: S311 - not security-relevant
-            await self.housekeeping()
+        self._maybe_housekeep()
         return sign_in
+
+    async def _take_attempt(self, keys: list[str]) -> None:
+        """One slot in each key's throttling window, or `TooManySignInAttempts`."""
+        async with self._db.connection() as conn:
+            cur = await conn.execute(
+                queries["signin_attempt"],
+                {
+                    "keys": keys,
+                    "limit": self.config.signin_limit,
+                    "window": self.config.signin_window_seconds,
+                },
+            )
+            allowed = await cur.fetchone()
+        if allowed is None or not allowed[0]:
+            raise e.TooManySignInAttempts()
+
+    async def _check_password(self, user_id: uuid.UUID, password: str) -> None:
+        """For re-authentication and password changes: throttled like sign-in."""
+        await self._take_attempt([f"user:{user_id}"])
+        async with self._db.connection() as conn:
+            cur = await conn.execute(queries["user_password"], {"user_id": user_id})
+            row = await cur.fetchone()
+        if not (await self.hasher.verify(row[0] if row else None, password)).ok:
+            raise e.InvalidCredentials("the password is wrong")
+        async with self._db.connection() as conn:
+            await conn.execute(queries["clear_attempts"], {"key": f"user:{user_id}"})
 
     async def change_password(self, session: Session, current: str, new: str) -> None:
         """Needs the current password; every other session of the user ends."""
         check_password_rules(new)
-        async with self._db.connection() as conn:
-            cur = await conn.execute(queries["user_password"], {"user_id": session.user_id})
-            row = await cur.fetchone()
-        stored = row[0] if row is not None else None
-        if not (await self.hasher.verify(stored, current)).ok:
-            raise e.InvalidCredentials("the current password is wrong")
-        await self._set_password(session.user_id, new, keep_session=session.id)
-
-    async def _set_password(
-        self, user_id: uuid.UUID, password: str, keep_session: uuid.UUID | None
-    ) -> None:
-        new_hash = await self.hasher.hash(password)
+        await self._check_password(session.user_id, current)
+        new_hash = await self.hasher.hash(new)
         async with self._db.connection() as conn:
             await conn.execute(
                 queries["set_password"],
-                {"user_id": user_id, "password_hash": new_hash, "keep_session": keep_session},
+                {"user_id": session.user_id, "password_hash": new_hash, "keep_session": session.id},
             )
-        await self._hooks.on_password_changed(user_id)
+        await self._hooks.on_password_changed(session.user_id)
 
     async def request_password_reset(self, email: str) -> IssuedUserToken | None:
         """A reset token for the app to deliver, or None for an unknown address. The app
@@ -203,11 +230,10 @@ class AuthService:
             )
             if email is not None:
                 await conn.execute(
-                    "UPDATE tollhouse.user_emails SET verified = true,"
-                    " verified_at = coalesce(verified_at, now())"
-                    " WHERE user_id = %(user_id)s AND email = %(email)s",
-                    {"user_id": user_id, "email": email},
+                    user_queries["mark_email_verified"], {"user_id": user_id, "email": email}
                 )
+                # The owner proved the mailbox: a guessing lock on it no longer applies.
+                await conn.execute(queries["clear_attempts"], {"key": f"account:{email}"})
             return await load_user(conn, user_id)
 
         user = await self._db.transaction(work)
@@ -280,11 +306,11 @@ class AuthService:
 
         try:
             sign_in, claimed = await self._db.transaction(work, constraints=_AUTH_CONSTRAINTS)
-        except e.IdentityTaken:
-            # Two first sign-ins of one identity raced; the loser now finds it linked.
+        except (e.IdentityTaken, e.EmailTaken):
+            # Two first sign-ins of one identity (and address) raced; the loser now finds
+            # the identity linked and signs in to it.
             sign_in, claimed = await self._db.transaction(work, constraints=_AUTH_CONSTRAINTS)
-        if random.random() < HOUSEKEEPING_CHANCE:  # noqa: S311 - not security-relevant
-            await self.housekeeping()
+        self._maybe_housekeep()
         if sign_in.created:
             await self._hooks.on_user_created(sign_in.user.id, identity.provider)
         if sign_in.linked or sign_in.created:
@@ -314,21 +340,9 @@ class AuthService:
         first_name: str | None,
         last_name: str | None,
     ) -> _Outcome:
-        key = {"provider": identity.provider, "subject": identity.subject}
-        cur = await conn.execute(queries["identity_owner"], key)
-        owner = await cur.fetchone()
-        if owner is not None:  # rule 1
-            await self._check_active(conn, owner[0])
-            await conn.execute(
-                queries["touch_identity"],
-                {
-                    **key,
-                    "user_id": owner[0],
-                    "email": identity.email,
-                    "email_verified": identity.email_verified,
-                },
-            )
-            return _Outcome(owner[0], created=False, linked=False)
+        known = await self._known_identity(conn, identity)
+        if known is not None:  # rule 1
+            return known
 
         email = _provider_email(identity.email)
         holder = None
@@ -336,17 +350,45 @@ class AuthService:
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(queries["email_owner"], {"email": email})
             holder = await cur.fetchone()
+            # The row lock may have waited for a concurrent first sign-in of this very
+            # identity: look again now that it committed.
+            known = await self._known_identity(conn, identity) if holder else None
+            if known is not None:
+                return known
         if holder is not None and not identity.email_verified:
             raise e.AccountExistsLinkRequired()  # never link on an unverified address
-        if holder is not None and identity.provider in holder["providers"]:
-            raise e.AccountExistsLinkRequired()  # another account at the same provider
         if holder is not None and holder["verified"]:  # rule 2
-            await self._check_active(conn, holder["user_id"])
+            if identity.provider in holder["providers"]:
+                raise e.AccountExistsLinkRequired()  # another account at the same provider
+            if not holder["active"]:
+                raise e.AccountDisabled()
+            # A new way into an existing account ends the sessions opened before it.
+            await conn.execute(
+                queries["revoke_other_sessions"], {"user_id": holder["user_id"], "keep": None}
+            )
             await self._link(conn, holder["user_id"], identity)
             return _Outcome(holder["user_id"], created=False, linked=True)
-        if holder is not None and holder["providers"]:
-            # The unverified holder also signs in through another provider: taking the
-            # account over would share it with that identity. The address moves instead.
+        if holder is not None:
+            claimable = (
+                holder["active"] and not holder["providers"] and holder["verified_addresses"] == 0
+            )
+            if claimable:  # rule 3: take over a password account that never proved anything
+                await conn.execute(
+                    queries["claim_unverified_account"],
+                    {"user_id": holder["user_id"], "email": email},
+                )
+                await record_event(
+                    conn,
+                    holder["user_id"],
+                    "account_claimed",
+                    provider=identity.provider,
+                    email=email,
+                    password_removed=holder["has_password"],
+                )
+                await self._link(conn, holder["user_id"], identity)
+                return _Outcome(holder["user_id"], created=False, linked=True, claimed=True)
+            # The holder signs in some other proven way (or is disabled): taking the account
+            # over would share it with them. The unverified address moves instead.
             await conn.execute(
                 queries["detach_unverified_email"], {"user_id": holder["user_id"], "email": email}
             )
@@ -354,22 +396,6 @@ class AuthService:
             await record_event(
                 conn, holder["user_id"], "email_detached", provider=identity.provider, email=email
             )
-            holder = None
-        if holder is not None:  # rule 3: claim an unverified password account
-            await self._check_active(conn, holder["user_id"])
-            await conn.execute(
-                queries["claim_unverified_account"], {"user_id": holder["user_id"], "email": email}
-            )
-            await record_event(
-                conn,
-                holder["user_id"],
-                "account_claimed",
-                provider=identity.provider,
-                email=email,
-                password_removed=holder["has_password"],
-            )
-            await self._link(conn, holder["user_id"], identity)
-            return _Outcome(holder["user_id"], created=False, linked=True, claimed=True)
         # rule 4: a new user; only an address the provider vouches for becomes its e-mail
         display = " ".join(p for p in (first_name, last_name) if p) or identity.name
         user_id = await insert_user(
@@ -383,6 +409,25 @@ class AuthService:
         )
         await self._link(conn, user_id, identity)
         return _Outcome(user_id, created=True, linked=False)
+
+    async def _known_identity(self, conn: Conn, identity: VerifiedIdentity) -> _Outcome | None:
+        """Rule 1: the user this (provider, subject) is linked to, if any."""
+        key = {"provider": identity.provider, "subject": identity.subject}
+        cur = await conn.execute(queries["identity_owner"], key)
+        owner = await cur.fetchone()
+        if owner is None:
+            return None
+        await self._check_active(conn, owner[0])
+        await conn.execute(
+            queries["touch_identity"],
+            {
+                **key,
+                "user_id": owner[0],
+                "email": identity.email,
+                "email_verified": identity.email_verified,
+            },
+        )
+        return _Outcome(owner[0], created=False, linked=False)
 
     async def _link(self, conn: Conn, user_id: uuid.UUID, identity: VerifiedIdentity) -> None:
         await conn.execute(
@@ -406,11 +451,20 @@ class AuthService:
     async def link_identity(
         self, session: Session, provider: str, id_token: str, nonce: str | None = None
     ) -> User:
-        """Explicit linking by a user who signed in within the last few minutes."""
+        """Explicit linking by a user who signed in within the last few minutes, on an
+        account that has proven something: a verified address or an identity already. (An
+        unverified sign-up could otherwise plant its maker's identity in an account its
+        address's real owner later claims.) The user's other sessions end."""
         await self._require_recent(session)
         identity = await self.oidc.verify(provider, id_token, nonce)
 
         async def work(conn: Conn) -> User:
+            cur = await conn.execute(queries["credentials"], {"user_id": session.user_id})
+            proof = await cur.fetchone()
+            if proof is None:
+                raise e.UserNotFound()
+            if proof[1] == 0 and proof[2] == 0:
+                raise e.VerifiedEmailRequired()
             await self._consume_nonce(conn, identity)
             cur = await conn.execute(
                 queries["identity_owner"],
@@ -421,6 +475,10 @@ class AuthService:
                 raise e.IdentityTaken()
             if owner is None:
                 await self._link(conn, session.user_id, identity)
+                await conn.execute(
+                    queries["revoke_other_sessions"],
+                    {"user_id": session.user_id, "keep": session.id},
+                )
             return await load_user(conn, session.user_id)
 
         user = await self._db.transaction(work, constraints=_AUTH_CONSTRAINTS)
@@ -435,19 +493,33 @@ class AuthService:
             row = await cur.fetchone()
             if row is None:
                 raise e.UserNotFound()
-            has_password, identities = row
+            password_usable, identities, _ = row
             cur = await conn.execute(
                 queries["unlink_identity"],
                 {"user_id": user_id, "provider": provider, "subject": subject},
             )
             if await cur.fetchone() is None:
                 raise e.IdentityNotFound()
-            if not has_password and identities <= 1:
+            if not password_usable and identities <= 1:
                 raise e.LastCredential()
             await record_event(conn, user_id, "identity_unlinked", provider=provider)
             return await load_user(conn, user_id)
 
         return await self._db.transaction(work)
+
+    def _maybe_housekeep(self) -> None:
+        """Now and then, housekeeping in the background: never in a request's way."""
+        if random.random() >= HOUSEKEEPING_CHANCE:  # noqa: S311 - not security-relevant
+            return
+        task = asyncio.create_task(self._housekeep_quietly())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _housekeep_quietly(self) -> None:
+        try:
+            await self.housekeeping()
+        except e.TollhouseError as exc:
+            log.warning("identity_housekeeping_failed", error=exc.message)
 
     async def housekeeping(self) -> None:
         """Forget used nonces past their token's expiry and throttling windows long closed.
@@ -476,11 +548,8 @@ class AuthService:
         return Session(**row)
 
     async def reauthenticate(self, session: Session, password: str) -> Session:
-        async with self._db.connection() as conn:
-            cur = await conn.execute(queries["user_password"], {"user_id": session.user_id})
-            row = await cur.fetchone()
-        if not (await self.hasher.verify(row[0] if row else None, password)).ok:
-            raise e.InvalidCredentials("the password is wrong")
+        """Confirms the password, opening the window for sensitive actions again."""
+        await self._check_password(session.user_id, password)
         async with self._db.connection() as conn:
             sessions = conn.cursor(row_factory=class_row(Session))
             await sessions.execute(queries["reauthenticate_session"], {"id": session.id})
@@ -490,7 +559,7 @@ class AuthService:
         return fresh
 
     async def sign_out(self, session_token: str) -> None:
-        """Ends the session; an unknown or already ended one is not an error."""
+        """Ends the session; an unknown or already ended one is `InvalidSession`."""
         parsed = tokens.parse(session_token, SESSION_PREFIX)
         if parsed is None:
             raise e.InvalidSession()
@@ -501,13 +570,7 @@ class AuthService:
     async def sessions(self, user_id: uuid.UUID) -> list[Session]:
         async with self._db.as_end_user(user_id) as conn:
             cur = conn.cursor(row_factory=class_row(Session))
-            await cur.execute(
-                "SELECT id, user_id, method, created_at, authenticated_at, expires_at,"
-                " last_seen_at FROM tollhouse.sessions"
-                " WHERE user_id = %(user_id)s AND revoked_at IS NULL AND expires_at > now()"
-                " ORDER BY created_at DESC",
-                {"user_id": user_id},
-            )
+            await cur.execute(user_queries["sessions_of"], {"user_id": user_id})
             return await cur.fetchall()
 
     async def _require_recent(self, session: Session) -> None:

@@ -6,6 +6,24 @@ SELECT tollhouse.signin_attempt_v1(%(keys)s, %(limit)s, make_interval(secs => %(
 -- name: clear_attempts
 DELETE FROM tollhouse.signin_attempts WHERE key = %(key)s
 
+-- name: confirm_password_unchanged
+-- Under the row lock, the hash that was verified must still be the stored one: a claim,
+-- reset or change that committed meanwhile wins over the sign-in in flight.
+SELECT password_hash = %(hash)s AND status = 'active' AND deleted_at IS NULL
+FROM tollhouse.users WHERE id = %(user_id)s
+FOR UPDATE
+
+-- name: refund_attempt
+UPDATE tollhouse.signin_attempts SET attempts = attempts - 1
+WHERE key = %(key)s AND attempts > 0
+  AND window_start = date_bin(make_interval(secs => %(window)s), now(),
+                              timestamptz '2000-01-01 00:00:00+00')
+
+-- name: revoke_other_sessions
+UPDATE tollhouse.sessions SET revoked_at = now()
+WHERE user_id = %(user_id)s AND revoked_at IS NULL
+  AND (%(keep)s::uuid IS NULL OR id <> %(keep)s::uuid)
+
 -- name: password_user
 -- The account behind an address, with what sign-in needs to decide.
 SELECT u.id, u.password_hash, u.status, u.deleted_at IS NOT NULL AS deleted
@@ -138,17 +156,24 @@ WITH gone AS (
 SELECT provider FROM gone
 
 -- name: credentials
--- How a user can sign in, read under a row lock so concurrent unlinks cannot both pass.
-SELECT u.password_hash IS NOT NULL AS has_password,
-       (SELECT count(*) FROM tollhouse.user_identities i WHERE i.user_id = u.id) AS identities
+-- How a user can sign in, read under a row lock so concurrent unlinks cannot both pass. A
+-- password counts only while the user has an address to sign in with.
+SELECT u.has_password AND EXISTS (SELECT 1 FROM tollhouse.user_emails e
+                                  WHERE e.user_id = u.id) AS password_usable,
+       (SELECT count(*) FROM tollhouse.user_identities i WHERE i.user_id = u.id) AS identities,
+       (SELECT count(*) FROM tollhouse.user_emails e
+        WHERE e.user_id = u.id AND e.verified) AS verified_addresses
 FROM tollhouse.users u WHERE u.id = %(user_id)s
 FOR UPDATE
 
 -- name: email_owner
--- Who holds an address, whether verified, and which providers that user already has.
-SELECT e.user_id, e.verified, u.password_hash IS NOT NULL AS has_password,
+-- Who holds an address, whether verified, and what else that user signs in with.
+SELECT e.user_id, e.verified, u.has_password,
+       u.deleted_at IS NULL AND u.status = 'active' AS active,
        coalesce((SELECT array_agg(DISTINCT i.provider) FROM tollhouse.user_identities i
-                 WHERE i.user_id = e.user_id), '{}') AS providers
+                 WHERE i.user_id = e.user_id), '{}') AS providers,
+       (SELECT count(*) FROM tollhouse.user_emails v
+        WHERE v.user_id = e.user_id AND v.verified) AS verified_addresses
 FROM tollhouse.email_routes r
 JOIN tollhouse.user_emails e ON e.user_id = r.user_id AND e.email = r.email
 JOIN tollhouse.users u ON u.id = e.user_id

@@ -109,7 +109,7 @@ def _header(id_token: str) -> dict[str, Any]:
         raise e.IdTokenMalformed()
     try:
         return jwt.get_unverified_header(id_token)
-    except jwt.DecodeError as exc:
+    except jwt.InvalidTokenError as exc:  # DecodeError, and bad "kid"/"crit" headers
         raise e.IdTokenMalformed() from exc
 
 

@@ -33,7 +33,7 @@ SELECT id FROM u
 -- One user with its e-mails, identities, roles and personal tenant; RLS applies as usual.
 SELECT u.id, u.display_name, u.first_name, u.last_name, u.username, u.avatar_url, u.status,
        u.is_internal, u.plan_override, u.metadata, u.created_at, u.updated_at,
-       u.last_seen_at, u.deleted_at, u.password_hash IS NOT NULL AS has_password,
+       u.last_seen_at, u.deleted_at, u.has_password,
        (SELECT t.id FROM tollhouse.tenants t
         WHERE t.owner_user_id = u.id AND t.is_default) AS personal_tenant_id,
        coalesce((SELECT json_agg(json_build_object(

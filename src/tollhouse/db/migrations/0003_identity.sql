@@ -11,6 +11,8 @@ CREATE TABLE tollhouse.users (
     username text,
     avatar_url text,
     password_hash text,
+    -- End users may read this, never the hash itself.
+    has_password boolean GENERATED ALWAYS AS (password_hash IS NOT NULL) STORED,
     password_changed_at timestamptz,
     status text NOT NULL DEFAULT 'active',
     is_internal boolean NOT NULL DEFAULT false,
@@ -247,7 +249,10 @@ CREATE POLICY users_self_read ON tollhouse.users FOR SELECT TO tollhouse_user
 CREATE POLICY users_self_update ON tollhouse.users FOR UPDATE TO tollhouse_user
     USING (id = (SELECT tollhouse.current_user_id()) AND deleted_at IS NULL)
     WITH CHECK (id = (SELECT tollhouse.current_user_id()));
-GRANT SELECT ON tollhouse.users TO tollhouse_user;
+GRANT SELECT (id, display_name, first_name, last_name, username, avatar_url, has_password,
+              password_changed_at, status, is_internal, plan_override, metadata, created_at,
+              updated_at, last_seen_at, deleted_at)
+    ON tollhouse.users TO tollhouse_user;
 GRANT UPDATE (display_name, first_name, last_name, username, avatar_url, updated_at)
     ON tollhouse.users TO tollhouse_user;
 
