@@ -157,3 +157,21 @@ async def test_roles_and_preferences(tollhouse: Tollhouse) -> None:
     assert (prefs.marketing, prefs.product_updates) == (False, True)
     with pytest.raises(errors.UserNotFound):
         await tollhouse.users.set_role(uuid.uuid4(), "admin")
+
+
+async def test_a_primary_change_racing_a_removal_keeps_exactly_one_primary(
+    dsn: str, tollhouse: Tollhouse
+) -> None:
+    """Another transaction deletes the address being made primary and commits while the
+    change waits: the change must see that, not leave the user with no primary at all."""
+    user = await tollhouse.users.create(email="one@example.com", email_verified=True)
+    await tollhouse.users.add_email(user.id, "x@example.com", verified=True)
+    async with await psycopg.AsyncConnection.connect(dsn) as other:
+        async with other.transaction():
+            await other.execute("DELETE FROM tollhouse.user_emails WHERE email = 'x@example.com'")
+            change = asyncio.create_task(tollhouse.users.make_primary(user.id, "x@example.com"))
+            await asyncio.sleep(0.5)  # the change reaches the locked rows and waits
+        outcome = await asyncio.gather(change, return_exceptions=True)
+    assert isinstance(outcome[0], errors.EmailNotFound)
+    final = await tollhouse.users.get(user.id)
+    assert [e.email for e in final.emails if e.is_primary] == ["one@example.com"]

@@ -125,8 +125,11 @@ WITH gone AS (
 SELECT email FROM gone
 
 -- name: email_state
-SELECT is_primary, verified FROM tollhouse.user_emails
-WHERE user_id = %(user_id)s AND email = %(email)s
+-- Locks all of the user's addresses, so concurrent changes to them take turns and never
+-- leave zero or two primaries.
+SELECT email, is_primary, verified FROM tollhouse.user_emails
+WHERE user_id = %(user_id)s
+FOR UPDATE
 
 -- name: make_primary
 -- One statement swaps the flag, so there is never a moment with zero or two primaries.

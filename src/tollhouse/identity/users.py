@@ -204,16 +204,12 @@ class UserService:
         return await self._db.transaction(work, constraints=CONSTRAINTS)
 
     async def remove_email(self, user_id: uuid.UUID, email: str) -> User:
+        """Remove a non-primary address (it becomes free for others)."""
         normalised = normalise_email(email)
 
         async def work(conn: Conn) -> User:
-            cur = await conn.execute(
-                queries["email_state"], {"user_id": user_id, "email": normalised}
-            )
-            state = await cur.fetchone()
-            if state is None:
-                raise e.EmailNotFound(f"the user has no address {normalised}")
-            if state[0]:
+            is_primary, _ = await _email_state(conn, user_id, normalised)
+            if is_primary:
                 raise e.PrimaryEmailRequired()
             await conn.execute(queries["remove_email"], {"user_id": user_id, "email": normalised})
             return await load_user(conn, user_id)
@@ -221,16 +217,12 @@ class UserService:
         return await self._db.transaction(work)
 
     async def make_primary(self, user_id: uuid.UUID, email: str) -> User:
+        """Make a verified address the primary one (the old primary stays, as secondary)."""
         normalised = normalise_email(email)
 
         async def work(conn: Conn) -> User:
-            cur = await conn.execute(
-                queries["email_state"], {"user_id": user_id, "email": normalised}
-            )
-            state = await cur.fetchone()
-            if state is None:
-                raise e.EmailNotFound(f"the user has no address {normalised}")
-            if not state[1]:
+            _, verified = await _email_state(conn, user_id, normalised)
+            if not verified:
                 raise e.EmailNotVerified()
             await conn.execute(queries["make_primary"], {"user_id": user_id, "email": normalised})
             return await load_user(conn, user_id)
@@ -251,18 +243,31 @@ class UserService:
 
     async def preferences(self, user_id: uuid.UUID) -> EmailPreferences:
         async with self._db.connection() as conn:
-            cur = conn.cursor(row_factory=class_row(EmailPreferences))
-            await cur.execute(queries["preferences"], {"user_id": user_id})
-            prefs = await cur.fetchone()
-        if prefs is None:
-            raise e.UserNotFound(f"no user {user_id}", user_id=str(user_id))
-        return prefs
+            return await _read_preferences(conn, user_id)
 
     async def update_preferences(
         self, user_id: uuid.UUID, changes: Mapping[str, bool]
     ) -> EmailPreferences:
         async with self._db.connection() as conn:
             return await _update_preferences(conn, user_id, changes)
+
+
+async def _email_state(conn: Conn, user_id: uuid.UUID, email: str) -> tuple[bool, bool]:
+    """(is_primary, verified) of one of the user's addresses, with all of them locked."""
+    cur = await conn.execute(queries["email_state"], {"user_id": user_id})
+    for address, is_primary, verified in await cur.fetchall():
+        if address == email:
+            return is_primary, verified
+    raise e.EmailNotFound(f"the user has no address {email}")
+
+
+async def _read_preferences(conn: Conn, user_id: uuid.UUID) -> EmailPreferences:
+    cur = conn.cursor(row_factory=class_row(EmailPreferences))
+    await cur.execute(queries["preferences"], {"user_id": user_id})
+    prefs = await cur.fetchone()
+    if prefs is None:
+        raise e.UserNotFound(f"no user {user_id}", user_id=str(user_id))
+    return prefs
 
 
 async def _update_preferences(
@@ -302,12 +307,7 @@ class SelfService:
 
     async def preferences(self, user_id: uuid.UUID) -> EmailPreferences:
         async with self._db.as_end_user(user_id) as conn:
-            cur = conn.cursor(row_factory=class_row(EmailPreferences))
-            await cur.execute(queries["preferences"], {"user_id": user_id})
-            prefs = await cur.fetchone()
-        if prefs is None:
-            raise e.UserNotFound()
-        return prefs
+            return await _read_preferences(conn, user_id)
 
     async def update_preferences(
         self, user_id: uuid.UUID, changes: Mapping[str, bool]
