@@ -56,7 +56,11 @@ class Tollhouse:
         db = Database(dsn, min_size=min_size, max_size=max_size)
         await db.open()
         try:
-            yield cls(db, identity, hooks)
+            services = cls(db, identity, hooks)
+            try:
+                yield services
+            finally:
+                await services.auth.close()
         finally:
             await db.close()
 

@@ -269,3 +269,32 @@ async def test_identity_routes_are_published(client: httpx.AsyncClient) -> None:
         "/v1/me/identities",
         "/v1/me/preferences",
     } <= paths
+
+
+async def test_without_client_ip_only_accounts_are_throttled(
+    client: httpx.AsyncClient, auth: dict[str, str]
+) -> None:
+    """Tollhouse sees only the app's address; counting it would lock everyone out."""
+    statuses = set()
+    for i in range(25):
+        answer = await client.post(
+            "/v1/auth/password/login",
+            json={"email": f"someone{i}@example.com", "password": "wrong password"},
+            headers=auth,
+        )
+        statuses.add(answer.status_code)
+    assert statuses == {401}
+
+
+async def test_nul_bytes_get_a_4xx(client: httpx.AsyncClient, auth: dict[str, str]) -> None:
+    answer = await client.post(
+        "/v1/auth/password/signup",
+        json={"email": "n@example.com", "password": PASSWORD, "display_name": "a\u0000b"},
+        headers=auth,
+    )
+    assert answer.status_code == 422
+    meta = await client.post("/v1/users", json={"email": "m@example.com"}, headers=auth)
+    patched = await client.patch(
+        f"/v1/users/{meta.json()['id']}", json={"metadata": {"k": "a\u0000b"}}, headers=auth
+    )
+    assert patched.status_code == 422

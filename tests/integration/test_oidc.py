@@ -617,3 +617,41 @@ async def test_a_crit_header_is_malformed_not_a_crash(
     forged = ".".join([header, *token.split(".")[1:]])
     with pytest.raises(errors.IdTokenMalformed):
         await tollhouse.auth.sign_in_oidc("google", forged)
+
+
+async def test_a_holder_with_another_unverified_address_is_not_taken_over(
+    tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    """The attacker signed up with the victim's address and added one of its own: a claim
+    would leave the attacker a way back in (a reset through its own address)."""
+    attacker, _ = await tollhouse.auth.sign_up("victim2@example.com", "attacker password")
+    await tollhouse.users.add_email(attacker.user.id, "backdoor@evil.example")
+    victim = await tollhouse.auth.sign_in_oidc(
+        "google", sign(idp_keys, claims("google", email="victim2@example.com", email_verified=True))
+    )
+    assert victim.created and victim.user.id != attacker.user.id
+    assert victim.user.primary_email == "victim2@example.com"
+    left = await tollhouse.users.get(attacker.user.id)
+    assert [e.email for e in left.emails] == ["backdoor@evil.example"]
+    assert left.identities == []
+
+
+async def test_a_non_ascii_nonce_is_a_mismatch_not_a_crash(
+    tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    token = sign(idp_keys, claims("apple", nonce="ascii-nonce"))
+    with pytest.raises(errors.NonceMismatch):
+        await tollhouse.auth.sign_in_oidc("apple", token, "nönce-ü")
+
+
+async def test_housekeeping_runs_one_at_a_time_and_stops_on_close(
+    dsn: str, identity_config: IdentityConfig
+) -> None:
+    async with Tollhouse.open(dsn, min_size=1, max_size=2, identity=identity_config) as th:
+        th.auth.housekeeping_chance = 1.0
+        th.auth._maybe_housekeep()
+        first = th.auth._housekeeping
+        th.auth._maybe_housekeep()
+        assert first is not None and th.auth._housekeeping is first
+        await th.auth.close()
+        assert first.done()

@@ -303,3 +303,38 @@ async def test_reauthentication_is_throttled(tollhouse: Tollhouse) -> None:
         with pytest.raises((errors.InvalidCredentials, errors.TooManySignInAttempts)):
             await tollhouse.auth.reauthenticate(session, f"guess {i}")
     assert tollhouse.auth.hasher.verifications - before <= 20
+
+
+async def test_reset_through_an_unproven_address_beside_other_ways_in_is_refused(
+    tollhouse: Tollhouse,
+) -> None:
+    """A stranger's address planted unverified in a proven account must not open it."""
+    owner, verification = await tollhouse.auth.sign_up("owner@example.com", PASSWORD)
+    await tollhouse.auth.verify_email(verification.token)
+    await tollhouse.users.add_email(owner.user.id, "planted@example.com")
+    assert await tollhouse.auth.request_password_reset("planted@example.com") is None
+    assert await tollhouse.auth.request_password_reset("owner@example.com") is not None
+    # A sole unverified address is the whole account: its reset is the way to prove it.
+    await tollhouse.auth.sign_up("alone@example.com", PASSWORD)
+    assert await tollhouse.auth.request_password_reset("alone@example.com") is not None
+
+
+async def test_concurrent_sign_ins_during_a_rehash_all_succeed(
+    dsn: str, tollhouse: Tollhouse
+) -> None:
+    await _signup(tollhouse)
+    old_hash = await PasswordHasher("owasp-minimum").hash(PASSWORD)
+    with psycopg.connect(dsn) as conn:
+        conn.execute("UPDATE tollhouse.users SET password_hash = %s", (old_hash,))
+    results = await asyncio.gather(
+        *(tollhouse.auth.sign_in_password("pat@example.com", PASSWORD, None) for _ in range(6))
+    )
+    assert len(results) == 6
+
+
+async def test_nul_bytes_are_bad_input_not_a_crash(tollhouse: Tollhouse) -> None:
+    with pytest.raises(errors.InvalidRequest):
+        await tollhouse.auth.sign_up("nul@example.com", PASSWORD, "bad\x00name")
+    await _signup(tollhouse)
+    with pytest.raises(errors.InvalidRequest):
+        await tollhouse.auth.sign_in_password("pat@example.com", PASSWORD, "10.0.0.1\x00")

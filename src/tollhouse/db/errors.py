@@ -12,6 +12,7 @@ from tollhouse.errors import (
     ConstraintViolation,
     DatabaseError,
     DatabaseUnavailable,
+    InvalidRequest,
     TollhouseError,
     UniqueViolation,
 )
@@ -20,6 +21,9 @@ ConstraintMap = Mapping[str, type[TollhouseError]]
 
 #: SQLSTATEs after which the whole transaction may simply be tried again.
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+#: Data exceptions that can only come from a value the caller sent (a NUL byte, a string or
+#: number too large for its column): bad input, not a server fault.
+BAD_INPUT_SQLSTATES = frozenset({"22001", "22003", "22021", "22P05", "54000"})
 
 
 def translate(exc: psycopg.Error, constraints: ConstraintMap | None = None) -> TollhouseError:
@@ -35,6 +39,10 @@ def translate(exc: psycopg.Error, constraints: ConstraintMap | None = None) -> T
         fields["constraint"] = name
     if constraints and name and name in constraints:
         return constraints[name](**fields)
+    if exc.sqlstate in BAD_INPUT_SQLSTATES or (
+        isinstance(exc, psycopg.DataError) and exc.sqlstate is None  # refused by the driver
+    ):
+        return InvalidRequest(f"a value is not acceptable: {_first_line(exc)}", **fields)
     if isinstance(exc, pg.UniqueViolation):
         return UniqueViolation(**fields)
     if isinstance(exc, pg.IntegrityError):

@@ -15,6 +15,7 @@ The merge rules (DATA_MODEL.md, RELIABILITY.md §4) on an ID-token sign-in:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import uuid
 from dataclasses import dataclass
@@ -39,7 +40,6 @@ from tollhouse.identity.users import queries as user_queries
 queries = Queries("tollhouse.identity", "auth.sql")
 log = structlog.get_logger(__name__)
 
-HOUSEKEEPING_CHANCE = 0.01
 SESSION_PREFIX = "ths"
 VERIFY_PREFIX = "thv"
 RESET_PREFIX = "thr"
@@ -69,7 +69,9 @@ class AuthService:
         self.hasher = PasswordHasher(self.config.password_profile, self.config.password_concurrency)
         self.oidc = OidcVerifier(self.config.providers())
         self._hooks: IdentityHooks = hooks or NoHooks()
-        self._background: set[asyncio.Task[None]] = set()
+        self._housekeeping: asyncio.Task[None] | None = None
+        #: Share of sign-ins that start a housekeeping run in the background.
+        self.housekeeping_chance = 0.01
 
     # --- passwords ---------------------------------------------------------------------------
 
@@ -126,13 +128,14 @@ class AuthService:
         verification = await self.hasher.verify(stored_hash, password)
         if not verification.ok or row is None or stored_hash is None:
             raise e.InvalidCredentials()
-        user_id, _, status, deleted = row
+        user_id, _, status, deleted, changed_at = row
         if deleted or status != "active":
             raise e.AccountDisabled()
 
         async def work(conn: Conn) -> SignIn:
             cur = await conn.execute(
-                queries["confirm_password_unchanged"], {"user_id": user_id, "hash": stored_hash}
+                queries["confirm_password_unchanged"],
+                {"user_id": user_id, "changed_at": changed_at},
             )
             still = await cur.fetchone()
             if still is None or not still[0]:
@@ -197,14 +200,15 @@ class AuthService:
         await self._hooks.on_password_changed(session.user_id)
 
     async def request_password_reset(self, email: str) -> IssuedUserToken | None:
-        """A reset token for the app to deliver, or None for an unknown address. The app
-        must answer its user the same way in both cases."""
+        """A reset token for the app to deliver, or None when the address reaches no account
+        it proves (unknown, or unverified beside other ways in). The app must answer its
+        user the same way in every case."""
         normalised = normalise_email(email)
 
         async def work(conn: Conn) -> IssuedUserToken | None:
-            cur = await conn.execute(queries["password_user"], {"email": normalised})
+            cur = await conn.execute(queries["reset_target"], {"email": normalised})
             row = await cur.fetchone()
-            if row is None or row[3]:
+            if row is None:
                 return None
             return await self._issue(
                 conn,
@@ -369,8 +373,14 @@ class AuthService:
             await self._link(conn, holder["user_id"], identity)
             return _Outcome(holder["user_id"], created=False, linked=True)
         if holder is not None:
+            # (email_owner locked the holder's user row: users first, as everywhere.)
+            # Only an account the address is the whole of: its sole address, never verified,
+            # no identity. Anything else there could still let its maker in.
             claimable = (
-                holder["active"] and not holder["providers"] and holder["verified_addresses"] == 0
+                holder["active"]
+                and not holder["providers"]
+                and holder["verified_addresses"] == 0
+                and holder["other_addresses"] == 0
             )
             if claimable:  # rule 3: take over a password account that never proved anything
                 await conn.execute(
@@ -508,12 +518,20 @@ class AuthService:
         return await self._db.transaction(work)
 
     def _maybe_housekeep(self) -> None:
-        """Now and then, housekeeping in the background: never in a request's way."""
-        if random.random() >= HOUSEKEEPING_CHANCE:  # noqa: S311 - not security-relevant
+        """Now and then, housekeeping in the background: never in a request's way, and
+        never more than one run at a time."""
+        if self._housekeeping is not None and not self._housekeeping.done():
             return
-        task = asyncio.create_task(self._housekeep_quietly())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        if random.random() >= self.housekeeping_chance:  # noqa: S311 - not security-relevant
+            return
+        self._housekeeping = asyncio.create_task(self._housekeep_quietly())
+
+    async def close(self) -> None:
+        """Stop background work (the composition root calls it before the pool closes)."""
+        if self._housekeeping is not None and not self._housekeeping.done():
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
 
     async def _housekeep_quietly(self) -> None:
         try:

@@ -7,9 +7,12 @@ SELECT tollhouse.signin_attempt_v1(%(keys)s, %(limit)s, make_interval(secs => %(
 DELETE FROM tollhouse.signin_attempts WHERE key = %(key)s
 
 -- name: confirm_password_unchanged
--- Under the row lock, the hash that was verified must still be the stored one: a claim,
--- reset or change that committed meanwhile wins over the sign-in in flight.
-SELECT password_hash = %(hash)s AND status = 'active' AND deleted_at IS NULL
+-- Under the row lock, the password verified must still be the current one: a claim, reset
+-- or change that committed meanwhile wins over the sign-in in flight (a re-hash of the same
+-- password does not change password_changed_at).
+SELECT password_hash IS NOT NULL
+       AND password_changed_at IS NOT DISTINCT FROM %(changed_at)s
+       AND status = 'active' AND deleted_at IS NULL
 FROM tollhouse.users WHERE id = %(user_id)s
 FOR UPDATE
 
@@ -26,10 +29,30 @@ WHERE user_id = %(user_id)s AND revoked_at IS NULL
 
 -- name: password_user
 -- The account behind an address, with what sign-in needs to decide.
-SELECT u.id, u.password_hash, u.status, u.deleted_at IS NOT NULL AS deleted
+SELECT u.id, u.password_hash, u.status, u.deleted_at IS NOT NULL AS deleted,
+       u.password_changed_at
 FROM tollhouse.email_routes r
 JOIN tollhouse.users u ON u.id = r.user_id
 WHERE r.email = %(email)s
+
+-- name: reset_target
+-- Who a reset through this address may reach: only an account the address proves. It must
+-- be verified there, or be the account's only way in (its sole address, no identity):
+-- otherwise a stranger who planted the address could reset into someone else's account, or
+-- the address's owner be led into an account a stranger can still open.
+SELECT u.id
+FROM tollhouse.email_routes r
+JOIN tollhouse.users u ON u.id = r.user_id
+JOIN tollhouse.user_emails e ON e.user_id = u.id AND e.email = r.email
+WHERE r.email = %(email)s AND u.deleted_at IS NULL
+  AND (e.verified
+       OR (NOT EXISTS (SELECT 1 FROM tollhouse.user_emails o
+                       WHERE o.user_id = u.id AND o.email <> r.email)
+           AND NOT EXISTS (SELECT 1 FROM tollhouse.user_identities i WHERE i.user_id = u.id)))
+
+-- name: lock_user
+-- The per-user lock every change to a user's addresses or credentials takes first.
+SELECT id FROM tollhouse.users WHERE id = %(user_id)s FOR NO KEY UPDATE
 
 -- name: user_password
 SELECT password_hash FROM tollhouse.users WHERE id = %(user_id)s AND deleted_at IS NULL
@@ -169,6 +192,8 @@ FOR UPDATE
 -- name: email_owner
 -- Who holds an address, whether verified, and what else that user signs in with.
 SELECT e.user_id, e.verified, u.has_password,
+       (SELECT count(*) FROM tollhouse.user_emails o
+        WHERE o.user_id = e.user_id AND o.email <> e.email) AS other_addresses,
        u.deleted_at IS NULL AND u.status = 'active' AS active,
        coalesce((SELECT array_agg(DISTINCT i.provider) FROM tollhouse.user_identities i
                  WHERE i.user_id = e.user_id), '{}') AS providers,
@@ -178,7 +203,7 @@ FROM tollhouse.email_routes r
 JOIN tollhouse.user_emails e ON e.user_id = r.user_id AND e.email = r.email
 JOIN tollhouse.users u ON u.id = e.user_id
 WHERE r.email = %(email)s
-FOR UPDATE OF e
+FOR NO KEY UPDATE OF u
 
 -- name: claim_unverified_account
 -- A provider proved ownership of an address that a password account held unverified: the

@@ -173,7 +173,8 @@ def _identity(
         # Apple's native flows put SHA-256(nonce) in the token; its JS flow the nonce itself.
         hashed = hashlib.sha256(nonce.encode()).hexdigest()
         if not isinstance(token_nonce, str) or not (
-            hmac.compare_digest(token_nonce, nonce) or hmac.compare_digest(token_nonce, hashed)
+            hmac.compare_digest(token_nonce.encode(), nonce.encode())
+            or hmac.compare_digest(token_nonce.encode(), hashed.encode())
         ):
             raise e.NonceMismatch()
         nonce_hash = hashlib.sha256(f"{claims['sub']}:{nonce}".encode()).digest()

@@ -124,6 +124,10 @@ WITH gone AS (
 )
 SELECT email FROM gone
 
+-- name: lock_user
+-- The per-user lock every change to a user's addresses takes first.
+SELECT id FROM tollhouse.users WHERE id = %(user_id)s FOR NO KEY UPDATE
+
 -- name: email_state
 -- Locks all of the user's addresses, so concurrent changes to them take turns and never
 -- leave zero or two primaries.

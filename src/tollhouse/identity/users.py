@@ -195,6 +195,7 @@ class UserService:
 
         async def work(conn: Conn) -> User:
             await load_user(conn, user_id)
+            await conn.execute(queries["lock_user"], {"user_id": user_id})
             await conn.execute(
                 queries["add_email"],
                 {"user_id": user_id, "email": normalised, "verified": verified, "via": via},
@@ -253,7 +254,8 @@ class UserService:
 
 
 async def _email_state(conn: Conn, user_id: uuid.UUID, email: str) -> tuple[bool, bool]:
-    """(is_primary, verified) of one of the user's addresses, with all of them locked."""
+    """(is_primary, verified) of one of the user's addresses, with the user locked."""
+    await conn.execute(queries["lock_user"], {"user_id": user_id})
     cur = await conn.execute(queries["email_state"], {"user_id": user_id})
     for address, is_primary, verified in await cur.fetchall():
         if address == email:
