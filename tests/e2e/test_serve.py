@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import time
@@ -34,6 +35,12 @@ def test_fresh_start_serves_stops_on_sigterm_and_keeps_data_across_restarts(
     auth = {"Authorization": f"Bearer {match[1]}"}
     created = httpx.post(f"{first.url}/v1/keys", json={"name": "kept"}, headers=auth)
     assert created.status_code == 201
+    # Logs are JSON lines; the request's line carries the id its answer carried.
+    request_id = created.headers["x-request-id"]
+    entries = [json.loads(line) for line in first.logs().splitlines() if line.strip()]
+    (logged,) = [e for e in entries if e.get("request_id") == request_id]
+    assert (logged["event"], logged["route"], logged["status"]) == ("request", "/v1/keys", 201)
+    assert match[1] not in first.logs()  # the key itself is never logged
     assert _postmaster_running(data_dir)
 
     assert first.stop(signal.SIGTERM) == 0
