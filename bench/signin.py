@@ -68,7 +68,7 @@ async def run(dsn: str, service_dsn: str, seconds: float, concurrency: int) -> N
         rows = []
         for profile in ("rfc9106-low-memory", "owasp-minimum"):
             config = IdentityConfig(
-                password_profile=profile,  # type: ignore[arg-type]
+                password_profile=profile,
                 password_concurrency=os.cpu_count() or 2,
                 google_client_ids=frozenset({GOOGLE_CLIENT}),
                 google_jwks_url=jwks_url,

@@ -47,7 +47,7 @@ def _as_owner(dsn: str, *statements: str) -> None:
     """Run DDL as the login role, outside the service's pool."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         for statement in statements:
-            conn.execute(statement)  # type: ignore[call-overload]
+            conn.execute(statement)
 
 
 @pytest.fixture
@@ -124,7 +124,7 @@ async def test_retry_gives_up_after_the_attempts(tollhouse: Tollhouse, sqlstate:
         nonlocal calls
         calls += 1
         await conn.execute(
-            f"DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '{sqlstate}'; END $$"  # type: ignore[arg-type]
+            f"DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '{sqlstate}'; END $$"
         )
 
     with pytest.raises(SerializationRetriesExhausted):
@@ -213,7 +213,7 @@ async def test_check_server_accepts_the_test_server(dsn: str) -> None:
 async def test_synchronous_commit_off_is_a_warning(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         dbname = conn.info.dbname
-        conn.execute(f"ALTER DATABASE {dbname} SET synchronous_commit = off")  # type: ignore[arg-type]
+        conn.execute(f"ALTER DATABASE {dbname} SET synchronous_commit = off")
     with capture_logs() as logs:
         info = await check_server(dsn)
     assert info.synchronous_commit == "off"

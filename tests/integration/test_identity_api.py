@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 
@@ -10,7 +12,7 @@ from tests.support.idp import KeySet, claims, sign
 PASSWORD = "correct horse battery"
 
 
-async def _signup(client: httpx.AsyncClient, auth: dict[str, str], email: str) -> dict[str, str]:
+async def _signup(client: httpx.AsyncClient, auth: dict[str, str], email: str) -> dict[str, Any]:
     answer = await client.post(
         "/v1/auth/password/signup", json={"email": email, "password": PASSWORD}, headers=auth
     )

@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import os
 from pathlib import Path
-from typing import LiteralString, cast
 
 import psycopg
 import pytest
@@ -61,7 +60,7 @@ async def test_status_before_anything_lists_pending(empty_dsn: str) -> None:
 async def test_an_edited_migration_stops_migrate_naming_the_file(dsn: str) -> None:
     shipped = migrate.load_migrations()
     edited = [
-        dataclasses.replace(shipped[0], sql=cast(LiteralString, shipped[0].sql + "\n-- edit\n")),
+        dataclasses.replace(shipped[0], sql=shipped[0].sql + "\n-- edit\n"),
         *shipped[1:],
     ]
     with pytest.raises(MigrationChecksumMismatch, match=shipped[0].filename) as caught:
@@ -73,7 +72,7 @@ async def test_an_edited_migration_stops_migrate_naming_the_file(dsn: str) -> No
 
 async def test_an_edit_is_detected_before_later_migrations_run(dsn: str) -> None:
     shipped = migrate.load_migrations()
-    edited_first = dataclasses.replace(shipped[0], sql=cast(LiteralString, "SELECT 1;"))
+    edited_first = dataclasses.replace(shipped[0], sql="SELECT 1;")
     extra = migrate.Migration(9999, "later", "9999_later.sql", "CREATE TABLE tollhouse.later ();")
     with pytest.raises(MigrationChecksumMismatch):
         await migrate.migrate(dsn, [edited_first, *shipped[1:], extra])

@@ -22,6 +22,7 @@ from tollhouse import errors
 from tollhouse.app import Tollhouse
 from tollhouse.identity import IdentityConfig, NoHooks
 from tollhouse.identity.oidc import parse_bool_claim
+from tollhouse.identity.passwords import Verification
 
 PASSWORD = "correct horse battery"
 
@@ -545,7 +546,7 @@ async def test_a_disabled_unverified_holder_loses_the_address_to_its_owner(
 
 
 async def test_a_password_sign_in_in_flight_loses_to_a_claim(
-    tollhouse: Tollhouse, idp_keys: KeySet
+    tollhouse: Tollhouse, idp_keys: KeySet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Argon2 runs outside the transaction; the claim that commits meanwhile must win."""
     await tollhouse.auth.sign_up("slow@example.com", "attacker password")
@@ -553,13 +554,13 @@ async def test_a_password_sign_in_in_flight_loses_to_a_claim(
     entered, release = asyncio.Event(), asyncio.Event()
     real_verify = hasher.verify
 
-    async def paused_verify(stored: str | None, password: str) -> Any:
+    async def paused_verify(stored: str | None, password: str) -> Verification:
         result = await real_verify(stored, password)
         entered.set()
         await release.wait()
         return result
 
-    hasher.verify = paused_verify  # type: ignore[method-assign]
+    monkeypatch.setattr(hasher, "verify", paused_verify)
     attempt = asyncio.create_task(
         tollhouse.auth.sign_in_password("slow@example.com", "attacker password", None)
     )

@@ -53,7 +53,7 @@ POLICIES = {
 }
 
 
-async def _denied_or(conn: Conn, query: sql.Composed, params: dict[str, object]) -> int:
+async def _denied_or(conn: Conn, query: sql.SQL | sql.Composed, params: dict[str, object]) -> int:
     """Rows the statement saw or touched (then rolled back); 0 when refused outright."""
     try:
         async with conn.transaction(force_rollback=True):
@@ -61,7 +61,7 @@ async def _denied_or(conn: Conn, query: sql.Composed, params: dict[str, object])
             if cur.description is not None:
                 row = await cur.fetchone()
                 return int(row[0]) if row else 0
-            return cur.rowcount
+            return int(cur.rowcount)
     except (pg.InsufficientPrivilege, pg.CheckViolation):
         return 0
 
@@ -100,7 +100,7 @@ async def leaks(tollhouse: Tollhouse, me: uuid.UUID, other: uuid.UUID) -> list[s
                 ),
                 {"me": me},
             )
-            update = sql.SQL("UPDATE {} SET {} = " + value).format(t, c)  # type: ignore[arg-type]
+            update = sql.SQL("UPDATE {} SET {} = " + value).format(t, c)
             touched = await _denied_or(conn, update, {})
             if touched > own:
                 found.append(f"update {table}: {touched - own} row(s) of another user")
@@ -116,7 +116,7 @@ async def leaks(tollhouse: Tollhouse, me: uuid.UUID, other: uuid.UUID) -> list[s
             "raise own status": "UPDATE tollhouse.users SET plan_override = 'power'"
             " WHERE id = %(me)s",
         }.items():
-            if await _denied_or(conn, sql.SQL(statement), {"me": me, "other": other}):  # type: ignore[arg-type]
+            if await _denied_or(conn, sql.SQL(statement), {"me": me, "other": other}):
                 found.append(label)
     return found
 
@@ -204,7 +204,7 @@ async def test_the_matrix_catches_a_loosened_policy(
     )
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
-            sql.SQL("ALTER POLICY {} ON {} " + loosen).format(  # type: ignore[arg-type]
+            sql.SQL("ALTER POLICY {} ON {} " + loosen).format(
                 sql.Identifier(policy), sql.Identifier("tollhouse", table)
             )
         )
