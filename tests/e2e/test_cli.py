@@ -56,6 +56,7 @@ def test_doctor_passes_then_catches_a_table_without_rls(tmp_path: Path, dsn: str
         ["ok", "migrations"],
         ["ok", "roles"],
         ["ok", "rls"],
+        ["ok", "functions"],
         ["ok", "runtime"],
     ]
     with psycopg.connect(dsn, autocommit=True) as conn:

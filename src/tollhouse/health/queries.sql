@@ -25,3 +25,15 @@ ORDER BY c.relname
 SELECT a.rolname, a.rolsuper, a.rolbypassrls, l.rolname, l.rolsuper
 FROM pg_roles a, pg_roles l
 WHERE a.rolname = current_user AND l.rolname = session_user
+
+-- name: unsafe_functions
+-- Functions must pin their search_path and must not be callable by PUBLIC (RELIABILITY R-07).
+SELECT p.proname,
+       NOT coalesce(EXISTS (SELECT 1 FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%%'),
+                    false) AS unpinned,
+       EXISTS (SELECT 1 FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+               WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE') AS public_execute
+FROM pg_proc p
+JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname = %(schema)s
+ORDER BY p.proname

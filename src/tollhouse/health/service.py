@@ -87,7 +87,13 @@ class HealthService:
         except TollhouseError as exc:
             return [Check("database", False, exc.message)]
         async with await connect(self._db.dsn) as conn:
-            for check in (_migrations_check, _roles_check, _rls_check, *self._extra_checks):
+            for check in (
+                _migrations_check,
+                _roles_check,
+                _rls_check,
+                _functions_check,
+                *self._extra_checks,
+            ):
                 try:
                     checks.append(await check(conn))
                 except TollhouseError as exc:
@@ -153,3 +159,16 @@ async def _rls_check(conn: Conn) -> Check:
     if missing:
         return Check("rls", False, "RLS not enabled and forced on: " + ", ".join(missing))
     return Check("rls", True, "enabled and forced on every table")
+
+
+async def _functions_check(conn: Conn) -> Check:
+    cur = await conn.execute(_queries["unsafe_functions"], {"schema": SCHEMA})
+    problems = []
+    for name, unpinned, public_execute in await cur.fetchall():
+        if unpinned:
+            problems.append(f"{name} does not pin its search_path")
+        if public_execute:
+            problems.append(f"{name} is executable by PUBLIC")
+    if problems:
+        return Check("functions", False, "; ".join(problems))
+    return Check("functions", True, "search_path pinned, no PUBLIC execute")
