@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
+from tollhouse.credits import CreditService, conservation_problems
 from tollhouse.db.dsn import as_user
 from tollhouse.db.embedded import EmbeddedPostgres
-from tollhouse.db.pool import Database
+from tollhouse.db.pool import Conn, Database
 from tollhouse.db.roles import SERVICE_ROLE
-from tollhouse.health import HealthService
+from tollhouse.health import Check, HealthService
 from tollhouse.identity import (
     AuthService,
     IdentityConfig,
@@ -36,7 +37,8 @@ class Tollhouse:
     ) -> None:
         self.db = db
         self.keys = ApiKeyService(db)
-        self.health = HealthService(db)
+        self.health = HealthService(db, [credits_conservation])
+        self.credits = CreditService(db)
         self.users = UserService(db, hooks)
         self.me = SelfService(db)
         self.auth = AuthService(db, identity, hooks)
@@ -60,9 +62,18 @@ class Tollhouse:
             try:
                 yield services
             finally:
+                await services.credits.close()
                 await services.auth.close()
         finally:
             await db.close()
+
+
+async def credits_conservation(conn: Conn) -> Check:
+    """Doctor: every account's balance equals its ledger and its live grants."""
+    problems = await conservation_problems(conn)
+    if problems:
+        return Check("credits", False, "; ".join(problems[:5]))
+    return Check("credits", True, "every balance equals its ledger and its grants")
 
 
 def _ids(value: str) -> frozenset[str]:

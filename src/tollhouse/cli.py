@@ -18,7 +18,13 @@ from typing import Annotated, TypeVar
 import typer
 
 from tollhouse import __version__
-from tollhouse.app import Tollhouse, database_url, identity_config, runtime_url
+from tollhouse.app import (
+    Tollhouse,
+    credits_conservation,
+    database_url,
+    identity_config,
+    runtime_url,
+)
 from tollhouse.db import migrate as migrations
 from tollhouse.db.dsn import redact
 from tollhouse.db.embedded import EmbeddedPostgres, start_detached
@@ -146,7 +152,9 @@ def doctor(data_dir: DataDir = None) -> None:
 
     with database_url(settings) as dsn:
         # No pool: the checks use their own connections, so a dead database is reported.
-        health = HealthService(Database(dsn), runtime_dsn=runtime_url(settings, dsn))
+        health = HealthService(
+            Database(dsn), [credits_conservation], runtime_dsn=runtime_url(settings, dsn)
+        )
         results = [(c.name, c.ok, c.detail) for c in asyncio.run(health.doctor())]
     for name, ok, detail in results:
         typer.echo(f"{'ok' if ok else 'FAIL':4}  {name:10}  {detail}")

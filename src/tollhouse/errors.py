@@ -397,3 +397,36 @@ class ProviderUnavailable(TollhouseError):
     """The identity provider's keys could not be fetched; try again."""
 
     code = "provider_unavailable"
+
+
+# --- credits --------------------------------------------------------------------------------
+
+
+class PaymentRequired(TollhouseError):
+    """Payment is required."""
+
+    code = "payment_required"
+
+
+class InsufficientCredits(PaymentRequired):
+    """Not enough credits for this debit."""
+
+    code = "insufficient_credits"
+
+
+class DailyCapExceeded(TooManyRequests):
+    """This debit would exceed the daily cap."""
+
+    code = "daily_cap_exceeded"
+
+
+class IdempotencyConflict(Conflict):
+    """This idempotency key was used with a different request."""
+
+    code = "idempotency_conflict"
+
+
+class PayerNotFound(NotFound):
+    """No such user or tenant."""
+
+    code = "payer_not_found"

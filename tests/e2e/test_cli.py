@@ -57,6 +57,7 @@ def test_doctor_passes_then_catches_a_table_without_rls(tmp_path: Path, dsn: str
         ["ok", "roles"],
         ["ok", "rls"],
         ["ok", "functions"],
+        ["ok", "credits"],
         ["ok", "runtime"],
     ]
     with psycopg.connect(dsn, autocommit=True) as conn:

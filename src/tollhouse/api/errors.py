@@ -34,6 +34,7 @@ STATUS: dict[type[e.TollhouseError], int] = {
     e.Conflict: 409,
     e.Forbidden: 403,
     e.TooManyRequests: 429,
+    e.PaymentRequired: 402,
     e.ProviderNotConfigured: 400,
     e.InvalidToken: 400,
     e.ProviderUnavailable: 503,

@@ -1,0 +1,96 @@
+-- Credits (tollhouse.credits). Money changes are single calls to the functions of
+-- migration 0004; these are the reads around them.
+
+-- name: debit
+SELECT * FROM tollhouse.credit_debit_v1(
+    %(tenant_id)s, %(user_id)s, %(amount)s, %(turn_id)s, %(session_id)s, %(reason)s,
+    %(metadata)s)
+
+-- name: debit_batch
+SELECT * FROM tollhouse.credit_debit_batch_v1(
+    %(tenant_ids)s::uuid[], %(user_ids)s::uuid[], %(amounts)s::bigint[], %(turn_ids)s::text[],
+    %(session_ids)s::text[], %(reasons)s::text[], %(metadata)s::jsonb[])
+
+-- name: grant
+SELECT * FROM tollhouse.credit_grant_v1(
+    %(tenant_id)s, %(user_id)s, %(amount)s, %(source)s, %(source_id)s, %(priority)s,
+    %(expires_at)s)
+
+-- name: resolve_tenant
+-- The tenant a request names: the tenant itself, or the user's personal tenant.
+SELECT t.id
+FROM tollhouse.tenants t
+LEFT JOIN tollhouse.users u ON u.id = t.owner_user_id
+WHERE t.deleted_at IS NULL
+  AND ((%(tenant_id)s::uuid IS NOT NULL AND t.id = %(tenant_id)s::uuid)
+       OR (%(tenant_id)s::uuid IS NULL AND t.owner_user_id = %(user_id)s AND t.is_default
+           AND u.deleted_at IS NULL))
+
+-- name: account_fresh
+-- Whether the account can be read as it is: it exists, its period has not ended, no live
+-- grant has expired and this period's allowance was granted.
+SELECT a.period_end > now()
+       AND a.allowance_for IS NOT DISTINCT FROM a.period_start
+       AND NOT EXISTS (SELECT 1 FROM tollhouse.credit_grants g
+                       WHERE g.tenant_id = a.tenant_id AND g.remaining > 0
+                         AND g.expires_at <= now())
+FROM tollhouse.credit_accounts a WHERE a.tenant_id = %(tenant_id)s
+
+-- name: refresh_account
+SELECT tenant_id FROM tollhouse.credit_account_v1(%(tenant_id)s)
+
+-- name: balance
+SELECT a.tenant_id, a.balance,
+       a.balance - a.reserved + a.overdraft_limit AS available,
+       a.plan, a.daily_cap,
+       CASE WHEN a.day_start = (now() AT TIME ZONE a.time_zone)::date
+            THEN a.daily_used ELSE 0 END AS daily_used,
+       greatest(0, -a.balance) AS overdraft, a.overdraft_limit,
+       a.period_start, a.period_end,
+       coalesce((SELECT json_agg(json_build_object(
+                    'id', g.id, 'source', g.source, 'source_id', g.source_id, 'total', g.total,
+                    'remaining', g.remaining, 'priority', g.priority,
+                    'expires_at', g.expires_at, 'created_at', g.created_at)
+                    ORDER BY g.priority DESC, g.expires_at ASC NULLS LAST, g.created_at, g.id)
+                 FROM tollhouse.credit_grants g
+                 WHERE g.tenant_id = a.tenant_id AND g.remaining > 0), '[]') AS grants
+FROM tollhouse.credit_accounts a
+WHERE a.tenant_id = %(tenant_id)s
+
+-- name: ledger
+SELECT id, kind, reason, delta, balance_after, turn_id, session_id, acting_user_id, grant_id,
+       metadata, created_at
+FROM tollhouse.credit_ledger
+WHERE tenant_id = %(tenant_id)s
+  AND (%(before_at)s::timestamptz IS NULL
+       OR (created_at, id) < (%(before_at)s::timestamptz, %(before_id)s::uuid))
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s
+
+-- name: plans
+SELECT name, monthly_credits, daily_cap, overdraft_limit, updated_at
+FROM tollhouse.plans ORDER BY monthly_credits, name
+
+-- name: set_plan
+INSERT INTO tollhouse.plans (name, monthly_credits, daily_cap, overdraft_limit)
+VALUES (%(name)s, %(monthly_credits)s, %(daily_cap)s, %(overdraft_limit)s)
+ON CONFLICT (name) DO UPDATE SET
+    monthly_credits = excluded.monthly_credits,
+    daily_cap = excluded.daily_cap,
+    overdraft_limit = excluded.overdraft_limit,
+    updated_at = now()
+RETURNING name, monthly_credits, daily_cap, overdraft_limit, updated_at
+
+-- name: conservation
+-- Accounts whose cached balance differs from their ledger, or from their live grants.
+SELECT a.tenant_id, a.balance,
+       coalesce((SELECT sum(l.delta) FROM tollhouse.credit_ledger l
+                 WHERE l.tenant_id = a.tenant_id), 0) AS ledger_sum,
+       coalesce((SELECT sum(g.remaining) FROM tollhouse.credit_grants g
+                 WHERE g.tenant_id = a.tenant_id), 0) AS remaining_sum
+FROM tollhouse.credit_accounts a
+WHERE a.balance <> coalesce((SELECT sum(l.delta) FROM tollhouse.credit_ledger l
+                             WHERE l.tenant_id = a.tenant_id), 0)
+   OR greatest(a.balance, 0) <> coalesce((SELECT sum(g.remaining)
+                                          FROM tollhouse.credit_grants g
+                                          WHERE g.tenant_id = a.tenant_id), 0)

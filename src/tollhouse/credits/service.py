@@ -1,0 +1,284 @@
+"""Credits: debits through group commit, grants, balances, the ledger and plans."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import class_row, dict_row
+from psycopg.types.json import Jsonb
+
+from tollhouse import errors as e
+from tollhouse.credits.batcher import DebitBatcher
+from tollhouse.credits.records import (
+    Balance,
+    DebitRequest,
+    DebitResult,
+    GrantResult,
+    GrantView,
+    LedgerEntry,
+    Plan,
+)
+from tollhouse.db.errors import RETRYABLE_SQLSTATES
+from tollhouse.db.pool import Database
+from tollhouse.db.queries import Queries
+
+queries = Queries("tollhouse.credits", "queries.sql")
+
+MAX_AMOUNT = 10**15
+_CONSTRAINTS = {
+    "credit_grants_source_key": e.IdempotencyConflict,
+    "credit_grants_total_check": e.InvalidRequest,
+    "credit_grants_source_check": e.InvalidRequest,
+    "credit_ledger_reason_check": e.InvalidRequest,
+    "credit_ledger_metadata_check": e.InvalidRequest,
+    "credit_debits_turn_id_check": e.InvalidRequest,
+    "plans_name_check": e.InvalidRequest,
+    "plans_monthly_credits_check": e.InvalidRequest,
+    "plans_daily_cap_check": e.InvalidRequest,
+    "plans_overdraft_limit_check": e.InvalidRequest,
+}
+_REJECTIONS: dict[str, type[e.TollhouseError]] = {
+    "insufficient_credits": e.InsufficientCredits,
+    "daily_cap_exceeded": e.DailyCapExceeded,
+    "idempotency_conflict": e.IdempotencyConflict,
+    "not_found": e.PayerNotFound,
+}
+
+
+def rejection(result: DebitResult) -> e.TollhouseError | None:
+    """The domain error of a rejected debit, or None when it applied."""
+    if result.status == "applied" or result.code is None:
+        return None
+    return _REJECTIONS.get(result.code, e.TollhouseError)(
+        tenant_id=str(result.tenant_id) if result.tenant_id else None, amount=result.amount
+    )
+
+
+def _check(request: DebitRequest) -> None:
+    if (request.tenant_id is None) == (request.user_id is None) and request.tenant_id is None:
+        raise e.InvalidRequest("name the payer: user_id or tenant_id")
+    if not 0 < request.amount <= MAX_AMOUNT:
+        raise e.InvalidRequest(f"amount must be between 1 and {MAX_AMOUNT}", field="amount")
+
+
+class CreditService:
+    """The credits engine over one pool."""
+
+    def __init__(self, db: Database, *, lanes: int = 2, max_batch: int = 256) -> None:
+        self._db = db
+        self.batcher = DebitBatcher(
+            self._send_batch, self._send_one, lanes=lanes, max_batch=max_batch
+        )
+
+    async def close(self) -> None:
+        await self.batcher.close()
+
+    # --- debits ------------------------------------------------------------------------------
+
+    async def debit(self, request: DebitRequest) -> DebitResult:
+        """Debit through group commit. Rejections come back as results, not exceptions."""
+        _check(request)
+        return await self.batcher.submit(request)
+
+    async def debit_alone(self, request: DebitRequest) -> DebitResult:
+        """One debit in its own transaction (no coalescing)."""
+        _check(request)
+        return (await self._send_one([request]))[0]
+
+    async def _send_one(self, requests: Sequence[DebitRequest]) -> list[DebitResult]:
+        (request,) = requests
+        params = {
+            "tenant_id": request.tenant_id,
+            "user_id": request.user_id,
+            "amount": request.amount,
+            "turn_id": request.turn_id,
+            "session_id": request.session_id,
+            "reason": request.reason,
+            "metadata": Jsonb(request.metadata),
+        }
+        return await self._call("debit", params)
+
+    async def _send_batch(self, requests: Sequence[DebitRequest]) -> list[DebitResult]:
+        params = {
+            "tenant_ids": [r.tenant_id for r in requests],
+            "user_ids": [r.user_id for r in requests],
+            "amounts": [r.amount for r in requests],
+            "turn_ids": [r.turn_id for r in requests],
+            "session_ids": [r.session_id for r in requests],
+            "reasons": [r.reason for r in requests],
+            "metadata": [Jsonb(r.metadata) for r in requests],
+        }
+        return await self._call("debit_batch", params)
+
+    async def _call(self, query: str, params: dict[str, Any]) -> list[DebitResult]:
+        # One statement is one transaction: a deadlock or serialization failure rolled it all
+        # back, so it can simply be sent again.
+        for attempt in range(1, 6):
+            try:
+                async with self._db.connection() as conn:
+                    cur = conn.cursor(row_factory=class_row(DebitResult))
+                    await cur.execute(queries[query], params)
+                    return await cur.fetchall()
+            except e.DatabaseError as exc:
+                if exc.fields.get("sqlstate") not in RETRYABLE_SQLSTATES or attempt == 5:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # --- grants, balances, ledger ------------------------------------------------------------
+
+    async def grant(
+        self,
+        *,
+        amount: int,
+        source: str,
+        tenant_id: uuid.UUID | None = None,
+        user_id: uuid.UUID | None = None,
+        source_id: str | None = None,
+        priority: int = 0,
+        expires_at: datetime | None = None,
+    ) -> GrantResult:
+        """Add credits; with a `source_id`, a repeat returns the first grant."""
+        if not 0 < amount <= MAX_AMOUNT:
+            raise e.InvalidRequest(f"amount must be between 1 and {MAX_AMOUNT}", field="amount")
+        async with self._db.connection(_CONSTRAINTS) as conn:
+            cur = conn.cursor(row_factory=class_row(GrantResult))
+            await cur.execute(
+                queries["grant"],
+                {
+                    "tenant_id": tenant_id,
+                    "user_id": user_id,
+                    "amount": amount,
+                    "source": source,
+                    "source_id": source_id,
+                    "priority": priority,
+                    "expires_at": expires_at,
+                },
+            )
+            result = await cur.fetchone()
+        if result is None:
+            raise e.PayerNotFound()
+        return result
+
+    async def tenant_of(self, tenant_id: uuid.UUID | None, user_id: uuid.UUID | None) -> uuid.UUID:
+        async with self._db.connection() as conn:
+            cur = await conn.execute(
+                queries["resolve_tenant"], {"tenant_id": tenant_id, "user_id": user_id}
+            )
+            row = await cur.fetchone()
+        if row is None:
+            raise e.PayerNotFound()
+        return uuid.UUID(str(row[0]))
+
+    async def balance(
+        self, *, tenant_id: uuid.UUID | None = None, user_id: uuid.UUID | None = None
+    ) -> Balance:
+        tenant = await self.tenant_of(tenant_id, user_id)
+        async with self._db.connection() as conn:
+            cur = await conn.execute(queries["account_fresh"], {"tenant_id": tenant})
+            fresh = await cur.fetchone()
+            if fresh is None or not fresh[0]:
+                # Rare: first use, a new period or an expiry to apply. Writes, under the lock.
+                await conn.execute(queries["refresh_account"], {"tenant_id": tenant})
+            rows = conn.cursor(row_factory=dict_row)
+            await rows.execute(queries["balance"], {"tenant_id": tenant})
+            row = await rows.fetchone()
+        if row is None:
+            raise e.PayerNotFound()
+        grants = [
+            GrantView(
+                **{
+                    **g,
+                    "id": uuid.UUID(g["id"]),
+                    "expires_at": _ts(g["expires_at"]),
+                    "created_at": _ts(g["created_at"]),
+                }
+            )
+            for g in row.pop("grants")
+        ]
+        return Balance(**row, grants=grants)
+
+    async def ledger(
+        self,
+        *,
+        tenant_id: uuid.UUID | None = None,
+        user_id: uuid.UUID | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[LedgerEntry], str | None]:
+        """Newest first; the second value is the cursor of the next page, if any."""
+        tenant = await self.tenant_of(tenant_id, user_id)
+        before_at, before_id = _decode_cursor(cursor) if cursor else (None, None)
+        async with self._db.connection() as conn:
+            cur = conn.cursor(row_factory=class_row(LedgerEntry))
+            await cur.execute(
+                queries["ledger"],
+                {
+                    "tenant_id": tenant,
+                    "before_at": before_at,
+                    "before_id": before_id,
+                    "limit": limit + 1,
+                },
+            )
+            rows = await cur.fetchall()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        next_cursor = _encode_cursor(rows[-1]) if more and rows else None
+        return rows, next_cursor
+
+    # --- plans and checks --------------------------------------------------------------------
+
+    async def plans(self) -> list[Plan]:
+        async with self._db.connection() as conn:
+            cur = conn.cursor(row_factory=class_row(Plan))
+            await cur.execute(queries["plans"])
+            return await cur.fetchall()
+
+    async def set_plan(
+        self, name: str, *, monthly_credits: int, daily_cap: int | None, overdraft_limit: int
+    ) -> Plan:
+        async with self._db.connection(_CONSTRAINTS) as conn:
+            cur = conn.cursor(row_factory=class_row(Plan))
+            await cur.execute(
+                queries["set_plan"],
+                {
+                    "name": name,
+                    "monthly_credits": monthly_credits,
+                    "daily_cap": daily_cap,
+                    "overdraft_limit": overdraft_limit,
+                },
+            )
+            plan = await cur.fetchone()
+        assert plan is not None
+        return plan
+
+
+def _ts(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _encode_cursor(entry: LedgerEntry) -> str:
+    raw = f"{entry.created_at.isoformat()}|{entry.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        at, _, entry_id = raw.partition("|")
+        return datetime.fromisoformat(at), uuid.UUID(entry_id)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise e.InvalidRequest("the cursor is not one this API gave", field="cursor") from exc
+
+
+async def conservation_problems(conn: psycopg.AsyncConnection[Any]) -> list[str]:
+    """Accounts whose balance is not the sum of their ledger and of their live grants."""
+    cur = await conn.execute(queries["conservation"])
+    return [
+        f"tenant {tenant}: balance {balance}, ledger {ledger_sum}, grants {remaining}"
+        for tenant, balance, ledger_sum, remaining in await cur.fetchall()
+    ]

@@ -1,0 +1,489 @@
+-- Credits: plans, accounts, grants, an append-only ledger, idempotent debits with sticky
+-- outcomes, daily caps and overdraft. Every money change is one PL/pgSQL call that locks the
+-- tenant's account, checks and writes together; constraints hold the floors.
+
+-- A UUIDv7 made in SQL (PostgreSQL 15+ has no uuidv7()): the millisecond clock in the first
+-- 48 bits of a random UUID, version bits set to 7.
+CREATE FUNCTION tollhouse.uuid7() RETURNS uuid
+    LANGUAGE sql VOLATILE PARALLEL SAFE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT encode(
+        set_bit(set_bit(
+            overlay(uuid_send(gen_random_uuid())
+                    PLACING substring(int8send(floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint) FROM 3)
+                    FROM 1 FOR 6),
+            52, 1), 53, 1),
+        'hex')::uuid
+$$;
+REVOKE ALL ON FUNCTION tollhouse.uuid7() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION tollhouse.uuid7() TO tollhouse_service;
+
+CREATE TABLE tollhouse.plans (
+    name text NOT NULL,
+    monthly_credits bigint NOT NULL,
+    daily_cap bigint,
+    overdraft_limit bigint NOT NULL DEFAULT 0,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT plans_pkey PRIMARY KEY (name),
+    CONSTRAINT plans_name_check CHECK (name ~ '^[a-z][a-z0-9_-]{0,31}$'),
+    CONSTRAINT plans_monthly_credits_check CHECK (monthly_credits >= 0),
+    CONSTRAINT plans_daily_cap_check CHECK (daily_cap IS NULL OR daily_cap > 0),
+    CONSTRAINT plans_overdraft_limit_check CHECK (overdraft_limit >= 0)
+);
+INSERT INTO tollhouse.plans (name, monthly_credits, daily_cap, overdraft_limit) VALUES
+    ('free', 100, 25, 0),
+    ('starter', 1000, NULL, 0),
+    ('pro', 5000, NULL, 100),
+    ('power', 20000, NULL, 500);
+
+-- One account per tenant: the cached balance and the limits, updated in the same
+-- transaction as the grants and the ledger.
+CREATE TABLE tollhouse.credit_accounts (
+    tenant_id uuid NOT NULL REFERENCES tollhouse.tenants (id),
+    plan text NOT NULL REFERENCES tollhouse.plans (name),
+    balance bigint NOT NULL DEFAULT 0,
+    reserved bigint NOT NULL DEFAULT 0,
+    overdraft_limit bigint NOT NULL DEFAULT 0,
+    daily_cap bigint,
+    daily_used bigint NOT NULL DEFAULT 0,
+    day_start date,
+    time_zone text NOT NULL DEFAULT 'UTC',
+    period_start timestamptz NOT NULL,
+    period_end timestamptz NOT NULL,
+    allowance_for timestamptz,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT credit_accounts_pkey PRIMARY KEY (tenant_id),
+    -- The floor: never below the overdraft limit, reservations counted.
+    CONSTRAINT credit_accounts_floor_check CHECK (balance - reserved >= -overdraft_limit),
+    CONSTRAINT credit_accounts_reserved_check CHECK (reserved >= 0),
+    CONSTRAINT credit_accounts_daily_used_check CHECK (daily_used >= 0),
+    CONSTRAINT credit_accounts_overdraft_limit_check CHECK (overdraft_limit >= 0),
+    CONSTRAINT credit_accounts_daily_cap_check CHECK (daily_cap IS NULL OR daily_cap > 0),
+    CONSTRAINT credit_accounts_period_check CHECK (period_end > period_start)
+);
+
+-- Credits are held in grants, consumed by priority (higher first), then soonest expiry.
+CREATE TABLE tollhouse.credit_grants (
+    tenant_id uuid NOT NULL REFERENCES tollhouse.credit_accounts (tenant_id),
+    id uuid NOT NULL,
+    source text NOT NULL,
+    source_id text,
+    total bigint NOT NULL,
+    remaining bigint NOT NULL,
+    priority integer NOT NULL DEFAULT 0,
+    expires_at timestamptz,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT credit_grants_pkey PRIMARY KEY (tenant_id, id),
+    -- One Stripe event, invoice or period grants once.
+    CONSTRAINT credit_grants_source_key UNIQUE (tenant_id, source, source_id),
+    CONSTRAINT credit_grants_source_check
+        CHECK (source IN ('plan', 'purchase', 'promo', 'adjustment', 'import')),
+    CONSTRAINT credit_grants_source_id_check CHECK (char_length(source_id) BETWEEN 1 AND 200),
+    CONSTRAINT credit_grants_total_check CHECK (total > 0),
+    CONSTRAINT credit_grants_remaining_check CHECK (remaining >= 0 AND remaining <= total)
+);
+CREATE INDEX credit_grants_live_idx ON tollhouse.credit_grants
+    (tenant_id, priority DESC, expires_at ASC NULLS LAST, created_at, id) WHERE remaining > 0;
+
+-- The ledger: one row per change, never updated or deleted (the service role may only
+-- insert and read); a correction is a new row.
+CREATE TABLE tollhouse.credit_ledger (
+    tenant_id uuid NOT NULL REFERENCES tollhouse.credit_accounts (tenant_id),
+    id uuid NOT NULL,
+    kind text NOT NULL,
+    reason text NOT NULL,
+    delta bigint NOT NULL,
+    balance_after bigint NOT NULL,
+    turn_id text,
+    session_id text,
+    acting_user_id uuid,
+    grant_id uuid,
+    metadata jsonb NOT NULL DEFAULT '{}'::jsonb,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT credit_ledger_pkey PRIMARY KEY (tenant_id, id),
+    CONSTRAINT credit_ledger_kind_check CHECK (kind IN ('debit', 'grant', 'expiry')),
+    CONSTRAINT credit_ledger_reason_check CHECK (reason ~ '^[a-z][a-z0-9_.:-]{0,63}$'),
+    CONSTRAINT credit_ledger_metadata_check CHECK (jsonb_typeof(metadata) = 'object')
+);
+CREATE UNIQUE INDEX credit_ledger_expiry_once_key ON tollhouse.credit_ledger (tenant_id, grant_id)
+    WHERE kind = 'expiry';
+
+-- How each debit split across grants.
+CREATE TABLE tollhouse.credit_ledger_splits (
+    tenant_id uuid NOT NULL,
+    ledger_id uuid NOT NULL,
+    grant_id uuid NOT NULL,
+    amount bigint NOT NULL,
+    CONSTRAINT credit_ledger_splits_pkey PRIMARY KEY (tenant_id, ledger_id, grant_id),
+    CONSTRAINT credit_ledger_splits_amount_check CHECK (amount > 0)
+);
+
+-- The first outcome of every (tenant, turn_id): a retry returns it, a rejection included.
+CREATE TABLE tollhouse.credit_debits (
+    tenant_id uuid NOT NULL REFERENCES tollhouse.credit_accounts (tenant_id),
+    turn_id text NOT NULL,
+    amount bigint NOT NULL,
+    status text NOT NULL,
+    code text,
+    ledger_id uuid,
+    balance_after bigint,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT credit_debits_pkey PRIMARY KEY (tenant_id, turn_id),
+    CONSTRAINT credit_debits_status_check CHECK (
+        (status = 'applied' AND ledger_id IS NOT NULL AND code IS NULL)
+        OR (status = 'rejected' AND ledger_id IS NULL AND code IS NOT NULL)),
+    CONSTRAINT credit_debits_turn_id_check CHECK (char_length(turn_id) BETWEEN 1 AND 200)
+);
+
+CREATE TYPE tollhouse.credit_debit_result AS (
+    tenant_id uuid,
+    status text,
+    code text,
+    ledger_id uuid,
+    amount bigint,
+    balance_after bigint,
+    replayed boolean
+);
+
+-- Adds a grant to a locked account: debt (a negative balance) is repaid first.
+CREATE FUNCTION tollhouse.credit_apply_grant_v1(
+    p_tenant uuid, p_amount bigint, p_source text, p_source_id text, p_priority integer,
+    p_expires_at timestamptz, p_reason text, p_user uuid
+) RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_balance bigint;
+    v_grant uuid := tollhouse.uuid7();
+    v_ledger uuid := tollhouse.uuid7();
+    v_repay bigint;
+BEGIN
+    SELECT balance INTO v_balance FROM tollhouse.credit_accounts WHERE tenant_id = p_tenant;
+    v_repay := least(p_amount, greatest(0, -v_balance));
+    INSERT INTO tollhouse.credit_grants
+        (tenant_id, id, source, source_id, total, remaining, priority, expires_at)
+    VALUES (p_tenant, v_grant, p_source, p_source_id, p_amount, p_amount - v_repay,
+            p_priority, p_expires_at);
+    UPDATE tollhouse.credit_accounts
+    SET balance = balance + p_amount, updated_at = now()
+    WHERE tenant_id = p_tenant;
+    INSERT INTO tollhouse.credit_ledger
+        (tenant_id, id, kind, reason, delta, balance_after, acting_user_id, grant_id)
+    VALUES (p_tenant, v_ledger, 'grant', p_reason, p_amount, v_balance + p_amount, p_user,
+            v_grant);
+    RETURN v_grant;
+END
+$$;
+
+-- The tenant's account, created on first use, locked, with due grants expired and the plan
+-- allowance of the current period granted (lazily: on the first operation of a period).
+CREATE FUNCTION tollhouse.credit_account_v1(p_tenant uuid)
+RETURNS tollhouse.credit_accounts
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    a tollhouse.credit_accounts;
+    p tollhouse.plans;
+    g record;
+BEGIN
+    SELECT * INTO a FROM tollhouse.credit_accounts WHERE tenant_id = p_tenant FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO tollhouse.credit_accounts
+            (tenant_id, plan, overdraft_limit, daily_cap, period_start, period_end)
+        SELECT t.id, pl.name, pl.overdraft_limit, pl.daily_cap, now(), now() + interval '1 month'
+        FROM tollhouse.tenants t
+        LEFT JOIN tollhouse.users u ON u.id = t.owner_user_id AND t.is_default
+        JOIN tollhouse.plans pl ON pl.name = coalesce(u.plan_override, 'free')
+        WHERE t.id = p_tenant AND t.deleted_at IS NULL
+        ON CONFLICT (tenant_id) DO NOTHING;
+        SELECT * INTO a FROM tollhouse.credit_accounts WHERE tenant_id = p_tenant FOR UPDATE;
+        IF NOT FOUND THEN
+            RETURN NULL;
+        END IF;
+    END IF;
+
+    FOR g IN
+        SELECT id, remaining FROM tollhouse.credit_grants
+        WHERE tenant_id = p_tenant AND remaining > 0 AND expires_at <= now()
+        ORDER BY expires_at, id
+        FOR UPDATE
+    LOOP
+        UPDATE tollhouse.credit_grants SET remaining = 0 WHERE tenant_id = p_tenant AND id = g.id;
+        UPDATE tollhouse.credit_accounts SET balance = balance - g.remaining, updated_at = now()
+        WHERE tenant_id = p_tenant
+        RETURNING * INTO a;
+        INSERT INTO tollhouse.credit_ledger
+            (tenant_id, id, kind, reason, delta, balance_after, grant_id)
+        VALUES (p_tenant, tollhouse.uuid7(), 'expiry', 'expiry', -g.remaining, a.balance, g.id);
+    END LOOP;
+
+    IF now() >= a.period_end THEN
+        WHILE a.period_end <= now() LOOP
+            a.period_start := a.period_end;
+            a.period_end := a.period_end + interval '1 month';
+        END LOOP;
+        UPDATE tollhouse.credit_accounts
+        SET period_start = a.period_start, period_end = a.period_end, updated_at = now()
+        WHERE tenant_id = p_tenant;
+    END IF;
+    IF a.allowance_for IS DISTINCT FROM a.period_start THEN
+        SELECT * INTO p FROM tollhouse.plans WHERE name = a.plan;
+        IF p.monthly_credits > 0 THEN
+            PERFORM tollhouse.credit_apply_grant_v1(
+                p_tenant, p.monthly_credits, 'plan',
+                'plan:' || a.plan || ':'
+                    || to_char(a.period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+                0, a.period_end, 'grant.plan', NULL);
+        END IF;
+        UPDATE tollhouse.credit_accounts SET allowance_for = a.period_start
+        WHERE tenant_id = p_tenant;
+    END IF;
+    SELECT * INTO a FROM tollhouse.credit_accounts WHERE tenant_id = p_tenant;
+    RETURN a;
+END
+$$;
+
+-- One debit, decided and written in one call. Outcomes, rejections included, are recorded
+-- per (tenant, turn_id) and replayed on retry.
+CREATE FUNCTION tollhouse.credit_debit_v1(
+    p_tenant uuid, p_user uuid, p_amount bigint, p_turn_id text, p_session_id text,
+    p_reason text, p_metadata jsonb
+) RETURNS tollhouse.credit_debit_result
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_tenant uuid := p_tenant;
+    a tollhouse.credit_accounts;
+    prior tollhouse.credit_debits;
+    g record;
+    v_left bigint := p_amount;
+    v_take bigint;
+    v_ledger uuid;
+    v_day date;
+    v_code text;
+BEGIN
+    IF v_tenant IS NULL THEN
+        SELECT t.id INTO v_tenant
+        FROM tollhouse.tenants t JOIN tollhouse.users u ON u.id = t.owner_user_id
+        WHERE t.owner_user_id = p_user AND t.is_default
+          AND t.deleted_at IS NULL AND u.deleted_at IS NULL;
+    END IF;
+    IF v_tenant IS NOT NULL THEN
+        a := tollhouse.credit_account_v1(v_tenant);
+    END IF;
+    IF a.tenant_id IS NULL THEN
+        RETURN ROW(v_tenant, 'rejected', 'not_found', NULL, p_amount, NULL, false)::tollhouse.credit_debit_result;
+    END IF;
+
+    SELECT * INTO prior FROM tollhouse.credit_debits
+    WHERE tenant_id = v_tenant AND turn_id = p_turn_id;
+    IF FOUND THEN
+        IF prior.amount <> p_amount THEN
+            RETURN ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL, p_amount, NULL,
+                       false)::tollhouse.credit_debit_result;
+        END IF;
+        RETURN ROW(v_tenant, prior.status, prior.code, prior.ledger_id, prior.amount,
+                   prior.balance_after, true)::tollhouse.credit_debit_result;
+    END IF;
+
+    v_day := (now() AT TIME ZONE a.time_zone)::date;
+    IF a.day_start IS DISTINCT FROM v_day THEN
+        a.daily_used := 0;
+        a.day_start := v_day;
+    END IF;
+    IF a.daily_cap IS NOT NULL AND a.daily_used + p_amount > a.daily_cap THEN
+        v_code := 'daily_cap_exceeded';
+    ELSIF a.balance - a.reserved - p_amount < -a.overdraft_limit THEN
+        v_code := 'insufficient_credits';
+    END IF;
+    IF v_code IS NOT NULL THEN
+        UPDATE tollhouse.credit_accounts SET daily_used = a.daily_used, day_start = a.day_start
+        WHERE tenant_id = v_tenant;
+        INSERT INTO tollhouse.credit_debits (tenant_id, turn_id, amount, status, code)
+        VALUES (v_tenant, p_turn_id, p_amount, 'rejected', v_code);
+        RETURN ROW(v_tenant, 'rejected', v_code, NULL, p_amount, NULL,
+                   false)::tollhouse.credit_debit_result;
+    END IF;
+
+    v_ledger := tollhouse.uuid7();
+    FOR g IN
+        SELECT id, remaining FROM tollhouse.credit_grants
+        WHERE tenant_id = v_tenant AND remaining > 0
+          AND (expires_at IS NULL OR expires_at > now())
+        ORDER BY priority DESC, expires_at ASC NULLS LAST, created_at, id
+        FOR UPDATE
+    LOOP
+        EXIT WHEN v_left = 0;
+        v_take := least(v_left, g.remaining);
+        UPDATE tollhouse.credit_grants SET remaining = remaining - v_take
+        WHERE tenant_id = v_tenant AND id = g.id;
+        INSERT INTO tollhouse.credit_ledger_splits (tenant_id, ledger_id, grant_id, amount)
+        VALUES (v_tenant, v_ledger, g.id, v_take);
+        v_left := v_left - v_take;
+    END LOOP;
+    -- What no grant covered is overdraft: the balance goes below zero, within the limit the
+    -- check above and the floor constraint allow.
+    a.balance := a.balance - p_amount;
+    UPDATE tollhouse.credit_accounts
+    SET balance = a.balance, daily_used = a.daily_used + p_amount, day_start = a.day_start,
+        updated_at = now()
+    WHERE tenant_id = v_tenant;
+    INSERT INTO tollhouse.credit_ledger
+        (tenant_id, id, kind, reason, delta, balance_after, turn_id, session_id,
+         acting_user_id, metadata)
+    VALUES (v_tenant, v_ledger, 'debit', p_reason, -p_amount, a.balance, p_turn_id,
+            p_session_id, p_user, coalesce(p_metadata, '{}'::jsonb));
+    INSERT INTO tollhouse.credit_debits
+        (tenant_id, turn_id, amount, status, ledger_id, balance_after)
+    VALUES (v_tenant, p_turn_id, p_amount, 'applied', v_ledger, a.balance);
+    RETURN ROW(v_tenant, 'applied', NULL, v_ledger, p_amount, a.balance,
+               false)::tollhouse.credit_debit_result;
+END
+$$;
+
+-- Many debits in one transaction (group commit): accounts are locked in tenant order first,
+-- so batchers never deadlock; each debit is then decided on its own, in array order.
+CREATE FUNCTION tollhouse.credit_debit_batch_v1(
+    p_tenants uuid[], p_users uuid[], p_amounts bigint[], p_turn_ids text[],
+    p_session_ids text[], p_reasons text[], p_metadata jsonb[]
+) RETURNS SETOF tollhouse.credit_debit_result
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_tenants uuid[] := p_tenants;
+    v_tenant uuid;
+    i integer;
+BEGIN
+    FOR i IN 1 .. coalesce(array_length(p_amounts, 1), 0) LOOP
+        IF v_tenants[i] IS NULL THEN
+            SELECT t.id INTO v_tenant
+            FROM tollhouse.tenants t JOIN tollhouse.users u ON u.id = t.owner_user_id
+            WHERE t.owner_user_id = p_users[i] AND t.is_default
+              AND t.deleted_at IS NULL AND u.deleted_at IS NULL;
+            v_tenants[i] := v_tenant;
+        END IF;
+    END LOOP;
+    FOR v_tenant IN
+        SELECT DISTINCT x FROM unnest(v_tenants) AS x WHERE x IS NOT NULL ORDER BY x
+    LOOP
+        PERFORM tollhouse.credit_account_v1(v_tenant);
+    END LOOP;
+    FOR i IN 1 .. coalesce(array_length(p_amounts, 1), 0) LOOP
+        RETURN NEXT tollhouse.credit_debit_v1(
+            v_tenants[i], p_users[i], p_amounts[i], p_turn_ids[i], p_session_ids[i],
+            p_reasons[i], p_metadata[i]);
+    END LOOP;
+END
+$$;
+
+-- A grant, idempotent per (tenant, source, source_id).
+CREATE FUNCTION tollhouse.credit_grant_v1(
+    p_tenant uuid, p_user uuid, p_amount bigint, p_source text, p_source_id text,
+    p_priority integer, p_expires_at timestamptz
+) RETURNS TABLE (tenant_id uuid, grant_id uuid, balance_after bigint, replayed boolean)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_tenant uuid := p_tenant;
+    a tollhouse.credit_accounts;
+    v_existing tollhouse.credit_grants;
+    v_grant uuid;
+BEGIN
+    IF v_tenant IS NULL THEN
+        SELECT t.id INTO v_tenant FROM tollhouse.tenants t
+        WHERE t.owner_user_id = p_user AND t.is_default AND t.deleted_at IS NULL;
+    END IF;
+    IF v_tenant IS NOT NULL THEN
+        a := tollhouse.credit_account_v1(v_tenant);
+    END IF;
+    IF a.tenant_id IS NULL THEN
+        RETURN;
+    END IF;
+    IF p_source_id IS NOT NULL THEN
+        SELECT * INTO v_existing FROM tollhouse.credit_grants g
+        WHERE g.tenant_id = v_tenant AND g.source = p_source AND g.source_id = p_source_id;
+        IF FOUND THEN
+            IF v_existing.total <> p_amount THEN
+                RAISE EXCEPTION 'grant % exists with another amount', p_source_id
+                    USING ERRCODE = 'unique_violation', CONSTRAINT = 'credit_grants_source_key';
+            END IF;
+            RETURN QUERY SELECT v_tenant, v_existing.id, a.balance, true;
+            RETURN;
+        END IF;
+    END IF;
+    v_grant := tollhouse.credit_apply_grant_v1(
+        v_tenant, p_amount, p_source, p_source_id, p_priority, p_expires_at,
+        'grant.' || p_source, p_user);
+    RETURN QUERY
+        SELECT v_tenant, v_grant, c.balance, false
+        FROM tollhouse.credit_accounts c WHERE c.tenant_id = v_tenant;
+END
+$$;
+
+-- Row-level security and grants --------------------------------------------------------------
+
+DO $$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY[
+        'plans', 'credit_accounts', 'credit_grants', 'credit_ledger', 'credit_ledger_splits',
+        'credit_debits'
+    ] LOOP
+        EXECUTE format('ALTER TABLE tollhouse.%I ENABLE ROW LEVEL SECURITY', t);
+        EXECUTE format('ALTER TABLE tollhouse.%I FORCE ROW LEVEL SECURITY', t);
+        EXECUTE format(
+            'CREATE POLICY %I ON tollhouse.%I TO tollhouse_service USING (true) WITH CHECK (true)',
+            t || '_service', t);
+    END LOOP;
+END
+$$;
+
+GRANT SELECT, INSERT, UPDATE ON tollhouse.plans, tollhouse.credit_accounts,
+    tollhouse.credit_grants TO tollhouse_service;
+GRANT SELECT, INSERT, UPDATE ON tollhouse.credit_debits TO tollhouse_service;
+-- Append-only: no UPDATE, no DELETE for anyone but the owner.
+GRANT SELECT, INSERT ON tollhouse.credit_ledger, tollhouse.credit_ledger_splits
+    TO tollhouse_service;
+
+-- End users read their tenants' accounts, grants and ledger; plans are public to them.
+CREATE POLICY plans_read ON tollhouse.plans FOR SELECT TO tollhouse_user USING (true);
+GRANT SELECT ON tollhouse.plans TO tollhouse_user;
+DO $$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['credit_accounts', 'credit_grants', 'credit_ledger'] LOOP
+        EXECUTE format(
+            'CREATE POLICY %I ON tollhouse.%I FOR SELECT TO tollhouse_user USING ('
+            'EXISTS (SELECT 1 FROM tollhouse.tenant_members m WHERE m.tenant_id = %I.tenant_id'
+            ' AND m.user_id = (SELECT tollhouse.current_user_id())))',
+            t || '_member_read', t, t);
+        EXECUTE format('GRANT SELECT ON tollhouse.%I TO tollhouse_user', t);
+    END LOOP;
+END
+$$;
+
+DO $$
+DECLARE
+    f text;
+BEGIN
+    FOREACH f IN ARRAY ARRAY[
+        'tollhouse.credit_apply_grant_v1(uuid, bigint, text, text, integer, timestamptz, text, uuid)',
+        'tollhouse.credit_account_v1(uuid)',
+        'tollhouse.credit_debit_v1(uuid, uuid, bigint, text, text, text, jsonb)',
+        'tollhouse.credit_debit_batch_v1(uuid[], uuid[], bigint[], text[], text[], text[], jsonb[])',
+        'tollhouse.credit_grant_v1(uuid, uuid, bigint, text, text, integer, timestamptz)'
+    ] LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO tollhouse_service', f);
+    END LOOP;
+END
+$$;
