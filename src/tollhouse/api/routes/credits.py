@@ -1,0 +1,256 @@
+"""Credits over HTTP (service key): debits, balances, grants, the ledger, plans."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, StrictInt, model_validator
+
+from tollhouse.api.deps import ServiceKey, TollhouseDep
+from tollhouse.api.errors import envelope, status_for
+from tollhouse.api.schemas import Strict
+from tollhouse.credits import DebitRequest, rejection
+from tollhouse.credits.service import MAX_AMOUNT
+from tollhouse.errors import InvalidRequest
+
+router = APIRouter(prefix="/v1", tags=["credits"])
+
+Amount = Annotated[StrictInt, Field(gt=0, le=MAX_AMOUNT)]
+REPLAY_HEADER = "Idempotent-Replayed"
+
+
+class Payer(Strict):
+    user_id: uuid.UUID | None = None
+    tenant_id: uuid.UUID | None = None
+
+    @model_validator(mode="after")
+    def _one_payer(self) -> Payer:
+        if self.user_id is None and self.tenant_id is None:
+            raise ValueError("name the payer: user_id or tenant_id")
+        return self
+
+
+class DebitBody(Payer):
+    amount: Amount
+    turn_id: str = Field(min_length=1, max_length=200)
+    session_id: str | None = Field(default=None, max_length=200)
+    reason: str = Field(default="llm_usage", pattern=r"^[a-z][a-z0-9_.:-]{0,63}$")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class DebitOut(BaseModel):
+    ledger_id: uuid.UUID
+    tenant_id: uuid.UUID
+    amount: int
+    balance_after: int
+    status: Literal["applied"]
+
+
+class GrantBody(Payer):
+    amount: Amount
+    source: Literal["purchase", "promo", "adjustment", "import"]
+    priority: StrictInt = Field(default=0, ge=-1000, le=1000)
+    expires_at: datetime | None = None
+    source_id: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class GrantOut(BaseModel):
+    tenant_id: uuid.UUID
+    grant_id: uuid.UUID
+    balance_after: int
+    replayed: bool
+
+
+class GrantItem(BaseModel):
+    id: uuid.UUID
+    source: str
+    source_id: str | None
+    total: int
+    remaining: int
+    priority: int
+    expires_at: datetime | None
+    created_at: datetime
+
+
+class BalanceOut(BaseModel):
+    tenant_id: uuid.UUID
+    balance: int
+    available: int
+    plan: str
+    daily_cap: int | None
+    daily_used: int
+    overdraft: int
+    overdraft_limit: int
+    period_start: datetime
+    period_end: datetime
+    grants: list[GrantItem]
+
+
+class LedgerItem(BaseModel):
+    id: uuid.UUID
+    kind: str
+    reason: str
+    delta: int
+    balance_after: int
+    turn_id: str | None
+    session_id: str | None
+    acting_user_id: uuid.UUID | None
+    grant_id: uuid.UUID | None
+    metadata: dict[str, Any]
+    created_at: datetime
+
+
+class LedgerOut(BaseModel):
+    entries: list[LedgerItem]
+    next_cursor: str | None
+
+
+class PlanOut(BaseModel):
+    name: str
+    monthly_credits: int
+    daily_cap: int | None
+    overdraft_limit: int
+    updated_at: datetime
+
+
+class PlanList(BaseModel):
+    plans: list[PlanOut]
+
+
+class PlanBody(Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    monthly_credits: StrictInt = Field(ge=0, le=MAX_AMOUNT)
+    daily_cap: StrictInt | None = Field(default=None, gt=0, le=MAX_AMOUNT)
+    overdraft_limit: StrictInt = Field(default=0, ge=0, le=MAX_AMOUNT)
+
+
+class PlansBody(Strict):
+    plans: list[PlanBody] = Field(min_length=1, max_length=100)
+
+
+def _require_payer(user_id: uuid.UUID | None, tenant_id: uuid.UUID | None) -> None:
+    if user_id is None and tenant_id is None:
+        raise InvalidRequest("name the payer: user_id or tenant_id", field="user_id")
+
+
+_DEBIT_ERRORS: dict[int | str, dict[str, Any]] = {
+    402: {"description": "insufficient_credits"},
+    404: {"description": "payer_not_found"},
+    409: {"description": "idempotency_conflict"},
+    429: {"description": "daily_cap_exceeded"},
+}
+
+
+@router.post(
+    "/credits/debit",
+    response_model=DebitOut,
+    responses=_DEBIT_ERRORS,
+    summary="Debit credits for one turn (idempotent per turn_id)",
+)
+async def debit(body: DebitBody, _: ServiceKey, tollhouse: TollhouseDep) -> Response:
+    result = await tollhouse.credits.debit(
+        DebitRequest(
+            amount=body.amount,
+            turn_id=body.turn_id,
+            tenant_id=body.tenant_id,
+            user_id=body.user_id if body.tenant_id is None else None,
+            session_id=body.session_id,
+            reason=body.reason,
+            metadata=body.metadata,
+        )
+    )
+    headers = {REPLAY_HEADER: "true"} if result.replayed else {}
+    error = rejection(result)
+    if error is not None:
+        fields = {k: v for k, v in error.fields.items() if v is not None}
+        return JSONResponse(
+            envelope(error.code, error.message, **fields),
+            status_code=status_for(error),
+            headers=headers,
+        )
+    out = DebitOut(
+        ledger_id=result.ledger_id,  # type: ignore[arg-type]
+        tenant_id=result.tenant_id,  # type: ignore[arg-type]
+        amount=result.amount,
+        balance_after=result.balance_after,  # type: ignore[arg-type]
+        status="applied",
+    )
+    return JSONResponse(out.model_dump(mode="json"), headers=headers)
+
+
+@router.get(
+    "/credits/balance",
+    response_model=BalanceOut,
+    summary="A payer's balance and grants",
+    responses={404: {"description": "payer_not_found"}},
+)
+async def balance(
+    _: ServiceKey,
+    tollhouse: TollhouseDep,
+    user_id: uuid.UUID | None = None,
+    tenant_id: uuid.UUID | None = None,
+) -> BalanceOut:
+    _require_payer(user_id, tenant_id)
+    found = await tollhouse.credits.balance(tenant_id=tenant_id, user_id=user_id)
+    return BalanceOut.model_validate(found, from_attributes=True)
+
+
+@router.post(
+    "/credits/grants",
+    response_model=GrantOut,
+    summary="Grant credits",
+    responses={409: {"description": "idempotency_conflict"}},
+)
+async def grant(body: GrantBody, _: ServiceKey, tollhouse: TollhouseDep) -> GrantOut:
+    result = await tollhouse.credits.grant(
+        amount=body.amount,
+        source=body.source,
+        tenant_id=body.tenant_id,
+        user_id=body.user_id if body.tenant_id is None else None,
+        source_id=body.source_id,
+        priority=body.priority,
+        expires_at=body.expires_at,
+    )
+    return GrantOut.model_validate(result, from_attributes=True)
+
+
+@router.get("/credits/ledger", response_model=LedgerOut, summary="A payer's ledger, newest first")
+async def ledger(
+    _: ServiceKey,
+    tollhouse: TollhouseDep,
+    user_id: uuid.UUID | None = None,
+    tenant_id: uuid.UUID | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> LedgerOut:
+    _require_payer(user_id, tenant_id)
+    entries, next_cursor = await tollhouse.credits.ledger(
+        tenant_id=tenant_id, user_id=user_id, limit=limit, cursor=cursor
+    )
+    return LedgerOut(
+        entries=[LedgerItem.model_validate(x, from_attributes=True) for x in entries],
+        next_cursor=next_cursor,
+    )
+
+
+@router.get("/plans", response_model=PlanList, summary="The plans")
+async def list_plans(_: ServiceKey, tollhouse: TollhouseDep) -> PlanList:
+    plans = await tollhouse.credits.plans()
+    return PlanList(plans=[PlanOut.model_validate(p, from_attributes=True) for p in plans])
+
+
+@router.put("/plans", response_model=PlanList, summary="Create or change plans")
+async def put_plans(body: PlansBody, _: ServiceKey, tollhouse: TollhouseDep) -> PlanList:
+    for plan in body.plans:
+        await tollhouse.credits.set_plan(
+            plan.name,
+            monthly_credits=plan.monthly_credits,
+            daily_cap=plan.daily_cap,
+            overdraft_limit=plan.overdraft_limit,
+        )
+    plans = await tollhouse.credits.plans()
+    return PlanList(plans=[PlanOut.model_validate(p, from_attributes=True) for p in plans])

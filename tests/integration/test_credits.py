@@ -1,0 +1,368 @@
+"""The credits ledger on a real database: RELIABILITY L-01..L-05, L-07, L-09, L-11, L-12,
+with a naive read-then-write control for each concurrency rule."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+
+from tollhouse import errors
+from tollhouse.app import Tollhouse
+from tollhouse.credits import DebitRequest, DebitResult, conservation_problems
+
+
+@pytest.fixture(autouse=True)
+async def _conservation(tollhouse: Tollhouse) -> AsyncIterator[None]:
+    """L-01 after every test: balances equal their ledger and their live grants."""
+    yield
+    async with tollhouse.db.connection() as conn:
+        assert await conservation_problems(conn) == []
+
+
+@pytest.fixture
+async def no_allowance(tollhouse: Tollhouse) -> None:
+    """Plans without a monthly allowance, so a test funds accounts itself."""
+    for name in ("free", "starter", "pro", "power"):
+        await tollhouse.credits.set_plan(name, monthly_credits=0, daily_cap=None, overdraft_limit=0)
+
+
+async def _payer(tollhouse: Tollhouse, funds: int = 0, **grant: object) -> uuid.UUID:
+    user = await tollhouse.users.create(email=f"{uuid.uuid4().hex[:12]}@example.com")
+    if funds:
+        await tollhouse.credits.grant(amount=funds, source="purchase", user_id=user.id, **grant)  # type: ignore[arg-type]
+    return user.id
+
+
+def _debit(user: uuid.UUID, amount: int, turn: str | None = None) -> DebitRequest:
+    return DebitRequest(amount=amount, turn_id=turn or uuid.uuid4().hex, user_id=user)
+
+
+async def _ledger_debits(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM tollhouse.credit_ledger WHERE kind = 'debit'"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_first_use_grants_the_plan_allowance(tollhouse: Tollhouse) -> None:
+    user = await _payer(tollhouse)
+    result = await tollhouse.credits.debit(_debit(user, 10))
+    assert (result.status, result.balance_after) == ("applied", 90)  # free: 100 a month
+    balance = await tollhouse.credits.balance(user_id=user)
+    assert (balance.plan, balance.balance, balance.daily_used, balance.daily_cap) == (
+        "free",
+        90,
+        10,
+        25,
+    )
+    entries, _ = await tollhouse.credits.ledger(user_id=user)
+    assert [(x.kind, x.delta, x.balance_after) for x in entries] == [
+        ("debit", -10, 90),
+        ("grant", 100, 100),
+    ]
+
+
+@pytest.mark.parametrize("coalesced", [True, False])
+async def test_storm_on_one_account_never_crosses_the_floor(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None, coalesced: bool
+) -> None:
+    """L-02: 2,000 debits of 1..10 from 64 tasks against 6,000 credits, through group
+    commit and one transaction per debit."""
+    user = await _payer(tollhouse, funds=6000)
+    rng = random.Random(2)
+    amounts = [rng.randint(1, 10) for _ in range(2000)]
+    sem = asyncio.Semaphore(64)
+
+    debit = tollhouse.credits.debit if coalesced else tollhouse.credits.debit_alone
+
+    async def one(amount: int) -> DebitResult:
+        async with sem:
+            return await debit(_debit(user, amount))
+
+    results = await asyncio.gather(*(one(a) for a in amounts))
+    accepted = [r.amount for r in results if r.status == "applied"]
+    rejected = [r.amount for r in results if r.status == "rejected"]
+    assert {r.code for r in results if r.status == "rejected"} <= {"insufficient_credits"}
+    final = (await tollhouse.credits.balance(user_id=user)).balance
+    assert final >= 0
+    assert final == 6000 - sum(accepted)
+    assert await _ledger_debits(dsn) == len(accepted)
+    assert all(amount > final for amount in rejected)  # no false rejections
+    if coalesced:
+        assert tollhouse.credits.batcher.batches < tollhouse.credits.batcher.debits
+
+
+async def test_control_read_then_write_debits_break_the_floor(dsn: str) -> None:
+    """The naive debit the storm test would catch: read the balance, then write it."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.naive (id int PRIMARY KEY, balance bigint NOT NULL)")
+        conn.execute("INSERT INTO public.naive VALUES (1, 300)")
+    barrier = asyncio.Barrier(64)
+
+    async def naive(amount: int) -> bool:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            cur = await conn.execute("SELECT balance FROM public.naive WHERE id = 1")
+            row = await cur.fetchone()
+            assert row is not None
+            await barrier.wait()
+            if row[0] < amount:
+                return False
+            await conn.execute(
+                "UPDATE public.naive SET balance = %s WHERE id = 1", (row[0] - amount,)
+            )
+            return True
+
+    accepted = await asyncio.gather(*(naive(10) for _ in range(64)))
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT balance FROM public.naive").fetchone()
+    assert row is not None
+    # 64 debits of 10 were accepted against 300, yet the balance says one happened.
+    assert sum(accepted) * 10 > 300 and row[0] != 300 - 10 * sum(accepted)
+
+
+async def test_concurrent_duplicates_debit_once_with_identical_answers(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """L-03: 200 turns, each sent 8 times at once."""
+    user = await _payer(tollhouse, funds=100_000)
+    turns = [uuid.uuid4().hex for _ in range(200)]
+    requests = [_debit(user, 5, turn) for turn in turns for _ in range(8)]
+    random.Random(3).shuffle(requests)
+    results = await asyncio.gather(*(tollhouse.credits.debit(r) for r in requests))
+    by_turn: dict[str, set[tuple[object, ...]]] = {}
+    for request, result in zip(requests, results, strict=True):
+        by_turn.setdefault(request.turn_id, set()).add(
+            (result.ledger_id, result.amount, result.balance_after, result.status)
+        )
+    assert all(len(answers) == 1 for answers in by_turn.values())
+    assert sum(not r.replayed for r in results) == 200
+    assert await _ledger_debits(dsn) == 200
+    before = (await tollhouse.credits.balance(user_id=user)).balance
+    conflict = await tollhouse.credits.debit(_debit(user, 6, turns[0]))
+    assert (conflict.status, conflict.code) == ("rejected", "idempotency_conflict")
+    assert (await tollhouse.credits.balance(user_id=user)).balance == before
+
+
+async def test_outcomes_are_sticky_rejections_included(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """L-04: a rejected turn stays rejected after a top-up; an applied one replays."""
+    user = await _payer(tollhouse, funds=10)
+    first = await tollhouse.credits.debit(_debit(user, 50, "turn-1"))
+    assert (first.status, first.code) == ("rejected", "insufficient_credits")
+    await tollhouse.credits.grant(amount=1000, source="purchase", user_id=user)
+    retries = [await tollhouse.credits.debit(_debit(user, 50, "turn-1")) for _ in range(20)]
+    assert all(
+        (r.status, r.code, r.replayed) == ("rejected", "insufficient_credits", True)
+        for r in retries
+    )
+    assert await _ledger_debits(dsn) == 0
+    ok = await tollhouse.credits.debit(_debit(user, 50, "turn-2"))
+    again = await tollhouse.credits.debit(_debit(user, 50, "turn-2"))
+    assert again.replayed and (again.ledger_id, again.balance_after) == (
+        ok.ledger_id,
+        ok.balance_after,
+    )
+
+
+async def test_a_debit_spans_grants_in_priority_then_expiry_order(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """L-05: priority 10, then the sooner-expiring of the priority-5 grants."""
+    user = await _payer(tollhouse)
+    now = datetime.now(UTC)
+    a = await tollhouse.credits.grant(
+        amount=100, source="promo", user_id=user, priority=10, expires_at=now + timedelta(days=1)
+    )
+    b = await tollhouse.credits.grant(
+        amount=100, source="promo", user_id=user, priority=5, expires_at=now + timedelta(days=2)
+    )
+    c = await tollhouse.credits.grant(
+        amount=100, source="promo", user_id=user, priority=5, expires_at=now + timedelta(days=1)
+    )
+    result = await tollhouse.credits.debit(_debit(user, 250))
+    with psycopg.connect(dsn) as conn:
+        splits = dict(
+            conn.execute(
+                "SELECT grant_id, amount FROM tollhouse.credit_ledger_splits WHERE ledger_id = %s",
+                (result.ledger_id,),
+            ).fetchall()
+        )
+    assert splits == {a.grant_id: 100, c.grant_id: 100, b.grant_id: 50}
+
+
+async def test_a_failure_half_way_leaves_nothing(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """L-05: a fault after the second grant update rolls the whole debit back."""
+    user = await _payer(tollhouse)
+    for priority in (3, 2, 1):
+        await tollhouse.credits.grant(amount=100, source="promo", user_id=user, priority=priority)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE SEQUENCE public.fault_counter")
+        conn.execute(
+            "CREATE FUNCTION public.fault() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            " IF nextval('public.fault_counter') = 2 THEN RAISE EXCEPTION 'injected fault';"
+            " END IF; RETURN NEW; END $$"
+        )
+        conn.execute("GRANT USAGE ON SEQUENCE public.fault_counter TO tollhouse_service")
+        conn.execute(
+            "CREATE TRIGGER fault AFTER UPDATE ON tollhouse.credit_grants"
+            " FOR EACH ROW EXECUTE FUNCTION public.fault()"
+        )
+    with pytest.raises(errors.DatabaseError):
+        await tollhouse.credits.debit_alone(_debit(user, 250))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TRIGGER fault ON tollhouse.credit_grants")
+        remaining = conn.execute(
+            "SELECT array_agg(remaining ORDER BY priority DESC) FROM tollhouse.credit_grants"
+        ).fetchone()
+    assert remaining == ([100, 100, 100],)
+    assert await _ledger_debits(dsn) == 0
+
+
+async def test_daily_cap_holds_under_concurrency(tollhouse: Tollhouse, no_allowance: None) -> None:
+    """L-07: cap 100; 64 tasks send 10 debits of 7 each: exactly 98 accepted."""
+    await tollhouse.credits.set_plan("free", monthly_credits=0, daily_cap=100, overdraft_limit=0)
+    user = await _payer(tollhouse, funds=10_000)
+    requests = [_debit(user, 7) for _ in range(640)]
+    results = await asyncio.gather(*(tollhouse.credits.debit(r) for r in requests))
+    assert sum(r.amount for r in results if r.status == "applied") == 98
+    assert {r.code for r in results if r.status == "rejected"} == {"daily_cap_exceeded"}
+    balance = await tollhouse.credits.balance(user_id=user)
+    assert balance.daily_used == 98
+
+
+async def test_control_sum_then_insert_cap_is_exceeded(dsn: str) -> None:
+    """L-07 mutation check: the naive SUM-then-INSERT cap lets concurrent debits through."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.naive_usage (amount int NOT NULL)")
+    barrier = asyncio.Barrier(32)
+
+    async def naive() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            cur = await conn.execute("SELECT coalesce(sum(amount), 0) FROM public.naive_usage")
+            row = await cur.fetchone()
+            assert row is not None
+            await barrier.wait()
+            if row[0] + 7 <= 100:
+                await conn.execute("INSERT INTO public.naive_usage VALUES (7)")
+            await conn.commit()
+
+    await asyncio.gather(*(naive() for _ in range(32)))
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT sum(amount) FROM public.naive_usage").fetchone()
+    assert row is not None and row[0] > 100
+
+
+async def test_overdraft_floor_and_debt_repaid_from_the_next_grant(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """L-09: overdraft limit 50; the storm never goes below -50; the debt is repaid first."""
+    await tollhouse.credits.set_plan("free", monthly_credits=0, daily_cap=None, overdraft_limit=50)
+    user = await _payer(tollhouse, funds=1000)
+    rng = random.Random(9)
+    results = await asyncio.gather(
+        *(tollhouse.credits.debit(_debit(user, rng.randint(1, 10))) for _ in range(400))
+    )
+    balances = [r.balance_after for r in results if r.balance_after is not None]
+    assert min(balances) >= -50
+    final = await tollhouse.credits.balance(user_id=user)
+    assert final.balance < 0 and final.overdraft == -final.balance
+    grant = await tollhouse.credits.grant(amount=100, source="purchase", user_id=user)
+    assert grant.balance_after == final.balance + 100
+    after = await tollhouse.credits.balance(user_id=user)
+    assert [g.remaining for g in after.grants] == [100 + final.balance]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET ROLE tollhouse_service")
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute("UPDATE tollhouse.credit_accounts SET balance = -51")
+
+
+async def test_the_ledger_is_append_only(dsn: str, tollhouse: Tollhouse) -> None:
+    """L-11: the service role cannot change or delete ledger rows."""
+    user = await _payer(tollhouse)
+    await tollhouse.credits.debit(_debit(user, 1))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET ROLE tollhouse_service")
+        for statement in (
+            "UPDATE tollhouse.credit_ledger SET delta = 0",
+            "DELETE FROM tollhouse.credit_ledger",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("amount", [0, -5, 10**16])
+async def test_amounts_out_of_range_are_refused(tollhouse: Tollhouse, amount: int) -> None:
+    """L-12 at the library edge (the HTTP edge also refuses floats)."""
+    user = await _payer(tollhouse)
+    with pytest.raises(errors.InvalidRequest):
+        await tollhouse.credits.debit(_debit(user, amount))
+
+
+async def test_unknown_payer_and_deleted_user(tollhouse: Tollhouse) -> None:
+    result = await tollhouse.credits.debit(_debit(uuid.uuid4(), 1))
+    assert (result.status, result.code) == ("rejected", "not_found")
+    user = await _payer(tollhouse)
+    await tollhouse.users.delete(user)
+    gone = await tollhouse.credits.debit(_debit(user, 1))
+    assert gone.code == "not_found"
+
+
+async def test_expired_grants_are_expired_once(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    user = await _payer(tollhouse)
+    soon = datetime.now(UTC) + timedelta(seconds=1)
+    await tollhouse.credits.grant(amount=30, source="promo", user_id=user, expires_at=soon)
+    await tollhouse.credits.grant(amount=20, source="purchase", user_id=user)
+    await asyncio.sleep(1.2)
+    await asyncio.gather(*(tollhouse.credits.balance(user_id=user) for _ in range(5)))
+    balance = await tollhouse.credits.balance(user_id=user)
+    assert balance.balance == 20
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM tollhouse.credit_ledger WHERE kind = 'expiry'"
+        ).fetchone()
+    assert row == (1,)
+    rejected = await tollhouse.credits.debit(_debit(user, 25))
+    assert rejected.code == "insufficient_credits"
+
+
+async def test_grants_are_idempotent_per_source_id(
+    tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    user = await _payer(tollhouse)
+    first = await tollhouse.credits.grant(
+        amount=40, source="purchase", user_id=user, source_id="in_123"
+    )
+    results = await asyncio.gather(
+        *(
+            tollhouse.credits.grant(amount=40, source="purchase", user_id=user, source_id="in_123")
+            for _ in range(8)
+        ),
+        return_exceptions=True,
+    )
+    assert all(not isinstance(r, BaseException) and r.grant_id == first.grant_id for r in results)
+    assert (await tollhouse.credits.balance(user_id=user)).balance == 40
+    with pytest.raises(errors.IdempotencyConflict):
+        await tollhouse.credits.grant(
+            amount=41, source="purchase", user_id=user, source_id="in_123"
+        )
+
+
+async def test_a_lone_debit_goes_alone(tollhouse: Tollhouse) -> None:
+    user = await _payer(tollhouse)
+    batcher = tollhouse.credits.batcher
+    before = (batcher.batches, batcher.debits)
+    await tollhouse.credits.debit(_debit(user, 1))
+    assert (batcher.batches - before[0], batcher.debits - before[1]) == (1, 1)
