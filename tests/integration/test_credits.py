@@ -366,3 +366,20 @@ async def test_a_lone_debit_goes_alone(tollhouse: Tollhouse) -> None:
     before = (batcher.batches, batcher.debits)
     await tollhouse.credits.debit(_debit(user, 1))
     assert (batcher.batches - before[0], batcher.debits - before[1]) == (1, 1)
+
+
+async def test_end_users_read_only_their_own_tenants_credits(
+    tollhouse: Tollhouse,
+) -> None:
+    a = await _payer(tollhouse)
+    b = await _payer(tollhouse)
+    for user in (a, b):
+        await tollhouse.credits.debit(_debit(user, 1))
+    async with tollhouse.db.as_end_user(a) as conn:
+        for table in ("credit_accounts", "credit_grants", "credit_ledger"):
+            cur = await conn.execute(
+                f"SELECT count(DISTINCT tenant_id) FROM tollhouse.{table}"  # type: ignore[arg-type]
+            )
+            assert await cur.fetchone() == (1,), table
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            await conn.execute("UPDATE tollhouse.credit_accounts SET balance = 1000000")

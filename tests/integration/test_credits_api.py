@@ -1,0 +1,158 @@
+"""The credits HTTP contract of issue 4."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import pytest
+
+from tollhouse.app import Tollhouse
+
+
+@pytest.fixture
+async def payer(tollhouse: Tollhouse) -> uuid.UUID:
+    return (await tollhouse.users.create(email=f"{uuid.uuid4().hex[:10]}@example.com")).id
+
+
+async def test_debit_replay_and_rejections(
+    client: httpx.AsyncClient, auth: dict[str, str], payer: uuid.UUID, tollhouse: Tollhouse
+) -> None:
+    body = {"user_id": str(payer), "amount": 10, "turn_id": "t-1", "session_id": "s-1"}
+    first = await client.post("/v1/credits/debit", json=body, headers=auth)
+    assert first.status_code == 200
+    out = first.json()
+    assert set(out) == {"ledger_id", "tenant_id", "amount", "balance_after", "status"}
+    assert (out["amount"], out["balance_after"], out["status"]) == (10, 90, "applied")
+    assert "idempotent-replayed" not in first.headers
+    replay = await client.post("/v1/credits/debit", json=body, headers=auth)
+    assert replay.json() == out and replay.headers["idempotent-replayed"] == "true"
+    conflict = await client.post("/v1/credits/debit", json={**body, "amount": 11}, headers=auth)
+    assert (conflict.status_code, conflict.json()["error"]["code"]) == (409, "idempotency_conflict")
+    poor = await client.post(
+        "/v1/credits/debit", json={**body, "turn_id": "t-2", "amount": 20}, headers=auth
+    )
+    assert (poor.status_code, poor.json()["error"]["code"]) == (429, "daily_cap_exceeded")
+    await tollhouse.credits.set_plan("free", monthly_credits=100, daily_cap=None, overdraft_limit=0)
+    await tollhouse.db.transaction(
+        lambda conn: conn.execute("UPDATE tollhouse.credit_accounts SET daily_cap = NULL")
+    )
+    broke = await client.post(
+        "/v1/credits/debit", json={**body, "turn_id": "t-3", "amount": 500}, headers=auth
+    )
+    assert (broke.status_code, broke.json()["error"]["code"]) == (402, "insufficient_credits")
+    again = await client.post(
+        "/v1/credits/debit", json={**body, "turn_id": "t-3", "amount": 500}, headers=auth
+    )
+    assert again.status_code == 402 and again.headers["idempotent-replayed"] == "true"
+    unknown = await client.post(
+        "/v1/credits/debit", json={**body, "user_id": str(uuid.uuid4())}, headers=auth
+    )
+    assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "payer_not_found")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"amount": 1.5},
+        {"amount": 0},
+        {"amount": -3},
+        {"amount": 10**16},
+        {"amount": "10"},
+        {"turn_id": ""},
+        {"user_id": None},
+        {"reason": "Not A Reason"},
+    ],
+)
+async def test_invalid_debits_are_422_and_write_nothing(
+    client: httpx.AsyncClient, auth: dict[str, str], payer: uuid.UUID, change: dict[str, object]
+) -> None:
+    body = {"user_id": str(payer), "amount": 1, "turn_id": "bad", **change}
+    answer = await client.post("/v1/credits/debit", json=body, headers=auth)
+    assert (answer.status_code, answer.json()["error"]["code"]) == (422, "validation_error")
+    ledger = await client.get("/v1/credits/ledger", params={"user_id": str(payer)}, headers=auth)
+    assert ledger.status_code == 200 and all(e["kind"] != "debit" for e in ledger.json()["entries"])
+
+
+async def test_balance_grants_and_ledger_pages(
+    client: httpx.AsyncClient, auth: dict[str, str], payer: uuid.UUID
+) -> None:
+    grant = await client.post(
+        "/v1/credits/grants",
+        json={
+            "user_id": str(payer),
+            "amount": 50,
+            "source": "purchase",
+            "source_id": "cs_1",
+            "priority": 5,
+        },
+        headers=auth,
+    )
+    assert grant.status_code == 200 and grant.json()["balance_after"] == 150
+    repeat = await client.post(
+        "/v1/credits/grants",
+        json={
+            "user_id": str(payer),
+            "amount": 50,
+            "source": "purchase",
+            "source_id": "cs_1",
+            "priority": 5,
+        },
+        headers=auth,
+    )
+    assert repeat.json()["replayed"] is True and repeat.json()["balance_after"] == 150
+    for i in range(5):
+        await client.post(
+            "/v1/credits/debit",
+            json={"user_id": str(payer), "amount": 1, "turn_id": f"p{i}"},
+            headers=auth,
+        )
+    balance = (
+        await client.get("/v1/credits/balance", params={"user_id": str(payer)}, headers=auth)
+    ).json()
+    assert (balance["balance"], balance["available"], balance["plan"]) == (145, 145, "free")
+    assert [g["remaining"] for g in balance["grants"]] == [45, 100]  # priority 5 first
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params = {"user_id": str(payer), "limit": "3", **({"cursor": cursor} if cursor else {})}
+        page = (await client.get("/v1/credits/ledger", params=params, headers=auth)).json()
+        seen += [e["id"] for e in page["entries"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)) == 7  # 2 grants + 5 debits
+    bad_cursor = await client.get(
+        "/v1/credits/ledger", params={"user_id": str(payer), "cursor": "nonsense"}, headers=auth
+    )
+    assert bad_cursor.status_code == 422
+    no_payer = await client.get("/v1/credits/balance", headers=auth)
+    assert (no_payer.status_code, no_payer.json()["error"]["code"]) == (422, "invalid_request")
+
+
+async def test_plans_can_be_read_and_changed(
+    client: httpx.AsyncClient, auth: dict[str, str]
+) -> None:
+    plans = (await client.get("/v1/plans", headers=auth)).json()["plans"]
+    assert [p["name"] for p in plans] == ["free", "starter", "pro", "power"]
+    changed = await client.put(
+        "/v1/plans",
+        json={"plans": [{"name": "team", "monthly_credits": 50000, "overdraft_limit": 1000}]},
+        headers=auth,
+    )
+    assert "team" in [p["name"] for p in changed.json()["plans"]]
+    bad = await client.put(
+        "/v1/plans", json={"plans": [{"name": "X Y", "monthly_credits": 1}]}, headers=auth
+    )
+    assert bad.status_code == 422
+
+
+async def test_credits_routes_are_published(client: httpx.AsyncClient) -> None:
+    paths = set((await client.get("/openapi.json")).json()["paths"])
+    assert {
+        "/v1/credits/debit",
+        "/v1/credits/balance",
+        "/v1/credits/grants",
+        "/v1/credits/ledger",
+        "/v1/plans",
+    } <= paths
