@@ -430,3 +430,45 @@ class PayerNotFound(NotFound):
     """No such user or tenant."""
 
     code = "payer_not_found"
+
+
+class ReservationNotFound(NotFound):
+    """No reservation for this turn."""
+
+    code = "reservation_not_found"
+
+
+class ReservationCommitted(Conflict):
+    """The reservation was already committed with another amount."""
+
+    code = "reservation_committed"
+
+
+class ReservationReleased(Conflict):
+    """The reservation was already released."""
+
+    code = "reservation_released"
+
+
+class ReservationExpired(Conflict):
+    """The reservation expired; its credits went back."""
+
+    code = "reservation_expired"
+
+
+class CommitExceedsReservation(InvalidRequest):
+    """A commit may not exceed the reserved amount."""
+
+    code = "commit_exceeds_reservation"
+
+
+class LedgerEntryNotFound(NotFound):
+    """No such debit in the ledger."""
+
+    code = "ledger_entry_not_found"
+
+
+class RefundExceedsDebit(InvalidRequest):
+    """A refund may not exceed the debit it refunds."""
+
+    code = "refund_exceeds_debit"

@@ -32,10 +32,10 @@ async def no_allowance(tollhouse: Tollhouse) -> None:
         await tollhouse.credits.set_plan(name, monthly_credits=0, daily_cap=None, overdraft_limit=0)
 
 
-async def _payer(tollhouse: Tollhouse, funds: int = 0, **grant: object) -> uuid.UUID:
+async def _payer(tollhouse: Tollhouse, funds: int = 0) -> uuid.UUID:
     user = await tollhouse.users.create(email=f"{uuid.uuid4().hex[:12]}@example.com")
     if funds:
-        await tollhouse.credits.grant(amount=funds, source="purchase", user_id=user.id, **grant)  # type: ignore[arg-type]
+        await tollhouse.credits.grant(amount=funds, source="purchase", user_id=user.id)
     return user.id
 
 
@@ -190,7 +190,7 @@ async def test_a_debit_spans_grants_in_priority_then_expiry_order(
     )
     result = await tollhouse.credits.debit(_debit(user, 250))
     with psycopg.connect(dsn) as conn:
-        splits = dict(
+        splits: dict[uuid.UUID, int] = dict(
             conn.execute(
                 "SELECT grant_id, amount FROM tollhouse.credit_ledger_splits WHERE ledger_id = %s",
                 (result.ledger_id,),
@@ -298,7 +298,7 @@ async def test_the_ledger_is_append_only(dsn: str, tollhouse: Tollhouse) -> None
             "DELETE FROM tollhouse.credit_ledger",
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                conn.execute(statement)  # type: ignore[call-overload]
+                conn.execute(statement)
 
 
 @pytest.mark.parametrize("amount", [0, -5, 10**16])
@@ -377,9 +377,7 @@ async def test_end_users_read_only_their_own_tenants_credits(
         await tollhouse.credits.debit(_debit(user, 1))
     async with tollhouse.db.as_end_user(a) as conn:
         for table in ("credit_accounts", "credit_grants", "credit_ledger"):
-            cur = await conn.execute(
-                f"SELECT count(DISTINCT tenant_id) FROM tollhouse.{table}"  # type: ignore[arg-type]
-            )
+            cur = await conn.execute(f"SELECT count(DISTINCT tenant_id) FROM tollhouse.{table}")
             assert await cur.fetchone() == (1,), table
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             await conn.execute("UPDATE tollhouse.credit_accounts SET balance = 1000000")

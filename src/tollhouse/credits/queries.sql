@@ -94,3 +94,29 @@ WHERE a.balance <> coalesce((SELECT sum(l.delta) FROM tollhouse.credit_ledger l
    OR greatest(a.balance, 0) <> coalesce((SELECT sum(g.remaining)
                                           FROM tollhouse.credit_grants g
                                           WHERE g.tenant_id = a.tenant_id), 0)
+
+-- name: reserve
+SELECT * FROM tollhouse.credit_reserve_v1(
+    %(tenant_id)s, %(user_id)s, %(amount)s, %(turn_id)s, %(ttl)s, %(session_id)s)
+
+-- name: resolve
+SELECT * FROM tollhouse.credit_resolve_v1(
+    %(tenant_id)s, %(user_id)s, %(turn_id)s, %(amount)s, %(reason)s, %(metadata)s)
+
+-- name: refund
+SELECT * FROM tollhouse.credit_refund_v1(%(ledger_id)s, %(total)s, %(user_id)s)
+
+-- name: usage_increment
+SELECT * FROM tollhouse.usage_increment_v1(
+    %(tenant_id)s, %(metric)s, make_interval(secs => %(window)s), %(amount)s, %(limit)s)
+
+-- name: stale_accounts
+-- Accounts an operation would change on its own: period over, grant or hold expired.
+SELECT a.tenant_id FROM tollhouse.credit_accounts a
+WHERE a.period_end <= now()
+   OR EXISTS (SELECT 1 FROM tollhouse.credit_grants g
+              WHERE g.tenant_id = a.tenant_id AND g.remaining > 0 AND g.expires_at <= now())
+   OR EXISTS (SELECT 1 FROM tollhouse.credit_reservations r
+              WHERE r.tenant_id = a.tenant_id AND r.status = 'pending' AND r.expires_at <= now())
+ORDER BY a.tenant_id
+LIMIT %(limit)s

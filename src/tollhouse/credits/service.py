@@ -41,12 +41,19 @@ _CONSTRAINTS = {
     "plans_monthly_credits_check": e.InvalidRequest,
     "plans_daily_cap_check": e.InvalidRequest,
     "plans_overdraft_limit_check": e.InvalidRequest,
+    "usage_counters_metric_check": e.InvalidRequest,
+    "usage_counters_tenant_id_fkey": e.PayerNotFound,
 }
 _REJECTIONS: dict[str, type[e.TollhouseError]] = {
     "insufficient_credits": e.InsufficientCredits,
     "daily_cap_exceeded": e.DailyCapExceeded,
     "idempotency_conflict": e.IdempotencyConflict,
     "not_found": e.PayerNotFound,
+    "reservation_not_found": e.ReservationNotFound,
+    "reservation_committed": e.ReservationCommitted,
+    "reservation_released": e.ReservationReleased,
+    "reservation_expired": e.ReservationExpired,
+    "commit_exceeds_reservation": e.CommitExceedsReservation,
 }
 
 
@@ -128,6 +135,126 @@ class CreditService:
                 if exc.fields.get("sqlstate") not in RETRYABLE_SQLSTATES or attempt == 5:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    # --- reservations, refunds, usage -------------------------------------------------------
+
+    async def reserve(
+        self,
+        *,
+        amount: int,
+        turn_id: str,
+        tenant_id: uuid.UUID | None = None,
+        user_id: uuid.UUID | None = None,
+        ttl_seconds: int = 600,
+        session_id: str | None = None,
+    ) -> DebitResult:
+        """Hold up to `amount` for a turn; status `pending`, or a rejection."""
+        _check(DebitRequest(amount=amount, turn_id=turn_id, tenant_id=tenant_id, user_id=user_id))
+        if not 1 <= ttl_seconds <= 7 * 24 * 3600:
+            raise e.InvalidRequest("ttl_seconds must be between 1 and 604800", field="ttl_seconds")
+        params = {
+            "tenant_id": tenant_id,
+            "user_id": user_id,
+            "amount": amount,
+            "turn_id": turn_id,
+            "ttl": ttl_seconds,
+            "session_id": session_id,
+        }
+        return (await self._call("reserve", params))[0]
+
+    async def commit(
+        self,
+        *,
+        turn_id: str,
+        amount: int,
+        tenant_id: uuid.UUID | None = None,
+        user_id: uuid.UUID | None = None,
+        reason: str = "llm_usage",
+        metadata: dict[str, Any] | None = None,
+    ) -> DebitResult:
+        """Debit the actual amount (at most the reserved one); the rest goes back."""
+        if amount < 0:
+            raise e.InvalidRequest("amount must not be negative", field="amount")
+        return await self._resolve(turn_id, amount, tenant_id, user_id, reason, metadata)
+
+    async def release(
+        self, *, turn_id: str, tenant_id: uuid.UUID | None = None, user_id: uuid.UUID | None = None
+    ) -> DebitResult:
+        """Give the whole hold back."""
+        return await self._resolve(turn_id, None, tenant_id, user_id, "llm_usage", None)
+
+    async def _resolve(
+        self,
+        turn_id: str,
+        amount: int | None,
+        tenant_id: uuid.UUID | None,
+        user_id: uuid.UUID | None,
+        reason: str,
+        metadata: dict[str, Any] | None,
+    ) -> DebitResult:
+        if tenant_id is None and user_id is None:
+            raise e.InvalidRequest("name the payer: user_id or tenant_id")
+        params = {
+            "tenant_id": tenant_id,
+            "user_id": user_id,
+            "turn_id": turn_id,
+            "amount": amount,
+            "reason": reason,
+            "metadata": Jsonb(metadata or {}),
+        }
+        return (await self._call("resolve", params))[0]
+
+    async def refund(
+        self, ledger_id: uuid.UUID, *, total: int | None = None, user_id: uuid.UUID | None = None
+    ) -> tuple[uuid.UUID, int, int]:
+        """Refund a debit so that `total` of it (default: all) has been refunded; repeating
+        the same total changes nothing. Returns (tenant, refunded so far, balance)."""
+        async with self._db.connection() as conn:
+            cur = await conn.execute(
+                queries["refund"], {"ledger_id": ledger_id, "total": total, "user_id": user_id}
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        tenant, refunded, balance, code = row
+        if code == "ledger_entry_not_found":
+            raise e.LedgerEntryNotFound()
+        if code == "refund_exceeds_debit":
+            raise e.RefundExceedsDebit()
+        return tenant, refunded, balance
+
+    async def usage_increment(
+        self, tenant_id: uuid.UUID, metric: str, *, amount: int, limit: int, window_seconds: int
+    ) -> tuple[bool, int]:
+        """Count `amount` of a metric in the current window if it stays within `limit`;
+        returns (allowed, used)."""
+        async with self._db.connection(_CONSTRAINTS) as conn:
+            cur = await conn.execute(
+                queries["usage_increment"],
+                {
+                    "tenant_id": tenant_id,
+                    "metric": metric,
+                    "amount": amount,
+                    "limit": limit,
+                    "window": window_seconds,
+                },
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        return bool(row[0]), int(row[1])
+
+    async def sweep(self, *, batch: int = 500) -> int:
+        """Apply what is due on every account (period renewals, expiries, expired holds);
+        returns how many accounts changed. Safe to run concurrently and repeatedly."""
+        done = 0
+        while True:
+            async with self._db.connection() as conn:
+                cur = await conn.execute(queries["stale_accounts"], {"limit": batch})
+                tenants = [row[0] for row in await cur.fetchall()]
+                for tenant in tenants:
+                    await conn.execute(queries["refresh_account"], {"tenant_id": tenant})
+            done += len(tenants)
+            if len(tenants) < batch:
+                return done
 
     # --- grants, balances, ledger ------------------------------------------------------------
 

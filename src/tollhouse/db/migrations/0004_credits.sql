@@ -79,7 +79,7 @@ CREATE TABLE tollhouse.credit_grants (
     -- One Stripe event, invoice or period grants once.
     CONSTRAINT credit_grants_source_key UNIQUE (tenant_id, source, source_id),
     CONSTRAINT credit_grants_source_check
-        CHECK (source IN ('plan', 'purchase', 'promo', 'adjustment', 'import')),
+        CHECK (source IN ('plan', 'purchase', 'promo', 'adjustment', 'import', 'refund')),
     CONSTRAINT credit_grants_source_id_check CHECK (char_length(source_id) BETWEEN 1 AND 200),
     CONSTRAINT credit_grants_total_check CHECK (total > 0),
     CONSTRAINT credit_grants_remaining_check CHECK (remaining >= 0 AND remaining <= total)
@@ -103,7 +103,7 @@ CREATE TABLE tollhouse.credit_ledger (
     metadata jsonb NOT NULL DEFAULT '{}'::jsonb,
     created_at timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT credit_ledger_pkey PRIMARY KEY (tenant_id, id),
-    CONSTRAINT credit_ledger_kind_check CHECK (kind IN ('debit', 'grant', 'expiry')),
+    CONSTRAINT credit_ledger_kind_check CHECK (kind IN ('debit', 'grant', 'expiry', 'refund')),
     CONSTRAINT credit_ledger_reason_check CHECK (reason ~ '^[a-z][a-z0-9_.:-]{0,63}$'),
     CONSTRAINT credit_ledger_metadata_check CHECK (jsonb_typeof(metadata) = 'object')
 );
@@ -137,6 +137,50 @@ CREATE TABLE tollhouse.credit_debits (
     CONSTRAINT credit_debits_turn_id_check CHECK (char_length(turn_id) BETWEEN 1 AND 200)
 );
 
+-- Holds for streaming turns whose cost is known only at the end.
+CREATE TABLE tollhouse.credit_reservations (
+    tenant_id uuid NOT NULL REFERENCES tollhouse.credit_accounts (tenant_id),
+    turn_id text NOT NULL,
+    amount bigint NOT NULL,
+    status text NOT NULL DEFAULT 'pending',
+    day date NOT NULL,
+    expires_at timestamptz NOT NULL,
+    committed_amount bigint,
+    acting_user_id uuid,
+    session_id text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    resolved_at timestamptz,
+    CONSTRAINT credit_reservations_pkey PRIMARY KEY (tenant_id, turn_id),
+    CONSTRAINT credit_reservations_amount_check CHECK (amount > 0),
+    CONSTRAINT credit_reservations_status_check
+        CHECK (status IN ('pending', 'committed', 'released', 'expired')),
+    CONSTRAINT credit_reservations_committed_check
+        CHECK (committed_amount IS NULL OR committed_amount BETWEEN 0 AND amount)
+);
+CREATE INDEX credit_reservations_pending_idx ON tollhouse.credit_reservations
+    (tenant_id, expires_at) WHERE status = 'pending';
+
+-- How much of each debit has been refunded (a refund names the total, so it is idempotent).
+CREATE TABLE tollhouse.credit_refunds (
+    tenant_id uuid NOT NULL REFERENCES tollhouse.credit_accounts (tenant_id),
+    ledger_id uuid NOT NULL,
+    refunded bigint NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT credit_refunds_pkey PRIMARY KEY (tenant_id, ledger_id),
+    CONSTRAINT credit_refunds_refunded_check CHECK (refunded > 0)
+);
+
+-- Non-credit quotas (seed 002): a counter per tenant, metric and window.
+CREATE TABLE tollhouse.usage_counters (
+    tenant_id uuid NOT NULL REFERENCES tollhouse.tenants (id),
+    metric text NOT NULL,
+    window_start timestamptz NOT NULL,
+    used bigint NOT NULL,
+    CONSTRAINT usage_counters_pkey PRIMARY KEY (tenant_id, metric, window_start),
+    CONSTRAINT usage_counters_metric_check CHECK (metric ~ '^[a-z][a-z0-9_.:-]{0,63}$'),
+    CONSTRAINT usage_counters_used_check CHECK (used >= 0)
+);
+
 CREATE TYPE tollhouse.credit_debit_result AS (
     tenant_id uuid,
     status text,
@@ -150,7 +194,7 @@ CREATE TYPE tollhouse.credit_debit_result AS (
 -- Adds a grant to a locked account: debt (a negative balance) is repaid first.
 CREATE FUNCTION tollhouse.credit_apply_grant_v1(
     p_tenant uuid, p_amount bigint, p_source text, p_source_id text, p_priority integer,
-    p_expires_at timestamptz, p_reason text, p_user uuid
+    p_expires_at timestamptz, p_reason text, p_user uuid, p_kind text DEFAULT 'grant'
 ) RETURNS uuid
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -172,7 +216,7 @@ BEGIN
     WHERE tenant_id = p_tenant;
     INSERT INTO tollhouse.credit_ledger
         (tenant_id, id, kind, reason, delta, balance_after, acting_user_id, grant_id)
-    VALUES (p_tenant, v_ledger, 'grant', p_reason, p_amount, v_balance + p_amount, p_user,
+    VALUES (p_tenant, v_ledger, p_kind, p_reason, p_amount, v_balance + p_amount, p_user,
             v_grant);
     RETURN v_grant;
 END
@@ -220,6 +264,23 @@ BEGIN
             (tenant_id, id, kind, reason, delta, balance_after, grant_id)
         VALUES (p_tenant, tollhouse.uuid7(), 'expiry', 'expiry', -g.remaining, a.balance, g.id);
     END LOOP;
+
+    -- Reservations past their time are released.
+    WITH gone AS (
+        UPDATE tollhouse.credit_reservations r
+        SET status = 'expired', resolved_at = now()
+        WHERE r.tenant_id = p_tenant AND r.status = 'pending' AND r.expires_at <= now()
+        RETURNING r.amount, r.day
+    )
+    UPDATE tollhouse.credit_accounts c
+    SET reserved = c.reserved - (SELECT coalesce(sum(amount), 0) FROM gone),
+        daily_used = greatest(0, c.daily_used - (SELECT coalesce(sum(amount), 0) FROM gone
+                                                 WHERE gone.day = c.day_start))
+    WHERE c.tenant_id = p_tenant AND EXISTS (SELECT 1 FROM gone)
+    RETURNING * INTO a;
+    IF a.tenant_id IS NULL THEN
+        SELECT * INTO a FROM tollhouse.credit_accounts WHERE tenant_id = p_tenant;
+    END IF;
 
     IF now() >= a.period_end THEN
         WHILE a.period_end <= now() LOOP
@@ -427,6 +488,218 @@ BEGIN
 END
 $$;
 
+-- Reserve up to p_amount for a turn: counts against the available balance and the cap.
+CREATE FUNCTION tollhouse.credit_reserve_v1(
+    p_tenant uuid, p_user uuid, p_amount bigint, p_turn_id text, p_ttl_seconds integer,
+    p_session_id text
+) RETURNS tollhouse.credit_debit_result
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_tenant uuid := p_tenant;
+    a tollhouse.credit_accounts;
+    prior tollhouse.credit_reservations;
+    v_day date;
+    v_code text;
+BEGIN
+    IF v_tenant IS NULL THEN
+        SELECT t.id INTO v_tenant
+        FROM tollhouse.tenants t JOIN tollhouse.users u ON u.id = t.owner_user_id
+        WHERE t.owner_user_id = p_user AND t.is_default
+          AND t.deleted_at IS NULL AND u.deleted_at IS NULL;
+    END IF;
+    IF v_tenant IS NOT NULL THEN
+        a := tollhouse.credit_account_v1(v_tenant);
+    END IF;
+    IF a.tenant_id IS NULL THEN
+        RETURN ROW(v_tenant, 'rejected', 'not_found', NULL, p_amount, NULL, false)::tollhouse.credit_debit_result;
+    END IF;
+    SELECT * INTO prior FROM tollhouse.credit_reservations
+    WHERE tenant_id = v_tenant AND turn_id = p_turn_id;
+    IF FOUND THEN
+        IF prior.amount <> p_amount THEN
+            RETURN ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL, p_amount, NULL, false)::tollhouse.credit_debit_result;
+        END IF;
+        RETURN ROW(v_tenant, prior.status, NULL, NULL, prior.amount,
+                   a.balance - a.reserved, true)::tollhouse.credit_debit_result;
+    END IF;
+    v_day := (now() AT TIME ZONE a.time_zone)::date;
+    IF a.day_start IS DISTINCT FROM v_day THEN
+        a.daily_used := 0;
+        a.day_start := v_day;
+    END IF;
+    IF a.daily_cap IS NOT NULL AND a.daily_used + p_amount > a.daily_cap THEN
+        v_code := 'daily_cap_exceeded';
+    ELSIF a.balance - a.reserved - p_amount < -a.overdraft_limit THEN
+        v_code := 'insufficient_credits';
+    END IF;
+    IF v_code IS NOT NULL THEN
+        RETURN ROW(v_tenant, 'rejected', v_code, NULL, p_amount, NULL, false)::tollhouse.credit_debit_result;
+    END IF;
+    UPDATE tollhouse.credit_accounts
+    SET reserved = reserved + p_amount, daily_used = a.daily_used + p_amount,
+        day_start = a.day_start, updated_at = now()
+    WHERE tenant_id = v_tenant;
+    INSERT INTO tollhouse.credit_reservations
+        (tenant_id, turn_id, amount, day, expires_at, acting_user_id, session_id)
+    VALUES (v_tenant, p_turn_id, p_amount, a.day_start,
+            now() + make_interval(secs => p_ttl_seconds), p_user, p_session_id);
+    RETURN ROW(v_tenant, 'pending', NULL, NULL, p_amount,
+               a.balance - a.reserved - p_amount, false)::tollhouse.credit_debit_result;
+END
+$$;
+
+-- Commit (with the actual amount, at most the reserved one) or release a reservation.
+-- Exactly one resolution wins; the others see it resolved.
+CREATE FUNCTION tollhouse.credit_resolve_v1(
+    p_tenant uuid, p_user uuid, p_turn_id text, p_commit_amount bigint, p_reason text,
+    p_metadata jsonb
+) RETURNS tollhouse.credit_debit_result
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_tenant uuid := p_tenant;
+    a tollhouse.credit_accounts;
+    r tollhouse.credit_reservations;
+    v_result tollhouse.credit_debit_result;
+BEGIN
+    IF v_tenant IS NULL THEN
+        SELECT t.id INTO v_tenant FROM tollhouse.tenants t
+        WHERE t.owner_user_id = p_user AND t.is_default AND t.deleted_at IS NULL;
+    END IF;
+    IF v_tenant IS NOT NULL THEN
+        a := tollhouse.credit_account_v1(v_tenant);
+    END IF;
+    IF a.tenant_id IS NULL THEN
+        RETURN ROW(v_tenant, 'rejected', 'not_found', NULL, p_commit_amount, NULL, false)::tollhouse.credit_debit_result;
+    END IF;
+    SELECT * INTO r FROM tollhouse.credit_reservations
+    WHERE tenant_id = v_tenant AND turn_id = p_turn_id;
+    IF NOT FOUND THEN
+        RETURN ROW(v_tenant, 'rejected', 'reservation_not_found', NULL, p_commit_amount, NULL, false)::tollhouse.credit_debit_result;
+    END IF;
+    IF r.status <> 'pending' THEN
+        IF r.status = 'committed' AND p_commit_amount IS NOT DISTINCT FROM r.committed_amount THEN
+            SELECT tenant_id, status, code, ledger_id, amount, balance_after, true
+            INTO v_result FROM tollhouse.credit_debits
+            WHERE tenant_id = v_tenant AND turn_id = p_turn_id;
+            IF FOUND THEN
+                RETURN v_result;
+            END IF;
+            RETURN ROW(v_tenant, 'committed', NULL, NULL, 0, a.balance, true)::tollhouse.credit_debit_result;
+        END IF;
+        IF r.status = 'released' AND p_commit_amount IS NULL THEN
+            RETURN ROW(v_tenant, 'released', NULL, NULL, r.amount, a.balance, true)::tollhouse.credit_debit_result;
+        END IF;
+        RETURN ROW(v_tenant, 'rejected', 'reservation_' || r.status, NULL, p_commit_amount, NULL, false)::tollhouse.credit_debit_result;
+    END IF;
+    IF p_commit_amount IS NOT NULL AND (p_commit_amount < 0 OR p_commit_amount > r.amount) THEN
+        RETURN ROW(v_tenant, 'rejected', 'commit_exceeds_reservation', NULL, p_commit_amount, NULL, false)::tollhouse.credit_debit_result;
+    END IF;
+    -- Give the hold back, then (on commit) debit the actual amount as an ordinary debit of
+    -- this turn: the hold guaranteed the funds and the cap.
+    UPDATE tollhouse.credit_accounts
+    SET reserved = reserved - r.amount,
+        daily_used = CASE WHEN day_start = r.day THEN greatest(0, daily_used - r.amount)
+                          ELSE daily_used END,
+        updated_at = now()
+    WHERE tenant_id = v_tenant;
+    UPDATE tollhouse.credit_reservations
+    SET status = CASE WHEN p_commit_amount IS NULL THEN 'released' ELSE 'committed' END,
+        committed_amount = p_commit_amount, resolved_at = now()
+    WHERE tenant_id = v_tenant AND turn_id = p_turn_id;
+    IF p_commit_amount IS NULL THEN
+        SELECT balance INTO a.balance FROM tollhouse.credit_accounts WHERE tenant_id = v_tenant;
+        RETURN ROW(v_tenant, 'released', NULL, NULL, r.amount, a.balance, false)::tollhouse.credit_debit_result;
+    END IF;
+    IF p_commit_amount = 0 THEN
+        RETURN ROW(v_tenant, 'committed', NULL, NULL, 0, a.balance, false)::tollhouse.credit_debit_result;
+    END IF;
+    RETURN tollhouse.credit_debit_v1(v_tenant, coalesce(p_user, r.acting_user_id),
+                                     p_commit_amount, p_turn_id, r.session_id,
+                                     p_reason, p_metadata);
+END
+$$;
+
+-- Refund a debit so that `p_total` of it has been refunded in all (idempotent: the same
+-- total again changes nothing). The credits come back as a refund grant.
+CREATE FUNCTION tollhouse.credit_refund_v1(p_ledger_id uuid, p_total bigint, p_user uuid)
+RETURNS TABLE (tenant_id uuid, refunded bigint, balance_after bigint, code text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    d tollhouse.credit_ledger;
+    a tollhouse.credit_accounts;
+    v_done bigint;
+    v_total bigint;
+BEGIN
+    SELECT * INTO d FROM tollhouse.credit_ledger l WHERE l.id = p_ledger_id AND l.kind = 'debit';
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT NULL::uuid, 0::bigint, NULL::bigint, 'ledger_entry_not_found'::text;
+        RETURN;
+    END IF;
+    a := tollhouse.credit_account_v1(d.tenant_id);
+    v_total := coalesce(p_total, -d.delta);
+    IF v_total <= 0 OR v_total > -d.delta THEN
+        RETURN QUERY SELECT d.tenant_id, 0::bigint, a.balance, 'refund_exceeds_debit'::text;
+        RETURN;
+    END IF;
+    SELECT r.refunded INTO v_done FROM tollhouse.credit_refunds r
+    WHERE r.tenant_id = d.tenant_id AND r.ledger_id = d.id FOR UPDATE;
+    v_done := coalesce(v_done, 0);
+    IF v_total > v_done THEN
+        PERFORM tollhouse.credit_apply_grant_v1(
+            d.tenant_id, v_total - v_done, 'refund', 'refund:' || d.id || ':' || v_total, 0,
+            NULL, 'refund', p_user, 'refund');
+        INSERT INTO tollhouse.credit_refunds AS r (tenant_id, ledger_id, refunded)
+        VALUES (d.tenant_id, d.id, v_total)
+        ON CONFLICT (tenant_id, ledger_id) DO UPDATE SET refunded = excluded.refunded,
+                                                          updated_at = now();
+        v_done := v_total;
+    END IF;
+    RETURN QUERY
+        SELECT d.tenant_id, v_done, c.balance, NULL::text
+        FROM tollhouse.credit_accounts c WHERE c.tenant_id = d.tenant_id;
+END
+$$;
+
+-- Count `p_amount` of a metric in the current window, only if the total stays within
+-- `p_limit`: one statement checks and writes.
+CREATE FUNCTION tollhouse.usage_increment_v1(
+    p_tenant uuid, p_metric text, p_window interval, p_amount bigint, p_limit bigint
+) RETURNS TABLE (allowed boolean, used bigint, window_start timestamptz)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_start timestamptz := date_bin(p_window, now(), timestamptz '2000-01-01 00:00:00+00');
+    v_used bigint;
+BEGIN
+    IF p_amount > p_limit THEN
+        SELECT c.used INTO v_used FROM tollhouse.usage_counters c
+        WHERE c.tenant_id = p_tenant AND c.metric = p_metric AND c.window_start = v_start;
+        RETURN QUERY SELECT false, coalesce(v_used, 0), v_start;
+        RETURN;
+    END IF;
+    INSERT INTO tollhouse.usage_counters AS c (tenant_id, metric, window_start, used)
+    VALUES (p_tenant, p_metric, v_start, p_amount)
+    ON CONFLICT (tenant_id, metric, window_start) DO UPDATE
+        SET used = c.used + p_amount
+        WHERE c.used + p_amount <= p_limit
+    RETURNING c.used INTO v_used;
+    IF v_used IS NULL THEN
+        SELECT c.used INTO v_used FROM tollhouse.usage_counters c
+        WHERE c.tenant_id = p_tenant AND c.metric = p_metric AND c.window_start = v_start;
+        RETURN QUERY SELECT false, v_used, v_start;
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT true, v_used, v_start;
+END
+$$;
+
 -- Row-level security and grants --------------------------------------------------------------
 
 DO $$
@@ -435,7 +708,7 @@ DECLARE
 BEGIN
     FOREACH t IN ARRAY ARRAY[
         'plans', 'credit_accounts', 'credit_grants', 'credit_ledger', 'credit_ledger_splits',
-        'credit_debits'
+        'credit_debits', 'credit_reservations', 'credit_refunds', 'usage_counters'
     ] LOOP
         EXECUTE format('ALTER TABLE tollhouse.%I ENABLE ROW LEVEL SECURITY', t);
         EXECUTE format('ALTER TABLE tollhouse.%I FORCE ROW LEVEL SECURITY', t);
@@ -448,7 +721,8 @@ $$;
 
 GRANT SELECT, INSERT, UPDATE ON tollhouse.plans, tollhouse.credit_accounts,
     tollhouse.credit_grants TO tollhouse_service;
-GRANT SELECT, INSERT, UPDATE ON tollhouse.credit_debits TO tollhouse_service;
+GRANT SELECT, INSERT, UPDATE ON tollhouse.credit_debits, tollhouse.credit_reservations,
+    tollhouse.credit_refunds, tollhouse.usage_counters TO tollhouse_service;
 -- Append-only: no UPDATE, no DELETE for anyone but the owner.
 GRANT SELECT, INSERT ON tollhouse.credit_ledger, tollhouse.credit_ledger_splits
     TO tollhouse_service;
@@ -460,7 +734,8 @@ DO $$
 DECLARE
     t text;
 BEGIN
-    FOREACH t IN ARRAY ARRAY['credit_accounts', 'credit_grants', 'credit_ledger'] LOOP
+    FOREACH t IN ARRAY ARRAY['credit_accounts', 'credit_grants', 'credit_ledger',
+                             'credit_reservations', 'usage_counters'] LOOP
         EXECUTE format(
             'CREATE POLICY %I ON tollhouse.%I FOR SELECT TO tollhouse_user USING ('
             'EXISTS (SELECT 1 FROM tollhouse.tenant_members m WHERE m.tenant_id = %I.tenant_id'
@@ -476,11 +751,15 @@ DECLARE
     f text;
 BEGIN
     FOREACH f IN ARRAY ARRAY[
-        'tollhouse.credit_apply_grant_v1(uuid, bigint, text, text, integer, timestamptz, text, uuid)',
+        'tollhouse.credit_apply_grant_v1(uuid, bigint, text, text, integer, timestamptz, text, uuid, text)',
         'tollhouse.credit_account_v1(uuid)',
         'tollhouse.credit_debit_v1(uuid, uuid, bigint, text, text, text, jsonb)',
         'tollhouse.credit_debit_batch_v1(uuid[], uuid[], bigint[], text[], text[], text[], jsonb[])',
-        'tollhouse.credit_grant_v1(uuid, uuid, bigint, text, text, integer, timestamptz)'
+        'tollhouse.credit_grant_v1(uuid, uuid, bigint, text, text, integer, timestamptz)',
+        'tollhouse.credit_reserve_v1(uuid, uuid, bigint, text, integer, text)',
+        'tollhouse.credit_resolve_v1(uuid, uuid, text, bigint, text, jsonb)',
+        'tollhouse.credit_refund_v1(uuid, bigint, uuid)',
+        'tollhouse.usage_increment_v1(uuid, text, interval, bigint, bigint)'
     ] LOOP
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO tollhouse_service', f);
