@@ -7,6 +7,7 @@ Every failure is one line on stderr and a non-zero exit: 2 for a wrong command l
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -25,6 +26,7 @@ from tollhouse.app import (
     identity_config,
     runtime_url,
 )
+from tollhouse.credits import DebitRequest, rejection
 from tollhouse.db import migrate as migrations
 from tollhouse.db.dsn import redact
 from tollhouse.db.embedded import EmbeddedPostgres, start_detached
@@ -51,6 +53,14 @@ users_app = typer.Typer(help="Users: create, look up, grant roles, delete.", no_
 db_app = typer.Typer(help="The database Tollhouse uses.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(users_app, name="users")
+credits_app = typer.Typer(
+    help="Credits: balances, grants, debits, the ledger.", no_args_is_help=True
+)
+plans_app = typer.Typer(
+    help="Plans: monthly credits, daily caps, overdraft limits.", no_args_is_help=True
+)
+app.add_typer(credits_app, name="credits")
+app.add_typer(plans_app, name="plans")
 app.add_typer(db_app, name="db")
 
 DataDir = Annotated[
@@ -299,6 +309,145 @@ def users_delete(
     else:
         user = _with_services(settings, lambda t: t.users.delete(uid))
         typer.echo(f"deleted {user.id} (restore with 'tollhouse users delete --restore')")
+
+
+UserOpt = Annotated[str | None, typer.Option("--user", help="A user id (its personal tenant).")]
+TenantOpt = Annotated[str | None, typer.Option("--tenant", help="A tenant id.")]
+
+
+def _payer(user: str | None, tenant: str | None) -> tuple[uuid.UUID | None, uuid.UUID | None]:
+    """(user_id, tenant_id) from the options: exactly one of them."""
+    if (user is None) == (tenant is None):
+        raise InvalidRequest("name exactly one payer: --user or --tenant")
+    return (_user_id(user) if user else None, _user_id(tenant) if tenant else None)
+
+
+@credits_app.command("balance")
+def credits_balance(
+    user: UserOpt = None, tenant: TenantOpt = None, data_dir: DataDir = None
+) -> None:
+    """Print a payer's balance, limits and live grants as JSON."""
+    user_id, tenant_id = _payer(user, tenant)
+    found = _with_services(
+        _settings(data_dir), lambda t: t.credits.balance(user_id=user_id, tenant_id=tenant_id)
+    )
+    typer.echo(json.dumps(dataclasses.asdict(found), default=str, indent=2))
+
+
+@credits_app.command("grant")
+def credits_grant(
+    amount: Annotated[int, typer.Argument(help="Credits to add (> 0).")],
+    source: Annotated[
+        str, typer.Option(help="purchase, promo, adjustment or import.")
+    ] = "adjustment",
+    source_id: Annotated[str | None, typer.Option(help="Grant once per this id.")] = None,
+    priority: Annotated[int, typer.Option(help="Higher is spent first.")] = 0,
+    user: UserOpt = None,
+    tenant: TenantOpt = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Add credits to a payer."""
+    user_id, tenant_id = _payer(user, tenant)
+    result = _with_services(
+        _settings(data_dir),
+        lambda t: t.credits.grant(
+            amount=amount,
+            source=source,
+            source_id=source_id,
+            priority=priority,
+            user_id=user_id,
+            tenant_id=tenant_id,
+        ),
+    )
+    state = "already granted" if result.replayed else "granted"
+    typer.echo(f"{state} {amount} to {result.tenant_id}: balance {result.balance_after}")
+
+
+@credits_app.command("debit")
+def credits_debit(
+    amount: Annotated[int, typer.Argument(help="Credits to take (> 0).")],
+    turn_id: Annotated[str, typer.Option("--turn-id", help="The idempotency key.")],
+    reason: Annotated[str, typer.Option(help="Ledger reason.")] = "adjustment",
+    user: UserOpt = None,
+    tenant: TenantOpt = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Take credits from a payer (idempotent per --turn-id); exit 1 when rejected."""
+    user_id, tenant_id = _payer(user, tenant)
+    request = DebitRequest(
+        amount=amount, turn_id=turn_id, reason=reason, user_id=user_id, tenant_id=tenant_id
+    )
+    result = _with_services(_settings(data_dir), lambda t: t.credits.debit_alone(request))
+    error = rejection(result)
+    if error is not None:
+        raise error
+    typer.echo(
+        f"debited {amount} from {result.tenant_id}: balance {result.balance_after}"
+        + (" (replayed)" if result.replayed else "")
+    )
+
+
+@credits_app.command("ledger")
+def credits_ledger(
+    limit: Annotated[int, typer.Option(help="Entries to show.")] = 20,
+    user: UserOpt = None,
+    tenant: TenantOpt = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Print a payer's latest ledger entries, newest first."""
+    user_id, tenant_id = _payer(user, tenant)
+    entries, _ = _with_services(
+        _settings(data_dir),
+        lambda t: t.credits.ledger(limit=limit, user_id=user_id, tenant_id=tenant_id),
+    )
+    for entry in entries:
+        typer.echo(
+            f"{entry.created_at.isoformat(timespec='seconds')}  {entry.kind:7}  "
+            f"{entry.delta:>+10}  = {entry.balance_after:<10}  {entry.reason}  "
+            f"{entry.turn_id or ''}".rstrip()
+        )
+
+
+@credits_app.command("sweep")
+def credits_sweep(data_dir: DataDir = None) -> None:
+    """Apply what is due everywhere: new periods' allowances, expiries, expired holds."""
+    count = _with_services(_settings(data_dir), lambda t: t.credits.sweep())
+    typer.echo(f"{count} account(s) brought up to date")
+
+
+@plans_app.command("list")
+def plans_list(data_dir: DataDir = None) -> None:
+    """List the plans."""
+    for plan in _with_services(_settings(data_dir), lambda t: t.credits.plans()):
+        cap = plan.daily_cap if plan.daily_cap is not None else "-"
+        typer.echo(
+            f"{plan.name:12} monthly {plan.monthly_credits:>10}  daily cap {cap!s:>8}  "
+            f"overdraft {plan.overdraft_limit}"
+        )
+
+
+@plans_app.command("set")
+def plans_set(
+    name: Annotated[str, typer.Argument(help="The plan's name.")],
+    monthly_credits: Annotated[int, typer.Option(help="Credits granted each period.")],
+    daily_cap: Annotated[int | None, typer.Option(help="Credits per day, or none.")] = None,
+    overdraft_limit: Annotated[int, typer.Option(help="How far below zero.")] = 0,
+    data_dir: DataDir = None,
+) -> None:
+    """Create or change a plan (applies from each account's next period)."""
+    plan = _with_services(
+        _settings(data_dir),
+        lambda t: t.credits.set_plan(
+            name,
+            monthly_credits=monthly_credits,
+            daily_cap=daily_cap,
+            overdraft_limit=overdraft_limit,
+        ),
+    )
+    typer.echo(
+        f"plan {plan.name}: monthly {plan.monthly_credits}, daily cap "
+        f"{plan.daily_cap}, overdraft {plan.overdraft_limit}"
+    )
 
 
 @db_app.command("url")

@@ -167,3 +167,29 @@ def test_users_commands(tmp_path: Path, dsn: str) -> None:
     assert error_lines(dup.stderr) == [
         "tollhouse: error: The e-mail address belongs to another user."
     ]
+
+
+def test_credits_and_plans_commands(tmp_path: Path, dsn: str) -> None:
+    env = clean_env(tmp_path, DATABASE_URL=dsn)
+    user = json.loads(run_cli(["users", "create", "--email", "cred@example.com"], env).stdout)
+    who = ["--user", user["id"]]
+    granted = run_cli(["credits", "grant", "50", "--source-id", "manual-1", *who], env)
+    assert granted.stdout.strip().endswith("balance 150"), granted.stderr  # + free allowance
+    again = run_cli(["credits", "grant", "50", "--source-id", "manual-1", *who], env)
+    assert again.stdout.startswith("already granted")
+    debited = run_cli(["credits", "debit", "20", "--turn-id", "cli-1", *who], env)
+    assert debited.stdout.strip().endswith("balance 130")
+    replay = run_cli(["credits", "debit", "20", "--turn-id", "cli-1", *who], env)
+    assert replay.stdout.strip().endswith("(replayed)")
+    broke = run_cli(["credits", "debit", "9999", "--turn-id", "cli-2", *who], env)
+    assert broke.returncode == 1
+    assert error_lines(broke.stderr) == ["tollhouse: error: This debit would exceed the daily cap."]
+    balance = json.loads(run_cli(["credits", "balance", *who], env).stdout)
+    assert (balance["balance"], balance["plan"]) == (130, "free")
+    ledger = run_cli(["credits", "ledger", *who], env).stdout.splitlines()
+    assert len(ledger) == 3 and "debit" in ledger[0]
+    assert run_cli(["credits", "sweep"], env).stdout.strip().endswith("brought up to date")
+    assert run_cli(["plans", "set", "team", "--monthly-credits", "500"], env).returncode == 0
+    assert "team" in run_cli(["plans", "list"], env).stdout
+    both = run_cli(["credits", "balance", "--user", user["id"], "--tenant", user["id"]], env)
+    assert "exactly one payer" in error_lines(both.stderr)[0]

@@ -381,3 +381,100 @@ async def test_end_users_read_only_their_own_tenants_credits(
             assert await cur.fetchone() == (1,), table
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             await conn.execute("UPDATE tollhouse.credit_accounts SET balance = 1000000")
+
+
+# --- reservations, refunds, usage counters, sweep --------------------------------------------
+
+
+async def test_reserve_then_commit_less_returns_the_rest(
+    tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    user = await _payer(tollhouse, funds=100)
+    held = await tollhouse.credits.reserve(amount=60, turn_id="stream-1", user_id=user)
+    assert (held.status, held.balance_after) == ("pending", 40)  # available after the hold
+    balance = await tollhouse.credits.balance(user_id=user)
+    assert (balance.balance, balance.available) == (100, 40)
+    blocked = await tollhouse.credits.debit(_debit(user, 50))
+    assert blocked.code == "insufficient_credits"  # the hold counts
+    done = await tollhouse.credits.commit(turn_id="stream-1", amount=25, user_id=user)
+    assert (done.status, done.amount, done.balance_after) == ("applied", 25, 75)
+    again = await tollhouse.credits.commit(turn_id="stream-1", amount=25, user_id=user)
+    assert again.replayed and again.ledger_id == done.ledger_id
+    late = await tollhouse.credits.release(turn_id="stream-1", user_id=user)
+    assert late.code == "reservation_committed"
+    too_much = await tollhouse.credits.reserve(amount=10, turn_id="stream-2", user_id=user)
+    over = await tollhouse.credits.commit(turn_id="stream-2", amount=11, user_id=user)
+    assert (too_much.status, over.code) == ("pending", "commit_exceeds_reservation")
+
+
+async def test_exactly_one_of_concurrent_commit_and_release_wins(
+    tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """L-10: 50 races of commit against release on one hold each."""
+    user = await _payer(tollhouse, funds=10_000)
+    for i in range(50):
+        await tollhouse.credits.reserve(amount=10, turn_id=f"race-{i}", user_id=user)
+    outcomes = await asyncio.gather(
+        *(
+            call
+            for i in range(50)
+            for call in (
+                tollhouse.credits.commit(turn_id=f"race-{i}", amount=7, user_id=user),
+                tollhouse.credits.release(turn_id=f"race-{i}", user_id=user),
+            )
+        )
+    )
+    for i in range(50):
+        commit, release = outcomes[2 * i], outcomes[2 * i + 1]
+        winners = [o for o in (commit, release) if o.status in ("applied", "released")]
+        assert len(winners) == 1, (commit, release)
+    balance = await tollhouse.credits.balance(user_id=user)
+    committed = sum(1 for i in range(50) if outcomes[2 * i].status == "applied")
+    assert balance.balance == 10_000 - 7 * committed
+    assert balance.available == balance.balance  # no hold left behind
+
+
+async def test_an_expired_hold_gives_its_credits_back(
+    tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    user = await _payer(tollhouse, funds=100)
+    await tollhouse.credits.reserve(amount=80, turn_id="slow", user_id=user, ttl_seconds=1)
+    assert (await tollhouse.credits.balance(user_id=user)).available == 20
+    await asyncio.sleep(1.2)
+    assert await tollhouse.credits.sweep() == 1
+    assert (await tollhouse.credits.balance(user_id=user)).available == 100
+    late = await tollhouse.credits.commit(turn_id="slow", amount=10, user_id=user)
+    assert late.code == "reservation_expired"
+    assert await tollhouse.credits.sweep() == 0
+
+
+async def test_refunds_are_idempotent_totals(tollhouse: Tollhouse, no_allowance: None) -> None:
+    user = await _payer(tollhouse, funds=100)
+    debit = await tollhouse.credits.debit(_debit(user, 40))
+    assert debit.ledger_id is not None
+    _, refunded, balance = await tollhouse.credits.refund(debit.ledger_id, total=10)
+    assert (refunded, balance) == (10, 70)
+    _, refunded, balance = await tollhouse.credits.refund(debit.ledger_id, total=10)
+    assert (refunded, balance) == (10, 70)  # the same total again: nothing more
+    _, refunded, balance = await tollhouse.credits.refund(debit.ledger_id)
+    assert (refunded, balance) == (40, 100)
+    with pytest.raises(errors.RefundExceedsDebit):
+        await tollhouse.credits.refund(debit.ledger_id, total=41)
+    with pytest.raises(errors.LedgerEntryNotFound):
+        await tollhouse.credits.refund(uuid.uuid4())
+
+
+async def test_usage_counters_check_and_count_at_once(tollhouse: Tollhouse) -> None:
+    user = await tollhouse.users.create(email="usage@example.com")
+    tenant = user.personal_tenant_id
+    assert tenant is not None
+    results = await asyncio.gather(
+        *(
+            tollhouse.credits.usage_increment(
+                tenant, "api_calls", amount=1, limit=25, window_seconds=3600
+            )
+            for _ in range(60)
+        )
+    )
+    assert sum(allowed for allowed, _ in results) == 25
+    assert max(used for _, used in results) == 25

@@ -156,3 +156,44 @@ async def test_credits_routes_are_published(client: httpx.AsyncClient) -> None:
         "/v1/credits/ledger",
         "/v1/plans",
     } <= paths
+
+
+async def test_reservations_and_refunds_over_http(
+    client: httpx.AsyncClient, auth: dict[str, str], payer: uuid.UUID
+) -> None:
+    who = {"user_id": str(payer)}
+    held = await client.post(
+        "/v1/credits/reservations", json={**who, "turn_id": "r1", "amount": 20}, headers=auth
+    )
+    assert held.status_code == 200
+    assert (held.json()["status"], held.json()["available_after"]) == ("pending", 80)
+    done = await client.post(
+        "/v1/credits/reservations/r1/commit", json={**who, "amount": 12}, headers=auth
+    )
+    assert done.status_code == 200 and done.json()["balance_after"] == 88
+    again = await client.post(
+        "/v1/credits/reservations/r1/commit", json={**who, "amount": 12}, headers=auth
+    )
+    assert again.json() == done.json() and again.headers["idempotent-replayed"] == "true"
+    late = await client.post("/v1/credits/reservations/r1/release", json=who, headers=auth)
+    assert (late.status_code, late.json()["error"]["code"]) == (409, "reservation_committed")
+    await client.post(
+        "/v1/credits/reservations", json={**who, "turn_id": "r2", "amount": 5}, headers=auth
+    )
+    released = await client.post("/v1/credits/reservations/r2/release", json=who, headers=auth)
+    assert released.json()["status"] == "released"
+    missing = await client.post("/v1/credits/reservations/nope/release", json=who, headers=auth)
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "reservation_not_found")
+    refund = await client.post(
+        "/v1/credits/refunds", json={"ledger_id": done.json()["ledger_id"]}, headers=auth
+    )
+    assert refund.json()["refunded"] == 12 and refund.json()["balance_after"] == 100
+    too_much = await client.post(
+        "/v1/credits/refunds",
+        json={"ledger_id": done.json()["ledger_id"], "amount": 13},
+        headers=auth,
+    )
+    assert (too_much.status_code, too_much.json()["error"]["code"]) == (
+        422,
+        "refund_exceeds_debit",
+    )

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, StrictInt, model_validator
 from tollhouse.api.deps import ServiceKey, TollhouseDep
 from tollhouse.api.errors import envelope, status_for
 from tollhouse.api.schemas import Strict
-from tollhouse.credits import DebitRequest, rejection
+from tollhouse.credits import DebitRequest, DebitResult, rejection
 from tollhouse.credits.service import MAX_AMOUNT
 from tollhouse.errors import InvalidRequest
 
@@ -132,6 +132,76 @@ class PlansBody(Strict):
     plans: list[PlanBody] = Field(min_length=1, max_length=100)
 
 
+class ReserveBody(Payer):
+    amount: Amount
+    turn_id: str = Field(min_length=1, max_length=200)
+    ttl_seconds: StrictInt = Field(default=600, ge=1, le=7 * 24 * 3600)
+    session_id: str | None = Field(default=None, max_length=200)
+
+
+class ReservationOut(BaseModel):
+    tenant_id: uuid.UUID
+    turn_id: str
+    amount: int
+    status: str
+    available_after: int | None
+
+
+class CommitBody(Payer):
+    amount: StrictInt = Field(ge=0, le=MAX_AMOUNT)
+    reason: str = Field(default="llm_usage", pattern=r"^[a-z][a-z0-9_.:-]{0,63}$")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class RefundBody(Strict):
+    ledger_id: uuid.UUID
+    amount: Amount | None = Field(
+        default=None, description="The total to have refunded of this debit; default: all."
+    )
+
+
+class RefundOut(BaseModel):
+    tenant_id: uuid.UUID
+    ledger_id: uuid.UUID
+    refunded: int
+    balance_after: int
+
+
+def _answer(result: DebitResult, out: BaseModel | None) -> Response:
+    """A result as HTTP: its error envelope when rejected, else `out`; replays marked."""
+    headers = {REPLAY_HEADER: "true"} if result.replayed else {}
+    error = rejection(result)
+    if error is not None:
+        fields = {k: v for k, v in error.fields.items() if v is not None}
+        return JSONResponse(
+            envelope(error.code, error.message, **fields),
+            status_code=status_for(error),
+            headers=headers,
+        )
+    assert out is not None
+    return JSONResponse(out.model_dump(mode="json"), headers=headers)
+
+
+def _debit_out(result: DebitResult) -> DebitOut | None:
+    if result.status != "applied" or result.ledger_id is None or result.tenant_id is None:
+        return None
+    return DebitOut(
+        ledger_id=result.ledger_id,
+        tenant_id=result.tenant_id,
+        amount=result.amount,
+        balance_after=result.balance_after or 0,
+        status="applied",
+    )
+
+
+def _payer_args(body: Payer) -> dict[str, uuid.UUID | None]:
+    """`tenant_id` wins over `user_id` (the acting member, once organisations exist)."""
+    return {
+        "tenant_id": body.tenant_id,
+        "user_id": body.user_id if body.tenant_id is None else None,
+    }
+
+
 def _require_payer(user_id: uuid.UUID | None, tenant_id: uuid.UUID | None) -> None:
     if user_id is None and tenant_id is None:
         raise InvalidRequest("name the payer: user_id or tenant_id", field="user_id")
@@ -163,23 +233,7 @@ async def debit(body: DebitBody, _: ServiceKey, tollhouse: TollhouseDep) -> Resp
             metadata=body.metadata,
         )
     )
-    headers = {REPLAY_HEADER: "true"} if result.replayed else {}
-    error = rejection(result)
-    if error is not None:
-        fields = {k: v for k, v in error.fields.items() if v is not None}
-        return JSONResponse(
-            envelope(error.code, error.message, **fields),
-            status_code=status_for(error),
-            headers=headers,
-        )
-    out = DebitOut(
-        ledger_id=result.ledger_id,  # type: ignore[arg-type]
-        tenant_id=result.tenant_id,  # type: ignore[arg-type]
-        amount=result.amount,
-        balance_after=result.balance_after,  # type: ignore[arg-type]
-        status="applied",
-    )
-    return JSONResponse(out.model_dump(mode="json"), headers=headers)
+    return _answer(result, _debit_out(result))
 
 
 @router.get(
@@ -254,3 +308,93 @@ async def put_plans(body: PlansBody, _: ServiceKey, tollhouse: TollhouseDep) -> 
         )
     plans = await tollhouse.credits.plans()
     return PlanList(plans=[PlanOut.model_validate(p, from_attributes=True) for p in plans])
+
+
+@router.post(
+    "/credits/reservations",
+    response_model=ReservationOut,
+    responses=_DEBIT_ERRORS,
+    summary="Hold credits for a streaming turn",
+)
+async def reserve(body: ReserveBody, _: ServiceKey, tollhouse: TollhouseDep) -> Response:
+    result = await tollhouse.credits.reserve(
+        amount=body.amount,
+        turn_id=body.turn_id,
+        ttl_seconds=body.ttl_seconds,
+        session_id=body.session_id,
+        **_payer_args(body),
+    )
+    out = None
+    if result.tenant_id is not None and result.status != "rejected":
+        out = ReservationOut(
+            tenant_id=result.tenant_id,
+            turn_id=body.turn_id,
+            amount=result.amount,
+            status=result.status,
+            available_after=result.balance_after,
+        )
+    return _answer(result, out)
+
+
+@router.post(
+    "/credits/reservations/{turn_id}/commit",
+    response_model=DebitOut,
+    responses=_DEBIT_ERRORS,
+    summary="Debit the actual amount of a held turn; the rest goes back",
+)
+async def commit(
+    turn_id: str, body: CommitBody, _: ServiceKey, tollhouse: TollhouseDep
+) -> Response:
+    result = await tollhouse.credits.commit(
+        turn_id=turn_id,
+        amount=body.amount,
+        reason=body.reason,
+        metadata=body.metadata,
+        **_payer_args(body),
+    )
+    if result.status == "committed":  # a commit of 0: nothing to debit
+        return _answer(
+            result,
+            ReservationOut(
+                tenant_id=result.tenant_id or uuid.UUID(int=0),
+                turn_id=turn_id,
+                amount=0,
+                status="committed",
+                available_after=result.balance_after,
+            ),
+        )
+    return _answer(result, _debit_out(result))
+
+
+@router.post(
+    "/credits/reservations/{turn_id}/release",
+    response_model=ReservationOut,
+    summary="Give a held turn's credits back",
+)
+async def release(turn_id: str, body: Payer, _: ServiceKey, tollhouse: TollhouseDep) -> Response:
+    result = await tollhouse.credits.release(turn_id=turn_id, **_payer_args(body))
+    out = None
+    if result.tenant_id is not None and result.status == "released":
+        out = ReservationOut(
+            tenant_id=result.tenant_id,
+            turn_id=turn_id,
+            amount=result.amount,
+            status="released",
+            available_after=result.balance_after,
+        )
+    return _answer(result, out)
+
+
+@router.post(
+    "/credits/refunds",
+    response_model=RefundOut,
+    summary="Refund a debit (amount: the total to have refunded; repeats change nothing)",
+    responses={404: {"description": "ledger_entry_not_found"}},
+)
+async def refund(body: RefundBody, _: ServiceKey, tollhouse: TollhouseDep) -> RefundOut:
+    tenant, refunded, balance_after = await tollhouse.credits.refund(
+        body.ledger_id, total=body.amount
+    )
+    return RefundOut(
+        tenant_id=tenant, ledger_id=body.ledger_id, refunded=refunded, balance_after=balance_after
+    )

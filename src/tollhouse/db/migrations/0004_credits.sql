@@ -451,6 +451,7 @@ CREATE FUNCTION tollhouse.credit_grant_v1(
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+#variable_conflict use_column
 DECLARE
     v_tenant uuid := p_tenant;
     a tollhouse.credit_accounts;
@@ -630,6 +631,7 @@ RETURNS TABLE (tenant_id uuid, refunded bigint, balance_after bigint, code text)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+#variable_conflict use_column
 DECLARE
     d tollhouse.credit_ledger;
     a tollhouse.credit_accounts;
@@ -674,6 +676,7 @@ CREATE FUNCTION tollhouse.usage_increment_v1(
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+#variable_conflict use_column
 DECLARE
     v_start timestamptz := date_bin(p_window, now(), timestamptz '2000-01-01 00:00:00+00');
     v_used bigint;
