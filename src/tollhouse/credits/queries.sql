@@ -28,12 +28,15 @@ WHERE t.deleted_at IS NULL
 
 -- name: account_fresh
 -- Whether the account can be read as it is: it exists, its period has not ended, no live
--- grant has expired and this period's allowance was granted.
+-- grant or pending hold has expired and this period's allowance was granted.
 SELECT a.period_end > now()
        AND a.allowance_for IS NOT DISTINCT FROM a.period_start
        AND NOT EXISTS (SELECT 1 FROM tollhouse.credit_grants g
                        WHERE g.tenant_id = a.tenant_id AND g.remaining > 0
                          AND g.expires_at <= now())
+       AND NOT EXISTS (SELECT 1 FROM tollhouse.credit_reservations r
+                       WHERE r.tenant_id = a.tenant_id AND r.status = 'pending'
+                         AND r.expires_at <= now())
 FROM tollhouse.credit_accounts a WHERE a.tenant_id = %(tenant_id)s
 
 -- name: refresh_account

@@ -55,8 +55,10 @@ CREATE TABLE tollhouse.credit_accounts (
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT credit_accounts_pkey PRIMARY KEY (tenant_id),
-    -- The floor: never below the overdraft limit, reservations counted.
-    CONSTRAINT credit_accounts_floor_check CHECK (balance - reserved >= -overdraft_limit),
+    -- The floor: never below the overdraft limit. (Debits and holds also keep
+    -- balance - reserved above it; an expiry may not, so that is checked where they are made:
+    -- a hold does not stop the credits under it from expiring.)
+    CONSTRAINT credit_accounts_floor_check CHECK (balance >= -overdraft_limit),
     CONSTRAINT credit_accounts_reserved_check CHECK (reserved >= 0),
     CONSTRAINT credit_accounts_daily_used_check CHECK (daily_used >= 0),
     CONSTRAINT credit_accounts_overdraft_limit_check CHECK (overdraft_limit >= 0),
