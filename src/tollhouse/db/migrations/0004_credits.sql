@@ -235,6 +235,7 @@ DECLARE
     a tollhouse.credit_accounts;
     p tollhouse.plans;
     g record;
+    v_changed boolean := false;
 BEGIN
     SELECT * INTO a FROM tollhouse.credit_accounts WHERE tenant_id = p_tenant FOR UPDATE;
     IF NOT FOUND THEN
@@ -265,9 +266,11 @@ BEGIN
         INSERT INTO tollhouse.credit_ledger
             (tenant_id, id, kind, reason, delta, balance_after, grant_id)
         VALUES (p_tenant, tollhouse.uuid7(), 'expiry', 'expiry', -g.remaining, a.balance, g.id);
+        v_changed := true;
     END LOOP;
 
     -- Reservations past their time are released.
+    IF a.reserved > 0 THEN
     WITH gone AS (
         UPDATE tollhouse.credit_reservations r
         SET status = 'expired', resolved_at = now()
@@ -283,6 +286,7 @@ BEGIN
     IF a.tenant_id IS NULL THEN
         SELECT * INTO a FROM tollhouse.credit_accounts WHERE tenant_id = p_tenant;
     END IF;
+    END IF;
 
     IF now() >= a.period_end THEN
         WHILE a.period_end <= now() LOOP
@@ -292,6 +296,7 @@ BEGIN
         UPDATE tollhouse.credit_accounts
         SET period_start = a.period_start, period_end = a.period_end, updated_at = now()
         WHERE tenant_id = p_tenant;
+        v_changed := true;
     END IF;
     IF a.allowance_for IS DISTINCT FROM a.period_start THEN
         SELECT * INTO p FROM tollhouse.plans WHERE name = a.plan;
@@ -304,8 +309,11 @@ BEGIN
         END IF;
         UPDATE tollhouse.credit_accounts SET allowance_for = a.period_start
         WHERE tenant_id = p_tenant;
+        v_changed := true;
     END IF;
-    SELECT * INTO a FROM tollhouse.credit_accounts WHERE tenant_id = p_tenant;
+    IF v_changed THEN
+        SELECT * INTO a FROM tollhouse.credit_accounts WHERE tenant_id = p_tenant;
+    END IF;
     RETURN a;
 END
 $$;
@@ -314,7 +322,7 @@ $$;
 -- per (tenant, turn_id) and replayed on retry.
 CREATE FUNCTION tollhouse.credit_debit_v1(
     p_tenant uuid, p_user uuid, p_amount bigint, p_turn_id text, p_session_id text,
-    p_reason text, p_metadata jsonb
+    p_reason text, p_metadata jsonb, p_locked boolean DEFAULT false
 ) RETURNS tollhouse.credit_debit_result
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -337,7 +345,12 @@ BEGIN
           AND t.deleted_at IS NULL AND u.deleted_at IS NULL;
     END IF;
     IF v_tenant IS NOT NULL THEN
-        a := tollhouse.credit_account_v1(v_tenant);
+        IF p_locked THEN
+            -- The batch locked and refreshed this account already.
+            SELECT * INTO a FROM tollhouse.credit_accounts WHERE tenant_id = v_tenant;
+        ELSE
+            a := tollhouse.credit_account_v1(v_tenant);
+        END IF;
     END IF;
     IF a.tenant_id IS NULL THEN
         RETURN ROW(v_tenant, 'rejected', 'not_found', NULL, p_amount, NULL, false)::tollhouse.credit_debit_result;
@@ -440,7 +453,7 @@ BEGIN
     FOR i IN 1 .. coalesce(array_length(p_amounts, 1), 0) LOOP
         RETURN NEXT tollhouse.credit_debit_v1(
             v_tenants[i], p_users[i], p_amounts[i], p_turn_ids[i], p_session_ids[i],
-            p_reasons[i], p_metadata[i]);
+            p_reasons[i], p_metadata[i], v_tenants[i] IS NOT NULL);
     END LOOP;
 END
 $$;
@@ -758,7 +771,7 @@ BEGIN
     FOREACH f IN ARRAY ARRAY[
         'tollhouse.credit_apply_grant_v1(uuid, bigint, text, text, integer, timestamptz, text, uuid, text)',
         'tollhouse.credit_account_v1(uuid)',
-        'tollhouse.credit_debit_v1(uuid, uuid, bigint, text, text, text, jsonb)',
+        'tollhouse.credit_debit_v1(uuid, uuid, bigint, text, text, text, jsonb, boolean)',
         'tollhouse.credit_debit_batch_v1(uuid[], uuid[], bigint[], text[], text[], text[], jsonb[])',
         'tollhouse.credit_grant_v1(uuid, uuid, bigint, text, text, integer, timestamptz)',
         'tollhouse.credit_reserve_v1(uuid, uuid, bigint, text, integer, text)',

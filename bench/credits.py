@@ -1,0 +1,322 @@
+"""Credits throughput on this machine, every figure issue 4 asks for, in one run.
+
+Run: python bench/credits.py [--seconds 8]
+
+On one throwaway embedded PostgreSQL (durable settings; or DATABASE_URL):
+- pgbench calling credit_debit_v1 directly, 16 clients, 10,000 tenants: the ceiling of one
+  debit per transaction on this machine;
+- the library with group commit at 16 and 64 tasks on 10,000 tenants, and one debit per
+  transaction for comparison;
+- one hot tenant at 64 tasks, coalesced and one debit per transaction;
+- a naive baseline (SELECT ... FOR UPDATE, UPDATE, INSERT: three round trips);
+- HTTP through `tollhouse serve` at 16 and 64 concurrent clients;
+- balance reads.
+Then the conservation check. Each figure as ops/s, p50/p99 ms, and the ratio to pgbench.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import psycopg
+
+from tollhouse.app import Tollhouse
+from tollhouse.credits import CreditService, DebitRequest, conservation_problems
+from tollhouse.db import migrate
+from tollhouse.db.dsn import as_user
+from tollhouse.db.embedded import EmbeddedPostgres
+from tollhouse.db.schema import pg_dump_path
+
+TENANTS = 10_000
+HOT = uuid.UUID("00000000-0000-7000-8000-999999999999")
+SETUP = """
+INSERT INTO tollhouse.tenants (id, name, owner_user_id)
+SELECT ('00000000-0000-7000-8000-' || lpad(n::text, 12, '0'))::uuid, 'bench ' || n,
+       gen_random_uuid()
+FROM generate_series(1, %(tenants)s) n
+UNION ALL SELECT %(hot)s, 'hot', gen_random_uuid();
+UPDATE tollhouse.plans SET monthly_credits = 0, daily_cap = NULL;
+SELECT count(*) FROM tollhouse.tenants t,
+     LATERAL tollhouse.credit_grant_v1(t.id, NULL, 1000000000, 'purchase', 'bench', 0, NULL);
+CREATE TABLE public.naive_accounts (id uuid PRIMARY KEY, balance bigint NOT NULL);
+CREATE TABLE public.naive_ledger (id uuid PRIMARY KEY, account uuid, delta bigint,
+                                  turn_id text UNIQUE);
+INSERT INTO public.naive_accounts
+SELECT ('00000000-0000-7000-8000-' || lpad(n::text, 12, '0'))::uuid, 1000000000
+FROM generate_series(1, %(tenants)s) n;
+GRANT SELECT, INSERT, UPDATE ON public.naive_accounts, public.naive_ledger TO tollhouse_service;
+"""
+PGBENCH_SCRIPT = (
+    "\\set n random(1, 10000)\n"
+    "SELECT tollhouse.credit_debit_v1("
+    "('00000000-0000-7000-8000-' || lpad(:n::text, 12, '0'))::uuid, NULL, 1,"
+    " md5(random()::text || clock_timestamp()::text), NULL, 'llm_usage', '{}'::jsonb);\n"
+)
+
+
+def tenant(n: int) -> uuid.UUID:
+    return uuid.UUID(f"00000000-0000-7000-8000-{n:012d}")
+
+
+async def load(
+    call: Callable[[], Awaitable[object]], seconds: float, concurrency: int
+) -> tuple[float, float, float]:
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            await call()
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return (
+        len(latencies) / elapsed,
+        statistics.median(latencies) * 1000,
+        latencies[int(len(latencies) * 0.99)] * 1000,
+    )
+
+
+def pgbench(dsn: str, seconds: float, clients: int) -> float:
+    script = Path(tempfile.mkdtemp()) / "debit.sql"
+    script.write_text(PGBENCH_SCRIPT)
+    binary = str(Path(pg_dump_path()).with_name("pgbench"))
+    out = subprocess.run(
+        [
+            binary,
+            "-n",
+            "-c",
+            str(clients),
+            "-j",
+            "2",
+            "-T",
+            str(int(seconds)),
+            "-f",
+            str(script),
+            dsn,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    match = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
+    assert match, out
+    return float(match[1])
+
+
+async def http_load(
+    port: int, key: str, seconds: float, clients: int
+) -> tuple[float, float, float]:
+    """Keep-alive HTTP/1.1 clients on raw sockets: httpx itself tops out near 500 requests
+    a second on these cores and would measure the client, not the service."""
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def client() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while time.perf_counter() < deadline:
+            body = (
+                f'{{"tenant_id": "{tenant(random.randint(1, TENANTS))}", "amount": 1,'
+                f' "turn_id": "{uuid.uuid4().hex}"}}'
+            ).encode()
+            started = time.perf_counter()
+            writer.write(
+                b"POST /v1/credits/debit HTTP/1.1\r\nHost: bench\r\n"
+                b"Authorization: Bearer " + key.encode() + b"\r\n"
+                b"Content-Type: application/json\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            await reader.readexactly(length)
+            assert status == 200, head
+            latencies.append(time.perf_counter() - started)
+        writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return (
+        len(latencies) / elapsed,
+        statistics.median(latencies) * 1000,
+        latencies[int(len(latencies) * 0.99)] * 1000,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def run(dsn: str, service_dsn: str, seconds: float, lanes: int = 2) -> None:
+    await migrate.migrate(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for statement in filter(str.strip, SETUP.split(";")):
+            params = {"tenants": TENANTS, "hot": HOT} if "%(" in statement else None
+            conn.execute(statement, params)
+    rows: list[tuple[str, float, float | None, float | None]] = []
+    ceiling = pgbench(dsn, seconds, 16)
+    rows.append(("pgbench, credit_debit_v1, 16 clients, 10k tenants", ceiling, None, None))
+
+    async with Tollhouse.open(service_dsn, min_size=8, max_size=70) as th:
+        credits = CreditService(th.db, lanes=lanes)
+
+        def spread(alone: bool) -> Callable[[], Awaitable[object]]:
+            send = credits.debit_alone if alone else credits.debit
+
+            async def call() -> object:
+                return await send(
+                    DebitRequest(
+                        amount=1,
+                        turn_id=uuid.uuid4().hex,
+                        tenant_id=tenant(random.randint(1, TENANTS)),
+                    )
+                )
+
+            return call
+
+        def hot(alone: bool) -> Callable[[], Awaitable[object]]:
+            send = credits.debit_alone if alone else credits.debit
+
+            async def call() -> object:
+                return await send(DebitRequest(amount=1, turn_id=uuid.uuid4().hex, tenant_id=HOT))
+
+            return call
+
+        for label, call, tasks in (
+            ("library, group commit, 16 tasks, 10k tenants", spread(False), 16),
+            ("library, group commit, 64 tasks, 10k tenants", spread(False), 64),
+            ("library, one debit per transaction, 16 tasks", spread(True), 16),
+            ("library, one debit per transaction, 64 tasks", spread(True), 64),
+            ("one hot tenant, group commit, 64 tasks", hot(False), 64),
+            ("one hot tenant, one debit per transaction, 64 tasks", hot(True), 64),
+        ):
+            before = (credits.batcher.batches, credits.batcher.debits)
+            rate, p50, p99 = await load(call, seconds, tasks)
+            batches = credits.batcher.batches - before[0]
+            debits = credits.batcher.debits - before[1]
+            if batches:
+                label += f" (avg batch {debits / batches:.1f})"
+            rows.append((label, rate, p50, p99))
+
+        async def naive() -> object:
+            account = tenant(random.randint(1, TENANTS))
+            async with th.db.connection() as conn, conn.transaction():
+                cur = await conn.execute(
+                    "SELECT balance FROM public.naive_accounts WHERE id = %s FOR UPDATE", (account,)
+                )
+                (balance,) = await cur.fetchone() or (0,)
+                await conn.execute(
+                    "UPDATE public.naive_accounts SET balance = %s WHERE id = %s",
+                    (balance - 1, account),
+                )
+                await conn.execute(
+                    "INSERT INTO public.naive_ledger VALUES (gen_random_uuid(), %s, -1, %s)",
+                    (account, uuid.uuid4().hex),
+                )
+            return None
+
+        rate, p50, p99 = await load(naive, seconds, 16)
+        rows.append(("naive: SELECT FOR UPDATE, UPDATE, INSERT, 16 tasks", rate, p50, p99))
+
+        async def read() -> object:
+            return await credits.balance(tenant_id=tenant(random.randint(1, TENANTS)))
+
+        rate, p50, p99 = await load(read, seconds, 16)
+        rows.append(("balance read, 16 tasks", rate, p50, p99))
+        key = (await th.keys.create("bench")).secret
+        await credits.close()
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": dsn,
+        "TOLLHOUSE_SERVICE_DATABASE_URL": service_dsn,
+        "TOLLHOUSE_LOG_LEVEL": "warning",
+        "TOLLHOUSE_POOL_MAX_SIZE": "24",
+    }
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("tollhouse")), "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            for _ in range(200):
+                try:
+                    if (await http.get("/readyz")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.1)
+        for clients in (16, 64):
+            rate, p50, p99 = await http_load(port, key, seconds, clients)
+            rows.append((f"HTTP POST /v1/credits/debit, {clients} clients", rate, p50, p99))
+    finally:
+        server.terminate()
+        server.wait(30)
+
+    with psycopg.connect(dsn) as sync_conn:
+        version = sync_conn.execute("SHOW server_version").fetchone()
+    print(
+        f"PostgreSQL {version[0] if version else '?'}, {os.cpu_count()} cores, "
+        f"{seconds:.0f} s per case, fsync on, synchronous_commit on"
+    )
+    print(f"{'case':74} {'ops/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'x pgbench':>9}")
+    for label, ops, median, tail in rows:
+        p50s = f"{median:7.2f}" if median is not None else "      -"
+        p99s = f"{tail:7.2f}" if tail is not None else "      -"
+        print(f"{label:74} {ops:9.0f} {p50s} {p99s} {ops / ceiling:9.2f}")
+    async with await psycopg.AsyncConnection.connect(dsn) as aconn:
+        problems = await conservation_problems(aconn)
+    print("conservation after the run:", "ok" if not problems else problems[:3])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--lanes", type=int, default=2, help="group-commit lanes")
+    args = parser.parse_args()
+    external = os.environ.get("DATABASE_URL")
+    if external:
+        asyncio.run(
+            run(external, os.environ.get("TOLLHOUSE_SERVICE_DATABASE_URL", external), args.seconds)
+        )
+        return
+    server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="tollhouse-bench-")) / "pgdata")
+    dsn = server.start()
+    try:
+        asyncio.run(run(dsn, as_user(dsn, "tollhouse_service"), args.seconds, args.lanes))
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
