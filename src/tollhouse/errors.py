@@ -472,3 +472,9 @@ class RefundExceedsDebit(InvalidRequest):
     """A refund may not exceed the debit it refunds."""
 
     code = "refund_exceeds_debit"
+
+
+class ServiceStopping(DatabaseUnavailable):
+    """The service is stopping; try again in a moment."""
+
+    code = "service_stopping"

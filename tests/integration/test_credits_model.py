@@ -116,6 +116,8 @@ class Model:
                 return stored_status, None if stored_status == "applied" else "insufficient_credits"
         if status != "pending":
             return "rejected", f"reservation_{status}"
+        if amount is not None and self.balance - (self.reserved - held) - amount < -OVERDRAFT:
+            return "rejected", "insufficient_credits"  # the hold stays pending
         self.reserved -= held
         if amount is None:
             self.holds[turn] = (held, "released", expires_at)
@@ -138,6 +140,7 @@ class CreditsMachine(RuleBasedStateMachine):
         self.context: AbstractAsyncContextManager[Tollhouse] | None = None
         self.user = uuid.uuid4()
         self.turns = 0
+        self.prefix = uuid.uuid4().hex[:8]  # turn ids are global: unique per example
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -195,7 +198,7 @@ class CreditsMachine(RuleBasedStateMachine):
     @rule(amount=st.integers(1, 40))
     def debit(self, amount: int) -> None:
         self.turns += 1
-        turn = f"t{self.turns}"
+        turn = f"{self.prefix}-{self.turns}"
         expected = self.model.debit(turn, amount)
         result = self._run(
             self.th.credits.debit(DebitRequest(amount=amount, turn_id=turn, user_id=self.user))
@@ -216,7 +219,7 @@ class CreditsMachine(RuleBasedStateMachine):
     @rule(amount=st.integers(1, 40), ttl_hours=st.integers(1, 12))
     def reserve(self, amount: int, ttl_hours: int) -> None:
         self.turns += 1
-        turn = f"t{self.turns}"
+        turn = f"{self.prefix}-{self.turns}"
         expected = self.model.reserve(turn, amount, ttl_hours * HOUR)
         result = self._run(
             self.th.credits.reserve(

@@ -11,7 +11,6 @@ never deadlock. A caller hears its outcome only after its batch committed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,10 +18,12 @@ from collections.abc import Awaitable, Callable, Sequence
 import structlog
 
 from tollhouse.credits.records import DebitRequest, DebitResult
+from tollhouse.errors import DatabaseUnavailable, ServiceStopping, TollhouseError
 
 log = structlog.get_logger(__name__)
 
 Runner = Callable[[Sequence[DebitRequest]], Awaitable[list[DebitResult]]]
+Item = tuple[DebitRequest, "asyncio.Future[DebitResult]"]
 
 
 class DebitBatcher:
@@ -34,11 +35,10 @@ class DebitBatcher:
         self._run_batch = run_batch
         self._run_one = run_one
         self._max_batch = max_batch
-        self._queues: list[deque[tuple[DebitRequest, asyncio.Future[DebitResult]]]] = [
-            deque() for _ in range(lanes)
-        ]
+        self._queues: list[deque[Item]] = [deque() for _ in range(lanes)]
         self._wakeups = [asyncio.Event() for _ in range(lanes)]
         self._workers: list[asyncio.Task[None] | None] = [None] * lanes
+        self._closed = False
         #: Batches and debits sent, for metrics and benchmarks.
         self.batches = 0
         self.debits = 0
@@ -49,6 +49,8 @@ class DebitBatcher:
 
     async def submit(self, request: DebitRequest) -> DebitResult:
         """The debit's outcome, once the transaction that decided it committed."""
+        if self._closed:
+            raise ServiceStopping()
         lane = self._lane(request)
         future: asyncio.Future[DebitResult] = asyncio.get_running_loop().create_future()
         self._queues[lane].append((request, future))
@@ -61,22 +63,38 @@ class DebitBatcher:
     async def _work(self, lane: int) -> None:
         queue, wakeup = self._queues[lane], self._wakeups[lane]
         while True:
-            await wakeup.wait()
-            wakeup.clear()
             while queue:
                 batch = [queue.popleft() for _ in range(min(len(queue), self._max_batch))]
-                await self._send(batch)
+                try:
+                    await self._send(batch)
+                finally:
+                    # Whatever happened, no caller is left waiting without an answer.
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(DatabaseUnavailable("the debit was not sent"))
+            if self._closed:
+                return
+            wakeup.clear()
+            await wakeup.wait()
 
-    async def _send(self, batch: list[tuple[DebitRequest, asyncio.Future[DebitResult]]]) -> None:
+    async def _send(self, batch: list[Item]) -> None:
         requests = [request for request, _ in batch]
         self.batches += 1
         self.debits += len(batch)
+        runner = self._run_one if len(batch) == 1 else self._run_batch
         try:
-            runner = self._run_one if len(batch) == 1 else self._run_batch
             results = await runner(requests)
+            if len(results) != len(batch):
+                raise TollhouseError(f"{len(results)} outcomes for {len(batch)} debits")
+        except DatabaseUnavailable as exc:
+            # The database is away: fail fast, every debit of the batch alike.
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
         except Exception as exc:
             if len(batch) > 1:
-                log.warning("debit_batch_failed_retrying_alone", size=len(batch))
+                log.warning("debit_batch_failed_retrying_alone", size=len(batch), error=str(exc))
                 for item in batch:
                     await self._send([item])
                 return
@@ -89,12 +107,9 @@ class DebitBatcher:
                 future.set_result(result)
 
     async def close(self) -> None:
-        """Stop the lanes; debits already queued are still sent."""
-        for lane, worker in enumerate(self._workers):
-            if worker is None:
-                continue
-            while self._queues[lane]:  # noqa: ASYNC110 - a drain at shutdown only
-                await asyncio.sleep(0.001)
-            worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
+        """Take no more debits; those queued or in flight are still sent and answered."""
+        self._closed = True
+        for wakeup in self._wakeups:
+            wakeup.set()
+        workers = [w for w in self._workers if w is not None]
+        await asyncio.gather(*workers, return_exceptions=True)

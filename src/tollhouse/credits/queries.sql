@@ -116,10 +116,11 @@ SELECT * FROM tollhouse.usage_increment_v1(
 -- name: stale_accounts
 -- Accounts an operation would change on its own: period over, grant or hold expired.
 SELECT a.tenant_id FROM tollhouse.credit_accounts a
-WHERE a.period_end <= now()
+WHERE a.tenant_id > %(after)s
+  AND (a.period_end <= now()
    OR EXISTS (SELECT 1 FROM tollhouse.credit_grants g
               WHERE g.tenant_id = a.tenant_id AND g.remaining > 0 AND g.expires_at <= now())
    OR EXISTS (SELECT 1 FROM tollhouse.credit_reservations r
-              WHERE r.tenant_id = a.tenant_id AND r.status = 'pending' AND r.expires_at <= now())
+              WHERE r.tenant_id = a.tenant_id AND r.status = 'pending' AND r.expires_at <= now()))
 ORDER BY a.tenant_id
 LIMIT %(limit)s

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+import structlog
 from psycopg.rows import class_row, dict_row
 from psycopg.types.json import Jsonb
 
@@ -28,6 +29,7 @@ from tollhouse.db.pool import Database
 from tollhouse.db.queries import Queries
 
 queries = Queries("tollhouse.credits", "queries.sql")
+log = structlog.get_logger(__name__)
 
 MAX_AMOUNT = 10**15
 _CONSTRAINTS = {
@@ -246,15 +248,25 @@ class CreditService:
         """Apply what is due on every account (period renewals, expiries, expired holds);
         returns how many accounts changed. Safe to run concurrently and repeatedly."""
         done = 0
+        after = uuid.UUID(int=0)
         while True:
             async with self._db.connection() as conn:
-                cur = await conn.execute(queries["stale_accounts"], {"limit": batch})
+                cur = await conn.execute(
+                    queries["stale_accounts"], {"limit": batch, "after": after}
+                )
                 tenants = [row[0] for row in await cur.fetchall()]
-                for tenant in tenants:
-                    await conn.execute(queries["refresh_account"], {"tenant_id": tenant})
-            done += len(tenants)
+            for tenant in tenants:
+                try:
+                    async with self._db.connection() as conn:
+                        await conn.execute(queries["refresh_account"], {"tenant_id": tenant})
+                    done += 1
+                except e.DatabaseUnavailable:
+                    raise
+                except e.TollhouseError as exc:  # one broken account must not stop the rest
+                    log.error("credits_sweep_failed", tenant_id=str(tenant), error=exc.message)
             if len(tenants) < batch:
                 return done
+            after = tenants[-1]
 
     # --- grants, balances, ledger ------------------------------------------------------------
 

@@ -195,11 +195,8 @@ def _debit_out(result: DebitResult) -> DebitOut | None:
 
 
 def _payer_args(body: Payer) -> dict[str, uuid.UUID | None]:
-    """`tenant_id` wins over `user_id` (the acting member, once organisations exist)."""
-    return {
-        "tenant_id": body.tenant_id,
-        "user_id": body.user_id if body.tenant_id is None else None,
-    }
+    """With `tenant_id`, `user_id` names the acting member (recorded on the ledger)."""
+    return {"tenant_id": body.tenant_id, "user_id": body.user_id}
 
 
 def _require_payer(user_id: uuid.UUID | None, tenant_id: uuid.UUID | None) -> None:
@@ -227,7 +224,7 @@ async def debit(body: DebitBody, _: ServiceKey, tollhouse: TollhouseDep) -> Resp
             amount=body.amount,
             turn_id=body.turn_id,
             tenant_id=body.tenant_id,
-            user_id=body.user_id if body.tenant_id is None else None,
+            user_id=body.user_id,
             session_id=body.session_id,
             reason=body.reason,
             metadata=body.metadata,
@@ -264,7 +261,7 @@ async def grant(body: GrantBody, _: ServiceKey, tollhouse: TollhouseDep) -> Gran
         amount=body.amount,
         source=body.source,
         tenant_id=body.tenant_id,
-        user_id=body.user_id if body.tenant_id is None else None,
+        user_id=body.user_id,
         source_id=body.source_id,
         priority=body.priority,
         expires_at=body.expires_at,

@@ -148,6 +148,7 @@ CREATE TABLE tollhouse.credit_reservations (
     day date NOT NULL,
     expires_at timestamptz NOT NULL,
     committed_amount bigint,
+    available_after bigint NOT NULL,
     acting_user_id uuid,
     session_id text,
     created_at timestamptz NOT NULL DEFAULT now(),
@@ -181,6 +182,14 @@ CREATE TABLE tollhouse.usage_counters (
     CONSTRAINT usage_counters_pkey PRIMARY KEY (tenant_id, metric, window_start),
     CONSTRAINT usage_counters_metric_check CHECK (metric ~ '^[a-z][a-z0-9_.:-]{0,63}$'),
     CONSTRAINT usage_counters_used_check CHECK (used >= 0)
+);
+
+-- Routing table: a turn_id belongs to one tenant, so a retry naming another payer is a
+-- conflict, not a second charge.
+CREATE TABLE tollhouse.credit_turns (
+    turn_id text NOT NULL,
+    tenant_id uuid NOT NULL,
+    CONSTRAINT credit_turns_pkey PRIMARY KEY (turn_id)
 );
 
 CREATE TYPE tollhouse.credit_debit_result AS (
@@ -236,6 +245,7 @@ DECLARE
     p tollhouse.plans;
     g record;
     v_changed boolean := false;
+    v_months integer;
 BEGIN
     SELECT * INTO a FROM tollhouse.credit_accounts WHERE tenant_id = p_tenant FOR UPDATE;
     IF NOT FOUND THEN
@@ -289,12 +299,17 @@ BEGIN
     END IF;
 
     IF now() >= a.period_end THEN
-        WHILE a.period_end <= now() LOOP
-            a.period_start := a.period_end;
-            a.period_end := a.period_end + interval '1 month';
-        END LOOP;
+        -- Periods count whole months from the account's creation (no drift: Jan 31 ->
+        -- Feb 28 -> Mar 31), and a new period takes the plan's current limits.
+        v_months := (extract(year FROM age(now(), a.created_at)) * 12
+                     + extract(month FROM age(now(), a.created_at)))::integer;
+        a.period_start := a.created_at + make_interval(months => v_months);
+        a.period_end := a.created_at + make_interval(months => v_months + 1);
+        SELECT * INTO p FROM tollhouse.plans WHERE name = a.plan;
         UPDATE tollhouse.credit_accounts
-        SET period_start = a.period_start, period_end = a.period_end, updated_at = now()
+        SET period_start = a.period_start, period_end = a.period_end,
+            daily_cap = p.daily_cap, overdraft_limit = greatest(p.overdraft_limit, -balance),
+            updated_at = now()
         WHERE tenant_id = p_tenant;
         v_changed := true;
     END IF;
@@ -320,9 +335,37 @@ $$;
 
 -- One debit, decided and written in one call. Outcomes, rejections included, are recorded
 -- per (tenant, turn_id) and replayed on retry.
+-- Claims a turn id for a tenant: false when another tenant has it, or (for a plain debit)
+-- when a reservation of this tenant holds it.
+CREATE FUNCTION tollhouse.credit_claim_turn_v1(p_turn_id text, p_tenant uuid, p_reserved boolean)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_owner uuid;
+BEGIN
+    INSERT INTO tollhouse.credit_turns (turn_id, tenant_id) VALUES (p_turn_id, p_tenant)
+    ON CONFLICT (turn_id) DO NOTHING
+    RETURNING tenant_id INTO v_owner;
+    IF v_owner IS NOT NULL THEN
+        RETURN true;
+    END IF;
+    SELECT tenant_id INTO v_owner FROM tollhouse.credit_turns WHERE turn_id = p_turn_id;
+    IF v_owner <> p_tenant THEN
+        RETURN false;
+    END IF;
+    -- Ours already: a reservation's turn may be debited only by committing it.
+    RETURN p_reserved OR NOT EXISTS (
+        SELECT 1 FROM tollhouse.credit_reservations r
+        WHERE r.tenant_id = p_tenant AND r.turn_id = p_turn_id);
+END
+$$;
+
 CREATE FUNCTION tollhouse.credit_debit_v1(
     p_tenant uuid, p_user uuid, p_amount bigint, p_turn_id text, p_session_id text,
-    p_reason text, p_metadata jsonb, p_locked boolean DEFAULT false
+    p_reason text, p_metadata jsonb, p_locked boolean DEFAULT false,
+    p_reserved boolean DEFAULT false
 ) RETURNS tollhouse.credit_debit_result
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -346,8 +389,8 @@ BEGIN
     END IF;
     IF v_tenant IS NOT NULL THEN
         IF p_locked THEN
-            -- The batch locked and refreshed this account already.
-            SELECT * INTO a FROM tollhouse.credit_accounts WHERE tenant_id = v_tenant;
+            -- The batch locked and refreshed this account already; locking again is free.
+            SELECT * INTO a FROM tollhouse.credit_accounts WHERE tenant_id = v_tenant FOR UPDATE;
         ELSE
             a := tollhouse.credit_account_v1(v_tenant);
         END IF;
@@ -366,13 +409,19 @@ BEGIN
         RETURN ROW(v_tenant, prior.status, prior.code, prior.ledger_id, prior.amount,
                    prior.balance_after, true)::tollhouse.credit_debit_result;
     END IF;
+    IF NOT tollhouse.credit_claim_turn_v1(p_turn_id, v_tenant, p_reserved) THEN
+        RETURN ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL, p_amount, NULL,
+                   false)::tollhouse.credit_debit_result;
+    END IF;
 
     v_day := (now() AT TIME ZONE a.time_zone)::date;
-    IF a.day_start IS DISTINCT FROM v_day THEN
+    -- The day only moves forward: a transaction that started before midnight but got the
+    -- lock after it counts against the new day instead of wiping it.
+    IF a.day_start IS NULL OR v_day > a.day_start THEN
         a.daily_used := 0;
         a.day_start := v_day;
     END IF;
-    IF a.daily_cap IS NOT NULL AND a.daily_used + p_amount > a.daily_cap THEN
+    IF a.daily_cap IS NOT NULL AND a.daily_used + p_amount > a.daily_cap AND NOT p_reserved THEN
         v_code := 'daily_cap_exceeded';
     ELSIF a.balance - a.reserved - p_amount < -a.overdraft_limit THEN
         v_code := 'insufficient_credits';
@@ -491,7 +540,10 @@ BEGIN
                 RAISE EXCEPTION 'grant % exists with another amount', p_source_id
                     USING ERRCODE = 'unique_violation', CONSTRAINT = 'credit_grants_source_key';
             END IF;
-            RETURN QUERY SELECT v_tenant, v_existing.id, a.balance, true;
+            RETURN QUERY
+                SELECT v_tenant, v_existing.id, l.balance_after, true
+                FROM tollhouse.credit_ledger l
+                WHERE l.tenant_id = v_tenant AND l.grant_id = v_existing.id AND l.kind = 'grant';
             RETURN;
         END IF;
     END IF;
@@ -537,11 +589,19 @@ BEGIN
         IF prior.amount <> p_amount THEN
             RETURN ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL, p_amount, NULL, false)::tollhouse.credit_debit_result;
         END IF;
-        RETURN ROW(v_tenant, prior.status, NULL, NULL, prior.amount,
-                   a.balance - a.reserved, true)::tollhouse.credit_debit_result;
+        RETURN ROW(v_tenant, 'pending', NULL, NULL, prior.amount,
+                   prior.available_after, true)::tollhouse.credit_debit_result;
+    END IF;
+    -- A turn already debited (or another tenant's) cannot be reserved.
+    IF EXISTS (SELECT 1 FROM tollhouse.credit_debits d
+               WHERE d.tenant_id = v_tenant AND d.turn_id = p_turn_id)
+       OR NOT tollhouse.credit_claim_turn_v1(p_turn_id, v_tenant, true) THEN
+        RETURN ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL, p_amount, NULL, false)::tollhouse.credit_debit_result;
     END IF;
     v_day := (now() AT TIME ZONE a.time_zone)::date;
-    IF a.day_start IS DISTINCT FROM v_day THEN
+    -- The day only moves forward: a transaction that started before midnight but got the
+    -- lock after it counts against the new day instead of wiping it.
+    IF a.day_start IS NULL OR v_day > a.day_start THEN
         a.daily_used := 0;
         a.day_start := v_day;
     END IF;
@@ -558,9 +618,11 @@ BEGIN
         day_start = a.day_start, updated_at = now()
     WHERE tenant_id = v_tenant;
     INSERT INTO tollhouse.credit_reservations
-        (tenant_id, turn_id, amount, day, expires_at, acting_user_id, session_id)
+        (tenant_id, turn_id, amount, day, expires_at, acting_user_id, session_id,
+         available_after)
     VALUES (v_tenant, p_turn_id, p_amount, a.day_start,
-            now() + make_interval(secs => p_ttl_seconds), p_user, p_session_id);
+            now() + make_interval(secs => p_ttl_seconds), p_user, p_session_id,
+            a.balance - a.reserved - p_amount);
     RETURN ROW(v_tenant, 'pending', NULL, NULL, p_amount,
                a.balance - a.reserved - p_amount, false)::tollhouse.credit_debit_result;
 END
@@ -614,6 +676,13 @@ BEGIN
     IF p_commit_amount IS NOT NULL AND (p_commit_amount < 0 OR p_commit_amount > r.amount) THEN
         RETURN ROW(v_tenant, 'rejected', 'commit_exceeds_reservation', NULL, p_commit_amount, NULL, false)::tollhouse.credit_debit_result;
     END IF;
+    -- Credits under a hold may have expired meanwhile: a commit the balance can no longer
+    -- cover is refused and the hold stays pending (nothing recorded, nothing burned), so the
+    -- app can top up and commit again, or release.
+    IF p_commit_amount IS NOT NULL
+       AND a.balance - (a.reserved - r.amount) - p_commit_amount < -a.overdraft_limit THEN
+        RETURN ROW(v_tenant, 'rejected', 'insufficient_credits', NULL, p_commit_amount, NULL, false)::tollhouse.credit_debit_result;
+    END IF;
     -- Give the hold back, then (on commit) debit the actual amount as an ordinary debit of
     -- this turn: the hold guaranteed the funds and the cap.
     UPDATE tollhouse.credit_accounts
@@ -635,7 +704,7 @@ BEGIN
     END IF;
     RETURN tollhouse.credit_debit_v1(v_tenant, coalesce(p_user, r.acting_user_id),
                                      p_commit_amount, p_turn_id, r.session_id,
-                                     p_reason, p_metadata);
+                                     p_reason, p_metadata, true, true);
 END
 $$;
 
@@ -726,7 +795,8 @@ DECLARE
 BEGIN
     FOREACH t IN ARRAY ARRAY[
         'plans', 'credit_accounts', 'credit_grants', 'credit_ledger', 'credit_ledger_splits',
-        'credit_debits', 'credit_reservations', 'credit_refunds', 'usage_counters'
+        'credit_debits', 'credit_reservations', 'credit_refunds', 'usage_counters',
+        'credit_turns'
     ] LOOP
         EXECUTE format('ALTER TABLE tollhouse.%I ENABLE ROW LEVEL SECURITY', t);
         EXECUTE format('ALTER TABLE tollhouse.%I FORCE ROW LEVEL SECURITY', t);
@@ -741,6 +811,7 @@ GRANT SELECT, INSERT, UPDATE ON tollhouse.plans, tollhouse.credit_accounts,
     tollhouse.credit_grants TO tollhouse_service;
 GRANT SELECT, INSERT, UPDATE ON tollhouse.credit_debits, tollhouse.credit_reservations,
     tollhouse.credit_refunds, tollhouse.usage_counters TO tollhouse_service;
+GRANT SELECT, INSERT ON tollhouse.credit_turns TO tollhouse_service;
 -- Append-only: no UPDATE, no DELETE for anyone but the owner.
 GRANT SELECT, INSERT ON tollhouse.credit_ledger, tollhouse.credit_ledger_splits
     TO tollhouse_service;
@@ -771,7 +842,8 @@ BEGIN
     FOREACH f IN ARRAY ARRAY[
         'tollhouse.credit_apply_grant_v1(uuid, bigint, text, text, integer, timestamptz, text, uuid, text)',
         'tollhouse.credit_account_v1(uuid)',
-        'tollhouse.credit_debit_v1(uuid, uuid, bigint, text, text, text, jsonb, boolean)',
+        'tollhouse.credit_debit_v1(uuid, uuid, bigint, text, text, text, jsonb, boolean, boolean)',
+        'tollhouse.credit_claim_turn_v1(text, uuid, boolean)',
         'tollhouse.credit_debit_batch_v1(uuid[], uuid[], bigint[], text[], text[], text[], jsonb[])',
         'tollhouse.credit_grant_v1(uuid, uuid, bigint, text, text, integer, timestamptz)',
         'tollhouse.credit_reserve_v1(uuid, uuid, bigint, text, integer, text)',
