@@ -56,3 +56,19 @@ async def test_each_audit_catches_its_mutation(
     ok, detail = (await _doctor(dsn))[check]
     assert not ok
     assert expected in detail
+
+
+async def test_the_credits_check_catches_a_drifted_balance(dsn: str, service_dsn: str) -> None:
+    from tollhouse.app import Tollhouse, credits_conservation
+    from tollhouse.credits import DebitRequest
+
+    async with Tollhouse.open(service_dsn, min_size=1, max_size=2) as th:
+        user = await th.users.create(email="drift@example.com")
+        await th.credits.debit(DebitRequest(amount=1, turn_id="d1", user_id=user.id))
+    healthy = await HealthService(Database(dsn), [credits_conservation]).doctor()
+    assert {c.name: c.ok for c in healthy}["credits"] is True
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE tollhouse.credit_accounts SET balance = balance + 1")
+    drifted = await HealthService(Database(dsn), [credits_conservation]).doctor()
+    check = {c.name: c for c in drifted}["credits"]
+    assert not check.ok and "ledger 99" in check.detail

@@ -15,6 +15,7 @@ import pytest
 from tollhouse import errors
 from tollhouse.app import Tollhouse
 from tollhouse.credits import DebitRequest, DebitResult, conservation_problems
+from tollhouse.identity import IdentityConfig
 
 
 @pytest.fixture(autouse=True)
@@ -478,3 +479,106 @@ async def test_usage_counters_check_and_count_at_once(tollhouse: Tollhouse) -> N
     )
     assert sum(allowed for allowed, _ in results) == 25
     assert max(used for _, used in results) == 25
+
+
+# --- found in review ----------------------------------------------------------------------
+
+
+async def test_a_late_transaction_never_rewinds_the_day(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """A debit whose transaction started before midnight but got the lock after it must
+    count against the new day, not wipe it (seen as 196 accepted under a cap of 100)."""
+    await tollhouse.credits.set_plan("free", monthly_credits=0, daily_cap=100, overdraft_limit=0)
+    user = await _payer(tollhouse, funds=1000)
+    await tollhouse.credits.debit(_debit(user, 1))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # As if another transaction, already on tomorrow, had used 90.
+        conn.execute(
+            "UPDATE tollhouse.credit_accounts SET day_start = day_start + 1, daily_used = 90"
+        )
+    late = await tollhouse.credits.debit(_debit(user, 20))
+    assert late.code == "daily_cap_exceeded"
+    ok = await tollhouse.credits.debit(_debit(user, 10))
+    assert ok.status == "applied"
+
+
+async def test_a_turn_id_belongs_to_one_payer(tollhouse: Tollhouse, no_allowance: None) -> None:
+    a = await _payer(tollhouse, funds=100)
+    b = await _payer(tollhouse, funds=100)
+    await tollhouse.credits.debit(_debit(a, 5, "shared-turn"))
+    other = await tollhouse.credits.debit(_debit(b, 5, "shared-turn"))
+    assert (other.status, other.code) == ("rejected", "idempotency_conflict")
+    assert (await tollhouse.credits.balance(user_id=b)).balance == 100
+
+
+async def test_a_reserved_turn_is_debited_only_by_its_commit(
+    tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    user = await _payer(tollhouse, funds=100)
+    await tollhouse.credits.reserve(amount=60, turn_id="held", user_id=user)
+    plain = await tollhouse.credits.debit(_debit(user, 50, "held"))
+    assert plain.code == "idempotency_conflict"
+    await tollhouse.credits.debit(_debit(user, 5, "spent"))
+    reserve = await tollhouse.credits.reserve(amount=5, turn_id="spent", user_id=user)
+    assert reserve.code == "idempotency_conflict"
+    done = await tollhouse.credits.commit(turn_id="held", amount=30, user_id=user)
+    assert (done.status, done.balance_after) == ("applied", 65)
+
+
+async def test_a_commit_the_balance_cannot_cover_leaves_the_hold_pending(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """The credits under a hold expired: the commit is refused, nothing is burned, and a
+    commit after a top-up goes through."""
+    user = await _payer(tollhouse)
+    soon = datetime.now(UTC) + timedelta(seconds=1)
+    await tollhouse.credits.grant(amount=50, source="promo", user_id=user, expires_at=soon)
+    await tollhouse.credits.reserve(amount=40, turn_id="stream", user_id=user)
+    await asyncio.sleep(1.2)
+    refused = await tollhouse.credits.commit(turn_id="stream", amount=30, user_id=user)
+    assert refused.code == "insufficient_credits"
+    await tollhouse.credits.grant(amount=100, source="purchase", user_id=user)
+    done = await tollhouse.credits.commit(turn_id="stream", amount=30, user_id=user)
+    assert (done.status, done.balance_after) == ("applied", 70)
+
+
+async def test_a_new_period_takes_the_plans_current_limits_and_keeps_its_anchor(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    user = await _payer(tollhouse, funds=1000)
+    await tollhouse.credits.debit(_debit(user, 1))
+    await tollhouse.credits.set_plan("free", monthly_credits=10, daily_cap=5, overdraft_limit=0)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE tollhouse.credit_accounts SET"
+            " created_at = timestamptz '2026-01-31 12:00+00',"
+            " period_start = timestamptz '2026-01-31 12:00+00',"
+            " period_end = timestamptz '2026-02-28 12:00+00'"
+        )
+    balance = await tollhouse.credits.balance(user_id=user)
+    assert balance.daily_cap == 5
+    assert balance.period_start <= datetime.now(UTC) < balance.period_end
+    assert balance.period_start.day in (28, 29, 30, 31)  # anchored to the 31st, no drift
+    capped = await tollhouse.credits.debit(_debit(user, 6))
+    assert capped.code == "daily_cap_exceeded"
+    assert balance.balance == 999 + 10  # the new period's allowance arrived
+
+
+async def test_many_connections_storm(
+    service_dsn: str, identity_config: IdentityConfig, no_allowance: None, tollhouse: Tollhouse
+) -> None:
+    """L-02 as the bar asks: 64 concurrent connections, one debit per transaction."""
+    user = await _payer(tollhouse, funds=3000)
+    async with Tollhouse.open(
+        service_dsn, min_size=64, max_size=64, identity=identity_config
+    ) as wide:
+        rng = random.Random(4)
+        amounts = [rng.randint(1, 10) for _ in range(1000)]
+        results = await asyncio.gather(
+            *(wide.credits.debit_alone(_debit(user, a)) for a in amounts)
+        )
+    accepted = sum(r.amount for r in results if r.status == "applied")
+    final = (await tollhouse.credits.balance(user_id=user)).balance
+    assert final == 3000 - accepted and final >= 0
+    assert all(r.amount > final for r in results if r.status == "rejected")

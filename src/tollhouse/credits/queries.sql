@@ -85,18 +85,20 @@ ON CONFLICT (name) DO UPDATE SET
 RETURNING name, monthly_credits, daily_cap, overdraft_limit, updated_at
 
 -- name: conservation
--- Accounts whose cached balance differs from their ledger, or from their live grants.
-SELECT a.tenant_id, a.balance,
-       coalesce((SELECT sum(l.delta) FROM tollhouse.credit_ledger l
-                 WHERE l.tenant_id = a.tenant_id), 0) AS ledger_sum,
-       coalesce((SELECT sum(g.remaining) FROM tollhouse.credit_grants g
-                 WHERE g.tenant_id = a.tenant_id), 0) AS remaining_sum
-FROM tollhouse.credit_accounts a
-WHERE a.balance <> coalesce((SELECT sum(l.delta) FROM tollhouse.credit_ledger l
-                             WHERE l.tenant_id = a.tenant_id), 0)
-   OR greatest(a.balance, 0) <> coalesce((SELECT sum(g.remaining)
-                                          FROM tollhouse.credit_grants g
-                                          WHERE g.tenant_id = a.tenant_id), 0)
+-- Accounts whose cached balance differs from their ledger or from their live grants, or
+-- whose reserved amount differs from their pending holds.
+SELECT tenant_id, balance, ledger_sum, remaining_sum, reserved, held
+FROM (
+    SELECT a.tenant_id, a.balance, a.reserved,
+           coalesce((SELECT sum(l.delta) FROM tollhouse.credit_ledger l
+                     WHERE l.tenant_id = a.tenant_id), 0) AS ledger_sum,
+           coalesce((SELECT sum(g.remaining) FROM tollhouse.credit_grants g
+                     WHERE g.tenant_id = a.tenant_id), 0) AS remaining_sum,
+           coalesce((SELECT sum(r.amount) FROM tollhouse.credit_reservations r
+                     WHERE r.tenant_id = a.tenant_id AND r.status = 'pending'), 0) AS held
+    FROM tollhouse.credit_accounts a
+) s
+WHERE balance <> ledger_sum OR greatest(balance, 0) <> remaining_sum OR reserved <> held
 
 -- name: reserve
 SELECT * FROM tollhouse.credit_reserve_v1(

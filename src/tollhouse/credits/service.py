@@ -418,6 +418,7 @@ async def conservation_problems(conn: psycopg.AsyncConnection[Any]) -> list[str]
     """Accounts whose balance is not the sum of their ledger and of their live grants."""
     cur = await conn.execute(queries["conservation"])
     return [
-        f"tenant {tenant}: balance {balance}, ledger {ledger_sum}, grants {remaining}"
-        for tenant, balance, ledger_sum, remaining in await cur.fetchall()
+        f"tenant {tenant}: balance {balance}, ledger {ledger_sum}, grants {remaining},"
+        f" reserved {reserved}, pending holds {held}"
+        for tenant, balance, ledger_sum, remaining, reserved, held in await cur.fetchall()
     ]

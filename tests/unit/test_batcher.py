@@ -1,0 +1,100 @@
+"""The group-commit batcher's promises, with runners standing in for the database call."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+
+import pytest
+
+from tollhouse.credits.batcher import DebitBatcher
+from tollhouse.credits.records import DebitRequest, DebitResult
+from tollhouse.errors import DatabaseUnavailable, ServiceStopping
+
+TENANT = uuid.UUID(int=7)
+
+
+def _ok(request: DebitRequest) -> DebitResult:
+    return DebitResult(TENANT, "applied", None, uuid.uuid4(), request.amount, 0, False)
+
+
+def _request(n: int) -> DebitRequest:
+    return DebitRequest(amount=n, turn_id=f"t{n}", tenant_id=TENANT)
+
+
+class Recorder:
+    def __init__(
+        self, delay: float = 0.01, fail_on: int | None = None, error: Exception | None = None
+    ) -> None:
+        self.calls: list[list[int]] = []
+        self.delay = delay
+        self.fail_on = fail_on
+        self.error = error
+
+    async def __call__(self, requests: Sequence[DebitRequest]) -> list[DebitResult]:
+        self.calls.append([r.amount for r in requests])
+        await asyncio.sleep(self.delay)
+        if self.error is not None:
+            raise self.error
+        if self.fail_on is not None and any(r.amount == self.fail_on for r in requests):
+            raise ValueError("bad debit")
+        return [_ok(r) for r in requests]
+
+
+async def test_a_lone_debit_goes_at_once_and_later_ones_coalesce_in_order() -> None:
+    runner = Recorder()
+    batcher = DebitBatcher(runner, runner, lanes=1)
+    first = asyncio.create_task(batcher.submit(_request(1)))
+    await asyncio.sleep(0)  # the first is on its way alone
+    rest = [asyncio.create_task(batcher.submit(_request(n))) for n in range(2, 12)]
+    results = await asyncio.gather(first, *rest)
+    assert [r.amount for r in results] == list(range(1, 12))
+    assert runner.calls == [[1], list(range(2, 12))]  # arrival order kept
+    await batcher.close()
+
+
+async def test_one_bad_debit_does_not_fail_its_neighbours() -> None:
+    runner = Recorder(fail_on=5)
+    batcher = DebitBatcher(runner, runner, lanes=1)
+    blocker = asyncio.create_task(batcher.submit(_request(100)))
+    await asyncio.sleep(0)
+    tasks = [asyncio.create_task(batcher.submit(_request(n))) for n in range(1, 9)]
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    await blocker
+    assert [isinstance(o, ValueError) for o in outcomes] == [n == 5 for n in range(1, 9)]
+    await batcher.close()
+
+
+async def test_a_database_outage_fails_the_batch_fast() -> None:
+    runner = Recorder(error=DatabaseUnavailable("down"))
+    batcher = DebitBatcher(runner, runner, lanes=1)
+    outcomes = await asyncio.gather(
+        *(batcher.submit(_request(n)) for n in range(1, 6)), return_exceptions=True
+    )
+    assert all(isinstance(o, DatabaseUnavailable) for o in outcomes)
+    assert len(runner.calls) <= 2  # no retry of each debit alone
+    await batcher.close()
+
+
+async def test_close_answers_what_is_in_flight_and_refuses_new_debits() -> None:
+    runner = Recorder(delay=0.05)
+    batcher = DebitBatcher(runner, runner, lanes=1)
+    in_flight = [asyncio.create_task(batcher.submit(_request(n))) for n in range(1, 4)]
+    await asyncio.sleep(0.01)
+    await batcher.close()
+    assert [t.result().amount for t in in_flight] == [1, 2, 3]
+    with pytest.raises(ServiceStopping):
+        await batcher.submit(_request(9))
+
+
+async def test_a_short_answer_fails_the_callers_instead_of_hanging() -> None:
+    async def short(requests: Sequence[DebitRequest]) -> list[DebitResult]:
+        return [_ok(requests[0])] if len(requests) > 1 else []
+
+    batcher = DebitBatcher(short, short, lanes=1)
+    outcome = await asyncio.wait_for(
+        asyncio.gather(batcher.submit(_request(1)), return_exceptions=True), timeout=2
+    )
+    assert isinstance(outcome[0], Exception)
+    await batcher.close()
