@@ -61,13 +61,13 @@ FROM tollhouse.credit_accounts a
 WHERE a.tenant_id = %(tenant_id)s
 
 -- name: ledger
+-- Newest first by id (UUIDv7: time-ordered), so a page walks the primary key index.
 SELECT id, kind, reason, delta, balance_after, turn_id, session_id, acting_user_id, grant_id,
        metadata, created_at
 FROM tollhouse.credit_ledger
 WHERE tenant_id = %(tenant_id)s
-  AND (%(before_at)s::timestamptz IS NULL
-       OR (created_at, id) < (%(before_at)s::timestamptz, %(before_id)s::uuid))
-ORDER BY created_at DESC, id DESC
+  AND (%(before_id)s::uuid IS NULL OR id < %(before_id)s::uuid)
+ORDER BY id DESC
 LIMIT %(limit)s
 
 -- name: plans

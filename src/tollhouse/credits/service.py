@@ -351,17 +351,12 @@ class CreditService:
     ) -> tuple[list[LedgerEntry], str | None]:
         """Newest first; the second value is the cursor of the next page, if any."""
         tenant = await self.tenant_of(tenant_id, user_id)
-        before_at, before_id = _decode_cursor(cursor) if cursor else (None, None)
+        before_id = _decode_cursor(cursor) if cursor else None
         async with self._db.connection() as conn:
             cur = conn.cursor(row_factory=class_row(LedgerEntry))
             await cur.execute(
                 queries["ledger"],
-                {
-                    "tenant_id": tenant,
-                    "before_at": before_at,
-                    "before_id": before_id,
-                    "limit": limit + 1,
-                },
+                {"tenant_id": tenant, "before_id": before_id, "limit": limit + 1},
             )
             rows = await cur.fetchall()
         more = len(rows) > limit
@@ -401,16 +396,14 @@ def _ts(value: str | None) -> datetime | None:
 
 
 def _encode_cursor(entry: LedgerEntry) -> str:
-    raw = f"{entry.created_at.isoformat()}|{entry.id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return base64.urlsafe_b64encode(entry.id.bytes).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+def _decode_cursor(cursor: str) -> uuid.UUID:
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        at, _, entry_id = raw.partition("|")
-        return datetime.fromisoformat(at), uuid.UUID(entry_id)
-    except (ValueError, UnicodeDecodeError) as exc:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        return uuid.UUID(bytes=raw)
+    except ValueError as exc:
         raise e.InvalidRequest("the cursor is not one this API gave", field="cursor") from exc
 
 
