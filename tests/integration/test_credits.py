@@ -597,3 +597,41 @@ async def test_sql_uuid7_is_version_7_and_ordered(dsn: str) -> None:
     # same microsecond may tie there and are then ordered by their random bits.
     stamps = [u.bytes[:8] for u in ids]
     assert stamps == sorted(stamps)
+
+
+async def test_a_batch_decides_exactly_as_one_debit_at_a_time(
+    tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """The set-wise batch function against the single-debit function, on twin accounts:
+    same outcomes, same balances, same grants left — duplicates, conflicts, rejections,
+    the cap and several grants included."""
+    await tollhouse.credits.set_plan("free", monthly_credits=0, daily_cap=120, overdraft_limit=15)
+    twins = [await _payer(tollhouse) for _ in range(2)]
+    for user in twins:
+        for priority, amount in ((2, 30), (1, 40), (0, 25)):
+            await tollhouse.credits.grant(
+                amount=amount, source="promo", user_id=user, priority=priority
+            )
+    rng = random.Random(11)
+    plan = [(f"t{rng.randint(1, 25)}", rng.choice([5, 10, 20, 35])) for _ in range(40)]
+
+    def requests(user: uuid.UUID, prefix: str) -> list[DebitRequest]:
+        return [DebitRequest(amount=a, turn_id=f"{prefix}{t}", user_id=user) for t, a in plan]
+
+    batched = await tollhouse.credits._send_batch(requests(twins[0], "b-"))
+    alone = [(await tollhouse.credits.debit_alone(r)) for r in requests(twins[1], "s-")]
+
+    def shape(results: list[DebitResult]) -> list[tuple[object, ...]]:
+        return [(r.status, r.code, r.amount, r.balance_after, r.replayed) for r in results]
+
+    assert shape(batched) == shape(alone)
+    left = [await tollhouse.credits.balance(user_id=user) for user in twins]
+    assert (left[0].balance, left[0].daily_used) == (left[1].balance, left[1].daily_used)
+    assert [g.remaining for g in left[0].grants] == [g.remaining for g in left[1].grants]
+    unknown = await tollhouse.credits._send_batch(
+        [
+            DebitRequest(amount=1, turn_id="nobody", user_id=uuid.uuid4()),
+            DebitRequest(amount=1, turn_id="b-extra", user_id=twins[0]),
+        ]
+    )
+    assert [r.code for r in unknown] == ["not_found", unknown[1].code]

@@ -475,8 +475,11 @@ BEGIN
 END
 $$;
 
--- Many debits in one transaction (group commit): accounts are locked in tenant order first,
--- so batchers never deadlock; each debit is then decided on its own, in array order.
+-- Many debits in one transaction (group commit), decided set-wise per tenant: each account
+-- is locked once (in tenant order, so batchers never deadlock) and its live grants read once;
+-- the debits are then decided one by one in array order, exactly as credit_debit_v1 would
+-- decide them, in variables; and each table is written once per tenant. (Updating one row
+-- many times in one transaction makes PostgreSQL walk ever longer version chains.)
 CREATE FUNCTION tollhouse.credit_debit_batch_v1(
     p_tenants uuid[], p_users uuid[], p_amounts bigint[], p_turn_ids text[],
     p_session_ids text[], p_reasons text[], p_metadata jsonb[]
@@ -485,11 +488,45 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    n integer := coalesce(array_length(p_amounts, 1), 0);
     v_tenants uuid[] := p_tenants;
+    results tollhouse.credit_debit_result[];
     v_tenant uuid;
+    a tollhouse.credit_accounts;
+    prior tollhouse.credit_debits;
+    v_day date;
+    v_code text;
     i integer;
+    j integer;
+    k integer;
+    v_left bigint;
+    v_take bigint;
+    v_ledger uuid;
+    -- the tenant's live grants, in consumption order
+    g_ids uuid[];
+    g_rem bigint[];
+    g_orig bigint[];
+    -- rows to write for the tenant
+    l_ids uuid[];
+    l_deltas bigint[];
+    l_after bigint[];
+    l_turns text[];
+    l_sessions text[];
+    l_users uuid[];
+    l_reasons text[];
+    l_meta jsonb[];
+    s_ledger uuid[];
+    s_grant uuid[];
+    s_amount bigint[];
+    d_turns text[];
+    d_amounts bigint[];
+    d_status text[];
+    d_codes text[];
+    d_ledger uuid[];
+    d_after bigint[];
 BEGIN
-    FOR i IN 1 .. coalesce(array_length(p_amounts, 1), 0) LOOP
+    results := array_fill(NULL::tollhouse.credit_debit_result, ARRAY[greatest(n, 1)]);
+    FOR i IN 1 .. n LOOP
         IF v_tenants[i] IS NULL THEN
             SELECT t.id INTO v_tenant
             FROM tollhouse.tenants t JOIN tollhouse.users u ON u.id = t.owner_user_id
@@ -498,15 +535,133 @@ BEGIN
             v_tenants[i] := v_tenant;
         END IF;
     END LOOP;
+
     FOR v_tenant IN
         SELECT DISTINCT x FROM unnest(v_tenants) AS x WHERE x IS NOT NULL ORDER BY x
     LOOP
-        PERFORM tollhouse.credit_account_v1(v_tenant);
+        a := tollhouse.credit_account_v1(v_tenant);
+        IF a.tenant_id IS NULL THEN
+            CONTINUE;  -- answered below as not_found
+        END IF;
+        SELECT array_agg(id), array_agg(remaining) INTO g_ids, g_rem
+        FROM (SELECT g.id, g.remaining FROM tollhouse.credit_grants g
+              WHERE g.tenant_id = v_tenant AND g.remaining > 0
+                AND (g.expires_at IS NULL OR g.expires_at > now())
+              ORDER BY g.priority DESC, g.expires_at ASC NULLS LAST, g.created_at, g.id
+              FOR UPDATE) live;
+        g_orig := g_rem;
+        l_ids := '{}'; l_deltas := '{}'; l_after := '{}'; l_turns := '{}'; l_sessions := '{}';
+        l_users := '{}'; l_reasons := '{}'; l_meta := '{}';
+        s_ledger := '{}'; s_grant := '{}'; s_amount := '{}';
+        d_turns := '{}'; d_amounts := '{}'; d_status := '{}'; d_codes := '{}';
+        d_ledger := '{}'; d_after := '{}';
+        v_day := (now() AT TIME ZONE a.time_zone)::date;
+        IF a.day_start IS NULL OR v_day > a.day_start THEN
+            a.daily_used := 0;
+            a.day_start := v_day;
+        END IF;
+
+        FOR i IN 1 .. n LOOP
+            CONTINUE WHEN v_tenants[i] IS DISTINCT FROM v_tenant;
+            -- A turn decided earlier in this batch, or before it: its first outcome again.
+            k := array_position(d_turns, p_turn_ids[i]);
+            IF k IS NOT NULL THEN
+                IF d_amounts[k] <> p_amounts[i] THEN
+                    results[i] := ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL,
+                                      p_amounts[i], NULL, false);
+                ELSE
+                    results[i] := ROW(v_tenant, d_status[k], d_codes[k], d_ledger[k],
+                                      d_amounts[k], d_after[k], true);
+                END IF;
+                CONTINUE;
+            END IF;
+            SELECT * INTO prior FROM tollhouse.credit_debits d
+            WHERE d.tenant_id = v_tenant AND d.turn_id = p_turn_ids[i];
+            IF FOUND THEN
+                IF prior.amount <> p_amounts[i] THEN
+                    results[i] := ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL,
+                                      p_amounts[i], NULL, false);
+                ELSE
+                    results[i] := ROW(v_tenant, prior.status, prior.code, prior.ledger_id,
+                                      prior.amount, prior.balance_after, true);
+                END IF;
+                CONTINUE;
+            END IF;
+            IF NOT tollhouse.credit_claim_turn_v1(p_turn_ids[i], v_tenant, false) THEN
+                results[i] := ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL,
+                                  p_amounts[i], NULL, false);
+                CONTINUE;
+            END IF;
+
+            v_code := NULL;
+            IF a.daily_cap IS NOT NULL AND a.daily_used + p_amounts[i] > a.daily_cap THEN
+                v_code := 'daily_cap_exceeded';
+            ELSIF a.balance - a.reserved - p_amounts[i] < -a.overdraft_limit THEN
+                v_code := 'insufficient_credits';
+            END IF;
+            IF v_code IS NOT NULL THEN
+                d_turns := d_turns || p_turn_ids[i]; d_amounts := d_amounts || p_amounts[i];
+                d_status := d_status || 'rejected'::text; d_codes := d_codes || v_code;
+                d_ledger := d_ledger || NULL::uuid; d_after := d_after || NULL::bigint;
+                results[i] := ROW(v_tenant, 'rejected', v_code, NULL, p_amounts[i], NULL, false);
+                CONTINUE;
+            END IF;
+
+            v_ledger := tollhouse.uuid7();
+            v_left := p_amounts[i];
+            FOR j IN 1 .. coalesce(array_length(g_ids, 1), 0) LOOP
+                EXIT WHEN v_left = 0;
+                CONTINUE WHEN g_rem[j] = 0;
+                v_take := least(v_left, g_rem[j]);
+                g_rem[j] := g_rem[j] - v_take;
+                v_left := v_left - v_take;
+                s_ledger := s_ledger || v_ledger; s_grant := s_grant || g_ids[j];
+                s_amount := s_amount || v_take;
+            END LOOP;
+            a.balance := a.balance - p_amounts[i];
+            a.daily_used := a.daily_used + p_amounts[i];
+            l_ids := l_ids || v_ledger; l_deltas := l_deltas || (-p_amounts[i]);
+            l_after := l_after || a.balance; l_turns := l_turns || p_turn_ids[i];
+            l_sessions := l_sessions || p_session_ids[i]; l_users := l_users || p_users[i];
+            l_reasons := l_reasons || p_reasons[i];
+            l_meta := l_meta || coalesce(p_metadata[i], '{}'::jsonb);
+            d_turns := d_turns || p_turn_ids[i]; d_amounts := d_amounts || p_amounts[i];
+            d_status := d_status || 'applied'::text; d_codes := d_codes || NULL::text;
+            d_ledger := d_ledger || v_ledger; d_after := d_after || a.balance;
+            results[i] := ROW(v_tenant, 'applied', NULL, v_ledger, p_amounts[i], a.balance, false);
+        END LOOP;
+
+        UPDATE tollhouse.credit_accounts
+        SET balance = a.balance, daily_used = a.daily_used, day_start = a.day_start,
+            updated_at = now()
+        WHERE tenant_id = v_tenant;
+        UPDATE tollhouse.credit_grants g SET remaining = u.rem
+        FROM unnest(g_ids, g_rem, g_orig) AS u(id, rem, orig)
+        WHERE g.tenant_id = v_tenant AND g.id = u.id AND u.rem <> u.orig;
+        INSERT INTO tollhouse.credit_ledger
+            (tenant_id, id, kind, reason, delta, balance_after, turn_id, session_id,
+             acting_user_id, metadata)
+        SELECT v_tenant, u.id, 'debit', u.reason, u.delta, u.after, u.turn, u.session, u.usr,
+               u.meta
+        FROM unnest(l_ids, l_reasons, l_deltas, l_after, l_turns, l_sessions, l_users, l_meta)
+             AS u(id, reason, delta, after, turn, session, usr, meta);
+        INSERT INTO tollhouse.credit_ledger_splits (tenant_id, ledger_id, grant_id, amount)
+        SELECT v_tenant, u.ledger, u.grant_id, sum(u.amount)
+        FROM unnest(s_ledger, s_grant, s_amount) AS u(ledger, grant_id, amount)
+        GROUP BY u.ledger, u.grant_id;
+        INSERT INTO tollhouse.credit_debits
+            (tenant_id, turn_id, amount, status, code, ledger_id, balance_after)
+        SELECT v_tenant, u.turn, u.amount, u.status, u.code, u.ledger, u.after
+        FROM unnest(d_turns, d_amounts, d_status, d_codes, d_ledger, d_after)
+             AS u(turn, amount, status, code, ledger, after);
     END LOOP;
-    FOR i IN 1 .. coalesce(array_length(p_amounts, 1), 0) LOOP
-        RETURN NEXT tollhouse.credit_debit_v1(
-            v_tenants[i], p_users[i], p_amounts[i], p_turn_ids[i], p_session_ids[i],
-            p_reasons[i], p_metadata[i], v_tenants[i] IS NOT NULL);
+
+    FOR i IN 1 .. n LOOP
+        IF results[i] IS NULL THEN
+            results[i] := ROW(v_tenants[i], 'rejected', 'not_found', NULL, p_amounts[i], NULL,
+                              false);
+        END IF;
+        RETURN NEXT results[i];
     END LOOP;
 END
 $$;
