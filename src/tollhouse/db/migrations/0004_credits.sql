@@ -524,7 +524,25 @@ DECLARE
     d_codes text[];
     d_ledger uuid[];
     d_after bigint[];
+    -- per-row tenants of the rows above, and the accounts and grants to write back
+    l_tenants uuid[] := '{}';
+    s_tenants uuid[] := '{}';
+    d_tenants uuid[] := '{}';
+    a_ids uuid[] := '{}';
+    a_balance bigint[] := '{}';
+    a_daily bigint[] := '{}';
+    a_day date[] := '{}';
+    w_tenants uuid[] := '{}';
+    w_ids uuid[] := '{}';
+    w_rem bigint[] := '{}';
+    w_orig bigint[] := '{}';
+    v_first integer;
 BEGIN
+    l_ids := '{}'; l_deltas := '{}'; l_after := '{}'; l_turns := '{}'; l_sessions := '{}';
+    l_users := '{}'; l_reasons := '{}'; l_meta := '{}';
+    s_ledger := '{}'; s_grant := '{}'; s_amount := '{}';
+    d_turns := '{}'; d_amounts := '{}'; d_status := '{}'; d_codes := '{}';
+    d_ledger := '{}'; d_after := '{}';
     results := array_fill(NULL::tollhouse.credit_debit_result, ARRAY[greatest(n, 1)]);
     FOR i IN 1 .. n LOOP
         IF v_tenants[i] IS NULL THEN
@@ -550,11 +568,7 @@ BEGIN
               ORDER BY g.priority DESC, g.expires_at ASC NULLS LAST, g.created_at, g.id
               FOR UPDATE) live;
         g_orig := g_rem;
-        l_ids := '{}'; l_deltas := '{}'; l_after := '{}'; l_turns := '{}'; l_sessions := '{}';
-        l_users := '{}'; l_reasons := '{}'; l_meta := '{}';
-        s_ledger := '{}'; s_grant := '{}'; s_amount := '{}';
-        d_turns := '{}'; d_amounts := '{}'; d_status := '{}'; d_codes := '{}';
-        d_ledger := '{}'; d_after := '{}';
+        v_first := coalesce(array_length(d_turns, 1), 0) + 1;  -- this tenant's outcomes
         v_day := (now() AT TIME ZONE a.time_zone)::date;
         IF a.day_start IS NULL OR v_day > a.day_start THEN
             a.daily_used := 0;
@@ -564,7 +578,7 @@ BEGIN
         FOR i IN 1 .. n LOOP
             CONTINUE WHEN v_tenants[i] IS DISTINCT FROM v_tenant;
             -- A turn decided earlier in this batch, or before it: its first outcome again.
-            k := array_position(d_turns, p_turn_ids[i]);
+            k := array_position(d_turns, p_turn_ids[i], v_first);
             IF k IS NOT NULL THEN
                 IF d_amounts[k] <> p_amounts[i] THEN
                     results[i] := ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL,
@@ -600,6 +614,7 @@ BEGIN
                 v_code := 'insufficient_credits';
             END IF;
             IF v_code IS NOT NULL THEN
+                d_tenants := d_tenants || v_tenant;
                 d_turns := d_turns || p_turn_ids[i]; d_amounts := d_amounts || p_amounts[i];
                 d_status := d_status || 'rejected'::text; d_codes := d_codes || v_code;
                 d_ledger := d_ledger || NULL::uuid; d_after := d_after || NULL::bigint;
@@ -615,46 +630,60 @@ BEGIN
                 v_take := least(v_left, g_rem[j]);
                 g_rem[j] := g_rem[j] - v_take;
                 v_left := v_left - v_take;
+                s_tenants := s_tenants || v_tenant;
                 s_ledger := s_ledger || v_ledger; s_grant := s_grant || g_ids[j];
                 s_amount := s_amount || v_take;
             END LOOP;
             a.balance := a.balance - p_amounts[i];
             a.daily_used := a.daily_used + p_amounts[i];
+            l_tenants := l_tenants || v_tenant;
             l_ids := l_ids || v_ledger; l_deltas := l_deltas || (-p_amounts[i]);
             l_after := l_after || a.balance; l_turns := l_turns || p_turn_ids[i];
             l_sessions := l_sessions || p_session_ids[i]; l_users := l_users || p_users[i];
             l_reasons := l_reasons || p_reasons[i];
             l_meta := l_meta || coalesce(p_metadata[i], '{}'::jsonb);
+            d_tenants := d_tenants || v_tenant;
             d_turns := d_turns || p_turn_ids[i]; d_amounts := d_amounts || p_amounts[i];
             d_status := d_status || 'applied'::text; d_codes := d_codes || NULL::text;
             d_ledger := d_ledger || v_ledger; d_after := d_after || a.balance;
             results[i] := ROW(v_tenant, 'applied', NULL, v_ledger, p_amounts[i], a.balance, false);
         END LOOP;
 
-        UPDATE tollhouse.credit_accounts
-        SET balance = a.balance, daily_used = a.daily_used, day_start = a.day_start,
-            updated_at = now()
-        WHERE tenant_id = v_tenant;
-        UPDATE tollhouse.credit_grants g SET remaining = u.rem
-        FROM unnest(g_ids, g_rem, g_orig) AS u(id, rem, orig)
-        WHERE g.tenant_id = v_tenant AND g.id = u.id AND u.rem <> u.orig;
-        INSERT INTO tollhouse.credit_ledger
-            (tenant_id, id, kind, reason, delta, balance_after, turn_id, session_id,
-             acting_user_id, metadata)
-        SELECT v_tenant, u.id, 'debit', u.reason, u.delta, u.after, u.turn, u.session, u.usr,
-               u.meta
-        FROM unnest(l_ids, l_reasons, l_deltas, l_after, l_turns, l_sessions, l_users, l_meta)
-             AS u(id, reason, delta, after, turn, session, usr, meta);
-        INSERT INTO tollhouse.credit_ledger_splits (tenant_id, ledger_id, grant_id, amount)
-        SELECT v_tenant, u.ledger, u.grant_id, sum(u.amount)
-        FROM unnest(s_ledger, s_grant, s_amount) AS u(ledger, grant_id, amount)
-        GROUP BY u.ledger, u.grant_id;
-        INSERT INTO tollhouse.credit_debits
-            (tenant_id, turn_id, amount, status, code, ledger_id, balance_after)
-        SELECT v_tenant, u.turn, u.amount, u.status, u.code, u.ledger, u.after
-        FROM unnest(d_turns, d_amounts, d_status, d_codes, d_ledger, d_after)
-             AS u(turn, amount, status, code, ledger, after);
+        a_ids := a_ids || v_tenant; a_balance := a_balance || a.balance;
+        a_daily := a_daily || a.daily_used; a_day := a_day || a.day_start;
+        FOR j IN 1 .. coalesce(array_length(g_ids, 1), 0) LOOP
+            IF g_rem[j] <> g_orig[j] THEN
+                w_tenants := w_tenants || v_tenant; w_ids := w_ids || g_ids[j];
+                w_rem := w_rem || g_rem[j];
+            END IF;
+        END LOOP;
     END LOOP;
+
+    -- Each table written once for the whole batch.
+    UPDATE tollhouse.credit_accounts c
+    SET balance = u.balance, daily_used = u.daily, day_start = u.day, updated_at = now()
+    FROM unnest(a_ids, a_balance, a_daily, a_day) AS u(tenant_id, balance, daily, day)
+    WHERE c.tenant_id = u.tenant_id;
+    UPDATE tollhouse.credit_grants g SET remaining = u.rem
+    FROM unnest(w_tenants, w_ids, w_rem) AS u(tenant_id, id, rem)
+    WHERE g.tenant_id = u.tenant_id AND g.id = u.id;
+    INSERT INTO tollhouse.credit_ledger
+        (tenant_id, id, kind, reason, delta, balance_after, turn_id, session_id,
+         acting_user_id, metadata)
+    SELECT u.tenant_id, u.id, 'debit', u.reason, u.delta, u.after, u.turn, u.session, u.usr,
+           u.meta
+    FROM unnest(l_tenants, l_ids, l_reasons, l_deltas, l_after, l_turns, l_sessions, l_users,
+                l_meta)
+         AS u(tenant_id, id, reason, delta, after, turn, session, usr, meta);
+    INSERT INTO tollhouse.credit_ledger_splits (tenant_id, ledger_id, grant_id, amount)
+    SELECT u.tenant_id, u.ledger, u.grant_id, sum(u.amount)
+    FROM unnest(s_tenants, s_ledger, s_grant, s_amount) AS u(tenant_id, ledger, grant_id, amount)
+    GROUP BY u.tenant_id, u.ledger, u.grant_id;
+    INSERT INTO tollhouse.credit_debits
+        (tenant_id, turn_id, amount, status, code, ledger_id, balance_after)
+    SELECT u.tenant_id, u.turn, u.amount, u.status, u.code, u.ledger, u.after
+    FROM unnest(d_tenants, d_turns, d_amounts, d_status, d_codes, d_ledger, d_after)
+         AS u(tenant_id, turn, amount, status, code, ledger, after);
 
     FOR i IN 1 .. n LOOP
         IF results[i] IS NULL THEN
