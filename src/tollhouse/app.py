@@ -34,11 +34,12 @@ class Tollhouse:
         db: Database,
         identity: IdentityConfig | None = None,
         hooks: IdentityHooks | None = None,
+        credit_lanes: int = 2,
     ) -> None:
         self.db = db
         self.keys = ApiKeyService(db)
         self.health = HealthService(db, [credits_conservation])
-        self.credits = CreditService(db)
+        self.credits = CreditService(db, lanes=credit_lanes)
         self.users = UserService(db, hooks)
         self.me = SelfService(db)
         self.auth = AuthService(db, identity, hooks)
@@ -53,12 +54,13 @@ class Tollhouse:
         max_size: int = 10,
         identity: IdentityConfig | None = None,
         hooks: IdentityHooks | None = None,
+        credit_lanes: int = 2,
     ) -> AsyncIterator[Tollhouse]:
         """Open a pool on `dsn`, yield the wired services, close the pool."""
         db = Database(dsn, min_size=min_size, max_size=max_size)
         await db.open()
         try:
-            services = cls(db, identity, hooks)
+            services = cls(db, identity, hooks, credit_lanes)
             try:
                 yield services
             finally:

@@ -124,6 +124,7 @@ async def _serve(
         min_size=settings.pool_min_size,
         max_size=settings.pool_max_size,
         identity=identity_config(settings),
+        credit_lanes=settings.credit_lanes,
     ) as tollhouse:
         if settings.bootstrap_api_key and not pending:
             created = await tollhouse.keys.create_bootstrap()

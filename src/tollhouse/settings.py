@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     bootstrap_api_key: bool = Field(
         default=True, description="Create and print a service API key when none was ever made."
     )
+    credit_lanes: int = Field(
+        default=2, ge=1, le=64, description="Group-commit lanes for debits (transactions at once)."
+    )
     # Identity
     password_hash_profile: Literal["rfc9106-low-memory", "owasp-minimum", "test"] = (
         "rfc9106-low-memory"  # noqa: S105 - a profile name, not a password
