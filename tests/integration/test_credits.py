@@ -635,3 +635,24 @@ async def test_a_batch_decides_exactly_as_one_debit_at_a_time(
         ]
     )
     assert [r.code for r in unknown] == ["not_found", unknown[1].code]
+
+
+async def test_in_a_batch_the_earlier_debit_gets_a_shared_new_turn_id(
+    tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """Two payers send one new turn id in the same batch: the first in the array is
+    charged, the second gets a conflict, whatever their ids' order."""
+    payers = [await _payer(tollhouse, funds=100) for _ in range(2)]
+    tenants = {u: (await tollhouse.users.get(u)).personal_tenant_id for u in payers}
+    # The higher tenant id first: locked second, yet its debit came first.
+    users = sorted(payers, key=lambda u: str(tenants[u]), reverse=True)
+    results = await tollhouse.credits._send_batch(
+        [
+            DebitRequest(amount=10, turn_id="same", user_id=users[0]),
+            DebitRequest(amount=10, turn_id="same", user_id=users[1]),
+        ]
+    )
+    assert [(r.status, r.code) for r in results] == [
+        ("applied", None),
+        ("rejected", "idempotency_conflict"),
+    ]

@@ -537,6 +537,8 @@ DECLARE
     w_rem bigint[] := '{}';
     w_orig bigint[] := '{}';
     v_first integer;
+    v_known uuid[] := '{}';
+    claim_ok boolean[];
 BEGIN
     l_ids := '{}'; l_deltas := '{}'; l_after := '{}'; l_turns := '{}'; l_sessions := '{}';
     l_users := '{}'; l_reasons := '{}'; l_meta := '{}';
@@ -554,18 +556,38 @@ BEGIN
         END IF;
     END LOOP;
 
+    -- 1. Every account locked (and brought up to date) in tenant order, before anything else
+    --    is written: two batches, or a batch and a single debit, cannot wait on each other.
     FOR v_tenant IN
-        SELECT DISTINCT x FROM unnest(v_tenants) AS x WHERE x IS NOT NULL ORDER BY x
+        SELECT DISTINCT x FROM unnest(v_tenants[1:n]) AS x WHERE x IS NOT NULL ORDER BY x
     LOOP
         a := tollhouse.credit_account_v1(v_tenant);
-        IF a.tenant_id IS NULL THEN
-            CONTINUE;  -- answered below as not_found
+        IF a.tenant_id IS NOT NULL THEN
+            v_known := v_known || v_tenant;
         END IF;
-        SELECT array_agg(id), array_agg(remaining) INTO g_ids, g_rem
-        FROM (SELECT g.id, g.remaining FROM tollhouse.credit_grants g
+    END LOOP;
+    -- 2. Turn ids claimed in array order (sorted by turn id, then position, for a global key
+    --    order): of two tenants sending one new turn id, the earlier debit gets it, as one at
+    --    a time.
+    claim_ok := array_fill(false, ARRAY[greatest(n, 1)]);
+    FOR i IN
+        SELECT x.i FROM generate_series(1, n) AS x(i)
+        WHERE v_tenants[x.i] = ANY(v_known)
+        ORDER BY p_turn_ids[x.i], x.i
+    LOOP
+        claim_ok[i] := tollhouse.credit_claim_turn_v1(p_turn_ids[i], v_tenants[i], false);
+    END LOOP;
+    -- 3. Decided per tenant, in array order.
+    FOREACH v_tenant IN ARRAY v_known LOOP
+        SELECT * INTO a FROM tollhouse.credit_accounts WHERE tenant_id = v_tenant;
+        SELECT array_agg(id ORDER BY priority DESC, expires_at ASC NULLS LAST, created_at, id),
+               array_agg(remaining ORDER BY priority DESC, expires_at ASC NULLS LAST,
+                         created_at, id)
+        INTO g_ids, g_rem
+        FROM (SELECT g.id, g.remaining, g.priority, g.expires_at, g.created_at
+              FROM tollhouse.credit_grants g
               WHERE g.tenant_id = v_tenant AND g.remaining > 0
                 AND (g.expires_at IS NULL OR g.expires_at > now())
-              ORDER BY g.priority DESC, g.expires_at ASC NULLS LAST, g.created_at, g.id
               FOR UPDATE) live;
         g_orig := g_rem;
         v_first := coalesce(array_length(d_turns, 1), 0) + 1;  -- this tenant's outcomes
@@ -601,7 +623,7 @@ BEGIN
                 END IF;
                 CONTINUE;
             END IF;
-            IF NOT tollhouse.credit_claim_turn_v1(p_turn_ids[i], v_tenant, false) THEN
+            IF NOT claim_ok[i] THEN
                 results[i] := ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL,
                                   p_amounts[i], NULL, false);
                 CONTINUE;
@@ -641,7 +663,7 @@ BEGIN
             l_after := l_after || a.balance; l_turns := l_turns || p_turn_ids[i];
             l_sessions := l_sessions || p_session_ids[i]; l_users := l_users || p_users[i];
             l_reasons := l_reasons || p_reasons[i];
-            l_meta := l_meta || coalesce(p_metadata[i], '{}'::jsonb);
+            l_meta := l_meta || coalesce(nullif(p_metadata[i], 'null'::jsonb), '{}'::jsonb);
             d_tenants := d_tenants || v_tenant;
             d_turns := d_turns || p_turn_ids[i]; d_amounts := d_amounts || p_amounts[i];
             d_status := d_status || 'applied'::text; d_codes := d_codes || NULL::text;
