@@ -206,6 +206,17 @@ CREATE TYPE tollhouse.credit_debit_result AS (
     replayed boolean
 );
 
+-- The personal tenant of a user (not deleted), or NULL.
+CREATE FUNCTION tollhouse.credit_personal_tenant_v1(p_user uuid) RETURNS uuid
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT t.id
+    FROM tollhouse.tenants t JOIN tollhouse.users u ON u.id = t.owner_user_id
+    WHERE t.owner_user_id = p_user AND t.is_default
+      AND t.deleted_at IS NULL AND u.deleted_at IS NULL
+$$;
+
 -- Adds a grant to a locked account: debt (a negative balance) is repaid first.
 CREATE FUNCTION tollhouse.credit_apply_grant_v1(
     p_tenant uuid, p_amount bigint, p_source text, p_source_id text, p_priority integer,
@@ -386,10 +397,7 @@ DECLARE
     v_code text;
 BEGIN
     IF v_tenant IS NULL THEN
-        SELECT t.id INTO v_tenant
-        FROM tollhouse.tenants t JOIN tollhouse.users u ON u.id = t.owner_user_id
-        WHERE t.owner_user_id = p_user AND t.is_default
-          AND t.deleted_at IS NULL AND u.deleted_at IS NULL;
+        v_tenant := tollhouse.credit_personal_tenant_v1(p_user);
     END IF;
     IF v_tenant IS NOT NULL THEN
         IF p_locked THEN
@@ -548,11 +556,7 @@ BEGIN
     results := array_fill(NULL::tollhouse.credit_debit_result, ARRAY[greatest(n, 1)]);
     FOR i IN 1 .. n LOOP
         IF v_tenants[i] IS NULL THEN
-            SELECT t.id INTO v_tenant
-            FROM tollhouse.tenants t JOIN tollhouse.users u ON u.id = t.owner_user_id
-            WHERE t.owner_user_id = p_users[i] AND t.is_default
-              AND t.deleted_at IS NULL AND u.deleted_at IS NULL;
-            v_tenants[i] := v_tenant;
+            v_tenants[i] := tollhouse.credit_personal_tenant_v1(p_users[i]);
         END IF;
     END LOOP;
 
@@ -733,8 +737,7 @@ DECLARE
     v_grant uuid;
 BEGIN
     IF v_tenant IS NULL THEN
-        SELECT t.id INTO v_tenant FROM tollhouse.tenants t
-        WHERE t.owner_user_id = p_user AND t.is_default AND t.deleted_at IS NULL;
+        v_tenant := tollhouse.credit_personal_tenant_v1(p_user);
     END IF;
     IF v_tenant IS NOT NULL THEN
         a := tollhouse.credit_account_v1(v_tenant);
@@ -782,10 +785,7 @@ DECLARE
     v_code text;
 BEGIN
     IF v_tenant IS NULL THEN
-        SELECT t.id INTO v_tenant
-        FROM tollhouse.tenants t JOIN tollhouse.users u ON u.id = t.owner_user_id
-        WHERE t.owner_user_id = p_user AND t.is_default
-          AND t.deleted_at IS NULL AND u.deleted_at IS NULL;
+        v_tenant := tollhouse.credit_personal_tenant_v1(p_user);
     END IF;
     IF v_tenant IS NOT NULL THEN
         a := tollhouse.credit_account_v1(v_tenant);
@@ -854,8 +854,7 @@ DECLARE
     v_result tollhouse.credit_debit_result;
 BEGIN
     IF v_tenant IS NULL THEN
-        SELECT t.id INTO v_tenant FROM tollhouse.tenants t
-        WHERE t.owner_user_id = p_user AND t.is_default AND t.deleted_at IS NULL;
+        v_tenant := tollhouse.credit_personal_tenant_v1(p_user);
     END IF;
     IF v_tenant IS NOT NULL THEN
         a := tollhouse.credit_account_v1(v_tenant);
@@ -1054,6 +1053,7 @@ BEGIN
         'tollhouse.credit_account_v1(uuid)',
         'tollhouse.credit_debit_v1(uuid, uuid, bigint, text, text, text, jsonb, boolean, boolean)',
         'tollhouse.credit_claim_turn_v1(text, uuid, boolean)',
+        'tollhouse.credit_personal_tenant_v1(uuid)',
         'tollhouse.credit_debit_batch_v1(uuid[], uuid[], bigint[], text[], text[], text[], jsonb[])',
         'tollhouse.credit_grant_v1(uuid, uuid, bigint, text, text, integer, timestamptz)',
         'tollhouse.credit_reserve_v1(uuid, uuid, bigint, text, integer, text)',
