@@ -6,8 +6,10 @@ nothing else constructs services.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 
 from tollhouse.credits import CreditService, conservation_problems
 from tollhouse.db.dsn import as_user
@@ -20,6 +22,7 @@ from tollhouse.identity import (
     IdentityConfig,
     IdentityHooks,
     SelfService,
+    User,
     UserService,
 )
 from tollhouse.keys import ApiKeyService
@@ -43,6 +46,14 @@ class Tollhouse:
         self.users = UserService(db, hooks)
         self.me = SelfService(db)
         self.auth = AuthService(db, identity, hooks)
+
+    async def update_user(self, user_id: uuid.UUID, changes: Mapping[str, Any]) -> User:
+        """Change a user; a new `plan_override` moves its personal account to the new
+        effective plan at once, keeping the period's usage."""
+        user = await self.users.update(user_id, changes)
+        if "plan_override" in changes:
+            await self.credits.change_plan(user.effective_plan, user_id=user_id)
+        return user
 
     @classmethod
     @asynccontextmanager

@@ -478,3 +478,9 @@ class ServiceStopping(DatabaseUnavailable):
     """The service is stopping; try again in a moment."""
 
     code = "service_stopping"
+
+
+class PlanNotFound(NotFound):
+    """No such plan."""
+
+    code = "plan_not_found"

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import psycopg
 import pytest
 
@@ -656,3 +657,54 @@ async def test_in_a_batch_the_earlier_debit_gets_a_shared_new_turn_id(
         ("applied", None),
         ("rejected", "idempotency_conflict"),
     ]
+
+
+async def test_a_plan_change_mid_period_keeps_the_periods_usage(
+    dsn: str, tollhouse: Tollhouse
+) -> None:
+    """free (100 a month, cap 25) -> pro (5,000, no cap) after using 20: the new allowance
+    is 5,000 - 20; back down to free after using more: nothing new, the rest expires."""
+    user = await _payer(tollhouse)
+    await tollhouse.credits.debit(_debit(user, 20))
+    tenant, plan, balance, changed = await tollhouse.credits.change_plan("pro", user_id=user)
+    assert (plan, balance, changed) == ("pro", 4980, True)
+    after = await tollhouse.credits.balance(user_id=user)
+    assert (after.plan, after.daily_cap, after.overdraft_limit) == ("pro", None, 100)
+    big = await tollhouse.credits.debit(_debit(user, 200))
+    assert big.status == "applied"
+    await tollhouse.credits.grant(amount=7, source="purchase", user_id=user)
+    _, _, down, _ = await tollhouse.credits.change_plan("free", user_id=user)
+    assert down == 7  # the period used 220 > 100: no allowance left, purchases stay
+    assert (await tollhouse.credits.change_plan("free", user_id=user))[3] is False
+    with pytest.raises(errors.PlanNotFound):
+        await tollhouse.credits.change_plan("platinum", user_id=user)
+    with psycopg.connect(dsn) as conn:
+        reasons = conn.execute(
+            "SELECT reason FROM tollhouse.credit_ledger WHERE tenant_id = %s AND kind = 'expiry'",
+            (tenant,),
+        ).fetchall()
+    assert reasons == [("plan_change",), ("plan_change",)]
+
+
+async def test_setting_a_plan_override_moves_the_account(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
+) -> None:
+    user = await _payer(tollhouse)
+    await tollhouse.credits.debit(_debit(user, 10))
+    answer = await client.patch(
+        f"/v1/users/{user}", json={"plan_override": "starter"}, headers=auth
+    )
+    assert answer.json()["plan"] == "starter"
+    balance = await tollhouse.credits.balance(user_id=user)
+    assert (balance.plan, balance.balance) == ("starter", 990)
+
+
+async def test_successive_plan_changes_count_only_what_was_spent(
+    tollhouse: Tollhouse,
+) -> None:
+    user = await _payer(tollhouse)
+    await tollhouse.credits.debit(_debit(user, 20))  # of free's 100
+    await tollhouse.credits.change_plan("pro", user_id=user)  # 5,000 - 20
+    await tollhouse.credits.debit(_debit(user, 100))
+    _, _, balance, _ = await tollhouse.credits.change_plan("starter", user_id=user)
+    assert balance == 1000 - 120  # free's expired 80 is not usage

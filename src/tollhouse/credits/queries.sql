@@ -126,3 +126,6 @@ WHERE a.tenant_id > %(after)s
               WHERE r.tenant_id = a.tenant_id AND r.status = 'pending' AND r.expires_at <= now()))
 ORDER BY a.tenant_id
 LIMIT %(limit)s
+
+-- name: change_plan
+SELECT * FROM tollhouse.credit_change_plan_v1(%(tenant_id)s, %(user_id)s, %(plan)s)

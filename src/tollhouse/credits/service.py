@@ -45,6 +45,7 @@ _CONSTRAINTS = {
     "plans_overdraft_limit_check": e.InvalidRequest,
     "usage_counters_metric_check": e.InvalidRequest,
     "usage_counters_tenant_id_fkey": e.PayerNotFound,
+    "credit_accounts_plan_fkey": e.PlanNotFound,
 }
 _REJECTIONS: dict[str, type[e.TollhouseError]] = {
     "insufficient_credits": e.InsufficientCredits,
@@ -363,6 +364,24 @@ class CreditService:
         rows = rows[:limit]
         next_cursor = _encode_cursor(rows[-1]) if more and rows else None
         return rows, next_cursor
+
+    async def change_plan(
+        self,
+        plan: str,
+        *,
+        tenant_id: uuid.UUID | None = None,
+        user_id: uuid.UUID | None = None,
+    ) -> tuple[uuid.UUID, str, int, bool]:
+        """Move an account to `plan` now, keeping the period's usage (the new allowance minus
+        what the old one used). Returns (tenant, plan, balance, changed)."""
+        async with self._db.connection(_CONSTRAINTS) as conn:
+            cur = await conn.execute(
+                queries["change_plan"], {"tenant_id": tenant_id, "user_id": user_id, "plan": plan}
+            )
+            row = await cur.fetchone()
+        if row is None:
+            raise e.PayerNotFound()
+        return row[0], row[1], int(row[2]), bool(row[3])
 
     # --- plans and checks --------------------------------------------------------------------
 

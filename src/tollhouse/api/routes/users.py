@@ -97,7 +97,7 @@ async def update_user(
     user_id: uuid.UUID, body: UserPatch, _: ServiceKey, tollhouse: TollhouseDep
 ) -> UserOut:
     changes = body.model_dump(exclude_unset=True)
-    return UserOut.of(await tollhouse.users.update(user_id, changes))
+    return UserOut.of(await tollhouse.update_user(user_id, changes))
 
 
 @router.delete("/{user_id}", response_model=UserOut, summary="Soft-delete a user")

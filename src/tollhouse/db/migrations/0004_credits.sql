@@ -996,6 +996,81 @@ BEGIN
 END
 $$;
 
+-- Moves an account to another plan mid-period, keeping the period's usage: what is left of
+-- the old allowance expires, and the new plan grants its allowance minus what the period
+-- already used of the old one. Limits change at once.
+CREATE FUNCTION tollhouse.credit_change_plan_v1(p_tenant uuid, p_user uuid, p_plan text)
+RETURNS TABLE (tenant_id uuid, plan text, balance_after bigint, changed boolean)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_tenant uuid := p_tenant;
+    a tollhouse.credit_accounts;
+    p tollhouse.plans;
+    g tollhouse.credit_grants;
+    v_used bigint := 0;
+    v_new bigint;
+BEGIN
+    IF v_tenant IS NULL THEN
+        v_tenant := tollhouse.credit_personal_tenant_v1(p_user);
+    END IF;
+    IF v_tenant IS NOT NULL THEN
+        a := tollhouse.credit_account_v1(v_tenant);
+    END IF;
+    IF a.tenant_id IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT * INTO p FROM tollhouse.plans pl WHERE pl.name = p_plan;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no plan %', p_plan USING ERRCODE = 'foreign_key_violation',
+            CONSTRAINT = 'credit_accounts_plan_fkey';
+    END IF;
+    IF a.plan = p_plan THEN
+        RETURN QUERY SELECT v_tenant, a.plan, a.balance, false;
+        RETURN;
+    END IF;
+    -- The allowance of this period (from the old plan): what it used stays used.
+    FOR g IN
+        SELECT * FROM tollhouse.credit_grants cg
+        WHERE cg.tenant_id = v_tenant AND cg.source = 'plan'
+          AND cg.expires_at = a.period_end AND cg.remaining >= 0
+        FOR UPDATE
+    LOOP
+        -- Used: what left the grant other than by expiring (a debt repaid counts as used).
+        v_used := v_used + g.total - g.remaining - coalesce((
+            SELECT -sum(l.delta) FROM tollhouse.credit_ledger l
+            WHERE l.tenant_id = v_tenant AND l.grant_id = g.id AND l.kind = 'expiry'), 0);
+        IF g.remaining > 0 THEN
+            UPDATE tollhouse.credit_grants cg SET remaining = 0
+            WHERE cg.tenant_id = v_tenant AND cg.id = g.id;
+            UPDATE tollhouse.credit_accounts c
+            SET balance = c.balance - g.remaining, updated_at = now()
+            WHERE c.tenant_id = v_tenant
+            RETURNING * INTO a;
+            INSERT INTO tollhouse.credit_ledger
+                (tenant_id, id, kind, reason, delta, balance_after, acting_user_id, grant_id)
+            VALUES (v_tenant, tollhouse.uuid7(), 'expiry', 'plan_change', -g.remaining,
+                    a.balance, p_user, g.id);
+        END IF;
+    END LOOP;
+    v_new := greatest(0, p.monthly_credits - v_used);
+    IF v_new > 0 THEN
+        PERFORM tollhouse.credit_apply_grant_v1(
+            v_tenant, v_new, 'plan', 'plan-change:' || tollhouse.uuid7(), 0, a.period_end,
+            'grant.plan', p_user);
+    END IF;
+    UPDATE tollhouse.credit_accounts c
+    SET plan = p.name, daily_cap = p.daily_cap,
+        overdraft_limit = greatest(p.overdraft_limit, -c.balance), updated_at = now()
+    WHERE c.tenant_id = v_tenant;
+    RETURN QUERY
+        SELECT v_tenant, p.name, c.balance, true
+        FROM tollhouse.credit_accounts c WHERE c.tenant_id = v_tenant;
+END
+$$;
+
 -- Row-level security and grants --------------------------------------------------------------
 
 DO $$
@@ -1054,6 +1129,7 @@ BEGIN
         'tollhouse.credit_debit_v1(uuid, uuid, bigint, text, text, text, jsonb, boolean, boolean)',
         'tollhouse.credit_claim_turn_v1(text, uuid, boolean)',
         'tollhouse.credit_personal_tenant_v1(uuid)',
+        'tollhouse.credit_change_plan_v1(uuid, uuid, text)',
         'tollhouse.credit_debit_batch_v1(uuid[], uuid[], bigint[], text[], text[], text[], jsonb[])',
         'tollhouse.credit_grant_v1(uuid, uuid, bigint, text, text, integer, timestamptz)',
         'tollhouse.credit_reserve_v1(uuid, uuid, bigint, text, integer, text)',
