@@ -350,6 +350,23 @@ $$;
 
 -- One debit, decided and written in one call. Outcomes, rejections included, are recorded
 -- per (tenant, turn_id) and replayed on retry.
+-- The locked, up-to-date account of the payer a call names: the tenant, or else the user's
+-- personal tenant. NULL when there is none.
+CREATE FUNCTION tollhouse.credit_payer_account_v1(p_tenant uuid, p_user uuid)
+RETURNS tollhouse.credit_accounts
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_tenant uuid := coalesce(p_tenant, tollhouse.credit_personal_tenant_v1(p_user));
+BEGIN
+    IF v_tenant IS NULL THEN
+        RETURN NULL;
+    END IF;
+    RETURN tollhouse.credit_account_v1(v_tenant);
+END
+$$;
+
 -- Claims a turn id for a tenant: false when another tenant has it, or (for a plain debit)
 -- when a reservation of this tenant holds it.
 CREATE FUNCTION tollhouse.credit_claim_turn_v1(p_turn_id text, p_tenant uuid, p_reserved boolean)
@@ -731,17 +748,13 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    v_tenant uuid := p_tenant;
+    v_tenant uuid;
     a tollhouse.credit_accounts;
     v_existing tollhouse.credit_grants;
     v_grant uuid;
 BEGIN
-    IF v_tenant IS NULL THEN
-        v_tenant := tollhouse.credit_personal_tenant_v1(p_user);
-    END IF;
-    IF v_tenant IS NOT NULL THEN
-        a := tollhouse.credit_account_v1(v_tenant);
-    END IF;
+    a := tollhouse.credit_payer_account_v1(p_tenant, p_user);
+    v_tenant := coalesce(a.tenant_id, p_tenant);
     IF a.tenant_id IS NULL THEN
         RETURN;
     END IF;
@@ -778,18 +791,14 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_tenant uuid := p_tenant;
+    v_tenant uuid;
     a tollhouse.credit_accounts;
     prior tollhouse.credit_reservations;
     v_day date;
     v_code text;
 BEGIN
-    IF v_tenant IS NULL THEN
-        v_tenant := tollhouse.credit_personal_tenant_v1(p_user);
-    END IF;
-    IF v_tenant IS NOT NULL THEN
-        a := tollhouse.credit_account_v1(v_tenant);
-    END IF;
+    a := tollhouse.credit_payer_account_v1(p_tenant, p_user);
+    v_tenant := coalesce(a.tenant_id, p_tenant);
     IF a.tenant_id IS NULL THEN
         RETURN ROW(v_tenant, 'rejected', 'not_found', NULL, p_amount, NULL, false)::tollhouse.credit_debit_result;
     END IF;
@@ -848,17 +857,13 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_tenant uuid := p_tenant;
+    v_tenant uuid;
     a tollhouse.credit_accounts;
     r tollhouse.credit_reservations;
     v_result tollhouse.credit_debit_result;
 BEGIN
-    IF v_tenant IS NULL THEN
-        v_tenant := tollhouse.credit_personal_tenant_v1(p_user);
-    END IF;
-    IF v_tenant IS NOT NULL THEN
-        a := tollhouse.credit_account_v1(v_tenant);
-    END IF;
+    a := tollhouse.credit_payer_account_v1(p_tenant, p_user);
+    v_tenant := coalesce(a.tenant_id, p_tenant);
     IF a.tenant_id IS NULL THEN
         RETURN ROW(v_tenant, 'rejected', 'not_found', NULL, p_commit_amount, NULL, false)::tollhouse.credit_debit_result;
     END IF;
@@ -1006,19 +1011,15 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    v_tenant uuid := p_tenant;
+    v_tenant uuid;
     a tollhouse.credit_accounts;
     p tollhouse.plans;
     g tollhouse.credit_grants;
     v_used bigint := 0;
     v_new bigint;
 BEGIN
-    IF v_tenant IS NULL THEN
-        v_tenant := tollhouse.credit_personal_tenant_v1(p_user);
-    END IF;
-    IF v_tenant IS NOT NULL THEN
-        a := tollhouse.credit_account_v1(v_tenant);
-    END IF;
+    a := tollhouse.credit_payer_account_v1(p_tenant, p_user);
+    v_tenant := coalesce(a.tenant_id, p_tenant);
     IF a.tenant_id IS NULL THEN
         RETURN;
     END IF;
@@ -1129,6 +1130,7 @@ BEGIN
         'tollhouse.credit_debit_v1(uuid, uuid, bigint, text, text, text, jsonb, boolean, boolean)',
         'tollhouse.credit_claim_turn_v1(text, uuid, boolean)',
         'tollhouse.credit_personal_tenant_v1(uuid)',
+        'tollhouse.credit_payer_account_v1(uuid, uuid)',
         'tollhouse.credit_change_plan_v1(uuid, uuid, text)',
         'tollhouse.credit_debit_batch_v1(uuid[], uuid[], bigint[], text[], text[], text[], jsonb[])',
         'tollhouse.credit_grant_v1(uuid, uuid, bigint, text, text, integer, timestamptz)',
