@@ -194,6 +194,19 @@ def _debit_out(result: DebitResult) -> DebitOut | None:
     )
 
 
+def _reservation_out(result: DebitResult, turn_id: str) -> ReservationOut | None:
+    """A hold's state as HTTP (pending, released, or committed with nothing to debit)."""
+    if result.status == "rejected" or result.tenant_id is None:
+        return None
+    return ReservationOut(
+        tenant_id=result.tenant_id,
+        turn_id=turn_id,
+        amount=result.amount,
+        status=result.status,
+        available_after=result.balance_after,
+    )
+
+
 def _payer_args(body: Payer) -> dict[str, uuid.UUID | None]:
     """With `tenant_id`, `user_id` names the acting member (recorded on the ledger)."""
     return {"tenant_id": body.tenant_id, "user_id": body.user_id}
@@ -223,11 +236,10 @@ async def debit(body: DebitBody, _: ServiceKey, tollhouse: TollhouseDep) -> Resp
         DebitRequest(
             amount=body.amount,
             turn_id=body.turn_id,
-            tenant_id=body.tenant_id,
-            user_id=body.user_id,
             session_id=body.session_id,
             reason=body.reason,
             metadata=body.metadata,
+            **_payer_args(body),
         )
     )
     return _answer(result, _debit_out(result))
@@ -321,16 +333,7 @@ async def reserve(body: ReserveBody, _: ServiceKey, tollhouse: TollhouseDep) -> 
         session_id=body.session_id,
         **_payer_args(body),
     )
-    out = None
-    if result.tenant_id is not None and result.status != "rejected":
-        out = ReservationOut(
-            tenant_id=result.tenant_id,
-            turn_id=body.turn_id,
-            amount=result.amount,
-            status=result.status,
-            available_after=result.balance_after,
-        )
-    return _answer(result, out)
+    return _answer(result, _reservation_out(result, body.turn_id))
 
 
 @router.post(
@@ -350,16 +353,7 @@ async def commit(
         **_payer_args(body),
     )
     if result.status == "committed":  # a commit of 0: nothing to debit
-        return _answer(
-            result,
-            ReservationOut(
-                tenant_id=result.tenant_id or uuid.UUID(int=0),
-                turn_id=turn_id,
-                amount=0,
-                status="committed",
-                available_after=result.balance_after,
-            ),
-        )
+        return _answer(result, _reservation_out(result, turn_id))
     return _answer(result, _debit_out(result))
 
 
@@ -370,16 +364,7 @@ async def commit(
 )
 async def release(turn_id: str, body: Payer, _: ServiceKey, tollhouse: TollhouseDep) -> Response:
     result = await tollhouse.credits.release(turn_id=turn_id, **_payer_args(body))
-    out = None
-    if result.tenant_id is not None and result.status == "released":
-        out = ReservationOut(
-            tenant_id=result.tenant_id,
-            turn_id=turn_id,
-            amount=result.amount,
-            status="released",
-            available_after=result.balance_after,
-        )
-    return _answer(result, out)
+    return _answer(result, _reservation_out(result, turn_id))
 
 
 @router.post(
