@@ -21,8 +21,6 @@ import asyncio
 import os
 import random
 import re
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +32,7 @@ from pathlib import Path
 import httpx
 import psycopg
 
+from loadgen import free_port, load, summarize
 from tollhouse.app import Tollhouse
 from tollhouse.credits import CreditService, DebitRequest, conservation_problems
 from tollhouse.db import migrate
@@ -70,29 +69,6 @@ PGBENCH_SCRIPT = (
 
 def tenant(n: int) -> uuid.UUID:
     return uuid.UUID(f"00000000-0000-7000-8000-{n:012d}")
-
-
-async def load(
-    call: Callable[[], Awaitable[object]], seconds: float, concurrency: int
-) -> tuple[float, float, float]:
-    latencies: list[float] = []
-    deadline = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        while time.perf_counter() < deadline:
-            started = time.perf_counter()
-            await call()
-            latencies.append(time.perf_counter() - started)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-    return (
-        len(latencies) / elapsed,
-        statistics.median(latencies) * 1000,
-        latencies[int(len(latencies) * 0.99)] * 1000,
-    )
 
 
 def pgbench(dsn: str, seconds: float, clients: int) -> float:
@@ -159,19 +135,8 @@ async def http_load(
 
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-    return (
-        len(latencies) / elapsed,
-        statistics.median(latencies) * 1000,
-        latencies[int(len(latencies) * 0.99)] * 1000,
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    stats = summarize(latencies, time.perf_counter() - started)
+    return stats.rate, stats.p50, stats.p99
 
 
 async def run(dsn: str, service_dsn: str, seconds: float, lanes: int = 2) -> None:
@@ -187,10 +152,10 @@ async def run(dsn: str, service_dsn: str, seconds: float, lanes: int = 2) -> Non
     async with Tollhouse.open(service_dsn, min_size=8, max_size=70) as th:
         credits = CreditService(th.db, lanes=lanes)
 
-        def spread(alone: bool) -> Callable[[], Awaitable[object]]:
+        def spread(alone: bool) -> Callable[[int], Awaitable[object]]:
             send = credits.debit_alone if alone else credits.debit
 
-            async def call() -> object:
+            async def call(_: int) -> object:
                 return await send(
                     DebitRequest(
                         amount=1,
@@ -201,10 +166,10 @@ async def run(dsn: str, service_dsn: str, seconds: float, lanes: int = 2) -> Non
 
             return call
 
-        def hot(alone: bool) -> Callable[[], Awaitable[object]]:
+        def hot(alone: bool) -> Callable[[int], Awaitable[object]]:
             send = credits.debit_alone if alone else credits.debit
 
-            async def call() -> object:
+            async def call(_: int) -> object:
                 return await send(DebitRequest(amount=1, turn_id=uuid.uuid4().hex, tenant_id=HOT))
 
             return call
@@ -218,14 +183,14 @@ async def run(dsn: str, service_dsn: str, seconds: float, lanes: int = 2) -> Non
             ("one hot tenant, one debit per transaction, 64 tasks", hot(True), 64),
         ):
             before = (credits.batcher.batches, credits.batcher.debits)
-            rate, p50, p99 = await load(call, seconds, tasks)
+            rate, p50, p99, _ = await load(call, seconds, tasks)
             batches = credits.batcher.batches - before[0]
             debits = credits.batcher.debits - before[1]
             if batches:
                 label += f" (avg batch {debits / batches:.1f})"
             rows.append((label, rate, p50, p99))
 
-        async def naive() -> object:
+        async def naive(_: int) -> object:
             account = tenant(random.randint(1, TENANTS))
             async with th.db.connection() as conn, conn.transaction():
                 cur = await conn.execute(
@@ -242,13 +207,13 @@ async def run(dsn: str, service_dsn: str, seconds: float, lanes: int = 2) -> Non
                 )
             return None
 
-        rate, p50, p99 = await load(naive, seconds, 16)
+        rate, p50, p99, _ = await load(naive, seconds, 16)
         rows.append(("naive: SELECT FOR UPDATE, UPDATE, INSERT, 16 tasks", rate, p50, p99))
 
-        async def read() -> object:
+        async def read(_: int) -> object:
             return await credits.balance(tenant_id=tenant(random.randint(1, TENANTS)))
 
-        rate, p50, p99 = await load(read, seconds, 16)
+        rate, p50, p99, _ = await load(read, seconds, 16)
         rows.append(("balance read, 16 tasks", rate, p50, p99))
         key = (await th.keys.create("bench")).secret
         await credits.close()

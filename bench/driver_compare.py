@@ -13,11 +13,12 @@ import argparse
 import asyncio
 import os
 import random
-import statistics
 import tempfile
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
+
+from psycopg.conninfo import conninfo_to_dict
+
+from loadgen import load
 
 SETUP = """
 DROP TABLE IF EXISTS bench_accounts;
@@ -31,27 +32,6 @@ BEGIN
   RETURN v;
 END $$;
 """
-
-
-async def run_load(
-    call: Callable[[int], Awaitable[object]], seconds: float, concurrency: int
-) -> tuple[float, float, float]:
-    latencies: list[float] = []
-    deadline = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            await call(random.randint(1, 10000))
-            latencies.append(time.perf_counter() - t0)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - start
-    latencies.sort()
-    p50 = statistics.median(latencies) * 1000
-    p99 = latencies[int(len(latencies) * 0.99)] * 1000
-    return len(latencies) / elapsed, p50, p99
 
 
 async def bench_psycopg(
@@ -74,7 +54,8 @@ async def bench_psycopg(
                 cur = await conn.execute("SELECT bench_debit(%s, 1)", (account,))
                 return await cur.fetchone()
 
-        return await run_load(call, seconds, concurrency)
+        stats = await load(lambda _: call(random.randint(1, 10000)), seconds, concurrency)
+        return stats.rate, stats.p50, stats.p99
 
 
 async def bench_asyncpg(
@@ -85,7 +66,17 @@ async def bench_asyncpg(
     kwargs: dict[str, object] = {}
     if not reset:
         kwargs["reset"] = None
-    pool = await asyncpg.create_pool(dsn, min_size=concurrency, max_size=concurrency)
+    # asyncpg takes only URLs; the embedded server's DSN is in key=value form.
+    params = conninfo_to_dict(dsn)
+    pool = await asyncpg.create_pool(
+        user=params.get("user"),
+        database=params.get("dbname"),
+        host=params.get("host"),
+        port=params.get("port"),
+        password=params.get("password"),
+        min_size=concurrency,
+        max_size=concurrency,
+    )
     if not reset:
         # asyncpg runs RESET ALL / UNLISTEN / advisory unlock on every release by default.
         for holder in pool._holders:
@@ -96,7 +87,8 @@ async def bench_asyncpg(
             return await conn.fetchval("SELECT bench_debit($1, 1)", account)
 
     try:
-        return await run_load(call, seconds, concurrency)
+        stats = await load(lambda _: call(random.randint(1, 10000)), seconds, concurrency)
+        return stats.rate, stats.p50, stats.p99
     finally:
         await pool.close()
 

@@ -13,17 +13,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.support.idp import GOOGLE_CLIENT, KeySet, claims, serve_jwks, sign
 
+from loadgen import Stats, load
 from tollhouse.app import Tollhouse
 from tollhouse.db import migrate
 from tollhouse.db.dsn import as_user
@@ -34,38 +32,11 @@ PASSWORD = "correct horse battery staple"
 USERS = 50
 
 
-async def load(
-    call: Callable[[int], Awaitable[object]], seconds: float, concurrency: int
-) -> tuple[float, float, float, int]:
-    latencies: list[float] = []
-    deadline = time.perf_counter() + seconds
-    counter = 0
-
-    async def worker() -> None:
-        nonlocal counter
-        while time.perf_counter() < deadline:
-            counter += 1
-            started = time.perf_counter()
-            await call(counter)
-            latencies.append(time.perf_counter() - started)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-    return (
-        len(latencies) / elapsed,
-        statistics.median(latencies) * 1000,
-        latencies[int(len(latencies) * 0.99)] * 1000,
-        len(latencies),
-    )
-
-
 async def run(dsn: str, service_dsn: str, seconds: float, concurrency: int) -> None:
     await migrate.migrate(dsn)
     keys = KeySet()
     with serve_jwks(keys) as jwks_url:
-        rows = []
+        rows: list[tuple[str, Stats]] = []
         for profile in ("rfc9106-low-memory", "owasp-minimum"):
             config = IdentityConfig(
                 password_profile=profile,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,13 +23,9 @@ from pathlib import Path
 
 import psutil
 
+from loadgen import free_port
+
 TOLLHOUSE = str(Path(sys.executable).with_name("tollhouse"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_and_wait(data_dir: Path) -> tuple[subprocess.Popen[bytes], float, int]:
