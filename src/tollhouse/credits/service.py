@@ -70,7 +70,7 @@ def rejection(result: DebitResult) -> e.TollhouseError | None:
 
 
 def _check(request: DebitRequest) -> None:
-    if (request.tenant_id is None) == (request.user_id is None) and request.tenant_id is None:
+    if request.tenant_id is None and request.user_id is None:
         raise e.InvalidRequest("name the payer: user_id or tenant_id")
     if not 0 < request.amount <= MAX_AMOUNT:
         raise e.InvalidRequest(f"amount must be between 1 and {MAX_AMOUNT}", field="amount")
