@@ -26,6 +26,7 @@ from tollhouse.identity import (
     UserService,
 )
 from tollhouse.keys import ApiKeyService
+from tollhouse.orgs import OrgService
 from tollhouse.settings import Settings
 
 
@@ -45,6 +46,7 @@ class Tollhouse:
         self.credits = CreditService(db, lanes=credit_lanes)
         self.users = UserService(db, hooks)
         self.me = SelfService(db)
+        self.orgs = OrgService(db)
         self.auth = AuthService(db, identity, hooks)
 
     async def update_user(self, user_id: uuid.UUID, changes: Mapping[str, Any]) -> User:

@@ -484,3 +484,97 @@ class PlanNotFound(NotFound):
     """No such plan."""
 
     code = "plan_not_found"
+
+
+class MemberLimitExceeded(Forbidden):
+    """This member's credit limit in the organisation would be exceeded."""
+
+    code = "member_limit_exceeded"
+
+
+class NotAMember(Forbidden):
+    """The acting user is not a member of this organisation."""
+
+    code = "not_a_member"
+
+
+# --- organisations --------------------------------------------------------------------------
+
+
+class Gone(TollhouseError):
+    """The resource existed but can no longer be used."""
+
+    code = "gone"
+
+
+class OrganisationNotFound(NotFound):
+    """No such organisation."""
+
+    code = "organisation_not_found"
+
+
+class SlugTaken(Conflict):
+    """Another organisation has this slug."""
+
+    code = "slug_taken"
+
+
+class PersonalTenant(Conflict):
+    """A personal tenant cannot be deleted or get other members."""
+
+    code = "personal_tenant"
+
+
+class LastOwner(Conflict):
+    """An organisation keeps at least one owner."""
+
+    code = "last_owner"
+
+
+class OrganisationPermissionDenied(Forbidden):
+    """Your role in this organisation does not allow this."""
+
+    code = "organisation_permission_denied"
+
+
+class MemberNotFound(NotFound):
+    """This user is not a member of the organisation."""
+
+    code = "member_not_found"
+
+
+class AlreadyMember(Conflict):
+    """This user or address is already a member of the organisation."""
+
+    code = "already_member"
+
+
+class InvitationNotFound(NotFound):
+    """No such invitation."""
+
+    code = "invitation_not_found"
+
+
+class InvitationExpired(Gone):
+    """This invitation has expired; ask for a new one."""
+
+    code = "invitation_expired"
+
+
+class InvitationRevoked(Gone):
+    """This invitation was revoked."""
+
+    code = "invitation_revoked"
+
+
+class InvitationUsed(Conflict):
+    """This invitation has already been accepted."""
+
+    code = "invitation_already_used"
+
+
+class InvitationEmailMismatch(Forbidden):
+    """This invitation was sent to another address; sign in with a verified e-mail that
+    matches it."""
+
+    code = "invitation_email_mismatch"

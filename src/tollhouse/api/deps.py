@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -11,6 +13,7 @@ from tollhouse.app import Tollhouse
 from tollhouse.errors import InvalidSession, Unauthenticated
 from tollhouse.identity import Session
 from tollhouse.keys import ApiKey
+from tollhouse.keys.service import KEY_PREFIX
 
 _bearer = HTTPBearer(auto_error=False, description="A service API key: `tollhouse keys create`.")
 
@@ -56,3 +59,37 @@ async def require_session(
 
 
 CurrentSession = Annotated[Session, Depends(require_session)]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who calls: a service key (`user_id` None, may do anything) or an end user's session."""
+
+    user_id: uuid.UUID | None
+
+
+_either_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ServiceKeyOrSession",
+    description="A service API key, or an end user's session token.",
+)
+
+
+async def require_caller(
+    tollhouse: TollhouseDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_either_bearer)],
+) -> Caller:
+    """The service (by its key) or a signed-in user, or 401."""
+    if credentials is None:
+        raise Unauthenticated(
+            "missing 'Authorization: Bearer <service API key or session token>' header"
+        )
+    if credentials.credentials.startswith(KEY_PREFIX):
+        if await tollhouse.keys.authenticate(credentials.credentials) is None:
+            raise Unauthenticated("the service API key is unknown or revoked")
+        return Caller(None)
+    session = await tollhouse.auth.authenticate(credentials.credentials)
+    return Caller(session.user_id)
+
+
+CallerDep = Annotated[Caller, Depends(require_caller)]

@@ -35,6 +35,7 @@ STATUS: dict[type[e.TollhouseError], int] = {
     e.Forbidden: 403,
     e.TooManyRequests: 429,
     e.PaymentRequired: 402,
+    e.Gone: 410,
     e.ProviderNotConfigured: 400,
     e.InvalidToken: 400,
     e.ProviderUnavailable: 503,

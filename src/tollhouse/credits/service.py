@@ -57,6 +57,8 @@ _REJECTIONS: dict[str, type[e.TollhouseError]] = {
     "reservation_released": e.ReservationReleased,
     "reservation_expired": e.ReservationExpired,
     "commit_exceeds_reservation": e.CommitExceedsReservation,
+    "not_a_member": e.NotAMember,
+    "member_limit_exceeded": e.MemberLimitExceeded,
 }
 
 

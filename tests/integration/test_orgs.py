@@ -1,0 +1,570 @@
+"""Organisations: lifecycle, members and roles, invitations, pooled credits with member
+limits (issue 6; RELIABILITY O-01..O-05, T-01..T-05, T-07/T-08 for invitations)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import psycopg
+import pytest
+
+from tollhouse import errors as e
+from tollhouse.app import Tollhouse
+from tollhouse.credits import DebitRequest
+from tollhouse.db.schema import pg_dump_path
+from tollhouse.identity import IdentityConfig
+from tollhouse.orgs import Organisation
+
+
+async def user(
+    tollhouse: Tollhouse, name: str | None = None, *, verified: bool = True
+) -> uuid.UUID:
+    email = f"{name or uuid.uuid4().hex[:10]}@example.com"
+    return (await tollhouse.users.create(email=email, email_verified=verified)).id
+
+
+async def org_with(
+    tollhouse: Tollhouse, owner: uuid.UUID, *members: uuid.UUID, pool: int = 10_000
+) -> Organisation:
+    org = await tollhouse.orgs.create("Acme", f"acme-{uuid.uuid4().hex[:8]}", owner)
+    for member in members:
+        await tollhouse.orgs.add_member(org.id, member)
+    await tollhouse.credits.grant(
+        amount=pool, source="purchase", tenant_id=org.id, source_id="seed"
+    )
+    # No daily cap (the free plan's 100 credits of allowance stay in the pool).
+    await tollhouse.db.transaction(
+        lambda conn: conn.execute(
+            "UPDATE tollhouse.credit_accounts SET daily_cap = NULL WHERE tenant_id = %s",
+            (org.id,),
+        )
+    )
+    return org
+
+
+async def spend(
+    tollhouse: Tollhouse, org: uuid.UUID, member: uuid.UUID, amount: int = 1, turn: str = ""
+) -> str:
+    """The outcome code of one member debit against the pool ('applied' when it went)."""
+    result = await tollhouse.credits.debit(
+        DebitRequest(amount=amount, turn_id=turn or uuid.uuid4().hex, tenant_id=org, user_id=member)
+    )
+    return result.code or result.status
+
+
+@pytest.fixture
+async def big(service_dsn: str, identity_config: IdentityConfig) -> AsyncIterator[Tollhouse]:
+    """A Tollhouse with a pool large enough for 64 concurrent transactions."""
+    async with Tollhouse.open(
+        service_dsn, min_size=8, max_size=70, identity=identity_config
+    ) as tollhouse:
+        yield tollhouse
+
+
+# --- lifecycle -------------------------------------------------------------------------------
+
+
+async def test_create_rename_slug_delete_restore_and_list(tollhouse: Tollhouse) -> None:
+    owner, other = await user(tollhouse), await user(tollhouse)
+    org = await tollhouse.orgs.create("Acme", "acme", owner)
+    assert (org.role, org.owner_user_id, org.is_default) == ("owner", owner, False)
+    with pytest.raises(e.SlugTaken):
+        await tollhouse.orgs.create("Other", "acme", other)
+    renamed = await tollhouse.orgs.update(org.id, owner, name="Acme Inc", slug="acme-inc")
+    assert (renamed.name, renamed.slug) == ("Acme Inc", "acme-inc")
+    assert [o.id for o in await tollhouse.orgs.for_user(owner)] == [org.id]
+    assert await tollhouse.orgs.for_user(other) == []
+    with pytest.raises(e.OrganisationNotFound):  # a non-member does not see it at all
+        await tollhouse.orgs.get(org.id, other)
+    await tollhouse.orgs.delete(org.id, owner)
+    assert await tollhouse.orgs.for_user(owner) == []
+    with pytest.raises(e.OrganisationNotFound):
+        await tollhouse.orgs.update(org.id, owner, name="x")
+    assert (await tollhouse.orgs.restore(org.id, owner)).deleted_at is None
+
+
+async def test_a_personal_tenant_cannot_be_deleted_or_get_members(tollhouse: Tollhouse) -> None:
+    owner, other = await user(tollhouse), await user(tollhouse)
+    personal = await tollhouse.credits.tenant_of(None, owner)
+    with pytest.raises(e.PersonalTenant):
+        await tollhouse.orgs.delete(personal, owner)
+    with pytest.raises(e.PersonalTenant):
+        await tollhouse.orgs.add_member(personal, other)
+    with pytest.raises(e.PersonalTenant):
+        await tollhouse.orgs.invite(personal, "x@example.com")
+    # The database refuses it too, whoever writes.
+    with pytest.raises(e.PersonalTenant):
+        await tollhouse.db.transaction(
+            lambda conn: conn.execute(
+                "INSERT INTO tollhouse.tenant_members (tenant_id, user_id, role)"
+                " VALUES (%s, %s, 'member')",
+                (personal, other),
+            ),
+            constraints={"tenant_members_personal_check": e.PersonalTenant},
+        )
+
+
+async def test_deleted_organisation_spends_nothing(tollhouse: Tollhouse) -> None:
+    owner = await user(tollhouse)
+    org = await org_with(tollhouse, owner)
+    await tollhouse.orgs.delete(org.id, owner)
+    assert await spend(tollhouse, org.id, owner) == "not_found"
+    await tollhouse.orgs.restore(org.id, owner)
+    assert await spend(tollhouse, org.id, owner) == "applied"
+
+
+# --- roles -----------------------------------------------------------------------------------
+
+
+async def test_roles_decide_who_manages_whom(tollhouse: Tollhouse) -> None:
+    owner, admin, member, newcomer = [await user(tollhouse) for _ in range(4)]
+    org = await org_with(tollhouse, owner, admin, member)
+    await tollhouse.orgs.change_role(org.id, admin, "admin", owner)
+    with pytest.raises(e.OrganisationPermissionDenied):
+        await tollhouse.orgs.add_member(org.id, newcomer, "member", member)
+    with pytest.raises(e.OrganisationPermissionDenied):  # admins do not make owners
+        await tollhouse.orgs.change_role(org.id, member, "owner", admin)
+    with pytest.raises(e.OrganisationPermissionDenied):  # nor touch them
+        await tollhouse.orgs.remove_member(org.id, owner, admin)
+    await tollhouse.orgs.add_member(org.id, newcomer, "member", admin)
+    await tollhouse.orgs.remove_member(org.id, newcomer, newcomer)  # anyone may leave
+    with pytest.raises(e.LastOwner):
+        await tollhouse.orgs.remove_member(org.id, owner, owner)
+    transferred = await tollhouse.orgs.transfer_ownership(org.id, member, owner)
+    assert transferred.owner_user_id == member
+    roles = {m.user_id: m.role for m in await tollhouse.orgs.members(org.id)}
+    assert roles == {owner: "admin", admin: "admin", member: "owner"}
+
+
+async def test_o03_a_demoted_admin_is_refused_even_mid_flight(tollhouse: Tollhouse) -> None:
+    """O-03: authorization is read after the organisation's lock, in the writing
+    transaction: a demotion that commits while the admin's request waits is seen."""
+    owner, admin, member = [await user(tollhouse) for _ in range(3)]
+    org = await org_with(tollhouse, owner, admin, member)
+    await tollhouse.orgs.change_role(org.id, admin, "admin", owner)
+    async with tollhouse.db.connection() as conn, conn.transaction():
+        await conn.execute(
+            "UPDATE tollhouse.tenant_members SET role = 'member'"
+            " WHERE tenant_id = %s AND user_id = %s",
+            (org.id, admin),
+        )
+        # The demotion holds the organisation: the admin's actions wait for it.
+        await conn.execute(
+            "SELECT 1 FROM tollhouse.tenants WHERE id = %s FOR NO KEY UPDATE", (org.id,)
+        )
+        attempts = [
+            asyncio.create_task(tollhouse.orgs.invite(org.id, "z@example.com", actor=admin)),
+            asyncio.create_task(tollhouse.orgs.set_credit_limit(org.id, member, 5, admin)),
+            asyncio.create_task(tollhouse.orgs.remove_member(org.id, member, admin)),
+        ]
+        await asyncio.sleep(0.3)
+        assert not any(task.done() for task in attempts)
+    outcomes = await asyncio.gather(*attempts, return_exceptions=True)
+    assert all(isinstance(o, e.OrganisationPermissionDenied) for o in outcomes), outcomes
+    assert len(await tollhouse.orgs.members(org.id)) == 3
+
+
+async def _demote(dsn: str, org: uuid.UUID, target: uuid.UUID, *, naive: bool) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        if naive:  # the control: count, then write, without the trigger's lock
+            cur = await conn.execute(
+                "SELECT count(*) FROM tollhouse.tenant_members"
+                " WHERE tenant_id = %s AND role = 'owner'",
+                (org,),
+            )
+            row = await cur.fetchone()
+            await asyncio.sleep(0.01)
+            if row is None or row[0] < 2:
+                return
+        try:
+            await conn.execute(
+                "UPDATE tollhouse.tenant_members SET role = 'member'"
+                " WHERE tenant_id = %s AND user_id = %s",
+                (org, target),
+            )
+            await conn.commit()
+        except psycopg.errors.CheckViolation:
+            await conn.rollback()
+
+
+@pytest.mark.parametrize("naive", [False, True], ids=["trigger", "naive-control"])
+async def test_o04_two_owners_demoting_each_other_leave_one(
+    tollhouse: Tollhouse, dsn: str, naive: bool
+) -> None:
+    """O-04: concurrent demotions never leave an organisation without an owner; the naive
+    count-then-write version (trigger disabled) does."""
+    if naive:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                "ALTER TABLE tollhouse.tenant_members DISABLE TRIGGER tenant_members_owner_check"
+            )
+    ownerless = 0
+    for _ in range(40):
+        a, b = await user(tollhouse), await user(tollhouse)
+        org = await org_with(tollhouse, a, b, pool=1)
+        await tollhouse.orgs.change_role(org.id, b, "owner", a)
+        await asyncio.gather(
+            _demote(dsn, org.id, a, naive=naive), _demote(dsn, org.id, b, naive=naive)
+        )
+        roles = [m.role for m in await tollhouse.orgs.members(org.id)]
+        ownerless += "owner" not in roles
+    assert (ownerless > 0) if naive else (ownerless == 0)
+
+
+# --- member limits and the pool ----------------------------------------------------------------
+
+
+async def naive_member_debit(tollhouse: Tollhouse, org: uuid.UUID, member: uuid.UUID) -> str:
+    """The control for O-01: read the member's use, check, debit, write the use back."""
+    async with tollhouse.db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT credit_limit, used_credits FROM tollhouse.tenant_member_credit_limits"
+            " WHERE tenant_id = %s AND user_id = %s",
+            (org, member),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        if row[0] >= 0 and row[1] + 1 > row[0]:
+            return "member_limit_exceeded"
+        await asyncio.sleep(0.005)
+        result = await tollhouse.credits.debit(
+            DebitRequest(amount=1, turn_id=uuid.uuid4().hex, tenant_id=org)
+        )
+        await conn.execute(
+            "UPDATE tollhouse.tenant_member_credit_limits SET used_credits = %s"
+            " WHERE tenant_id = %s AND user_id = %s",
+            (row[1] + 1, org, member),
+        )
+        return result.status
+
+
+@pytest.mark.parametrize("naive", [False, True], ids=["gate", "naive-control"])
+async def test_o01_member_limit_holds_under_64_concurrent_debits(
+    big: Tollhouse, naive: bool
+) -> None:
+    """O-01: 64 concurrent debits of 1 by a member limited to 20: exactly 20 apply, and the
+    member's use and the pool agree; the naive read-then-write version overspends."""
+    owner, member = await user(big), await user(big)
+    org = await org_with(big, owner, member, pool=1000)
+    await big.orgs.set_credit_limit(org.id, member, 20)
+    debit = naive_member_debit if naive else spend
+    outcomes = await asyncio.gather(*(debit(big, org.id, member) for _ in range(64)))
+    applied = outcomes.count("applied")
+    balance = await big.credits.balance(tenant_id=org.id)
+    if naive:
+        assert applied > 20
+        return
+    assert applied == 20 and outcomes.count("member_limit_exceeded") == 44
+    assert balance.balance == 1000 - 20
+    found = await big.orgs.member(org.id, member)
+    assert (found.used_credits, found.remaining_credits) == (20, 0)
+
+
+async def test_o05_lowering_a_limit_below_use_stops_spending(tollhouse: Tollhouse) -> None:
+    owner, member = await user(tollhouse), await user(tollhouse)
+    org = await org_with(tollhouse, owner, member)
+    for _ in range(5):
+        assert await spend(tollhouse, org.id, member, 2) == "applied"
+    lowered = await tollhouse.orgs.set_credit_limit(org.id, member, 4)
+    assert (lowered.used_credits, lowered.remaining_credits) == (10, 0)
+    assert await spend(tollhouse, org.id, member) == "member_limit_exceeded"
+    assert (await tollhouse.credits.balance(tenant_id=org.id)).balance == 10_100 - 10
+    assert await spend(tollhouse, org.id, owner) == "applied"  # others are unaffected
+
+
+async def test_holds_count_against_the_member_limit(tollhouse: Tollhouse) -> None:
+    owner, member = await user(tollhouse), await user(tollhouse)
+    org = await org_with(tollhouse, owner, member)
+    await tollhouse.orgs.set_credit_limit(org.id, member, 10)
+    await tollhouse.credits.reserve(amount=8, turn_id="stream-1", tenant_id=org.id, user_id=member)
+    assert await spend(tollhouse, org.id, member, 3) == "member_limit_exceeded"
+    committed = await tollhouse.credits.commit(
+        turn_id="stream-1", amount=5, tenant_id=org.id, user_id=member
+    )
+    assert committed.status == "applied"
+    assert (await tollhouse.orgs.member(org.id, member)).used_credits == 5
+    assert await spend(tollhouse, org.id, member, 5) == "applied"
+    assert await spend(tollhouse, org.id, member, 1) == "member_limit_exceeded"
+
+
+async def test_non_members_cannot_spend_from_a_pool(tollhouse: Tollhouse) -> None:
+    owner, stranger = await user(tollhouse), await user(tollhouse)
+    org = await org_with(tollhouse, owner)
+    assert await spend(tollhouse, org.id, stranger, turn="t-1") == "not_a_member"
+    personal = await tollhouse.credits.tenant_of(None, owner)
+    assert await spend(tollhouse, personal, stranger) == "not_a_member"
+    await tollhouse.credits.grant(amount=10, source="promo", user_id=owner)
+    assert await spend(tollhouse, personal, owner) == "applied"
+
+
+async def test_o02_removal_and_debit_serialize_on_the_member_row(
+    tollhouse: Tollhouse, dsn: str
+) -> None:
+    """O-02, both interleavings. A debit holding the member's row makes the removal wait
+    until it commits; a removal not yet committed makes the debit wait, then refuse. The
+    naive control (membership read without a lock) lets a debit commit after the removal."""
+    owner, member = await user(tollhouse), await user(tollhouse)
+    org = await org_with(tollhouse, owner, member)
+    debit_sql = (
+        "SELECT status, code FROM tollhouse.credit_debit_v1(%s, %s, 1, %s, NULL, 'llm_usage', NULL)"
+    )
+    # 1. The debit first: the removal waits for its commit.
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(debit_sql, (org.id, member, "early"))
+        assert await cur.fetchone() == ("applied", None)
+        removal = asyncio.create_task(tollhouse.orgs.remove_member(org.id, member, owner))
+        await asyncio.sleep(0.3)
+        assert not removal.done()
+        await conn.commit()
+    await removal
+    # 2. The removal first (not yet committed): the debit waits, then is refused.
+    await tollhouse.orgs.add_member(org.id, member)
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        await conn.execute(
+            "DELETE FROM tollhouse.tenant_members WHERE tenant_id = %s AND user_id = %s",
+            (org.id, member),
+        )
+        late = asyncio.create_task(spend(tollhouse, org.id, member, turn="late"))
+        naive = await tollhouse.db.transaction(
+            lambda c: c.execute(
+                "SELECT count(*) FROM tollhouse.tenant_members"
+                " WHERE tenant_id = %s AND user_id = %s",
+                (org.id, member),
+            )
+        )
+        naive_sees_member = (await naive.fetchone()) == (1,)
+        await asyncio.sleep(0.3)
+        assert not late.done()
+        await conn.commit()
+    assert await late == "not_a_member"
+    assert naive_sees_member  # the control's unlocked read would have let the debit through
+
+
+async def test_o02_removal_mid_storm_of_64_debits(big: Tollhouse) -> None:
+    """O-02: 64 in-flight debits by a member while the removal commits: every debit sent
+    after the removal returned is refused, none is lost, the ledger and pool agree, and the
+    member's pending hold is voided."""
+    owner, member = await user(big), await user(big)
+    org = await org_with(big, owner, member)
+    await big.credits.reserve(amount=50, turn_id="held", tenant_id=org.id, user_id=member)
+    removed = asyncio.Event()
+
+    async def one(i: int) -> tuple[bool, str]:
+        await asyncio.sleep(0.002 * i)
+        after = removed.is_set()
+        return after, await spend(big, org.id, member, turn=f"storm-{i}")
+
+    async def remove() -> None:
+        await asyncio.sleep(0.06)
+        await big.orgs.remove_member(org.id, member, owner)
+        removed.set()
+
+    results, _ = await asyncio.gather(asyncio.gather(*(one(i) for i in range(64))), remove())
+    assert all(code == "not_a_member" for after, code in results if after)
+    applied = sum(code == "applied" for _, code in results)
+    balance = await big.credits.balance(tenant_id=org.id)
+    assert balance.balance == 10_100 - applied and balance.available == balance.balance
+    late = await big.credits.commit(turn_id="held", amount=10, tenant_id=org.id, user_id=member)
+    assert late.code == "reservation_released"  # the removal voided the member's hold
+    assert (await big.health.doctor()).ok
+
+
+# --- invitations -----------------------------------------------------------------------------
+
+
+async def test_invitation_flow_and_precise_errors(tollhouse: Tollhouse) -> None:
+    owner = await user(tollhouse)
+    invitee, intruder = await user(tollhouse, "inv"), await user(tollhouse, "intruder")
+    org = await org_with(tollhouse, owner)
+    issued = await tollhouse.orgs.invite(
+        org.id, " INV@Example.com ", "admin", owner, credit_limit=7
+    )
+    assert (issued.invitation.email, issued.invitation.status) == ("inv@example.com", "pending")
+    with pytest.raises(e.InvitationEmailMismatch):  # T-04: bound to the invited address
+        await tollhouse.orgs.accept(issued.token, intruder)
+    member = await tollhouse.orgs.accept(issued.token, invitee)
+    assert (member.role, member.credit_limit) == ("admin", 7)  # taken from the stored invite
+    with pytest.raises(e.InvitationUsed):
+        await tollhouse.orgs.accept(issued.token, invitee)
+    with pytest.raises(e.AlreadyMember):
+        await tollhouse.orgs.invite(org.id, "inv@example.com", actor=owner)
+    with pytest.raises(e.InvitationNotFound):
+        await tollhouse.orgs.accept("thi_garbage", invitee)
+
+
+async def test_t05_revoke_reinvite_and_resend_kill_older_tokens(tollhouse: Tollhouse) -> None:
+    owner, invitee = await user(tollhouse), await user(tollhouse, "again")
+    org = await org_with(tollhouse, owner)
+    first = await tollhouse.orgs.invite(org.id, "again@example.com")
+    second = await tollhouse.orgs.invite(org.id, "again@example.com")
+    with pytest.raises(e.InvitationRevoked):
+        await tollhouse.orgs.accept(first.token, invitee)
+    resent = await tollhouse.orgs.resend(org.id, second.invitation.id)
+    with pytest.raises(e.InvitationNotFound):
+        await tollhouse.orgs.accept(second.token, invitee)
+    await tollhouse.orgs.revoke(org.id, resent.invitation.id)
+    with pytest.raises(e.InvitationRevoked):
+        await tollhouse.orgs.accept(resent.token, invitee)
+    statuses = [i.status for i in await tollhouse.orgs.invitations(org.id)]
+    assert statuses == ["revoked", "revoked"]
+
+
+async def test_t02_expiry_boundary_on_the_database_clock(tollhouse: Tollhouse) -> None:
+    owner, invitee = await user(tollhouse), await user(tollhouse, "clock")
+    org = await org_with(tollhouse, owner)
+    late = await tollhouse.orgs.invite(org.id, "clock@example.com")
+
+    async def expire_in(seconds: int, invitation: uuid.UUID) -> None:
+        await tollhouse.db.transaction(
+            lambda conn: conn.execute(
+                "UPDATE tollhouse.tenant_invitations"
+                " SET expires_at = now() + make_interval(secs => %s) WHERE id = %s",
+                (seconds, invitation),
+            )
+        )
+
+    await expire_in(-1, late.invitation.id)
+    with pytest.raises(e.InvitationExpired):
+        await tollhouse.orgs.accept(late.token, invitee)
+    assert (await tollhouse.orgs.invitations(org.id))[0].status == "expired"
+    resent = await tollhouse.orgs.resend(org.id, late.invitation.id)
+    await expire_in(1, resent.invitation.id)
+    assert (await tollhouse.orgs.accept(resent.token, invitee)).user_id == invitee
+
+
+async def test_t03_fifty_concurrent_accepts_make_one_membership(big: Tollhouse) -> None:
+    owner, invitee = await user(big), await user(big, "race")
+    org = await org_with(big, owner)
+    issued = await big.orgs.invite(org.id, "race@example.com")
+    outcomes = await asyncio.gather(
+        *(big.orgs.accept(issued.token, invitee) for _ in range(50)), return_exceptions=True
+    )
+    assert sum(not isinstance(o, BaseException) for o in outcomes) == 1
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(errors) == 49
+    assert all(isinstance(x, (e.InvitationUsed, e.AlreadyMember)) for x in errors), errors
+    assert len(await big.orgs.members(org.id)) == 2
+
+
+async def test_t01_invitation_tokens_are_never_stored(tollhouse: Tollhouse, dsn: str) -> None:
+    """T-01: 30 issued tokens; a full pg_dump holds none of their secrets; 256-bit secrets."""
+    owner = await user(tollhouse)
+    org = await org_with(tollhouse, owner)
+    issued = [await tollhouse.orgs.invite(org.id, f"t{i}@example.com") for i in range(30)]
+    issued.append(await tollhouse.orgs.resend(org.id, issued[0].invitation.id))
+    dump = subprocess.run(
+        [pg_dump_path(), "--data-only", f"--dbname={dsn}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "tenant_invitations" in dump
+    for item in issued:
+        secret = item.token.split(".", 1)[1]
+        assert len(secret) == 43 and secret.isascii()  # token_urlsafe(32): 256 bits
+        assert secret not in dump
+
+
+async def test_t07_t08_forged_and_unknown_tokens_answer_alike(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
+) -> None:
+    """T-07/T-08 for invitations: a right selector with a wrong secret, an unknown selector
+    and garbage all get the same answer (no oracle to guess against); inviting an address
+    with an account and one without gives the same status and the same body shape."""
+    owner, invitee = await user(tollhouse), await user(tollhouse, "known")
+    org = await org_with(tollhouse, owner)
+    known = await client.post(
+        f"/v1/orgs/{org.id}/invitations", json={"email": "known@example.com"}, headers=auth
+    )
+    unknown = await client.post(
+        f"/v1/orgs/{org.id}/invitations", json={"email": "nobody@example.com"}, headers=auth
+    )
+    assert known.status_code == unknown.status_code == 201
+    assert set(known.json()) == set(unknown.json())
+    token = known.json()["token"]
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    other_selector = "thi_" + uuid.uuid4().hex + token[-44:]
+    answers = []
+    for candidate in (forged, other_selector, "thi_x"):
+        reply = await client.post(
+            "/v1/invitations/accept",
+            json={"token": candidate, "user_id": str(invitee)},
+            headers=auth,
+        )
+        answers.append((reply.status_code, reply.json()["error"]["code"]))
+    assert answers == [(404, "invitation_not_found")] * 3
+
+
+# --- HTTP --------------------------------------------------------------------------------------
+
+
+async def test_http_contract_with_sessions_and_service_key(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
+) -> None:
+    from tests.support.flows import verified_account
+
+    owner_in, _ = await verified_account(tollhouse, "boss@example.com")
+    member_in, _ = await verified_account(tollhouse, "worker@example.com")
+    boss = {"Authorization": f"Bearer {owner_in.session_token}"}
+    worker = {"Authorization": f"Bearer {member_in.session_token}"}
+    created = await client.post("/v1/orgs", json={"name": "Acme", "slug": "acme"}, headers=boss)
+    assert created.status_code == 201 and created.json()["role"] == "owner"
+    org = created.json()["id"]
+    bad = await client.post("/v1/orgs", json={"name": "X", "slug": "Not A Slug"}, headers=boss)
+    assert bad.status_code == 422
+    taken = await client.post("/v1/orgs", json={"name": "X", "slug": "acme"}, headers=worker)
+    assert (taken.status_code, taken.json()["error"]["code"]) == (409, "slug_taken")
+    hidden = await client.get(f"/v1/orgs/{org}", headers=worker)
+    assert hidden.status_code == 404
+    invited = await client.post(
+        f"/v1/orgs/{org}/invitations",
+        json={"email": "worker@example.com", "credit_limit": 3},
+        headers=boss,
+    )
+    assert invited.status_code == 201
+    accepted = await client.post(
+        "/v1/invitations/accept", json={"token": invited.json()["token"]}, headers=worker
+    )
+    assert accepted.status_code == 200 and accepted.json()["remaining_credits"] == 3
+    denied = await client.post(
+        f"/v1/orgs/{org}/invitations", json={"email": "z@example.com"}, headers=worker
+    )
+    assert (denied.status_code, denied.json()["error"]["code"]) == (
+        403,
+        "organisation_permission_denied",
+    )
+    await tollhouse.credits.grant(amount=100, source="purchase", tenant_id=uuid.UUID(org))
+    debit = {
+        "tenant_id": org,
+        "user_id": str(member_in.user.id),
+        "amount": 2,
+        "turn_id": "t-1",
+    }
+    ok = await client.post("/v1/credits/debit", json=debit, headers=auth)
+    assert ok.status_code == 200
+    over = await client.post("/v1/credits/debit", json={**debit, "turn_id": "t-2"}, headers=auth)
+    assert (over.status_code, over.json()["error"]["code"]) == (403, "member_limit_exceeded")
+    limit = await client.put(
+        f"/v1/orgs/{org}/members/{member_in.user.id}/credit-limit",
+        json={"credit_limit": -1},
+        headers=boss,
+    )
+    assert limit.status_code == 200 and limit.json()["remaining_credits"] is None
+    mine = await client.get(f"/v1/users/{member_in.user.id}/orgs", headers=worker)
+    assert [o["id"] for o in mine.json()["organisations"]] == [org]
+    others = await client.get(f"/v1/users/{owner_in.user.id}/orgs", headers=worker)
+    assert others.status_code == 403
+    members = await client.get(f"/v1/orgs/{org}/members", headers=worker)
+    assert {m["role"] for m in members.json()["members"]} == {"owner", "member"}
+    left = await client.delete(f"/v1/orgs/{org}/members/{member_in.user.id}", headers=worker)
+    assert left.status_code == 204
+    gone = await client.post("/v1/credits/debit", json={**debit, "turn_id": "t-3"}, headers=auth)
+    assert (gone.status_code, gone.json()["error"]["code"]) == (403, "not_a_member")
+    deleted = await client.delete(f"/v1/orgs/{org}", headers=boss)
+    assert deleted.status_code == 204
+    seen = await client.get(f"/v1/orgs/{org}", headers=auth)
+    assert seen.json()["deleted_at"] is not None
