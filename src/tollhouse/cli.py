@@ -14,7 +14,7 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -62,6 +62,10 @@ plans_app = typer.Typer(
 app.add_typer(credits_app, name="credits")
 app.add_typer(plans_app, name="plans")
 app.add_typer(db_app, name="db")
+orgs_app = typer.Typer(
+    help="Organisations: members, roles, invitations, credit limits.", no_args_is_help=True
+)
+app.add_typer(orgs_app, name="orgs")
 
 DataDir = Annotated[
     Path | None,
@@ -475,6 +479,198 @@ def db_schema(data_dir: DataDir = None) -> None:
     settings = _settings(data_dir)
     with database_url(settings) as dsn:
         typer.echo(dump_schema(dsn), nl=False)
+
+
+# --- organisations (the service acting; no session) ------------------------------------------
+
+OrgArg = Annotated[str, typer.Argument(help="The organisation's tenant id.")]
+MemberArg = Annotated[str, typer.Argument(help="A member's user id.")]
+RoleOpt = Annotated[str, typer.Option(help="owner, admin or member.")]
+LimitOpt = Annotated[int, typer.Option("--credit-limit", help="Credits per period; -1 = no limit.")]
+
+
+def _json(model: Any) -> str:
+    return str(model.model_dump_json(indent=2))
+
+
+def _org_id(value: str, what: str = "an organisation id") -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidRequest(f"{value!r} is not {what}") from None
+
+
+def _role(value: str) -> Any:
+    if value not in ("owner", "admin", "member"):
+        raise InvalidRequest(f"{value!r} is not a role: owner, admin or member")
+    return value
+
+
+@orgs_app.command("create")
+def orgs_create(
+    name: Annotated[str, typer.Argument(help="Display name.")],
+    slug: Annotated[str, typer.Option(help="Unique, lower-case letters, digits and -.")],
+    owner: Annotated[str, typer.Option(help="The owner's user id.")],
+    data_dir: DataDir = None,
+) -> None:
+    """Create an organisation owned by --owner."""
+    from tollhouse.api.routes.orgs import OrgOut
+
+    owner_id = _user_id(owner)
+    org = _with_services(_settings(data_dir), lambda t: t.orgs.create(name, slug, owner_id))
+    typer.echo(_json(OrgOut.of(org)))
+
+
+@orgs_app.command("show")
+def orgs_show(org: OrgArg, data_dir: DataDir = None) -> None:
+    """One organisation (deleted ones too)."""
+    from tollhouse.api.routes.orgs import OrgOut
+
+    tenant = _org_id(org)
+    found = _with_services(_settings(data_dir), lambda t: t.orgs.get(tenant, include_deleted=True))
+    typer.echo(_json(OrgOut.of(found)))
+
+
+@orgs_app.command("list")
+def orgs_list(
+    user: Annotated[str, typer.Option("--user", help="A user id.")], data_dir: DataDir = None
+) -> None:
+    """The organisations a user belongs to."""
+    from tollhouse.api.routes.orgs import OrgList, OrgOut
+
+    uid = _user_id(user)
+    found = _with_services(_settings(data_dir), lambda t: t.orgs.for_user(uid))
+    typer.echo(_json(OrgList(organisations=[OrgOut.of(o) for o in found])))
+
+
+@orgs_app.command("members")
+def orgs_members(org: OrgArg, data_dir: DataDir = None) -> None:
+    """Members with their roles, credit limits and use this period."""
+    from tollhouse.api.routes.orgs import MemberList, MemberOut
+
+    tenant = _org_id(org)
+    found = _with_services(_settings(data_dir), lambda t: t.orgs.members(tenant))
+    typer.echo(_json(MemberList(members=[MemberOut.of(m) for m in found])))
+
+
+@orgs_app.command("add-member")
+def orgs_add_member(
+    org: OrgArg,
+    user: MemberArg,
+    role: RoleOpt = "member",
+    credit_limit: LimitOpt = -1,
+    data_dir: DataDir = None,
+) -> None:
+    """Add an existing user."""
+    from tollhouse.api.routes.orgs import MemberOut
+
+    tenant, uid, as_role = _org_id(org), _user_id(user), _role(role)
+    member = _with_services(
+        _settings(data_dir),
+        lambda t: t.orgs.add_member(tenant, uid, as_role, credit_limit=credit_limit),
+    )
+    typer.echo(_json(MemberOut.of(member)))
+
+
+@orgs_app.command("set-role")
+def orgs_set_role(org: OrgArg, user: MemberArg, role: RoleOpt, data_dir: DataDir = None) -> None:
+    """Change a member's role (an organisation keeps at least one owner)."""
+    from tollhouse.api.routes.orgs import MemberOut
+
+    tenant, uid, as_role = _org_id(org), _user_id(user), _role(role)
+    member = _with_services(_settings(data_dir), lambda t: t.orgs.change_role(tenant, uid, as_role))
+    typer.echo(_json(MemberOut.of(member)))
+
+
+@orgs_app.command("set-limit")
+def orgs_set_limit(
+    org: OrgArg, user: MemberArg, credit_limit: LimitOpt, data_dir: DataDir = None
+) -> None:
+    """Set a member's credit limit per period."""
+    from tollhouse.api.routes.orgs import MemberOut
+
+    tenant, uid = _org_id(org), _user_id(user)
+    member = _with_services(
+        _settings(data_dir), lambda t: t.orgs.set_credit_limit(tenant, uid, credit_limit)
+    )
+    typer.echo(_json(MemberOut.of(member)))
+
+
+@orgs_app.command("remove-member")
+def orgs_remove_member(org: OrgArg, user: MemberArg, data_dir: DataDir = None) -> None:
+    """Remove a member; its pending holds on the pool are voided."""
+    tenant, uid = _org_id(org), _user_id(user)
+    _with_services(_settings(data_dir), lambda t: t.orgs.remove_member(tenant, uid))
+    typer.echo(f"removed {uid} from {tenant}")
+
+
+@orgs_app.command("transfer")
+def orgs_transfer(org: OrgArg, user: MemberArg, data_dir: DataDir = None) -> None:
+    """Make a member the owner of record."""
+    from tollhouse.api.routes.orgs import OrgOut
+
+    tenant, uid = _org_id(org), _user_id(user)
+    found = _with_services(_settings(data_dir), lambda t: t.orgs.transfer_ownership(tenant, uid))
+    typer.echo(_json(OrgOut.of(found)))
+
+
+@orgs_app.command("invite")
+def orgs_invite(
+    org: OrgArg,
+    email: Annotated[str, typer.Argument(help="The address to invite.")],
+    role: RoleOpt = "member",
+    credit_limit: LimitOpt = -1,
+    data_dir: DataDir = None,
+) -> None:
+    """Invite an address; prints the token once (only its hash is kept)."""
+    from tollhouse.api.routes.orgs import IssuedOut
+
+    tenant, as_role = _org_id(org), _role(role)
+    if as_role == "owner":
+        raise InvalidRequest("invite as admin or member; make owners with transfer")
+    issued = _with_services(
+        _settings(data_dir),
+        lambda t: t.orgs.invite(tenant, email, as_role, credit_limit=credit_limit),
+    )
+    typer.echo(_json(IssuedOut.of(issued)))
+
+
+@orgs_app.command("invitations")
+def orgs_invitations(org: OrgArg, data_dir: DataDir = None) -> None:
+    """The organisation's invitations, newest first."""
+    from tollhouse.api.routes.orgs import InvitationList, InvitationOut
+
+    tenant = _org_id(org)
+    found = _with_services(_settings(data_dir), lambda t: t.orgs.invitations(tenant))
+    typer.echo(_json(InvitationList(invitations=[InvitationOut.of(i) for i in found])))
+
+
+@orgs_app.command("revoke")
+def orgs_revoke(
+    org: OrgArg,
+    invitation: Annotated[str, typer.Argument(help="The invitation id.")],
+    data_dir: DataDir = None,
+) -> None:
+    """Revoke an invitation."""
+    tenant, inv = _org_id(org), _org_id(invitation, "an invitation id")
+    found = _with_services(_settings(data_dir), lambda t: t.orgs.revoke(tenant, inv))
+    typer.echo(f"invitation {found.id} to {found.email}: {found.status}")
+
+
+@orgs_app.command("delete")
+def orgs_delete(
+    org: OrgArg,
+    restore: Annotated[bool, typer.Option("--restore", help="Undo a soft delete.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Soft-delete an organisation (or --restore it)."""
+    tenant = _org_id(org)
+    if restore:
+        _with_services(_settings(data_dir), lambda t: t.orgs.restore(tenant))
+        typer.echo(f"restored {tenant}")
+    else:
+        _with_services(_settings(data_dir), lambda t: t.orgs.delete(tenant))
+        typer.echo(f"deleted {tenant}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -193,3 +193,36 @@ def test_credits_and_plans_commands(tmp_path: Path, dsn: str) -> None:
     assert "team" in run_cli(["plans", "list"], env).stdout
     both = run_cli(["credits", "balance", "--user", user["id"], "--tenant", user["id"]], env)
     assert "exactly one payer" in error_lines(both.stderr)[0]
+
+
+def test_orgs_commands(tmp_path: Path, dsn: str) -> None:
+    env = clean_env(tmp_path, DATABASE_URL=dsn)
+    boss = json.loads(run_cli(["users", "create", "--email", "boss@example.com"], env).stdout)
+    hand = json.loads(run_cli(["users", "create", "--email", "hand@example.com"], env).stdout)
+    created = run_cli(["orgs", "create", "Acme", "--slug", "acme", "--owner", boss["id"]], env)
+    assert created.returncode == 0, created.stderr
+    org = json.loads(created.stdout)["id"]
+    added = run_cli(["orgs", "add-member", org, hand["id"], "--credit-limit", "5"], env)
+    assert json.loads(added.stdout)["remaining_credits"] == 5
+    limit = run_cli(["orgs", "set-limit", org, hand["id"], "--credit-limit", "-1"], env)
+    assert json.loads(limit.stdout)["credit_limit"] == -1
+    members = json.loads(run_cli(["orgs", "members", org], env).stdout)["members"]
+    assert {m["role"] for m in members} == {"owner", "member"}
+    invited = json.loads(run_cli(["orgs", "invite", org, "new@example.com"], env).stdout)
+    assert invited["token"].startswith("thi_")
+    listed = json.loads(run_cli(["orgs", "invitations", org], env).stdout)["invitations"]
+    assert [i["status"] for i in listed] == ["pending"]
+    revoked = run_cli(["orgs", "revoke", org, invited["invitation"]["id"]], env)
+    assert revoked.stdout.strip().endswith("revoked")
+    last = run_cli(["orgs", "remove-member", org, boss["id"]], env)
+    assert error_lines(last.stderr) == [
+        "tollhouse: error: An organisation keeps at least one owner."
+    ]
+    assert run_cli(["orgs", "transfer", org, hand["id"]], env).returncode == 0
+    mine = json.loads(run_cli(["orgs", "list", "--user", hand["id"]], env).stdout)
+    assert [o["id"] for o in mine["organisations"]] == [org]
+    assert run_cli(["orgs", "delete", org], env).returncode == 0
+    shown = json.loads(run_cli(["orgs", "show", org], env).stdout)
+    assert shown["deleted_at"] is not None
+    bad = run_cli(["orgs", "show", "acme"], env)
+    assert error_lines(bad.stderr) == ["tollhouse: error: 'acme' is not an organisation id"]
