@@ -79,7 +79,7 @@ RETURNING user_id
 SELECT EXISTS (SELECT 1 FROM tollhouse.users WHERE id = %(user_id)s AND deleted_at IS NULL)
 
 -- name: set_role
-UPDATE tollhouse.tenant_members SET role = %(role)s, updated_at = now()
+UPDATE tollhouse.tenant_members SET updated_at = now(), role = %(role)s
 WHERE tenant_id = %(id)s AND user_id = %(user_id)s
 
 -- name: set_owner
