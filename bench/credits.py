@@ -43,11 +43,11 @@ from tollhouse.db.schema import pg_dump_path
 TENANTS = 10_000
 HOT = uuid.UUID("00000000-0000-7000-8000-999999999999")
 SETUP = """
-INSERT INTO tollhouse.tenants (id, name, owner_user_id)
+INSERT INTO tollhouse.tenants (id, name, slug, owner_user_id)
 SELECT ('00000000-0000-7000-8000-' || lpad(n::text, 12, '0'))::uuid, 'bench ' || n,
-       gen_random_uuid()
+       'bench-' || n, gen_random_uuid()
 FROM generate_series(1, %(tenants)s) n
-UNION ALL SELECT %(hot)s, 'hot', gen_random_uuid();
+UNION ALL SELECT %(hot)s, 'hot', 'hot', gen_random_uuid();
 UPDATE tollhouse.plans SET monthly_credits = 0, daily_cap = NULL;
 SELECT count(*) FROM tollhouse.tenants t,
      LATERAL tollhouse.credit_grant_v1(t.id, NULL, 1000000000, 'purchase', 'bench', 0, NULL);
