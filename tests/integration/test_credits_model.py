@@ -127,49 +127,41 @@ class Model:
         return status, code
 
 
+@dataclass
+class Shared:
+    """What every example of one test run shares: the loop, the services, an admin
+    connection (opening them per example would cost more than the steps)."""
+
+    loop: asyncio.AbstractEventLoop
+    tollhouse: Tollhouse
+    admin: psycopg.AsyncConnection[Any]
+
+
 class CreditsMachine(RuleBasedStateMachine):
-    dsn: str
-    service_dsn: str
-    identity: IdentityConfig
+    shared: Shared
 
     def __init__(self) -> None:
         super().__init__()
         self.model = Model()
-        self.loop = asyncio.new_event_loop()
-        self.tollhouse: Tollhouse | None = None
-        self.context: AbstractAsyncContextManager[Tollhouse] | None = None
         self.user = uuid.uuid4()
+        self.tenant = uuid.uuid4()
         self.turns = 0
         self.prefix = uuid.uuid4().hex[:8]  # turn ids are global: unique per example
+        self.started = False
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self.loop.run_until_complete(coro)
+        return self.shared.loop.run_until_complete(coro)
 
     @initialize()
     def start(self) -> None:
-        self.context = Tollhouse.open(
-            self.service_dsn, min_size=1, max_size=2, identity=self.identity
-        )
-        self.tollhouse = self._run(self.context.__aenter__())
-        assert self.tollhouse is not None
-        for name in ("free", "starter", "pro", "power"):
-            self._run(
-                self.tollhouse.credits.set_plan(
-                    name, monthly_credits=0, daily_cap=None, overdraft_limit=OVERDRAFT
-                )
-            )
-        user = self._run(self.tollhouse.users.create(email=f"{uuid.uuid4().hex}@m.example"))
+        user = self._run(self.th.users.create(email=f"{uuid.uuid4().hex}@m.example"))
         self.user = user.id
-
-    def teardown(self) -> None:
-        if self.context is not None:
-            self._run(self.context.__aexit__(None, None, None))
-        self.loop.close()
+        self.tenant = self._run(self.th.credits.tenant_of(None, user.id))
+        self.started = True
 
     @property
     def th(self) -> Tollhouse:
-        assert self.tollhouse is not None
-        return self.tollhouse
+        return self.shared.tollhouse
 
     @rule(
         amount=st.integers(1, 60),
@@ -246,26 +238,33 @@ class CreditsMachine(RuleBasedStateMachine):
     @rule(hours=st.integers(1, 30))
     def advance(self, hours: int) -> None:
         self.model.now += hours * HOUR
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            shift = f"{hours} hours"
-            conn.execute(
-                "UPDATE tollhouse.credit_grants SET expires_at = expires_at - %s::interval",
-                (shift,),
+        shift = f"{hours} hours"
+
+        async def move() -> None:
+            admin = self.shared.admin
+            params = {"shift": shift, "tenant": self.tenant}
+            await admin.execute(
+                "UPDATE tollhouse.credit_grants SET expires_at = expires_at - %(shift)s::interval"
+                " WHERE tenant_id = %(tenant)s",
+                params,
             )
-            conn.execute(
-                "UPDATE tollhouse.credit_reservations SET expires_at = expires_at - %s::interval",
-                (shift,),
+            await admin.execute(
+                "UPDATE tollhouse.credit_reservations"
+                " SET expires_at = expires_at - %(shift)s::interval WHERE tenant_id = %(tenant)s",
+                params,
             )
-            conn.execute(
+            await admin.execute(
                 "UPDATE tollhouse.credit_accounts SET period_start = period_start"
-                " - %s::interval, period_end = period_end - %s::interval,"
-                " allowance_for = allowance_for - %s::interval",
-                (shift, shift, shift),
+                " - %(shift)s::interval, period_end = period_end - %(shift)s::interval,"
+                " allowance_for = allowance_for - %(shift)s::interval WHERE tenant_id = %(tenant)s",
+                params,
             )
+
+        self._run(move())
 
     @invariant()
     def same_account(self) -> None:
-        if self.tollhouse is None:
+        if not self.started:
             return
         balance = self._run(self.th.credits.balance(user_id=self.user))
         self.model.refresh()
@@ -276,12 +275,12 @@ class CreditsMachine(RuleBasedStateMachine):
 
     @invariant()
     def conserved(self) -> None:
-        if self.tollhouse is None:
+        if not self.started:
             return
 
         async def check() -> list[str]:
             async with self.th.db.connection() as conn:
-                return await conservation_problems(conn)
+                return await conservation_problems(conn, self.tenant)
 
         assert self._run(check()) == []
 
@@ -289,14 +288,37 @@ class CreditsMachine(RuleBasedStateMachine):
 def test_the_database_follows_the_model(
     dsn: str, service_dsn: str, identity_config: IdentityConfig
 ) -> None:
-    CreditsMachine.dsn = dsn
-    CreditsMachine.service_dsn = service_dsn
-    CreditsMachine.identity = identity_config
-    runner = CreditsMachine.TestCase
-    runner.settings = settings(
-        max_examples=25,
-        stateful_step_count=25,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-    )
-    runner().runTest()
+    """L-13 at the per-PR budget: 200 examples of up to 50 steps; every account of the run
+    is conserved at the end."""
+    loop = asyncio.new_event_loop()
+
+    async def open_shared() -> tuple[AbstractAsyncContextManager[Tollhouse], Shared]:
+        context = Tollhouse.open(service_dsn, min_size=1, max_size=2, identity=identity_config)
+        tollhouse = await context.__aenter__()
+        for name in ("free", "starter", "pro", "power"):
+            await tollhouse.credits.set_plan(
+                name, monthly_credits=0, daily_cap=None, overdraft_limit=OVERDRAFT
+            )
+        admin = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        return context, Shared(loop, tollhouse, admin)
+
+    context, shared = loop.run_until_complete(open_shared())
+    CreditsMachine.shared = shared
+    try:
+        runner = CreditsMachine.TestCase
+        runner.settings = settings(
+            max_examples=200,
+            stateful_step_count=50,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+        )
+        runner().runTest()
+
+        async def everything() -> list[str]:
+            return await conservation_problems(shared.admin)
+
+        assert loop.run_until_complete(everything()) == []
+    finally:
+        loop.run_until_complete(shared.admin.close())
+        loop.run_until_complete(context.__aexit__(None, None, None))
+        loop.close()

@@ -97,6 +97,7 @@ FROM (
            coalesce((SELECT sum(r.amount) FROM tollhouse.credit_reservations r
                      WHERE r.tenant_id = a.tenant_id AND r.status = 'pending'), 0) AS held
     FROM tollhouse.credit_accounts a
+    WHERE %(tenant_id)s::uuid IS NULL OR a.tenant_id = %(tenant_id)s::uuid
 ) s
 WHERE balance <> ledger_sum OR greatest(balance, 0) <> remaining_sum OR reserved <> held
 

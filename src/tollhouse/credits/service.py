@@ -428,9 +428,12 @@ def _decode_cursor(cursor: str) -> uuid.UUID:
         raise e.InvalidRequest("the cursor is not one this API gave", field="cursor") from exc
 
 
-async def conservation_problems(conn: psycopg.AsyncConnection[Any]) -> list[str]:
-    """Accounts whose balance is not the sum of their ledger and of their live grants."""
-    cur = await conn.execute(queries["conservation"])
+async def conservation_problems(
+    conn: psycopg.AsyncConnection[Any], tenant_id: uuid.UUID | None = None
+) -> list[str]:
+    """Accounts (all, or one) whose balance is not the sum of their ledger and of their
+    live grants, or whose reserved amount is not their pending holds."""
+    cur = await conn.execute(queries["conservation"], {"tenant_id": tenant_id})
     return [
         f"tenant {tenant}: balance {balance}, ledger {ledger_sum}, grants {remaining},"
         f" reserved {reserved}, pending holds {held}"
