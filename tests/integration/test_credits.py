@@ -708,3 +708,29 @@ async def test_successive_plan_changes_count_only_what_was_spent(
     await tollhouse.credits.debit(_debit(user, 100))
     _, _, balance, _ = await tollhouse.credits.change_plan("starter", user_id=user)
     assert balance == 1000 - 120  # free's expired 80 is not usage
+
+
+@pytest.mark.parametrize(("offset_ms", "expected"), [(1, "applied"), (-1, "insufficient_credits")])
+async def test_l06_expiry_on_the_database_clock_to_the_millisecond(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None, offset_ms: int, expected: str
+) -> None:
+    """L-06: in one transaction (so one `now()`), a grant expiring 1 ms after the debit's
+    clock still pays for it; one that expired 1 ms before does not."""
+    user = await _payer(tollhouse)
+    await tollhouse.credits.grant(
+        amount=30, source="promo", user_id=user, expires_at=datetime.now(UTC) + timedelta(days=1)
+    )
+    tenant = await tollhouse.credits.tenant_of(None, user)
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "UPDATE tollhouse.credit_grants"
+            " SET expires_at = now() + make_interval(secs => %s / 1000.0) WHERE tenant_id = %s",
+            (offset_ms, tenant),
+        )
+        row = conn.execute(
+            "SELECT status, code FROM tollhouse.credit_debit_v1(%s, NULL, 10, 'edge', NULL,"
+            " 'llm_usage', NULL)",
+            (tenant,),
+        ).fetchone()
+        conn.rollback()
+    assert row is not None and (row[1] or row[0]) == expected

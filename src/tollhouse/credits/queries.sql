@@ -42,6 +42,13 @@ FROM tollhouse.credit_accounts a WHERE a.tenant_id = %(tenant_id)s
 -- name: refresh_account
 SELECT tenant_id FROM tollhouse.credit_account_v1(%(tenant_id)s)
 
+-- name: refresh_accounts
+-- Many accounts brought up to date in one transaction, locked in tenant order (the order
+-- every batch of debits takes, so the two never wait on each other in a cycle).
+SELECT count(a.tenant_id)
+FROM (SELECT DISTINCT t FROM unnest(%(tenant_ids)s::uuid[]) AS t ORDER BY t) ids,
+     LATERAL tollhouse.credit_account_v1(ids.t) a
+
 -- name: balance
 SELECT a.tenant_id, a.balance,
        a.balance - a.reserved + a.overdraft_limit AS available,

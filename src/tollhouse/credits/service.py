@@ -247,9 +247,10 @@ class CreditService:
         assert row is not None
         return bool(row[0]), int(row[1])
 
-    async def sweep(self, *, batch: int = 500) -> int:
+    async def sweep(self, *, batch: int = 500, per_transaction: int = 100) -> int:
         """Apply what is due on every account (period renewals, expiries, expired holds);
-        returns how many accounts changed. Safe to run concurrently and repeatedly."""
+        returns how many accounts changed. Safe to run concurrently, repeatedly, and to kill
+        at any point: each account's renewal is idempotent, so a rerun does the rest."""
         done = 0
         after = uuid.UUID(int=0)
         while True:
@@ -258,18 +259,34 @@ class CreditService:
                     queries["stale_accounts"], {"limit": batch, "after": after}
                 )
                 tenants = [row[0] for row in await cur.fetchall()]
-            for tenant in tenants:
-                try:
-                    async with self._db.connection() as conn:
-                        await conn.execute(queries["refresh_account"], {"tenant_id": tenant})
-                    done += 1
-                except e.DatabaseUnavailable:
-                    raise
-                except e.TollhouseError as exc:  # one broken account must not stop the rest
-                    log.error("credits_sweep_failed", tenant_id=str(tenant), error=exc.message)
+            for start in range(0, len(tenants), per_transaction):
+                done += await self._refresh(tenants[start : start + per_transaction])
             if len(tenants) < batch:
                 return done
             after = tenants[-1]
+
+    async def _refresh(self, tenants: list[uuid.UUID]) -> int:
+        """Refresh accounts in one transaction; if one of them fails, each on its own, so one
+        broken account does not hold up the rest."""
+        try:
+            async with self._db.connection() as conn:
+                await conn.execute(queries["refresh_accounts"], {"tenant_ids": tenants})
+            return len(tenants)
+        except e.DatabaseUnavailable:
+            raise
+        except e.TollhouseError:
+            pass
+        done = 0
+        for tenant in tenants:
+            try:
+                async with self._db.connection() as conn:
+                    await conn.execute(queries["refresh_account"], {"tenant_id": tenant})
+                done += 1
+            except e.DatabaseUnavailable:
+                raise
+            except e.TollhouseError as exc:
+                log.error("credits_sweep_failed", tenant_id=str(tenant), error=exc.message)
+        return done
 
     # --- grants, balances, ledger ------------------------------------------------------------
 
