@@ -576,9 +576,15 @@ async def test_many_connections_storm(
     ) as wide:
         rng = random.Random(4)
         amounts = [rng.randint(1, 10) for _ in range(1000)]
-        results = await asyncio.gather(
-            *(wide.credits.debit_alone(_debit(user, a)) for a in amounts)
-        )
+        queue = list(amounts)
+        results: list[DebitResult] = []
+
+        async def connection_worker() -> None:  # 64 workers, one connection each
+            while queue:
+                results.append(await wide.credits.debit_alone(_debit(user, queue.pop())))
+
+        await asyncio.gather(*(connection_worker() for _ in range(64)))
+        assert len(results) == len(amounts)
     accepted = sum(r.amount for r in results if r.status == "applied")
     final = (await tollhouse.credits.balance(user_id=user)).balance
     assert final == 3000 - accepted and final >= 0

@@ -24,6 +24,9 @@ SELECT t.id, t.is_default, t.deleted_at IS NOT NULL AS deleted
 FROM tollhouse.tenants t WHERE t.id = %(id)s
 FOR NO KEY UPDATE OF t
 
+-- name: lock_account
+SELECT 1 FROM tollhouse.credit_accounts WHERE tenant_id = %(id)s FOR UPDATE
+
 -- name: get
 SELECT t.id, t.name, t.slug, t.logo_url, t.owner_user_id, t.is_default, t.created_at,
        t.updated_at, t.deleted_at,
@@ -104,8 +107,11 @@ SELECT EXISTS (
     WHERE m.tenant_id = %(id)s AND e.email = %(email)s)
 
 -- name: revoke_pending
--- Inviting an address again replaces its pending invitation: the older token dies.
-UPDATE tollhouse.tenant_invitations SET status = 'revoked', updated_at = now()
+-- Inviting an address again replaces its pending invitation: the older token dies (one
+-- already past its expiry is recorded as expired).
+UPDATE tollhouse.tenant_invitations
+SET status = CASE WHEN expires_at <= now() THEN 'expired' ELSE 'revoked' END,
+    updated_at = now()
 WHERE tenant_id = %(id)s AND email = %(email)s AND status = 'pending'
 
 -- name: invite

@@ -46,6 +46,7 @@ _CONSTRAINTS = {
     "tenants_slug_key": e.SlugTaken,
     "tenants_slug_check": e.InvalidRequest,
     "tenants_name_check": e.InvalidRequest,
+    "tenants_name_blank_check": e.InvalidRequest,
     "tenants_logo_url_check": e.InvalidRequest,
     "tenant_members_owner_check": e.LastOwner,
     "tenant_members_personal_check": e.PersonalTenant,
@@ -60,6 +61,7 @@ class _Locked:
 
     id: uuid.UUID
     is_default: bool
+    deleted: bool
     actor_role: str | None
 
 
@@ -92,7 +94,7 @@ class OrgService:
         if actor is not None:
             params = {"id": tenant_id, "user_id": actor}
             role = await _scalar(await conn.execute(queries["member_role"], params))
-        locked = _Locked(row[0], row[1], role)
+        locked = _Locked(row[0], row[1], row[2], role)
         if actor is not None:
             if locked.actor_role is None:
                 # Not a member: the organisation is not there for this user.
@@ -188,6 +190,9 @@ class OrgService:
             await self._lock(
                 conn, tenant_id, actor, {OWNER}, deleted_ok=not deleted, personal_ok=False
             )
+            # The pool's account next, as debits take it: a debit already past its checks
+            # commits before the delete, and none starts spending after it.
+            await conn.execute(queries["lock_account"], {"id": tenant_id})
             await conn.execute(queries["set_deleted"], {"id": tenant_id, "deleted": deleted})
 
         await self._run(work)
@@ -308,6 +313,10 @@ class OrgService:
         async def work(conn: Conn) -> None:
             locked = await self._lock(conn, tenant_id, actor, MANAGERS, personal_ok=False)
             _may_grant(locked, await _role_of(conn, tenant_id, user_id))
+            if locked.actor_role == ADMIN and user_id == actor:
+                raise e.OrganisationPermissionDenied(
+                    "an admin's own limit is set by an owner", role=ADMIN
+                )
             await _set_limit(conn, tenant_id, user_id, credit_limit)
 
         await self._run(work)
@@ -422,10 +431,12 @@ class OrgService:
                 raise e.InvitationNotFound()
             tenant_id, invitation_id = route
             # The tenant first, then the invitation: the order every other change takes.
-            await self._lock(conn, tenant_id, None, EVERYONE, personal_ok=False)
+            locked = await self._lock(conn, tenant_id, None, EVERYONE, deleted_ok=True)
             row = await _invitation_for_update(conn, tenant_id, invitation_id)
             if row["selector"] != selector or not tokens.matches(secret, row["secret_hash"]):
                 raise e.InvitationNotFound()
+            if locked.deleted:
+                raise e.OrganisationNotFound(tenant_id=str(tenant_id))
             if row["status"] != "pending":
                 raise _closed(row)
             params: dict[str, Any] = {"user_id": user_id, "email": row["email"]}

@@ -20,7 +20,7 @@ router = APIRouter(tags=["organisations"])
 Slug = Annotated[
     str, Field(min_length=3, max_length=63, pattern=r"^[a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])$")
 ]
-Name = Annotated[str, Field(min_length=1, max_length=200)]
+Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"\S")]
 LogoUrl = Annotated[str, Field(max_length=2000, pattern=r"^https?://\S+$")]
 CreditLimit = Annotated[StrictInt, Field(ge=-1, le=10**15)]
 Role = Literal["owner", "admin", "member"]
@@ -198,7 +198,7 @@ async def get_org(tenant_id: uuid.UUID, caller: CallerDep, tollhouse: TollhouseD
 @router.patch(
     "/v1/orgs/{tenant_id}",
     response_model=OrgOut,
-    summary="Rename, change the slug or logo, or restore (owners and admins)",
+    summary="Rename, change the slug or the logo (owners and admins)",
 )
 async def patch_org(
     tenant_id: uuid.UUID, body: OrgPatch, caller: CallerDep, tollhouse: TollhouseDep

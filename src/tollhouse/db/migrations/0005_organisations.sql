@@ -11,7 +11,8 @@ ALTER TABLE tollhouse.tenants
     ADD CONSTRAINT tenants_logo_url_check
         CHECK (char_length(logo_url) <= 2000 AND logo_url ~ '^https?://[^[:space:]]+$'),
     -- An organisation has a slug; a personal tenant may not.
-    ADD CONSTRAINT tenants_org_slug_check CHECK (is_default OR slug IS NOT NULL);
+    ADD CONSTRAINT tenants_org_slug_check CHECK (is_default OR slug IS NOT NULL),
+    ADD CONSTRAINT tenants_name_blank_check CHECK (btrim(name) <> '');
 -- A slug stays taken while its organisation is soft-deleted, so a restore cannot collide.
 CREATE UNIQUE INDEX tenants_slug_key ON tollhouse.tenants (slug);
 
@@ -104,19 +105,40 @@ $$;
 CREATE TRIGGER tenant_members_limit_row AFTER INSERT ON tollhouse.tenant_members
     FOR EACH ROW EXECUTE FUNCTION tollhouse.tenant_members_limit_row();
 
--- An organisation keeps at least one owner. The tenant row is written first, so concurrent
--- demotions and removals queue on it (and fail to serialize under REPEATABLE READ), and the
--- count then sees every committed change.
+-- An organisation keeps at least one owner (a live user), a personal tenant keeps its owner,
+-- and the owner of record follows when it stops being an owner. The tenant row is written
+-- first, so concurrent demotions and removals queue on it (and fail to serialize under
+-- REPEATABLE READ), and the count then sees every committed change. SECURITY DEFINER: the
+-- rule holds whoever writes, an end user under row-level security included.
 CREATE FUNCTION tollhouse.tenant_members_owner_check() RETURNS trigger
-LANGUAGE plpgsql
+LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    t record;
 BEGIN
-    UPDATE tollhouse.tenants SET updated_at = now() WHERE id = OLD.tenant_id;
-    IF FOUND AND NOT EXISTS (SELECT 1 FROM tollhouse.tenant_members m
-                             WHERE m.tenant_id = OLD.tenant_id AND m.role = 'owner') THEN
+    UPDATE tollhouse.tenants SET updated_at = now() WHERE id = OLD.tenant_id
+    RETURNING is_default, owner_user_id INTO t;
+    IF NOT FOUND THEN
+        RETURN NULL;  -- the tenant itself is being deleted
+    END IF;
+    IF t.is_default THEN
+        RAISE EXCEPTION 'a personal tenant keeps its owner'
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'tenant_members_personal_check';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM tollhouse.tenant_members m
+                   JOIN tollhouse.users u ON u.id = m.user_id
+                   WHERE m.tenant_id = OLD.tenant_id AND m.role = 'owner'
+                     AND u.deleted_at IS NULL) THEN
         RAISE EXCEPTION 'an organisation keeps at least one owner'
             USING ERRCODE = 'check_violation', CONSTRAINT = 'tenant_members_owner_check';
+    END IF;
+    IF t.owner_user_id = OLD.user_id THEN
+        UPDATE tollhouse.tenants SET owner_user_id = (
+            SELECT m.user_id FROM tollhouse.tenant_members m
+            WHERE m.tenant_id = OLD.tenant_id AND m.role = 'owner'
+            ORDER BY m.created_at, m.user_id LIMIT 1)
+        WHERE id = OLD.tenant_id;
     END IF;
     RETURN NULL;
 END
@@ -136,10 +158,15 @@ AS $$
 $$;
 REVOKE ALL ON FUNCTION tollhouse.acting_member_role(uuid) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION tollhouse.acting_member_role(uuid) TO tollhouse_user;
--- Under FORCE ROW LEVEL SECURITY a non-superuser owner needs a policy to read through it.
+-- Under FORCE ROW LEVEL SECURITY a non-superuser owner needs policies for the SECURITY
+-- DEFINER functions above to see and keep the rows they guard (a superuser bypasses RLS).
 DO $$
 BEGIN
     EXECUTE format('CREATE POLICY tenant_members_owner_read ON tollhouse.tenant_members '
+                   'FOR SELECT TO %I USING (true)', current_user);
+    EXECUTE format('CREATE POLICY tenants_owner_all ON tollhouse.tenants '
+                   'TO %I USING (true) WITH CHECK (true)', current_user);
+    EXECUTE format('CREATE POLICY users_owner_read ON tollhouse.users '
                    'FOR SELECT TO %I USING (true)', current_user);
 END
 $$;
@@ -170,6 +197,9 @@ BEGIN
             RETURN NULL;
         END IF;
         RETURN 'not_a_member';
+    END IF;
+    IF EXISTS (SELECT 1 FROM tollhouse.users u WHERE u.id = p_user AND u.deleted_at IS NOT NULL) THEN
+        RETURN 'not_a_member';  -- a deleted user keeps its rows but spends nothing
     END IF;
     IF m.period_start IS DISTINCT FROM p_period THEN
         UPDATE tollhouse.tenant_member_credit_limits
@@ -262,8 +292,7 @@ BEGIN
             a := tollhouse.credit_account_v1(v_tenant);
         END IF;
     END IF;
-    IF a.tenant_id IS NULL
-       OR (p_tenant IS NOT NULL AND NOT p_reserved AND tollhouse.credit_tenant_gone_v1(p_tenant)) THEN
+    IF a.tenant_id IS NULL THEN
         RETURN ROW(v_tenant, 'rejected', 'not_found', NULL, p_amount, NULL, false)::tollhouse.credit_debit_result;
     END IF;
 
@@ -276,6 +305,10 @@ BEGIN
         END IF;
         RETURN ROW(v_tenant, prior.status, prior.code, prior.ledger_id, prior.amount,
                    prior.balance_after, true)::tollhouse.credit_debit_result;
+    END IF;
+    -- Nothing new is spent from a soft-deleted tenant (a replay above still answers).
+    IF p_tenant IS NOT NULL AND NOT p_reserved AND tollhouse.credit_tenant_gone_v1(p_tenant) THEN
+        RETURN ROW(v_tenant, 'rejected', 'not_found', NULL, p_amount, NULL, false)::tollhouse.credit_debit_result;
     END IF;
     IF NOT tollhouse.credit_claim_turn_v1(p_turn_id, v_tenant, p_reserved) THEN
         RETURN ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL, p_amount, NULL,
@@ -422,6 +455,7 @@ DECLARE
     m_period timestamptz[] := '{}';
     v_m integer;
     v_personal_owner uuid;
+    v_gone uuid[] := '{}';
 BEGIN
     l_ids := '{}'; l_deltas := '{}'; l_after := '{}'; l_turns := '{}'; l_sessions := '{}';
     l_users := '{}'; l_reasons := '{}'; l_meta := '{}';
@@ -441,9 +475,12 @@ BEGIN
         SELECT DISTINCT x FROM unnest(v_tenants[1:n]) AS x WHERE x IS NOT NULL ORDER BY x
     LOOP
         a := tollhouse.credit_account_v1(v_tenant);
-        -- Nothing is spent from a soft-deleted tenant (a user's is gone from the lookup).
-        IF a.tenant_id IS NOT NULL AND NOT tollhouse.credit_tenant_gone_v1(v_tenant) THEN
+        IF a.tenant_id IS NOT NULL THEN
             v_known := v_known || v_tenant;
+            -- Nothing new is spent from a soft-deleted tenant; its replays still answer.
+            IF tollhouse.credit_tenant_gone_v1(v_tenant) THEN
+                v_gone := v_gone || v_tenant;
+            END IF;
         END IF;
     END LOOP;
     -- 1b. The limit rows of members spending from a tenant they named, locked after the
@@ -455,6 +492,7 @@ BEGIN
                     ELSE l.used_credits END AS used
         FROM tollhouse.tenant_member_credit_limits l
         JOIN tollhouse.credit_accounts c ON c.tenant_id = l.tenant_id
+        JOIN tollhouse.users u ON u.id = l.user_id AND u.deleted_at IS NULL
         WHERE (l.tenant_id, l.user_id) IN (
             SELECT p_tenants[x], p_users[x] FROM generate_series(1, n) AS x
             WHERE p_tenants[x] = ANY(v_known) AND p_users[x] IS NOT NULL)
@@ -476,7 +514,7 @@ BEGIN
     claim_ok := array_fill(false, ARRAY[greatest(n, 1)]);
     FOR i IN
         SELECT x.i FROM generate_series(1, n) AS x(i)
-        WHERE v_tenants[x.i] = ANY(v_known)
+        WHERE v_tenants[x.i] = ANY(v_known) AND v_tenants[x.i] <> ALL(v_gone)
         ORDER BY p_turn_ids[x.i], x.i
     LOOP
         claim_ok[i] := tollhouse.credit_claim_turn_v1(p_turn_ids[i], v_tenants[i], false);
@@ -527,6 +565,11 @@ BEGIN
                     results[i] := ROW(v_tenant, prior.status, prior.code, prior.ledger_id,
                                       prior.amount, prior.balance_after, true);
                 END IF;
+                CONTINUE;
+            END IF;
+            IF v_tenant = ANY(v_gone) THEN
+                results[i] := ROW(v_tenant, 'rejected', 'not_found', NULL, p_amounts[i], NULL,
+                                  false);
                 CONTINUE;
             END IF;
             IF NOT claim_ok[i] THEN
@@ -728,6 +771,7 @@ DECLARE
     a tollhouse.credit_accounts;
     r tollhouse.credit_reservations;
     v_result tollhouse.credit_debit_result;
+    v_code text;
 BEGIN
     a := tollhouse.credit_payer_account_v1(p_tenant, p_user);
     v_tenant := coalesce(a.tenant_id, p_tenant);
@@ -764,6 +808,18 @@ BEGIN
        AND a.balance - (a.reserved - r.amount) - p_commit_amount < -a.overdraft_limit THEN
         RETURN ROW(v_tenant, 'rejected', 'insufficient_credits', NULL, p_commit_amount, NULL, false)::tollhouse.credit_debit_result;
     END IF;
+    -- The tenant must not be deleted and the holder must still be a member; otherwise the
+    -- commit is refused and the hold stays pending (it expires, or is released).
+    IF p_commit_amount IS NOT NULL THEN
+        IF tollhouse.credit_tenant_gone_v1(v_tenant) THEN
+            RETURN ROW(v_tenant, 'rejected', 'not_found', NULL, p_commit_amount, NULL, false)::tollhouse.credit_debit_result;
+        END IF;
+        v_code := tollhouse.credit_member_gate_v1(v_tenant, r.acting_user_id, a.period_start,
+                                                  p_commit_amount, false);
+        IF v_code IS NOT NULL THEN
+            RETURN ROW(v_tenant, 'rejected', v_code, NULL, p_commit_amount, NULL, false)::tollhouse.credit_debit_result;
+        END IF;
+    END IF;
     -- Give the hold back, then (on commit) debit the actual amount as an ordinary debit of
     -- this turn: the hold guaranteed the funds and the cap.
     UPDATE tollhouse.credit_accounts
@@ -783,8 +839,9 @@ BEGIN
     IF p_commit_amount = 0 THEN
         RETURN ROW(v_tenant, 'committed', NULL, NULL, 0, a.balance, false)::tollhouse.credit_debit_result;
     END IF;
-    -- The turn is the holder's: its member limit counts the usage.
-    RETURN tollhouse.credit_debit_v1(v_tenant, coalesce(r.acting_user_id, p_user),
+    -- The turn is the holder's (the service's when nobody held it): the holder's member
+    -- limit counts the usage and the ledger names the holder.
+    RETURN tollhouse.credit_debit_v1(v_tenant, r.acting_user_id,
                                      p_commit_amount, p_turn_id, r.session_id,
                                      p_reason, p_metadata, true, true);
 END
@@ -831,9 +888,16 @@ CREATE POLICY tenant_member_credit_limits_read ON tollhouse.tenant_member_credit
     FOR SELECT TO tollhouse_user
     USING (user_id = (SELECT tollhouse.current_user_id())
            OR tollhouse.acting_member_role(tenant_id) IN ('owner', 'admin'));
+-- Owners set anyone's limit; admins set the limits of the others who are not owners.
 CREATE POLICY tenant_member_credit_limits_manage ON tollhouse.tenant_member_credit_limits
     FOR UPDATE TO tollhouse_user
-    USING (tollhouse.acting_member_role(tenant_id) IN ('owner', 'admin'))
+    USING (tollhouse.acting_member_role(tenant_id) = 'owner'
+           OR (tollhouse.acting_member_role(tenant_id) = 'admin'
+               AND user_id <> (SELECT tollhouse.current_user_id())
+               AND NOT EXISTS (SELECT 1 FROM tollhouse.tenant_members m
+                               WHERE m.tenant_id = tenant_member_credit_limits.tenant_id
+                                 AND m.user_id = tenant_member_credit_limits.user_id
+                                 AND m.role = 'owner')))
     WITH CHECK (tollhouse.acting_member_role(tenant_id) IN ('owner', 'admin'));
 GRANT SELECT ON tollhouse.tenant_member_credit_limits TO tollhouse_user;
 GRANT UPDATE (credit_limit, updated_at) ON tollhouse.tenant_member_credit_limits
@@ -841,10 +905,12 @@ GRANT UPDATE (credit_limit, updated_at) ON tollhouse.tenant_member_credit_limits
 
 CREATE POLICY tenant_invitations_manage_read ON tollhouse.tenant_invitations FOR SELECT
     TO tollhouse_user USING (tollhouse.acting_member_role(tenant_id) IN ('owner', 'admin'));
+-- Managers may only revoke a pending invitation: no reviving a used or revoked one.
 CREATE POLICY tenant_invitations_manage ON tollhouse.tenant_invitations FOR UPDATE
     TO tollhouse_user
-    USING (tollhouse.acting_member_role(tenant_id) IN ('owner', 'admin'))
-    WITH CHECK (tollhouse.acting_member_role(tenant_id) IN ('owner', 'admin'));
+    USING (tollhouse.acting_member_role(tenant_id) IN ('owner', 'admin') AND status = 'pending')
+    WITH CHECK (tollhouse.acting_member_role(tenant_id) IN ('owner', 'admin')
+                AND status = 'revoked');
 GRANT SELECT (tenant_id, id, email, role, credit_limit, invited_by, status, expires_at,
               created_at, updated_at, accepted_at, accepted_by)
     ON tollhouse.tenant_invitations TO tollhouse_user;
