@@ -4,13 +4,17 @@ limits (issue 6; RELIABILITY O-01..O-05, T-01..T-05, T-07/T-08 for invitations).
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import psycopg
 import pytest
+from structlog.testing import capture_logs
 
 from tollhouse import errors as e
 from tollhouse.app import Tollhouse
@@ -140,12 +144,25 @@ async def test_roles_decide_who_manages_whom(tollhouse: Tollhouse) -> None:
     assert roles == {owner: "admin", admin: "admin", member: "owner"}
 
 
-async def test_o03_a_demoted_admin_is_refused_even_mid_flight(tollhouse: Tollhouse) -> None:
+@pytest.mark.parametrize("naive", [False, True], ids=["in-transaction", "naive-control"])
+async def test_o03_a_demoted_admin_is_refused_even_mid_flight(
+    tollhouse: Tollhouse, naive: bool
+) -> None:
     """O-03: authorization is read after the organisation's lock, in the writing
-    transaction: a demotion that commits while the admin's request waits is seen."""
+    transaction: a demotion that commits while the admin's request waits is seen. The naive
+    control reads the role first (from a cached or earlier read) and lets all three through."""
     owner, admin, member = [await user(tollhouse) for _ in range(3)]
     org = await org_with(tollhouse, owner, admin, member)
     await tollhouse.orgs.change_role(org.id, admin, "admin", owner)
+
+    async def as_admin(action: Callable[[uuid.UUID | None], Awaitable[object]]) -> object:
+        if naive:
+            roles = {m.user_id: m.role for m in await tollhouse.orgs.members(org.id)}
+            if roles.get(admin) not in ("owner", "admin"):
+                raise e.OrganisationPermissionDenied()
+            return await action(None)  # checked already: the write goes as the service
+        return await action(admin)
+
     async with tollhouse.db.connection() as conn, conn.transaction():
         await conn.execute(
             "UPDATE tollhouse.tenant_members SET role = 'member'"
@@ -157,61 +174,97 @@ async def test_o03_a_demoted_admin_is_refused_even_mid_flight(tollhouse: Tollhou
             "SELECT 1 FROM tollhouse.tenants WHERE id = %s FOR NO KEY UPDATE", (org.id,)
         )
         attempts = [
-            asyncio.create_task(tollhouse.orgs.invite(org.id, "z@example.com", actor=admin)),
-            asyncio.create_task(tollhouse.orgs.set_credit_limit(org.id, member, 5, admin)),
-            asyncio.create_task(tollhouse.orgs.remove_member(org.id, member, admin)),
+            asyncio.create_task(
+                as_admin(lambda a: tollhouse.orgs.invite(org.id, "z@example.com", actor=a))
+            ),
+            asyncio.create_task(
+                as_admin(lambda a: tollhouse.orgs.set_credit_limit(org.id, member, 5, a))
+            ),
+            asyncio.create_task(
+                as_admin(lambda a: tollhouse.orgs.remove_member(org.id, member, a))
+            ),
         ]
         await asyncio.sleep(0.3)
         assert not any(task.done() for task in attempts)
     outcomes = await asyncio.gather(*attempts, return_exceptions=True)
-    assert all(isinstance(o, e.OrganisationPermissionDenied) for o in outcomes), outcomes
+    refused = [isinstance(o, e.OrganisationPermissionDenied) for o in outcomes]
+    if naive:
+        assert not any(refused), outcomes
+        return
+    assert all(refused), outcomes
     assert len(await tollhouse.orgs.members(org.id)) == 3
 
 
-async def _demote(dsn: str, org: uuid.UUID, target: uuid.UUID, *, naive: bool) -> None:
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        if naive:  # the control: count, then write, without the trigger's lock
-            cur = await conn.execute(
-                "SELECT count(*) FROM tollhouse.tenant_members"
-                " WHERE tenant_id = %s AND role = 'owner'",
-                (org,),
-            )
-            row = await cur.fetchone()
-            await asyncio.sleep(0.01)
-            if row is None or row[0] < 2:
-                return
-        try:
-            await conn.execute(
+async def _step_down(
+    conn: psycopg.AsyncConnection[Any], org: uuid.UUID, target: uuid.UUID, how: str, naive: bool
+) -> None:
+    """One owner demotes or removes `target`; the naive control counts owners first and
+    writes only when another owner seems to remain (with the trigger disabled)."""
+    try:
+        async with conn.transaction():
+            if naive:
+                cur = await conn.execute(
+                    "SELECT count(*) FROM tollhouse.tenant_members"
+                    " WHERE tenant_id = %s AND role = 'owner'",
+                    (org,),
+                )
+                row = await cur.fetchone()
+                await asyncio.sleep(0.005)
+                if row is None or row[0] < 2:
+                    return
+            statement = (
                 "UPDATE tollhouse.tenant_members SET role = 'member'"
-                " WHERE tenant_id = %s AND user_id = %s",
+                if how == "demote"
+                else "DELETE FROM tollhouse.tenant_members"
+            )
+            await conn.execute(
+                statement + " WHERE tenant_id = %s AND user_id = %s",
                 (org, target),
             )
-            await conn.commit()
-        except psycopg.errors.CheckViolation:
-            await conn.rollback()
+    except psycopg.errors.CheckViolation:
+        pass
 
 
-@pytest.mark.parametrize("naive", [False, True], ids=["trigger", "naive-control"])
-async def test_o04_two_owners_demoting_each_other_leave_one(
-    tollhouse: Tollhouse, dsn: str, naive: bool
+@pytest.mark.parametrize(("naive", "runs"), [(False, 1000), (True, 60)], ids=["trigger", "naive"])
+async def test_o04_owners_stepping_down_at_once_leave_one(
+    tollhouse: Tollhouse, dsn: str, naive: bool, runs: int
 ) -> None:
-    """O-04: concurrent demotions never leave an organisation without an owner; the naive
-    count-then-write version (trigger disabled) does."""
+    """O-04: two owners demote or remove each other (or themselves) at once, 1,000 times:
+    no organisation is ever left without an owner. The naive count-then-write version
+    (trigger disabled) is, which shows the test can see it."""
+    a, b = await user(tollhouse), await user(tollhouse)
+    org = await org_with(tollhouse, a, b, pool=1)
+    first = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    second = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
     if naive:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(
-                "ALTER TABLE tollhouse.tenant_members DISABLE TRIGGER tenant_members_owner_check"
-            )
-    ownerless = 0
-    for _ in range(40):
-        a, b = await user(tollhouse), await user(tollhouse)
-        org = await org_with(tollhouse, a, b, pool=1)
-        await tollhouse.orgs.change_role(org.id, b, "owner", a)
-        await asyncio.gather(
-            _demote(dsn, org.id, a, naive=naive), _demote(dsn, org.id, b, naive=naive)
+        await first.execute(
+            "ALTER TABLE tollhouse.tenant_members DISABLE TRIGGER tenant_members_owner_check"
         )
-        roles = [m.role for m in await tollhouse.orgs.members(org.id)]
-        ownerless += "owner" not in roles
+    ownerless = 0
+    try:
+        for run in range(runs):
+            await first.execute(
+                "INSERT INTO tollhouse.tenant_members (tenant_id, user_id, role)"
+                " VALUES (%(o)s, %(a)s, 'owner'), (%(o)s, %(b)s, 'owner')"
+                " ON CONFLICT (tenant_id, user_id) DO UPDATE SET role = 'owner'",
+                {"o": org.id, "a": a, "b": b},
+            )
+            hows = [("demote", "demote"), ("remove", "remove"), ("demote", "remove")][run % 3]
+            await asyncio.gather(
+                _step_down(first, org.id, b, hows[0], naive),
+                _step_down(second, org.id, a, hows[1], naive),
+            )
+            cur = await first.execute(
+                "SELECT count(*) FROM tollhouse.tenant_members"
+                " WHERE tenant_id = %s AND role = 'owner'",
+                (org.id,),
+            )
+            ownerless += await cur.fetchone() == (0,)
+            if naive and ownerless:
+                break
+    finally:
+        await first.close()
+        await second.close()
     assert (ownerless > 0) if naive else (ownerless == 0)
 
 
@@ -344,33 +397,77 @@ async def test_o02_removal_and_debit_serialize_on_the_member_row(
     assert naive_sees_member  # the control's unlocked read would have let the debit through
 
 
-async def test_o02_removal_mid_storm_of_64_debits(big: Tollhouse) -> None:
-    """O-02: 64 in-flight debits by a member while the removal commits: every debit sent
-    after the removal returned is refused, none is lost, the ledger and pool agree, and the
-    member's pending hold is voided."""
+@pytest.mark.parametrize("naive", [False, True], ids=["gate", "naive-control"])
+async def test_o02_removal_mid_storm_of_64_debits(big: Tollhouse, naive: bool) -> None:
+    """O-02: 64 in-flight debits by a member while the removal commits. No debit that
+    committed after the removal applied: ledger ids are uuid7 stamped on the database clock
+    when the debit is decided, and the removal holds the pool's account until it commits, so
+    an applied debit's stamp must precede a database time read right after the removal.
+    Debits sent after the removal returned are refused; the member's hold is voided; the
+    pool is conserved. The naive control (membership read without a lock, then the debit)
+    lets debits through after the removal."""
     owner, member = await user(big), await user(big)
     org = await org_with(big, owner, member)
     await big.credits.reserve(amount=50, turn_id="held", tenant_id=org.id, user_id=member)
     removed = asyncio.Event()
 
+    async def naive_debit(turn: str) -> str:
+        async with big.db.connection() as conn:
+            cur = await conn.execute(
+                "SELECT 1 FROM tollhouse.tenant_members WHERE tenant_id = %s AND user_id = %s",
+                (org.id, member),
+            )
+            if await cur.fetchone() is None:
+                return "not_a_member"
+        await asyncio.sleep(0.03)
+        result = await big.credits.debit(DebitRequest(amount=1, turn_id=turn, tenant_id=org.id))
+        return result.code or result.status
+
     async def one(i: int) -> tuple[bool, str]:
         await asyncio.sleep(0.002 * i)
         after = removed.is_set()
-        return after, await spend(big, org.id, member, turn=f"storm-{i}")
+        turn = f"storm-{i}"
+        code = await (naive_debit(turn) if naive else spend(big, org.id, member, turn=turn))
+        return after, code
 
-    async def remove() -> None:
+    async def remove() -> datetime:
         await asyncio.sleep(0.06)
         await big.orgs.remove_member(org.id, member, owner)
         removed.set()
+        async with big.db.connection() as conn:
+            cur = await conn.execute("SELECT clock_timestamp()")
+            row = await cur.fetchone()
+        assert row is not None
+        return row[0]  # type: ignore[no-any-return]
 
-    results, _ = await asyncio.gather(asyncio.gather(*(one(i) for i in range(64))), remove())
+    results, removal_done = await asyncio.gather(
+        asyncio.gather(*(one(i) for i in range(64))), remove()
+    )
+    async with big.db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT id FROM tollhouse.credit_ledger"
+            " WHERE tenant_id = %s AND turn_id LIKE 'storm-%%'",
+            (org.id,),
+        )
+        stamps = [uuid7_time(row[0]) for row in await cur.fetchall()]
+    late = [stamp for stamp in stamps if stamp > removal_done]
+    if naive:
+        assert late, "the control should let a debit commit after the removal"
+        return
+    assert late == []
     assert all(code == "not_a_member" for after, code in results if after)
     applied = sum(code == "applied" for _, code in results)
+    assert applied == len(stamps)
     balance = await big.credits.balance(tenant_id=org.id)
     assert balance.balance == 10_100 - applied and balance.available == balance.balance
-    late = await big.credits.commit(turn_id="held", amount=10, tenant_id=org.id, user_id=member)
-    assert late.code == "reservation_released"  # the removal voided the member's hold
+    voided = await big.credits.commit(turn_id="held", amount=10, tenant_id=org.id, user_id=member)
+    assert voided.code == "reservation_released"  # the removal voided the member's hold
     assert all(check.ok for check in await big.health.doctor())
+
+
+def uuid7_time(value: uuid.UUID) -> datetime:
+    """The millisecond a uuid7 was made, rounded down (so 'later than' is never a guess)."""
+    return datetime.fromtimestamp((value.int >> 80) / 1000, UTC)
 
 
 # --- invitations -----------------------------------------------------------------------------
@@ -436,26 +533,61 @@ async def test_t02_expiry_boundary_on_the_database_clock(tollhouse: Tollhouse) -
     assert (await tollhouse.orgs.accept(resent.token, invitee)).user_id == invitee
 
 
-async def test_t03_fifty_concurrent_accepts_make_one_membership(big: Tollhouse) -> None:
-    owner, invitee = await user(big), await user(big, "race")
+async def naive_accept(tollhouse: Tollhouse, token: str, user_id: uuid.UUID) -> None:
+    """The control for T-03: read the invitation's status, then accept without a lock."""
+    selector = uuid.UUID(hex=token[4:36])
+    async with tollhouse.db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT i.tenant_id, i.id, i.status FROM tollhouse.tenant_invitations i"
+            " WHERE i.selector = %s",
+            (selector,),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        if row[2] != "pending":
+            raise e.InvitationUsed()
+        await asyncio.sleep(0.01)
+        await conn.execute(
+            "INSERT INTO tollhouse.tenant_members (tenant_id, user_id, role)"
+            " VALUES (%s, %s, 'member') ON CONFLICT DO NOTHING",
+            (row[0], user_id),
+        )
+        await conn.execute(
+            "UPDATE tollhouse.tenant_invitations SET status = 'accepted' WHERE id = %s", (row[1],)
+        )
+
+
+@pytest.mark.parametrize("naive", [False, True], ids=["locked", "naive-control"])
+async def test_t03_fifty_concurrent_accepts_make_one_membership(
+    big: Tollhouse, naive: bool
+) -> None:
+    """T-03: of 50 concurrent accepts of one invitation exactly one succeeds and 49 get
+    409/410; the naive read-then-accept control reports many acceptances."""
+    owner, invitee = await user(big), await user(big, f"race-{naive}")
     org = await org_with(big, owner)
-    issued = await big.orgs.invite(org.id, "race@example.com")
+    issued = await big.orgs.invite(org.id, f"race-{naive}@example.com")
+    accept = naive_accept if naive else (lambda th, token, uid: th.orgs.accept(token, uid))
     outcomes = await asyncio.gather(
-        *(big.orgs.accept(issued.token, invitee) for _ in range(50)), return_exceptions=True
+        *(accept(big, issued.token, invitee) for _ in range(50)), return_exceptions=True
     )
-    assert sum(not isinstance(o, BaseException) for o in outcomes) == 1
+    successes = sum(not isinstance(o, BaseException) for o in outcomes)
+    assert len(await big.orgs.members(org.id)) == 2  # the primary key holds either way
+    if naive:
+        assert successes > 1
+        return
+    assert successes == 1
     errors = [o for o in outcomes if isinstance(o, BaseException)]
-    assert len(errors) == 49
     assert all(isinstance(x, (e.InvitationUsed, e.AlreadyMember)) for x in errors), errors
-    assert len(await big.orgs.members(org.id)) == 2
 
 
 async def test_t01_invitation_tokens_are_never_stored(tollhouse: Tollhouse, dsn: str) -> None:
-    """T-01: 30 issued tokens; a full pg_dump holds none of their secrets; 256-bit secrets."""
+    """T-01: 30 issued tokens and a resend; neither a full pg_dump nor the captured logs
+    hold any of their secrets; each secret carries 256 random bits."""
     owner = await user(tollhouse)
     org = await org_with(tollhouse, owner)
-    issued = [await tollhouse.orgs.invite(org.id, f"t{i}@example.com") for i in range(30)]
-    issued.append(await tollhouse.orgs.resend(org.id, issued[0].invitation.id))
+    with capture_logs() as logs:
+        issued = [await tollhouse.orgs.invite(org.id, f"t{i}@example.com") for i in range(30)]
+        issued.append(await tollhouse.orgs.resend(org.id, issued[0].invitation.id))
     dump = subprocess.run(
         [pg_dump_path(), "--data-only", f"--dbname={dsn}"],
         capture_output=True,
@@ -463,10 +595,11 @@ async def test_t01_invitation_tokens_are_never_stored(tollhouse: Tollhouse, dsn:
         check=True,
     ).stdout
     assert "tenant_invitations" in dump
+    logged = repr(logs)
     for item in issued:
         secret = item.token.split(".", 1)[1]
-        assert len(secret) == 43 and secret.isascii()  # token_urlsafe(32): 256 bits
-        assert secret not in dump
+        assert len(secret) == 43 and re.fullmatch(r"[A-Za-z0-9_-]{43}", secret)
+        assert secret not in dump and secret not in logged
 
 
 async def test_t07_t08_forged_and_unknown_tokens_answer_alike(
@@ -568,3 +701,86 @@ async def test_http_contract_with_sessions_and_service_key(
     assert deleted.status_code == 204
     seen = await client.get(f"/v1/orgs/{org}", headers=auth)
     assert seen.json()["deleted_at"] is not None
+
+
+# --- rules found in review ---------------------------------------------------------------------
+
+
+async def test_a_replay_answers_on_a_deleted_organisation(tollhouse: Tollhouse) -> None:
+    owner = await user(tollhouse)
+    org = await org_with(tollhouse, owner)
+    request = DebitRequest(amount=3, turn_id="before", tenant_id=org.id, user_id=owner)
+    first = await tollhouse.credits.debit(request)
+    await tollhouse.orgs.delete(org.id, owner)
+    again = await tollhouse.credits.debit(request)
+    assert (again.status, again.ledger_id, again.replayed) == ("applied", first.ledger_id, True)
+    assert await spend(tollhouse, org.id, owner) == "not_found"
+
+
+async def test_a_commit_checks_the_holder_before_giving_the_hold_back(
+    tollhouse: Tollhouse,
+) -> None:
+    owner, member = await user(tollhouse), await user(tollhouse)
+    org = await org_with(tollhouse, owner, member)
+    await tollhouse.credits.reserve(amount=40, turn_id="svc", tenant_id=org.id)
+    stranger = await user(tollhouse)
+    committed = await tollhouse.credits.commit(
+        turn_id="svc", amount=30, tenant_id=org.id, user_id=stranger
+    )
+    assert committed.status == "applied"  # the service's hold: charged to the pool
+    await tollhouse.credits.reserve(amount=20, turn_id="m", tenant_id=org.id, user_id=member)
+    await tollhouse.db.transaction(  # the member leaves behind the service's back
+        lambda conn: conn.execute(
+            "DELETE FROM tollhouse.tenant_members WHERE tenant_id = %s AND user_id = %s",
+            (org.id, member),
+        )
+    )
+    refused = await tollhouse.credits.commit(turn_id="m", amount=5, tenant_id=org.id)
+    assert refused.code == "not_a_member"
+    balance = await tollhouse.credits.balance(tenant_id=org.id)
+    assert balance.available == balance.balance - 20  # the hold is still there
+
+
+async def test_a_deleted_user_spends_nothing_from_a_pool(tollhouse: Tollhouse) -> None:
+    owner, member = await user(tollhouse), await user(tollhouse)
+    org = await org_with(tollhouse, owner, member)
+    await tollhouse.users.delete(member)
+    assert await spend(tollhouse, org.id, member) == "not_a_member"
+
+
+async def test_admins_do_not_set_their_own_or_owners_limits(tollhouse: Tollhouse) -> None:
+    owner, admin = await user(tollhouse), await user(tollhouse)
+    org = await org_with(tollhouse, owner, admin)
+    await tollhouse.orgs.change_role(org.id, admin, "admin")
+    for target in (admin, owner):
+        with pytest.raises(e.OrganisationPermissionDenied):
+            await tollhouse.orgs.set_credit_limit(org.id, target, -1, admin)
+    assert (await tollhouse.orgs.set_credit_limit(org.id, admin, 9, owner)).credit_limit == 9
+
+
+async def test_the_owner_of_record_follows_the_owners(tollhouse: Tollhouse) -> None:
+    first, second = await user(tollhouse), await user(tollhouse)
+    org = await org_with(tollhouse, first, second)
+    await tollhouse.orgs.change_role(org.id, second, "owner")
+    await tollhouse.orgs.change_role(org.id, first, "admin")
+    assert (await tollhouse.orgs.get(org.id)).owner_user_id == second
+    personal = await tollhouse.credits.tenant_of(None, first)
+    with pytest.raises(e.PersonalTenant):  # a personal tenant keeps its owner
+        await tollhouse.db.transaction(
+            lambda conn: conn.execute(
+                "DELETE FROM tollhouse.tenant_members WHERE tenant_id = %s", (personal,)
+            ),
+            constraints={"tenant_members_personal_check": e.PersonalTenant},
+        )
+
+
+async def test_blank_names_are_refused(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
+) -> None:
+    owner = await user(tollhouse)
+    reply = await client.post(
+        "/v1/orgs", json={"name": "   ", "slug": "blank", "owner_user_id": str(owner)}, headers=auth
+    )
+    assert reply.status_code == 422
+    with pytest.raises(e.InvalidRequest):
+        await tollhouse.orgs.create(" ", "blank-two", owner)
