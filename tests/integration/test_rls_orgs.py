@@ -69,6 +69,38 @@ PROBES = [
         "update",
         "UPDATE tollhouse.tenant_invitations SET status = 'revoked' WHERE tenant_id = %(org)s",
     ),
+    # Owners' rows: only an owner may touch them (and the last owner cannot step down).
+    (
+        "tenant_members",
+        "update owner",
+        "UPDATE tollhouse.tenant_members SET role = 'member'"
+        " WHERE tenant_id = %(org)s AND role = 'owner'",
+    ),
+    (
+        "tenant_members",
+        "delete owner",
+        "DELETE FROM tollhouse.tenant_members WHERE tenant_id = %(org)s AND role = 'owner'",
+    ),
+    (
+        "tenant_member_credit_limits",
+        "update owner",
+        "UPDATE tollhouse.tenant_member_credit_limits l SET credit_limit = 5"
+        " WHERE l.tenant_id = %(org)s AND l.user_id = ("
+        " SELECT owner_user_id FROM tollhouse.tenants WHERE id = %(org)s)",
+    ),
+    (
+        "tenant_member_credit_limits",
+        "update self",
+        "UPDATE tollhouse.tenant_member_credit_limits SET credit_limit = -1"
+        " WHERE tenant_id = %(org)s AND user_id = tollhouse.current_user_id()",
+    ),
+    # Nobody revives a used or revoked invitation.
+    (
+        "tenant_invitations",
+        "revive",
+        "UPDATE tollhouse.tenant_invitations SET status = 'pending'"
+        " WHERE tenant_id = %(org)s AND status <> 'pending'",
+    ),
     (
         "credit_accounts",
         "read",
@@ -110,10 +142,20 @@ async def violations(tollhouse: Tollhouse, world: World) -> list[str]:
             for name, org in world.orgs.items():
                 for table, action, statement in PROBES:
                     touched = await _touched(conn, statement, org)
-                    allowed = name == own and (action == "read" or role in ("owner", "admin"))
-                    if table == "tenant_invitations" and role == "member":
+                    allowed = name == own and (
+                        action == "read"
+                        or (
+                            role in ("owner", "admin")
+                            and (action in ("update", "delete") or role == "owner")
+                        )
+                    )
+                    if (table, role) == ("tenant_invitations", "member"):
                         allowed = False
-                    if table == "invitation_routes":
+                    if table == "invitation_routes" or action == "revive":
+                        allowed = False
+                    if action in ("update owner", "delete owner") and table == "tenant_members":
+                        allowed = False  # the only owner: the trigger refuses even the owner
+                    if action == "update self" and role != "owner":
                         allowed = False
                     if touched and not allowed:
                         found.append(f"{action} {table}: {who} on {name}")
@@ -141,6 +183,8 @@ async def world(tollhouse: Tollhouse) -> World:
         await tollhouse.orgs.add_member(org.id, users[f"{name}-admin"], "admin")
         await tollhouse.orgs.add_member(org.id, users[f"{name}-member"], "member")
         await tollhouse.orgs.invite(org.id, f"new-{name}@example.com")
+        gone = await tollhouse.orgs.invite(org.id, f"gone-{name}@example.com")
+        await tollhouse.orgs.revoke(org.id, gone.invitation.id)
         await tollhouse.credits.balance(tenant_id=org.id)  # creates the account
     return World(orgs, users)
 
@@ -184,5 +228,38 @@ async def test_the_matrix_catches_a_loosened_policy(
             )
         )
     action = ORG_POLICIES[(table, policy)]
+    found = await violations(tollhouse, world)
+    assert any(v.startswith(action) and f" {table}:" in v for v in found), found
+
+
+@pytest.mark.parametrize(
+    ("policy", "weaker", "caught"),
+    [
+        (
+            "tenant_member_credit_limits_manage",
+            "USING (tollhouse.acting_member_role(tenant_id) IN ('owner', 'admin'))",
+            "update owner tenant_member_credit_limits",
+        ),
+        (
+            "tenant_invitations_manage",
+            "USING (tollhouse.acting_member_role(tenant_id) IN ('owner', 'admin'))"
+            " WITH CHECK (true)",
+            "revive tenant_invitations",
+        ),
+    ],
+)
+async def test_the_matrix_catches_a_dropped_clause(
+    dsn: str, tollhouse: Tollhouse, world: World, policy: str, weaker: str, caught: str
+) -> None:
+    """Not just loosened to `true`: the matrix sees a policy that lost its owner or status
+    clause."""
+    table = caught.rsplit(" ", 1)[1]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER POLICY {} ON {} " + weaker).format(
+                sql.Identifier(policy), sql.Identifier("tollhouse", table)
+            )
+        )
+    action, _, table = caught.rpartition(" ")
     found = await violations(tollhouse, world)
     assert any(v.startswith(f"{action} {table}:") for v in found), found
