@@ -367,6 +367,50 @@ def credits_grant(
     typer.echo(f"{state} {amount} to {result.tenant_id}: balance {result.balance_after}")
 
 
+@credits_app.command("adjust")
+def credits_adjust(
+    amount: Annotated[int, typer.Option("--amount", help="Credits to add (>0) or take (<0).")],
+    adjustment_id: Annotated[str, typer.Option("--id", help="Applies once per id.")],
+    note: Annotated[str, typer.Option(help="Why (kept with the adjustment).")],
+    user: UserOpt = None,
+    tenant: TenantOpt = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Correct a payer's credits either way, with a note; exit 1 when refused."""
+    user_id, tenant_id = _payer(user, tenant)
+    result = _with_services(
+        _settings(data_dir),
+        lambda t: t.credits.adjust(
+            amount=amount,
+            adjustment_id=adjustment_id,
+            note=note,
+            user_id=user_id,
+            tenant_id=tenant_id,
+        ),
+    )
+    failure = rejection(result)
+    if failure is not None:
+        raise failure
+    again = " (replayed)" if result.replayed else ""
+    typer.echo(f"adjusted {result.tenant_id} by {amount}: balance {result.balance_after}{again}")
+
+
+@credits_app.command("time-zone")
+def credits_time_zone(
+    time_zone: Annotated[str, typer.Argument(help="An IANA zone, e.g. Europe/Paris.")],
+    user: UserOpt = None,
+    tenant: TenantOpt = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Set where a payer's day (its daily cap) starts."""
+    user_id, tenant_id = _payer(user, tenant)
+    found = _with_services(
+        _settings(data_dir),
+        lambda t: t.credits.set_time_zone(time_zone, user_id=user_id, tenant_id=tenant_id),
+    )
+    typer.echo(f"{found.tenant_id}: day starts at midnight {found.time_zone}")
+
+
 @credits_app.command("debit")
 def credits_debit(
     amount: Annotated[int, typer.Argument(help="Credits to take (> 0).")],

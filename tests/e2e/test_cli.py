@@ -191,6 +191,16 @@ def test_credits_and_plans_commands(tmp_path: Path, dsn: str) -> None:
     assert run_cli(["credits", "sweep"], env).stdout.strip().endswith("brought up to date")
     assert run_cli(["plans", "set", "team", "--monthly-credits", "500"], env).returncode == 0
     assert "team" in run_cli(["plans", "list"], env).stdout
+    adjusted = run_cli(
+        ["credits", "adjust", "--amount", "-30", "--id", "a-1", "--note", "fix", *who], env
+    )
+    assert adjusted.stdout.strip().endswith("balance 100"), adjusted.stderr
+    too_far = run_cli(
+        ["credits", "adjust", "--amount", "-500", "--id", "a-2", "--note", "x", *who], env
+    )
+    assert error_lines(too_far.stderr) == ["tollhouse: error: Not enough credits for this debit."]
+    zone = run_cli(["credits", "time-zone", "Asia/Tokyo", *who], env)
+    assert zone.stdout.strip().endswith("midnight Asia/Tokyo"), zone.stderr
     both = run_cli(["credits", "balance", "--user", user["id"], "--tenant", user["id"]], env)
     assert "exactly one payer" in error_lines(both.stderr)[0]
 

@@ -197,3 +197,67 @@ async def test_reservations_and_refunds_over_http(
         422,
         "refund_exceeds_debit",
     )
+
+
+async def test_adjustments_either_way_once_with_a_note(
+    client: httpx.AsyncClient, auth: dict[str, str], payer: uuid.UUID, tollhouse: Tollhouse
+) -> None:
+    body = {"user_id": str(payer), "amount": 40, "adjustment_id": "fix-1", "note": "goodwill"}
+    up = await client.post("/v1/credits/adjustments", json=body, headers=auth)
+    assert up.status_code == 200 and up.json()["balance_after"] == 140  # + free allowance
+    again = await client.post("/v1/credits/adjustments", json=body, headers=auth)
+    assert again.json() == {**up.json(), "replayed": True}
+    other = await client.post("/v1/credits/adjustments", json={**body, "amount": 41}, headers=auth)
+    assert (other.status_code, other.json()["error"]["code"]) == (409, "idempotency_conflict")
+    # Negative: past the daily cap (free: 25 a day), not counted as the day's usage.
+    down = {**body, "amount": -90, "adjustment_id": "fix-2", "note": "clawback"}
+    taken = await client.post("/v1/credits/adjustments", json=down, headers=auth)
+    assert taken.status_code == 200 and taken.json()["balance_after"] == 50
+    balance = await client.get(f"/v1/credits/balance?user_id={payer}", headers=auth)
+    assert (balance.json()["balance"], balance.json()["daily_used"]) == (50, 0)
+    floor = {**down, "amount": -51, "adjustment_id": "fix-3"}
+    refused = await client.post("/v1/credits/adjustments", json=floor, headers=auth)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (402, "insufficient_credits")
+    for bad in ({"amount": 0}, {"amount": 1.5}, {"note": "  "}, {"note": ""}):
+        reply = await client.post(
+            "/v1/credits/adjustments", json={**body, "adjustment_id": "x", **bad}, headers=auth
+        )
+        assert reply.status_code == 422, bad
+    ledger = await client.get(f"/v1/credits/ledger?user_id={payer}", headers=auth)
+    reasons = [entry["reason"] for entry in ledger.json()["entries"]]
+    assert reasons.count("adjustment") == 2
+    assert (await tollhouse.health.doctor())[-1].ok  # conservation
+
+
+async def test_time_zone_moves_the_daily_cap_boundary(
+    client: httpx.AsyncClient, auth: dict[str, str], payer: uuid.UUID, tollhouse: Tollhouse
+) -> None:
+    unknown = await client.put(
+        "/v1/credits/time-zone",
+        json={"user_id": str(payer), "time_zone": "Mars/Olympus"},
+        headers=auth,
+    )
+    assert (unknown.status_code, unknown.json()["error"]["code"]) == (422, "invalid_request")
+    zone = await client.put(
+        "/v1/credits/time-zone",
+        json={"user_id": str(payer), "time_zone": "Pacific/Kiritimati"},
+        headers=auth,
+    )
+    assert zone.status_code == 200 and zone.json()["time_zone"] == "Pacific/Kiritimati"
+    async with tollhouse.db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT (now() AT TIME ZONE 'Pacific/Kiritimati')::date,"
+            " (now() AT TIME ZONE 'UTC')::date"
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    debit = {"user_id": str(payer), "amount": 5, "turn_id": "tz-1"}
+    assert (await client.post("/v1/credits/debit", json=debit, headers=auth)).status_code == 200
+    async with tollhouse.db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT day_start FROM tollhouse.credit_accounts a JOIN tollhouse.tenants t"
+            " ON t.id = a.tenant_id WHERE t.owner_user_id = %s AND t.is_default",
+            (payer,),
+        )
+        day = await cur.fetchone()
+    assert day == (row[0],)  # the day is Kiritimati's (UTC+14), not UTC's

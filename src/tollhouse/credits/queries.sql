@@ -56,7 +56,7 @@ SELECT a.tenant_id, a.balance,
        CASE WHEN a.day_start = (now() AT TIME ZONE a.time_zone)::date
             THEN a.daily_used ELSE 0 END AS daily_used,
        greatest(0, -a.balance) AS overdraft, a.overdraft_limit,
-       a.period_start, a.period_end,
+       a.period_start, a.period_end, a.time_zone,
        coalesce((SELECT json_agg(json_build_object(
                     'id', g.id, 'source', g.source, 'source_id', g.source_id, 'total', g.total,
                     'remaining', g.remaining, 'priority', g.priority,
@@ -137,3 +137,16 @@ LIMIT %(limit)s
 
 -- name: change_plan
 SELECT * FROM tollhouse.credit_change_plan_v1(%(tenant_id)s, %(user_id)s, %(plan)s)
+
+-- name: adjust
+SELECT * FROM tollhouse.credit_adjust_v1(
+    %(tenant_id)s, %(user_id)s, %(amount)s, %(adjustment_id)s, %(note)s)
+
+-- name: time_zone_known
+SELECT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = %(time_zone)s)
+
+-- name: set_time_zone
+-- After `refresh_account` in the same transaction (one statement cannot update a row a
+-- function in it already changed).
+UPDATE tollhouse.credit_accounts SET time_zone = %(time_zone)s, updated_at = now()
+WHERE tenant_id = %(tenant_id)s

@@ -58,6 +58,7 @@ class Balance:
     overdraft_limit: int
     period_start: datetime
     period_end: datetime
+    time_zone: str
     grants: list[GrantView]
 
 

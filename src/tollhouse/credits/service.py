@@ -323,6 +323,59 @@ class CreditService:
             raise e.PayerNotFound()
         return result
 
+    async def adjust(
+        self,
+        *,
+        amount: int,
+        adjustment_id: str,
+        note: str,
+        tenant_id: uuid.UUID | None = None,
+        user_id: uuid.UUID | None = None,
+    ) -> DebitResult:
+        """An admin correction, either way, once per `adjustment_id`: a positive amount is a
+        grant; a negative one takes credits past the daily cap and member limits but never
+        below the overdraft floor, and does not count as the day's usage."""
+        if amount == 0 or abs(amount) > MAX_AMOUNT:
+            raise e.InvalidRequest(
+                f"amount must be non-zero and at most {MAX_AMOUNT} either way", field="amount"
+            )
+        if not note.strip() or len(note) > 500:
+            raise e.InvalidRequest("note must say why, in 1 to 500 characters", field="note")
+        if not 0 < len(adjustment_id) <= 200:
+            raise e.InvalidRequest("adjustment_id must be 1 to 200 characters")
+        if tenant_id is None and user_id is None:
+            raise e.InvalidRequest("name the payer: user_id or tenant_id")
+        params = {
+            "tenant_id": tenant_id,
+            "user_id": user_id,
+            "amount": amount,
+            "adjustment_id": adjustment_id,
+            "note": note,
+        }
+        return (await self._call("adjust", params))[0]
+
+    async def set_time_zone(
+        self,
+        time_zone: str,
+        *,
+        tenant_id: uuid.UUID | None = None,
+        user_id: uuid.UUID | None = None,
+    ) -> Balance:
+        """Where the account's day (its daily cap) starts: an IANA zone name, UTC by default."""
+        tenant = await self.tenant_of(tenant_id, user_id)
+        params = {"tenant_id": tenant, "time_zone": time_zone}
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> None:
+            cur = await conn.execute(queries["time_zone_known"], params)
+            known = await cur.fetchone()
+            if not (known and known[0]):
+                raise e.InvalidRequest(f"{time_zone!r} is not a time zone", field="time_zone")
+            await conn.execute(queries["refresh_account"], params)
+            await conn.execute(queries["set_time_zone"], params)
+
+        await self._db.transaction(work)
+        return await self.balance(tenant_id=tenant)
+
     async def tenant_of(self, tenant_id: uuid.UUID | None, user_id: uuid.UUID | None) -> uuid.UUID:
         async with self._db.connection() as conn:
             cur = await conn.execute(

@@ -58,6 +58,26 @@ class GrantBody(Payer):
     source_id: str | None = Field(default=None, min_length=1, max_length=200)
 
 
+class AdjustmentBody(Payer):
+    amount: Annotated[StrictInt, Field(ge=-MAX_AMOUNT, le=MAX_AMOUNT)] = Field(
+        description="Credits to add (> 0) or take (< 0); never 0"
+    )
+    adjustment_id: str = Field(min_length=1, max_length=200, description="Applies once")
+    note: str = Field(min_length=1, max_length=500, pattern=r"\S", description="Why")
+
+
+class AdjustmentOut(BaseModel):
+    tenant_id: uuid.UUID
+    ledger_id: uuid.UUID
+    amount: int
+    balance_after: int
+    replayed: bool
+
+
+class TimeZoneBody(Payer):
+    time_zone: str = Field(min_length=1, max_length=64, examples=["Europe/Paris"])
+
+
 class GrantOut(BaseModel):
     tenant_id: uuid.UUID
     grant_id: uuid.UUID
@@ -87,6 +107,7 @@ class BalanceOut(BaseModel):
     overdraft_limit: int
     period_start: datetime
     period_end: datetime
+    time_zone: str = Field(description="Where the account's day (its daily cap) starts")
     grants: list[GrantItem]
 
 
@@ -380,3 +401,41 @@ async def refund(body: RefundBody, _: ServiceKey, tollhouse: TollhouseDep) -> Re
     return RefundOut(
         tenant_id=tenant, ledger_id=body.ledger_id, refunded=refunded, balance_after=balance_after
     )
+
+
+@router.post(
+    "/credits/adjustments",
+    response_model=AdjustmentOut,
+    summary="An admin correction either way, with a note (once per adjustment_id)",
+    responses={402: {"description": "insufficient_credits: it would break the floor"}},
+)
+async def adjust(body: AdjustmentBody, _: ServiceKey, tollhouse: TollhouseDep) -> Response:
+    result = await tollhouse.credits.adjust(
+        amount=body.amount,
+        adjustment_id=body.adjustment_id,
+        note=body.note,
+        **_payer_args(body),
+    )
+    failure = rejection(result)
+    if failure is not None:
+        raise failure
+    assert result.tenant_id is not None and result.ledger_id is not None
+    assert result.balance_after is not None
+    out = AdjustmentOut(
+        tenant_id=result.tenant_id,
+        ledger_id=result.ledger_id,
+        amount=result.amount,
+        balance_after=result.balance_after,
+        replayed=result.replayed,
+    )
+    return JSONResponse(out.model_dump(mode="json"))
+
+
+@router.put(
+    "/credits/time-zone",
+    response_model=BalanceOut,
+    summary="Set where a payer's day (its daily cap) starts: an IANA time zone",
+)
+async def set_time_zone(body: TimeZoneBody, _: ServiceKey, tollhouse: TollhouseDep) -> BalanceOut:
+    found = await tollhouse.credits.set_time_zone(body.time_zone, **_payer_args(body))
+    return BalanceOut.model_validate(found, from_attributes=True)
