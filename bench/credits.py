@@ -32,12 +32,10 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from loadgen import free_port, load, summarize
+from loadgen import free_port, load, on_a_database, summarize
 from tollhouse.app import Tollhouse
 from tollhouse.credits import CreditService, DebitRequest, conservation_problems
 from tollhouse.db import migrate
-from tollhouse.db.dsn import as_user
-from tollhouse.db.embedded import EmbeddedPostgres
 from tollhouse.db.schema import pg_dump_path
 
 TENANTS = 10_000
@@ -269,18 +267,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--lanes", type=int, default=2, help="group-commit lanes")
     args = parser.parse_args()
-    external = os.environ.get("DATABASE_URL")
-    if external:
-        asyncio.run(
-            run(external, os.environ.get("TOLLHOUSE_SERVICE_DATABASE_URL", external), args.seconds)
-        )
-        return
-    server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="tollhouse-bench-")) / "pgdata")
-    dsn = server.start()
-    try:
-        asyncio.run(run(dsn, as_user(dsn, "tollhouse_service"), args.seconds, args.lanes))
-    finally:
-        server.stop()
+    on_a_database(lambda dsn, service: run(dsn, service, args.seconds, args.lanes))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
-"""What every benchmark here shares: a closed-loop load generator and a free port."""
+"""What every benchmark here shares: a closed-loop load generator, a free port, and a
+throwaway database to run on."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import statistics
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from typing import NamedTuple
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, NamedTuple
 
 
 class Stats(NamedTuple):
@@ -51,3 +55,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def on_a_database(run: Callable[[str, str], Coroutine[Any, Any, None]]) -> None:
+    """Run `run(admin_dsn, service_dsn)` on DATABASE_URL (and TOLLHOUSE_SERVICE_DATABASE_URL)
+    when set, else on a throwaway embedded PostgreSQL with durable settings."""
+    from tollhouse.db.dsn import as_user
+    from tollhouse.db.embedded import EmbeddedPostgres
+
+    external = os.environ.get("DATABASE_URL")
+    if external:
+        service = os.environ.get("TOLLHOUSE_SERVICE_DATABASE_URL", external)
+        asyncio.run(run(external, service))
+        return
+    server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="tollhouse-bench-")) / "pgdata")
+    dsn = server.start()
+    try:
+        asyncio.run(run(dsn, as_user(dsn, "tollhouse_service")))
+    finally:
+        server.stop()

@@ -12,21 +12,15 @@ comparison. Conservation is checked at the end.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
-import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import psycopg
 
-from loadgen import load
+from loadgen import load, on_a_database
 from tollhouse.app import Tollhouse
 from tollhouse.credits import CreditService, DebitRequest, conservation_problems
 from tollhouse.db import migrate
-from tollhouse.db.dsn import as_user
-from tollhouse.db.embedded import EmbeddedPostgres
 
 MEMBERS = 64
 
@@ -87,17 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=8.0)
     args = parser.parse_args()
-    external = os.environ.get("DATABASE_URL")
-    if external:
-        service = os.environ.get("TOLLHOUSE_SERVICE_DATABASE_URL", external)
-        asyncio.run(run(external, service, args.seconds))
-        return
-    server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="tollhouse-bench-")) / "pgdata")
-    dsn = server.start()
-    try:
-        asyncio.run(run(dsn, as_user(dsn, "tollhouse_service"), args.seconds))
-    finally:
-        server.stop()
+    on_a_database(lambda dsn, service: run(dsn, service, args.seconds))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -16,10 +15,10 @@ import psycopg
 import pytest
 from structlog.testing import capture_logs
 
+from tests.support.dump import data_dump
 from tollhouse import errors as e
 from tollhouse.app import Tollhouse
 from tollhouse.credits import DebitRequest
-from tollhouse.db.schema import pg_dump_path
 from tollhouse.identity import IdentityConfig
 from tollhouse.orgs import Organisation
 
@@ -588,12 +587,7 @@ async def test_t01_invitation_tokens_are_never_stored(tollhouse: Tollhouse, dsn:
     with capture_logs() as logs:
         issued = [await tollhouse.orgs.invite(org.id, f"t{i}@example.com") for i in range(30)]
         issued.append(await tollhouse.orgs.resend(org.id, issued[0].invitation.id))
-    dump = subprocess.run(
-        [pg_dump_path(), "--data-only", f"--dbname={dsn}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    dump = data_dump(dsn)
     assert "tenant_invitations" in dump
     logged = repr(logs)
     for item in issued:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 
 import psycopg
 import pytest
 from structlog.testing import capture_logs
 
+from tests.support.dump import data_dump
 from tollhouse import errors
 from tollhouse.app import Tollhouse
-from tollhouse.db.schema import pg_dump_path
 from tollhouse.identity.passwords import PasswordHasher
 
 PASSWORD = "correct horse battery"
@@ -257,12 +256,7 @@ async def test_raw_tokens_never_reach_the_database_or_the_logs(
             await tollhouse.auth.authenticate(sign_in.session_token)
     logged = repr(logs)
     assert all(len(t.rsplit(".", 1)[1]) == 43 for t in issued)  # 256-bit secrets
-    dump = subprocess.run(
-        [pg_dump_path(), "--data-only", f"--dbname={dsn}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    dump = data_dump(dsn)
     assert "t0@example.com" in dump  # the dump is real
     leaked = [t for t in issued if t.rsplit(".", 1)[1] in dump + logged]
     assert leaked == []

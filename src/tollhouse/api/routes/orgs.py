@@ -86,17 +86,7 @@ class MemberOut(BaseModel):
 
     @classmethod
     def of(cls, member: Member) -> MemberOut:
-        return cls(
-            tenant_id=member.tenant_id,
-            user_id=member.user_id,
-            role=member.role,
-            email=member.email,
-            display_name=member.display_name,
-            credit_limit=member.credit_limit,
-            used_credits=member.used_credits,
-            remaining_credits=member.remaining_credits,
-            created_at=member.created_at,
-        )
+        return cls.model_validate(member, from_attributes=True)
 
 
 class MemberList(BaseModel):
