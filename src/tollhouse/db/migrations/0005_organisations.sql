@@ -456,6 +456,8 @@ DECLARE
     v_m integer;
     v_personal_owner uuid;
     v_gone uuid[] := '{}';
+    v_is_gone boolean;
+    t_owners uuid[] := '{}';
 BEGIN
     l_ids := '{}'; l_deltas := '{}'; l_after := '{}'; l_turns := '{}'; l_sessions := '{}';
     l_users := '{}'; l_reasons := '{}'; l_meta := '{}';
@@ -476,9 +478,14 @@ BEGIN
     LOOP
         a := tollhouse.credit_account_v1(v_tenant);
         IF a.tenant_id IS NOT NULL THEN
+            -- One read of the tenant: nothing new is spent from a soft-deleted one (its
+            -- replays still answer), and a personal one's owner needs no limit row.
+            SELECT t.deleted_at IS NOT NULL, CASE WHEN t.is_default THEN t.owner_user_id END
+            INTO v_is_gone, v_personal_owner
+            FROM tollhouse.tenants t WHERE t.id = v_tenant;
             v_known := v_known || v_tenant;
-            -- Nothing new is spent from a soft-deleted tenant; its replays still answer.
-            IF tollhouse.credit_tenant_gone_v1(v_tenant) THEN
+            t_owners := t_owners || v_personal_owner;
+            IF v_is_gone THEN
                 v_gone := v_gone || v_tenant;
             END IF;
         END IF;
@@ -533,8 +540,7 @@ BEGIN
               FOR UPDATE) live;
         g_orig := g_rem;
         v_first := coalesce(array_length(d_turns, 1), 0) + 1;  -- this tenant's outcomes
-        SELECT t.owner_user_id INTO v_personal_owner FROM tollhouse.tenants t
-        WHERE t.id = v_tenant AND t.is_default;
+        v_personal_owner := t_owners[array_position(v_known, v_tenant)];
         v_day := (now() AT TIME ZONE a.time_zone)::date;
         IF a.day_start IS NULL OR v_day > a.day_start THEN
             a.daily_used := 0;
