@@ -740,3 +740,95 @@ async def test_l06_expiry_on_the_database_clock_to_the_millisecond(
         ).fetchone()
         conn.rollback()
     assert row is not None and (row[1] or row[0]) == expected
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_random_batches_decide_as_one_debit_at_a_time(
+    tollhouse: Tollhouse, no_allowance: None, seed: int
+) -> None:
+    """The set-wise batch function against the single-debit function on twin worlds of
+    several payers: personal accounts, an organisation with limited members, a deleted
+    organisation, an expired grant, a pending hold, replays across batches, conflicts,
+    other payers' turn ids. Same outcomes and the same accounts, grants and member use."""
+    await tollhouse.credits.set_plan("free", monthly_credits=0, daily_cap=150, overdraft_limit=10)
+    rng = random.Random(seed)
+
+    async def world(prefix: str) -> list[tuple[uuid.UUID | None, uuid.UUID | None]]:
+        users = [await _payer(tollhouse) for _ in range(4)]
+        for user in users[:3]:
+            for priority, amount in ((1, 40), (0, 60)):
+                await tollhouse.credits.grant(
+                    amount=amount, source="promo", user_id=user, priority=priority
+                )
+        org = await tollhouse.orgs.create("Twin", f"twin-{uuid.uuid4().hex[:8]}", users[0])
+        await tollhouse.orgs.add_member(org.id, users[1], credit_limit=30)
+        await tollhouse.orgs.add_member(org.id, users[2])
+        await tollhouse.credits.grant(amount=200, source="purchase", tenant_id=org.id)
+        gone = await tollhouse.orgs.create("Gone", f"gone-{uuid.uuid4().hex[:8]}", users[3])
+        await tollhouse.credits.grant(amount=50, source="purchase", tenant_id=gone.id)
+        await tollhouse.credits.debit_alone(
+            DebitRequest(amount=5, turn_id=f"{prefix}before", tenant_id=gone.id)
+        )
+        await tollhouse.orgs.delete(gone.id, users[3])
+        await tollhouse.credits.reserve(amount=15, turn_id=f"{prefix}hold", user_id=users[2])
+        personal = await tollhouse.credits.tenant_of(None, users[0])
+        await tollhouse.db.transaction(
+            lambda conn: conn.execute(
+                "UPDATE tollhouse.credit_grants SET expires_at = now() - interval '1 second'"
+                " WHERE tenant_id = %s AND priority = 1",
+                (personal,),
+            )
+        )
+        return [
+            (None, users[0]),
+            (None, users[1]),
+            (None, users[2]),
+            (org.id, users[1]),
+            (org.id, users[2]),
+            (org.id, users[3]),  # not a member
+            (org.id, None),
+            (gone.id, None),
+        ]
+
+    twins = [await world("a-"), await world("b-")]
+    plan = [
+        (rng.randrange(8), f"t{rng.randint(1, 30)}", rng.choice([3, 7, 12, 25])) for _ in range(80)
+    ] + [(7, "before", 5), (2, "hold", 15)]
+    rng.shuffle(plan)
+
+    def request(
+        payers: list[tuple[uuid.UUID | None, uuid.UUID | None]], prefix: str, step: int
+    ) -> DebitRequest:
+        who, turn, amount = plan[step]
+        tenant, user = payers[who]
+        return DebitRequest(amount=amount, turn_id=prefix + turn, tenant_id=tenant, user_id=user)
+
+    batched: list[DebitResult] = []
+    step = 0
+    while step < len(plan):
+        size = rng.randint(1, 12)
+        chunk = [request(twins[0], "a-", s) for s in range(step, min(step + size, len(plan)))]
+        batched += await tollhouse.credits._send_batch(chunk)
+        step += size
+    alone = [
+        await tollhouse.credits.debit_alone(request(twins[1], "b-", s)) for s in range(len(plan))
+    ]
+
+    def shape(results: list[DebitResult]) -> list[tuple[object, ...]]:
+        return [(r.status, r.code, r.amount, r.balance_after, r.replayed) for r in results]
+
+    assert shape(batched) == shape(alone)
+
+    async def state(payers: list[tuple[uuid.UUID | None, uuid.UUID | None]]) -> list[object]:
+        seen: list[object] = []
+        for tenant, user in payers[:3] + payers[6:7]:
+            b = await tollhouse.credits.balance(tenant_id=tenant, user_id=None if tenant else user)
+            seen.append((b.balance, b.available, b.daily_used, [g.remaining for g in b.grants]))
+        org = payers[3][0]
+        assert org is not None
+        seen.append([(m.role, m.used_credits) for m in await tollhouse.orgs.members(org)])
+        return seen
+
+    assert await state(twins[0]) == await state(twins[1])
+    async with tollhouse.db.connection() as conn:
+        assert await conservation_problems(conn) == []
