@@ -398,6 +398,9 @@ CREATE OR REPLACE FUNCTION tollhouse.credit_debit_batch_v1(
 ) RETURNS SETOF tollhouse.credit_debit_result
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+-- The array-driven statements below would otherwise be planned anew on every call (custom
+-- plans), which cost more than running them; their generic plans are index lookups.
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     n integer := coalesce(array_length(p_amounts, 1), 0);
@@ -448,6 +451,7 @@ DECLARE
     -- members spending from a tenant they named: their limit rows, locked
     m record;
     m_keys text[] := '{}';
+    m_pairs text[];
     m_tenants uuid[] := '{}';
     m_users uuid[] := '{}';
     m_limit bigint[] := '{}';
@@ -479,12 +483,12 @@ BEGIN
     END LOOP;
     -- What the batch needs of the tenants: nothing new is spent from a soft-deleted one (its
     -- replays still answer), and a personal one's owner needs no member limit row.
-    SELECT coalesce(array_agg(CASE WHEN t.is_default THEN t.owner_user_id END ORDER BY k.idx),
-                    '{}'),
+    -- (Lookups here go by `= ANY(array)`, which plans as index scans whatever the size.)
+    SELECT coalesce(array_agg(CASE WHEN t.is_default THEN t.owner_user_id END
+                              ORDER BY array_position(v_known, t.id)), '{}'),
            coalesce(array_agg(t.id) FILTER (WHERE t.deleted_at IS NOT NULL), '{}')
     INTO t_owners, v_gone
-    FROM unnest(v_known) WITH ORDINALITY AS k(id, idx)
-    JOIN tollhouse.tenants t ON t.id = k.id;
+    FROM tollhouse.tenants t WHERE t.id = ANY(v_known);
     -- 1a. Grants past their expiry, under the locks now held: those accounts are brought up
     --     to date too (credit_account_v1 expires them).
     FOR v_tenant IN
@@ -498,6 +502,10 @@ BEGIN
     -- 1b. The limit rows of members spending from a tenant they named, locked after the
     --     accounts in (tenant, user) order, with the usage of the pool's current period and
     --     the member's pending holds.
+    SELECT coalesce(array_agg(DISTINCT p_tenants[x]::text || p_users[x]::text), '{}')
+    INTO m_pairs
+    FROM generate_series(1, n) AS x
+    WHERE p_tenants[x] = ANY(v_known) AND p_users[x] IS NOT NULL;
     FOR m IN
         SELECT l.tenant_id, l.user_id, l.credit_limit, c.period_start,
                CASE WHEN l.period_start IS DISTINCT FROM c.period_start THEN 0
@@ -505,9 +513,8 @@ BEGIN
         FROM tollhouse.tenant_member_credit_limits l
         JOIN tollhouse.credit_accounts c ON c.tenant_id = l.tenant_id
         JOIN tollhouse.users u ON u.id = l.user_id AND u.deleted_at IS NULL
-        WHERE (l.tenant_id, l.user_id) IN (
-            SELECT p_tenants[x], p_users[x] FROM generate_series(1, n) AS x
-            WHERE p_tenants[x] = ANY(v_known) AND p_users[x] IS NOT NULL)
+        WHERE cardinality(m_pairs) > 0 AND l.tenant_id = ANY(v_known)
+          AND l.user_id = ANY(p_users) AND l.tenant_id::text || l.user_id::text = ANY(m_pairs)
         ORDER BY l.tenant_id, l.user_id
         FOR UPDATE OF l
     LOOP
@@ -530,22 +537,22 @@ BEGIN
     WHERE v_tenants[x.i] = ANY(v_known) AND v_tenants[x.i] <> ALL(v_gone)
     ORDER BY p_turn_ids[x.i], x.i
     ON CONFLICT (turn_id) DO NOTHING;
-    SELECT array_agg(ct.tenant_id IS NOT DISTINCT FROM v_tenants[x.i]
+    -- (Scalar subqueries, so that each is one index lookup whatever the plan thinks of n.)
+    SELECT array_agg((SELECT ct.tenant_id FROM tollhouse.credit_turns ct
+                      WHERE ct.turn_id = p_turn_ids[x.i]) IS NOT DISTINCT FROM v_tenants[x.i]
                      AND NOT EXISTS (SELECT 1 FROM tollhouse.credit_reservations cr
                                      WHERE cr.tenant_id = v_tenants[x.i]
                                        AND cr.turn_id = p_turn_ids[x.i])
                      ORDER BY x.i)
     INTO claim_ok
-    FROM generate_series(1, n) AS x(i)
-    LEFT JOIN tollhouse.credit_turns ct ON ct.turn_id = p_turn_ids[x.i];
+    FROM generate_series(1, n) AS x(i);
 
     -- 3. Earlier outcomes of these turns, and every live grant, read (and locked) at once.
     SELECT coalesce(array_agg(d.tenant_id::text || d.turn_id), '{}'), coalesce(array_agg(d), '{}')
     INTO pr_keys, pr_rows
-    FROM tollhouse.credit_debits d
-    WHERE (d.tenant_id, d.turn_id) IN (
-        SELECT v_tenants[x], p_turn_ids[x] FROM generate_series(1, n) AS x
-        WHERE v_tenants[x] = ANY(v_known));
+    FROM generate_series(1, n) AS x(i),
+         LATERAL (SELECT * FROM tollhouse.credit_debits cd
+                  WHERE cd.tenant_id = v_tenants[x.i] AND cd.turn_id = p_turn_ids[x.i]) d;
     g_from := array_fill(1, ARRAY[greatest(array_length(v_known, 1), 1)]);
     g_to := array_fill(0, ARRAY[greatest(array_length(v_known, 1), 1)]);
     FOR r IN
