@@ -21,6 +21,7 @@ import typer
 from tollhouse import __version__
 from tollhouse.app import (
     Tollhouse,
+    billing_config,
     credits_conservation,
     database_url,
     identity_config,
@@ -85,7 +86,11 @@ def _with_services(settings: Settings, work: Callable[[Tollhouse], Awaitable[T]]
     async def go(dsn: str) -> T:
         migrations.require_current(await migrations.status(dsn))
         async with Tollhouse.open(
-            runtime_url(settings, dsn), min_size=1, max_size=2, identity=identity_config(settings)
+            runtime_url(settings, dsn),
+            min_size=1,
+            max_size=2,
+            identity=identity_config(settings),
+            billing=billing_config(settings),
         ) as tollhouse:
             return await work(tollhouse)
 
