@@ -343,7 +343,7 @@ class BillingService:
 
     async def _line_items(self, session_id: str) -> list[Obj]:
         items = await self._call(self.client.v1.checkout.sessions.line_items.list, session_id)
-        return [item.to_dict() for item in items.data]
+        return list(_raw(items).get("data") or [])
 
     # --- resync ------------------------------------------------------------------------------
 
@@ -351,7 +351,7 @@ class BillingService:
         """Page through products, prices, customers, subscriptions (canceled ones too) and
         invoices at Stripe and apply each as of now, the time of the fetch: an object's
         fetched state is newer than any event sent before it."""
-        counts: dict[str, int] = {}
+        counts: dict[str, int] = {"unlinked": 0}
         failures: list[dict[str, Any]] = []
         created = {"gte": int(since.timestamp())} if since else None
         kinds: list[tuple[str, Any, dict[str, Any], Callable[[Obj], str]]] = [
@@ -369,7 +369,9 @@ class BillingService:
                 try:
                     await self._apply_fetched(type_of(obj), obj, fetched_at)
                     counts[name] += 1
-                except (Problem, Parked, e.TollhouseError) as exc:
+                except Parked:  # a customer of no tenant here: nothing to reconcile
+                    counts["unlinked"] += 1
+                except (Problem, e.TollhouseError) as exc:
                     failures.append({"kind": name, "id": ref(obj), "error": str(exc)})
         return SyncReport(counts, failures)
 
@@ -389,11 +391,20 @@ class BillingService:
             page = await self._call(
                 list_fn, params={**params, **({"starting_after": after} if after else {})}
             )
-            for item in page.data:
-                yield item.to_dict()
-            if not page.has_more or not page.data:
+            raw = _raw(page)
+            for item in raw.get("data") or []:
+                yield item
+            if not raw.get("has_more") or not raw.get("data"):
                 return
-            after = page.data[-1].id
+            after = raw["data"][-1]["id"]
+
+
+def _raw(obj: Any) -> Obj:
+    """The JSON Stripe sent (the SDK's objects carry Decimals for *_decimal fields)."""
+    response = getattr(obj, "last_response", None)
+    if response is not None and isinstance(response.data, dict):
+        return response.data
+    return dict(json.loads(json.dumps(obj.to_dict(), default=str)))
 
 
 def _customer_type(obj: Obj) -> str:
