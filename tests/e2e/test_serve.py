@@ -37,8 +37,15 @@ def test_fresh_start_serves_stops_on_sigterm_and_keeps_data_across_restarts(
     assert created.status_code == 201
     # Logs are JSON lines; the request's line carries the id its answer carried.
     request_id = created.headers["x-request-id"]
-    entries = [json.loads(line) for line in first.logs().splitlines() if line.strip()]
-    (logged,) = [e for e in entries if e.get("request_id") == request_id]
+    # The line is written once the answer has gone out, so it may trail the answer a little.
+    deadline = time.monotonic() + 5
+    while True:
+        entries = [json.loads(line) for line in first.logs().splitlines() if line.strip()]
+        lines = [e for e in entries if e.get("request_id") == request_id]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    (logged,) = lines
     assert (logged["event"], logged["route"], logged["status"]) == ("request", "/v1/keys", 201)
     assert match[1] not in first.logs()  # the key itself is never logged
     assert _postmaster_running(data_dir)
