@@ -29,6 +29,10 @@ SET status = %(status)s, last_error = %(error)s, tenant_id = %(tenant_id)s,
                WHERE t.id = %(tenant_id)s AND t.is_default),
     attempts = attempts + 1, processed_at = now()
 WHERE stripe_event_id = %(id)s
+-- Whether the customer has parked events to apply now (one round trip for both).
+RETURNING EXISTS (SELECT 1 FROM tollhouse.billing_events p
+                  WHERE p.status = 'parked' AND p.customer_id = billing_events.customer_id
+                    AND p.stripe_event_id <> billing_events.stripe_event_id)
 
 -- name: parked_events
 SELECT stripe_event_id, type, status, payload FROM tollhouse.billing_events

@@ -115,8 +115,9 @@ class BillingService:
             return Delivery(event["id"], event["type"], "duplicate")
         return await self._process(conn, event)
 
-    async def _process(self, conn: Conn, event: Obj) -> Delivery:
-        """Apply a stored event (locked by the caller's transaction) and record its status."""
+    async def _process(self, conn: Conn, event: Obj, *, unpark: bool = True) -> Delivery:
+        """Apply a stored event (locked by the caller's transaction) and record its status;
+        then, unless it is itself being unparked, the customer's parked events."""
         status, error, tenant, customer = "processed", None, None, handlers.event_customer(event)
         try:
             async with conn.transaction():  # a savepoint: a failure leaves no partial write
@@ -141,7 +142,7 @@ class BillingService:
             if exc.sqlstate in RETRYABLE_SQLSTATES or isinstance(exc, psycopg.OperationalError):
                 raise
             status, error = "failed", str(exc).strip().splitlines()[0]
-        await conn.execute(
+        cur = await conn.execute(
             queries["finish_event"],
             {
                 "id": event["id"],
@@ -151,19 +152,20 @@ class BillingService:
                 "customer_id": customer,
             },
         )
+        waiting = await cur.fetchone()
         if error:
             log.warning(
                 "stripe_event_failed", event_id=event["id"], type=event["type"], error=error
             )
-        if status == "processed" and customer is not None and tenant is not None:
+        if unpark and waiting is not None and waiting[0] and status == "processed" and tenant:
             await self._unpark(conn, customer)
         return Delivery(event["id"], event["type"], status, error)
 
-    async def _unpark(self, conn: Conn, customer_id: str) -> None:
+    async def _unpark(self, conn: Conn, customer_id: str | None) -> None:
         """Apply the events parked for a customer that is now linked, oldest first."""
         cur = await conn.execute(queries["parked_events"], {"customer_id": customer_id})
         for _id, _type, _status, payload in await cur.fetchall():
-            await self._process(conn, payload)
+            await self._process(conn, payload, unpark=False)
 
     async def retry(self, event_id: str) -> Delivery:
         """Apply a stored event again (failed, parked or received ones; a processed or
