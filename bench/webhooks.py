@@ -45,9 +45,9 @@ from tollhouse.db.embedded import EmbeddedPostgres
 
 SECRET = "whsec_bench"
 SETUP = """
-INSERT INTO tollhouse.tenants (id, name, owner_user_id)
+INSERT INTO tollhouse.tenants (id, name, owner_user_id, is_default)
 SELECT ('00000000-0000-7000-8000-' || lpad(n::text, 12, '0'))::uuid, 'bench ' || n,
-       gen_random_uuid()
+       gen_random_uuid(), true
 FROM generate_series(1, %(customers)s) n;
 INSERT INTO tollhouse.billing_customer_routes (customer_id, tenant_id)
 SELECT 'cus_bench_' || n, ('00000000-0000-7000-8000-' || lpad(n::text, 12, '0'))::uuid
