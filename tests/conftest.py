@@ -19,9 +19,11 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from tests.support import fake_stripe
 from tests.support.idp import APPLE_CLIENT, GOOGLE_CLIENT, KeySet, serve_jwks
 from tollhouse.api import create_app
 from tollhouse.app import Tollhouse
+from tollhouse.billing import BillingConfig
 from tollhouse.db import migrate
 from tollhouse.db.dsn import as_user, with_dbname
 from tollhouse.db.embedded import pgserver_module
@@ -131,6 +133,23 @@ def identity_config(jwks_url: str) -> IdentityConfig:
     )
 
 
+@pytest.fixture(scope="session")
+def stripe_api() -> Iterator[fake_stripe.FakeStripe]:
+    """The fake Stripe API on 127.0.0.1 (its state is shared: tests use fresh ids)."""
+    with fake_stripe.serve() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="session")
+def billing_config(stripe_api: fake_stripe.FakeStripe) -> BillingConfig:
+    """Billing settings for tests: two webhook secrets (a rotation), the fake Stripe."""
+    return BillingConfig(
+        webhook_secrets=(fake_stripe.SECRET, fake_stripe.OTHER_SECRET),
+        api_key="sk_test_tollhouse",
+        api_base=stripe_api.url,
+    )
+
+
 @pytest.fixture
 def service_dsn(dsn: str) -> str:
     """How the running service logs in: as tollhouse_service on the embedded server; with
@@ -139,10 +158,12 @@ def service_dsn(dsn: str) -> str:
 
 
 @pytest.fixture
-async def tollhouse(service_dsn: str, identity_config: IdentityConfig) -> AsyncIterator[Tollhouse]:
+async def tollhouse(
+    service_dsn: str, identity_config: IdentityConfig, billing_config: BillingConfig
+) -> AsyncIterator[Tollhouse]:
     """The wired services over a fresh migrated database, logged in as the service does."""
     async with Tollhouse.open(
-        service_dsn, min_size=1, max_size=4, identity=identity_config
+        service_dsn, min_size=1, max_size=4, identity=identity_config, billing=billing_config
     ) as services:
         yield services
 

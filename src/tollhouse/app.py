@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
+from tollhouse.billing import BillingConfig, BillingService
 from tollhouse.credits import CreditService, conservation_problems
 from tollhouse.db.dsn import as_user
 from tollhouse.db.embedded import EmbeddedPostgres
@@ -39,6 +40,7 @@ class Tollhouse:
         identity: IdentityConfig | None = None,
         hooks: IdentityHooks | None = None,
         credit_lanes: int = 2,
+        billing: BillingConfig | None = None,
     ) -> None:
         self.db = db
         self.keys = ApiKeyService(db)
@@ -48,6 +50,7 @@ class Tollhouse:
         self.me = SelfService(db)
         self.orgs = OrgService(db)
         self.auth = AuthService(db, identity, hooks)
+        self.billing = BillingService(db, billing)
 
     async def update_user(self, user_id: uuid.UUID, changes: Mapping[str, Any]) -> User:
         """Change a user; a new `plan_override` moves its personal account to the new
@@ -68,12 +71,13 @@ class Tollhouse:
         identity: IdentityConfig | None = None,
         hooks: IdentityHooks | None = None,
         credit_lanes: int = 2,
+        billing: BillingConfig | None = None,
     ) -> AsyncIterator[Tollhouse]:
         """Open a pool on `dsn`, yield the wired services, close the pool."""
         db = Database(dsn, min_size=min_size, max_size=max_size)
         await db.open()
         try:
-            services = cls(db, identity, hooks, credit_lanes)
+            services = cls(db, identity, hooks, credit_lanes, billing)
             try:
                 yield services
             finally:
@@ -107,6 +111,15 @@ def identity_config(settings: Settings) -> IdentityConfig:
         apple_client_ids=_ids(settings.apple_client_ids),
         google_jwks_url=settings.google_jwks_url,
         apple_jwks_url=settings.apple_jwks_url,
+    )
+
+
+def billing_config(settings: Settings) -> BillingConfig:
+    """The Stripe part of the settings."""
+    return BillingConfig(
+        webhook_secrets=tuple(sorted(_ids(settings.stripe_webhook_secret))),
+        api_key=settings.stripe_api_key or None,
+        api_base=settings.stripe_api_base or None,
     )
 
 

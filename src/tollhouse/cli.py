@@ -13,6 +13,7 @@ import os
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -21,6 +22,7 @@ import typer
 from tollhouse import __version__
 from tollhouse.app import (
     Tollhouse,
+    billing_config,
     credits_conservation,
     database_url,
     identity_config,
@@ -66,6 +68,10 @@ orgs_app = typer.Typer(
     help="Organisations: members, roles, invitations, credit limits.", no_args_is_help=True
 )
 app.add_typer(orgs_app, name="orgs")
+stripe_app = typer.Typer(
+    help="Stripe: resync from the API, replay stored events, list them.", no_args_is_help=True
+)
+app.add_typer(stripe_app, name="stripe")
 
 DataDir = Annotated[
     Path | None,
@@ -89,7 +95,11 @@ def _with_services(settings: Settings, work: Callable[[Tollhouse], Awaitable[T]]
     async def go(dsn: str) -> T:
         migrations.require_current(await migrations.status(dsn))
         async with Tollhouse.open(
-            runtime_url(settings, dsn), min_size=1, max_size=2, identity=identity_config(settings)
+            runtime_url(settings, dsn),
+            min_size=1,
+            max_size=2,
+            identity=identity_config(settings),
+            billing=billing_config(settings),
         ) as tollhouse:
             return await work(tollhouse)
 
@@ -496,6 +506,70 @@ def plans_set(
         f"plan {plan.name}: monthly {plan.monthly_credits}, daily cap "
         f"{plan.daily_cap}, overdraft {plan.overdraft_limit}"
     )
+
+
+def _since(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a date (YYYY-MM-DD)") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@stripe_app.command("sync")
+def stripe_sync(
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Only objects created on or after this date (YYYY-MM-DD)."),
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Page through Stripe's products, prices, customers, subscriptions (canceled ones too)
+    and invoices, and reconcile them here (needs TOLLHOUSE_STRIPE_API_KEY)."""
+    start = _since(since)
+    report = _with_services(_settings(data_dir), lambda t: t.billing.sync(since=start))
+    for kind, count in report.counts.items():
+        typer.echo(f"{kind:14} {count}")
+    for failure in report.failures:
+        typer.echo(f"failed  {failure['kind']} {failure['id']}: {failure['error']}")
+    if report.failures:
+        raise typer.Exit(1)
+
+
+@stripe_app.command("replay")
+def stripe_replay(
+    status: Annotated[
+        str, typer.Option("--status", help="Which stored events: failed, received or parked.")
+    ] = "failed",
+    data_dir: DataDir = None,
+) -> None:
+    """Apply stored events of a status again (each once; effects are never doubled)."""
+    deliveries = _with_services(_settings(data_dir), lambda t: t.billing.replay(status))
+    for d in deliveries:
+        typer.echo(f"{d.event_id}  {d.type:40}  {d.status}  {d.error or ''}".rstrip())
+    typer.echo(f"{len(deliveries)} event(s) replayed")
+
+
+@stripe_app.command("events")
+def stripe_events(
+    status: Annotated[
+        str | None,
+        typer.Option(help="Only this status: received, processed, failed, ignored, parked."),
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Events to show, newest first.")] = 50,
+    data_dir: DataDir = None,
+) -> None:
+    """List stored Stripe events, newest first."""
+    found = _with_services(
+        _settings(data_dir), lambda t: t.billing.events(status=status, limit=limit)
+    )
+    for ev in found:
+        typer.echo(
+            f"{ev.received_at.isoformat(timespec='seconds')}  {ev.stripe_event_id}  "
+            f"{ev.type:40}  {ev.status:9}  {ev.last_error or ''}".rstrip()
+        )
 
 
 @db_app.command("url")

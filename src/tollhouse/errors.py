@@ -578,3 +578,48 @@ class InvitationEmailMismatch(Forbidden):
     matches it."""
 
     code = "invitation_email_mismatch"
+
+
+# --- billing --------------------------------------------------------------------------------
+
+
+class InvalidWebhookSignature(TollhouseError):
+    """The Stripe-Signature header is missing, malformed, stale or does not match."""
+
+    code = "invalid_signature"
+
+
+class InvalidWebhookPayload(TollhouseError):
+    """The webhook body is not a Stripe event."""
+
+    code = "invalid_payload"
+
+
+class WebhookNotConfigured(TollhouseError):
+    """No Stripe webhook secret is configured (TOLLHOUSE_STRIPE_WEBHOOK_SECRET)."""
+
+    code = "webhook_not_configured"
+
+
+class StripeNotConfigured(TollhouseError):
+    """No Stripe API key is configured (TOLLHOUSE_STRIPE_API_KEY)."""
+
+    code = "stripe_not_configured"
+
+
+class StripeUnavailable(TollhouseError):
+    """Stripe did not answer as expected; try again."""
+
+    code = "stripe_unavailable"
+
+
+class BillingEventNotFound(NotFound):
+    """No such billing event."""
+
+    code = "billing_event_not_found"
+
+
+class PriceNotFound(InvalidRequest):
+    """No such price, or it sells nothing Tollhouse knows (no tollhouse_* metadata)."""
+
+    code = "unknown_price"

@@ -84,5 +84,12 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
+        self.stripe_events = Counter(
+            "tollhouse_stripe_events",
+            "Stripe webhook deliveries, by outcome (processed, ignored, parked, failed,"
+            " duplicate, conflict).",
+            ["status"],
+            registry=self.registry,
+        )
         if pool_stats is not None:
             self.registry.register(_PoolCollector(pool_stats))

@@ -19,7 +19,13 @@ import structlog
 import uvicorn
 
 from tollhouse.api import create_app
-from tollhouse.app import Tollhouse, database_url, identity_config, runtime_url
+from tollhouse.app import (
+    Tollhouse,
+    billing_config,
+    database_url,
+    identity_config,
+    runtime_url,
+)
 from tollhouse.db import migrate
 from tollhouse.db.pool import check_server
 from tollhouse.errors import MigrationsPending, PortInUse
@@ -125,6 +131,7 @@ async def _serve(
         max_size=settings.pool_max_size,
         identity=identity_config(settings),
         credit_lanes=settings.credit_lanes,
+        billing=billing_config(settings),
     ) as tollhouse:
         if settings.bootstrap_api_key and not pending:
             created = await tollhouse.keys.create_bootstrap()

@@ -71,6 +71,17 @@ class Settings(BaseSettings):
     apple_client_ids: str = Field(default="", description="Comma-separated Services/App ids.")
     google_jwks_url: str = "https://www.googleapis.com/oauth2/v3/certs"
     apple_jwks_url: str = "https://appleid.apple.com/auth/keys"
+    # Billing (Stripe)
+    stripe_webhook_secret: str = Field(
+        default="",
+        description="Webhook signing secret(s), comma-separated (two at once during rotation).",
+    )
+    stripe_api_key: str | None = Field(
+        default=None, description="Secret API key for Checkout, the portal and `stripe sync`."
+    )
+    stripe_api_base: str | None = Field(
+        default=None, description="Another Stripe API address (a local fake in tests)."
+    )
 
     @field_validator("database_url", "service_database_url")
     @classmethod

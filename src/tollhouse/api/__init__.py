@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from tollhouse import __version__
 from tollhouse.api import errors
 from tollhouse.api.middleware import RequestMiddleware
-from tollhouse.api.routes import auth, credits, health, keys, me, orgs, users
+from tollhouse.api.routes import auth, billing, credits, health, keys, me, orgs, users
 from tollhouse.app import Tollhouse
 from tollhouse.observability import Metrics
 
@@ -29,6 +29,7 @@ def create_app(tollhouse: Tollhouse) -> FastAPI:
     app.include_router(me.router)
     app.include_router(credits.router)
     app.include_router(orgs.router)
+    app.include_router(billing.router)
     app.add_middleware(RequestMiddleware, metrics=app.state.metrics)
     return app
 

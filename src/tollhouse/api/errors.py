@@ -39,6 +39,11 @@ STATUS: dict[type[e.TollhouseError], int] = {
     e.ProviderNotConfigured: 400,
     e.InvalidToken: 400,
     e.ProviderUnavailable: 503,
+    e.InvalidWebhookSignature: 400,
+    e.InvalidWebhookPayload: 400,
+    e.WebhookNotConfigured: 503,
+    e.StripeNotConfigured: 503,
+    e.StripeUnavailable: 502,
 }
 
 _HTTP_CODES = {

@@ -36,6 +36,8 @@ SELECT u.id, u.display_name, u.first_name, u.last_name, u.username, u.avatar_url
        u.last_seen_at, u.deleted_at, u.has_password,
        (SELECT t.id FROM tollhouse.tenants t
         WHERE t.owner_user_id = u.id AND t.is_default) AS personal_tenant_id,
+       (SELECT tollhouse.billing_plan_v1(t.id) FROM tollhouse.tenants t
+        WHERE t.owner_user_id = u.id AND t.is_default) AS billing_plan,
        coalesce((SELECT json_agg(json_build_object(
                     'email', e.email, 'is_primary', e.is_primary, 'verified', e.verified,
                     'via', e.via, 'created_at', e.created_at, 'verified_at', e.verified_at)

@@ -52,6 +52,8 @@ class User:
     emails: list[UserEmail] = field(default_factory=list)
     identities: list[UserIdentity] = field(default_factory=list)
     roles: list[str] = field(default_factory=list)
+    #: The plan billing gives the personal tenant (subscription, else lifetime deal).
+    billing_plan: str | None = None
 
     @property
     def primary_email(self) -> str | None:
@@ -59,8 +61,9 @@ class User:
 
     @property
     def effective_plan(self) -> str:
-        """`plan_override`, else free (billing adds subscriptions and lifetime deals)."""
-        return self.plan_override or "free"
+        """`plan_override`, else the current subscription's or a lifetime deal's plan, else
+        free."""
+        return self.plan_override or self.billing_plan or "free"
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> User:

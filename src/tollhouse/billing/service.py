@@ -1,0 +1,434 @@
+"""Billing: Stripe webhooks stored and applied in one transaction, replays, the billing view
+of a tenant, Checkout and the customer portal, and a resync from the Stripe API."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import psycopg
+import stripe
+import structlog
+from psycopg.rows import class_row, dict_row
+from psycopg.types.json import Jsonb
+
+from tollhouse import errors as e
+from tollhouse.billing import handlers
+from tollhouse.billing.objects import Obj, Parked, Problem, ref, ts
+from tollhouse.billing.records import (
+    BillingConfig,
+    BillingEvent,
+    BillingSummary,
+    Delivery,
+    InvoiceView,
+    LifetimeView,
+    SubscriptionView,
+    SyncReport,
+)
+from tollhouse.billing.signature import verify
+from tollhouse.db.errors import RETRYABLE_SQLSTATES
+from tollhouse.db.pool import Conn, Database
+from tollhouse.db.queries import Queries
+
+queries = Queries("tollhouse.billing", "queries.sql")
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+
+def parse_event(body: bytes) -> Obj:
+    """The event in a verified body, or `InvalidWebhookPayload`."""
+    try:
+        event = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise e.InvalidWebhookPayload("the body is not JSON") from exc
+    if (
+        not isinstance(event, dict)
+        or not isinstance(event.get("id"), str)
+        or not event["id"]
+        or not isinstance(event.get("type"), str)
+        or not isinstance(event.get("created"), int)
+        or not isinstance((event.get("data") or {}).get("object"), dict)
+    ):
+        raise e.InvalidWebhookPayload("the body is not a Stripe event (id, type, created, data)")
+    if b"\\u0000" in body or b"\x00" in body:  # PostgreSQL's jsonb stores no NUL
+        raise e.InvalidWebhookPayload("the event contains NUL characters")
+    return event
+
+
+class BillingService:
+    """The Stripe sync over one pool."""
+
+    def __init__(self, db: Database, config: BillingConfig | None = None) -> None:
+        self._db = db
+        self.config = config or BillingConfig()
+        self._client: stripe.StripeClient | None = None
+
+    # --- webhooks ----------------------------------------------------------------------------
+
+    async def receive(self, body: bytes, signature: str | None) -> Delivery:
+        """Verify, store (once per event id) and apply a webhook delivery, all in one
+        transaction: a 2xx answer means the event and its effects are committed."""
+        if not self.config.webhook_secrets:
+            raise e.WebhookNotConfigured()
+        verify(
+            body,
+            signature,
+            self.config.webhook_secrets,
+            now=time.time(),
+            tolerance=self.config.tolerance_seconds,
+        )
+        event = parse_event(body)
+        digest = hashlib.sha256(body).hexdigest()
+
+        async def work(conn: Conn) -> Delivery:
+            return await self._store_and_apply(conn, event, digest)
+
+        return await self._db.transaction(work)
+
+    async def _store_and_apply(self, conn: Conn, event: Obj, digest: str) -> Delivery:
+        cur = await conn.execute(
+            queries["store_event"],
+            {
+                "id": event["id"],
+                "type": event["type"],
+                "hash": digest,
+                "payload": Jsonb(event),
+                "created": ts(event["created"]),
+                "customer_id": handlers.event_customer(event),
+            },
+        )
+        if await cur.fetchone() is None:
+            # A concurrent first delivery held the row until it committed; now it is seen.
+            cur = await conn.execute(queries["event_hash"], {"id": event["id"]})
+            row = await cur.fetchone()
+            assert row is not None
+            if row[0] != digest:
+                await conn.execute(queries["record_conflict"], {"id": event["id"], "hash": digest})
+                log.warning("stripe_event_conflict", event_id=event["id"])
+                return Delivery(event["id"], event["type"], "conflict")
+            return Delivery(event["id"], event["type"], "duplicate")
+        return await self._process(conn, event)
+
+    async def _process(self, conn: Conn, event: Obj, *, unpark: bool = True) -> Delivery:
+        """Apply a stored event (locked by the caller's transaction) and record its status;
+        then, unless it is itself being unparked, the customer's parked events."""
+        status, error, tenant, customer = "processed", None, None, handlers.event_customer(event)
+        try:
+            async with conn.transaction():  # a savepoint: a failure leaves no partial write
+                applied = await handlers.apply(
+                    conn,
+                    event["type"],
+                    event["data"]["object"],
+                    ts(event["created"]) or datetime.now(UTC),
+                    self._line_items if self.config.api_key else None,
+                )
+            status, tenant = applied.status, applied.tenant_id
+            customer = applied.customer_id or customer
+        except Parked as parked:
+            status, customer = "parked", parked.customer_id
+        except Problem as problem:
+            status, error = "failed", str(problem)
+        except e.TollhouseError as exc:
+            if exc.fields.get("sqlstate") in RETRYABLE_SQLSTATES:
+                raise
+            status, error = "failed", exc.message
+        except psycopg.Error as exc:
+            if exc.sqlstate in RETRYABLE_SQLSTATES or isinstance(exc, psycopg.OperationalError):
+                raise
+            status, error = "failed", str(exc).strip().splitlines()[0]
+        cur = await conn.execute(
+            queries["finish_event"],
+            {
+                "id": event["id"],
+                "status": status,
+                "error": error,
+                "tenant_id": tenant,
+                "customer_id": customer,
+            },
+        )
+        waiting = await cur.fetchone()
+        if error:
+            log.warning(
+                "stripe_event_failed", event_id=event["id"], type=event["type"], error=error
+            )
+        if unpark and waiting is not None and waiting[0] and status == "processed" and tenant:
+            await self._unpark(conn, customer)
+        return Delivery(event["id"], event["type"], status, error)
+
+    async def _unpark(self, conn: Conn, customer_id: str | None) -> None:
+        """Apply the events parked for a customer that is now linked, oldest first."""
+        cur = await conn.execute(queries["parked_events"], {"customer_id": customer_id})
+        for _id, _type, _status, payload in await cur.fetchall():
+            await self._process(conn, payload, unpark=False)
+
+    async def retry(self, event_id: str) -> Delivery:
+        """Apply a stored event again (failed, parked or received ones; a processed or
+        ignored one is left as it is)."""
+
+        async def work(conn: Conn) -> Delivery:
+            cur = await conn.execute(queries["lock_event"], {"id": event_id})
+            row = await cur.fetchone()
+            if row is None:
+                raise e.BillingEventNotFound(event_id=event_id)
+            _id, type_, status, payload = row
+            if status in ("processed", "ignored"):
+                return Delivery(event_id, type_, status)
+            return await self._process(conn, payload)
+
+        return await self._db.transaction(work)
+
+    async def replay(self, status: str = "failed") -> list[Delivery]:
+        """Retry every stored event of a status (`failed`, `received` or `parked`)."""
+        if status not in ("failed", "received", "parked"):
+            raise e.InvalidRequest("status must be failed, received or parked", field="status")
+        async with self._db.connection() as conn:
+            cur = await conn.execute(queries["event_ids_by_status"], {"status": status})
+            ids = [row[0] for row in await cur.fetchall()]
+        return [await self.retry(event_id) for event_id in ids]
+
+    async def events(self, *, status: str | None = None, limit: int = 50) -> list[BillingEvent]:
+        async with self._db.connection() as conn:
+            cur = conn.cursor(row_factory=class_row(BillingEvent))
+            await cur.execute(queries["events"], {"status": status, "limit": limit})
+            return await cur.fetchall()
+
+    async def event(self, event_id: str) -> BillingEvent:
+        async with self._db.connection() as conn:
+            cur = conn.cursor(row_factory=class_row(BillingEvent))
+            await cur.execute(queries["event"], {"id": event_id})
+            found = await cur.fetchone()
+        if found is None:
+            raise e.BillingEventNotFound(event_id=event_id)
+        return found
+
+    # --- what a tenant has -------------------------------------------------------------------
+
+    async def personal_tenant(self, user_id: uuid.UUID) -> uuid.UUID:
+        async with self._db.connection() as conn:
+            cur = await conn.execute(queries["personal_tenant"], {"user_id": user_id})
+            row = await cur.fetchone()
+        if row is None or row[0] is None:
+            raise e.UserNotFound(user_id=str(user_id))
+        return uuid.UUID(str(row[0]))
+
+    async def summary(self, tenant_id: uuid.UUID) -> BillingSummary:
+        """The effective plan, customer, current subscription, lifetime deal and invoices."""
+        async with self._db.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(queries["summary"], {"tenant_id": tenant_id})
+            row = await cur.fetchone()
+        assert row is not None
+        sub, life = row["subscription"], row["lifetime"]
+        return BillingSummary(
+            plan=row["plan"],
+            customer_id=row["customer_id"],
+            subscription=SubscriptionView(
+                **_times(sub, "current_period_start", "current_period_end")
+            )
+            if sub
+            else None,
+            lifetime=LifetimeView(**_times(life, "created_at")) if life else None,
+            invoices=[
+                InvoiceView(**_times(i, "period_start", "period_end")) for i in row["invoices"]
+            ],
+        )
+
+    # --- outbound: Checkout and the portal -------------------------------------------------
+
+    @property
+    def client(self) -> stripe.StripeClient:
+        """The StripeClient instance (no module-global configuration)."""
+        if not self.config.api_key:
+            raise e.StripeNotConfigured()
+        if self._client is None:
+            bases: Any = {"api": self.config.api_base} if self.config.api_base else None
+            self._client = stripe.StripeClient(
+                self.config.api_key, base_addresses=bases, max_network_retries=2
+            )
+        return self._client
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A blocking SDK call in a thread; Stripe's errors become `StripeUnavailable` (or
+        `InvalidRequest` for what Stripe refused)."""
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except stripe.InvalidRequestError as exc:
+            raise e.InvalidRequest(
+                f"Stripe refused the request: {exc.user_message or exc}"
+            ) from exc
+        except stripe.StripeError as exc:
+            raise e.StripeUnavailable(f"Stripe failed: {exc.user_message or exc}") from exc
+
+    async def customer_for(self, tenant_id: uuid.UUID) -> str:
+        """The tenant's Stripe customer, created on first use. The idempotency key is the
+        tenant, so two racing calls create one customer at Stripe."""
+        async with self._db.connection() as conn:
+            cur = await conn.execute(queries["customer_of_tenant"], {"tenant_id": tenant_id})
+            row = await cur.fetchone()
+        if row is not None:
+            return str(row[0])
+        created = await self._call(
+            self.client.v1.customers.create,
+            params={"metadata": {"tollhouse_tenant_id": str(tenant_id)}},
+            options={"idempotency_key": f"tollhouse-customer-{tenant_id}"},
+        )
+
+        async def work(conn: Conn) -> None:
+            await handlers.link(conn, created.id, tenant_id)
+
+        await self._db.transaction(work)
+        return str(created.id)
+
+    async def checkout(
+        self,
+        tenant_id: uuid.UUID,
+        *,
+        price_id: str,
+        success_url: str,
+        cancel_url: str,
+        operation_id: str | None = None,
+    ) -> str:
+        """A Checkout Session's URL for one price (subscription or one-time)."""
+        async with self._db.connection() as conn:
+            cur = await conn.execute(queries["price"], {"id": price_id})
+            price = await cur.fetchone()
+        if price is None or not price[5]:
+            raise e.PriceNotFound(price_id=price_id)
+        _id, plan, credits, _lifetime, type_, _active = price
+        if plan is None and credits is None:
+            raise e.PriceNotFound(price_id=price_id)
+        customer = await self.customer_for(tenant_id)
+        mode = "subscription" if type_ == "recurring" else "payment"
+        key = operation_id or f"{tenant_id}:{price_id}:{success_url}:{cancel_url}"
+        session = await self._call(
+            self.client.v1.checkout.sessions.create,
+            params={
+                "mode": mode,
+                "customer": customer,
+                "client_reference_id": str(tenant_id),
+                "line_items": [{"price": price_id, "quantity": 1}],
+                "success_url": success_url,
+                "cancel_url": cancel_url,
+                "metadata": {"tollhouse_tenant_id": str(tenant_id), "tollhouse_price_id": price_id},
+            },
+            options={"idempotency_key": "tollhouse-checkout-" + _digest(key)},
+        )
+        return str(session.url)
+
+    async def portal(
+        self,
+        tenant_id: uuid.UUID,
+        *,
+        return_url: str | None = None,
+        operation_id: str | None = None,
+    ) -> str:
+        """A customer-portal session's URL. The key covers the SDK's own retries of this call
+        (a new call is a new session, as Stripe's sessions are short-lived)."""
+        customer = await self.customer_for(tenant_id)
+        params: dict[str, Any] = {"customer": customer}
+        if return_url:
+            params["return_url"] = return_url
+        session = await self._call(
+            self.client.v1.billing_portal.sessions.create,
+            params=params,
+            options={
+                "idempotency_key": "tollhouse-portal-" + _digest(operation_id or str(uuid.uuid4()))
+            },
+        )
+        return str(session.url)
+
+    async def _line_items(self, session_id: str) -> list[Obj]:
+        items = await self._call(self.client.v1.checkout.sessions.line_items.list, session_id)
+        return list(_raw(items).get("data") or [])
+
+    # --- resync ------------------------------------------------------------------------------
+
+    async def sync(self, *, since: datetime | None = None) -> SyncReport:
+        """Page through products, prices, customers, subscriptions (canceled ones too) and
+        invoices at Stripe and apply each as of now, the time of the fetch: an object's
+        fetched state is newer than any event sent before it."""
+        counts: dict[str, int] = {"unlinked": 0}
+        failures: list[dict[str, Any]] = []
+        created = {"gte": int(since.timestamp())} if since else None
+        kinds: list[tuple[str, Any, dict[str, Any], Callable[[Obj], str]]] = [
+            ("products", self.client.v1.products, {}, lambda o: "product.updated"),
+            ("prices", self.client.v1.prices, {}, lambda o: "price.updated"),
+            ("customers", self.client.v1.customers, {}, _customer_type),
+            ("subscriptions", self.client.v1.subscriptions, {"status": "all"}, _subscription_type),
+            ("invoices", self.client.v1.invoices, {}, _invoice_type),
+        ]
+        for name, service, extra, type_of in kinds:
+            params = {**extra, "limit": 100, **({"created": created} if created else {})}
+            counts[name] = 0
+            async for obj in self._pages(service.list, params):
+                fetched_at = datetime.now(UTC)
+                try:
+                    await self._apply_fetched(type_of(obj), obj, fetched_at)
+                    counts[name] += 1
+                except Parked:  # a customer of no tenant here: nothing to reconcile
+                    counts["unlinked"] += 1
+                except (Problem, e.TollhouseError) as exc:
+                    failures.append({"kind": name, "id": ref(obj), "error": str(exc)})
+        return SyncReport(counts, failures)
+
+    async def _apply_fetched(self, type_: str, obj: Obj, at: datetime) -> None:
+        async def work(conn: Conn) -> None:
+            applied = await handlers.apply(conn, type_, obj, at, self._line_items)
+            if applied.tenant_id is not None and applied.customer_id is not None:
+                await self._unpark(conn, applied.customer_id)
+
+        await self._db.transaction(work)
+
+    async def _pages(
+        self, list_fn: Callable[..., Any], params: dict[str, Any]
+    ) -> AsyncIterator[Obj]:
+        after: str | None = None
+        while True:
+            page = await self._call(
+                list_fn, params={**params, **({"starting_after": after} if after else {})}
+            )
+            raw = _raw(page)
+            for item in raw.get("data") or []:
+                yield item
+            if not raw.get("has_more") or not raw.get("data"):
+                return
+            after = raw["data"][-1]["id"]
+
+
+def _raw(obj: Any) -> Obj:
+    """The JSON Stripe sent (the SDK's objects carry Decimals for *_decimal fields)."""
+    response = getattr(obj, "last_response", None)
+    if response is not None and isinstance(response.data, dict):
+        return response.data
+    return dict(json.loads(json.dumps(obj.to_dict(), default=str)))
+
+
+def _customer_type(obj: Obj) -> str:
+    return "customer.deleted" if obj.get("deleted") else "customer.updated"
+
+
+def _subscription_type(obj: Obj) -> str:
+    if obj.get("status") == "canceled":
+        return "customer.subscription.deleted"
+    return "customer.subscription.updated"
+
+
+def _invoice_type(obj: Obj) -> str:
+    return "invoice.paid" if obj.get("status") == "paid" else "invoice.updated"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:48]
+
+
+def _times(row: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {k: (datetime.fromisoformat(v) if k in names and v else v) for k, v in row.items()}
+
+
+__all__ = ["BillingService", "parse_event"]

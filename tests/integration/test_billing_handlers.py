@@ -1,0 +1,259 @@
+"""Billing handlers through the webhook: credit packs, lifetime deals, refunds, failures
+stored with their reason and replayed, the effective plan's order of precedence, RLS."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import billing as b
+from tests.support import fake_stripe as fs
+from tollhouse.app import Tollhouse
+from tollhouse.errors import TollhouseError
+
+
+async def rows(tollhouse: Tollhouse, sql: Any, *params: Any) -> list[tuple[Any, ...]]:
+    async with tollhouse.db.connection() as conn:
+        cur = await conn.execute(sql, params)
+        return await cur.fetchall()
+
+
+def paid_session(customer: str, user_id: uuid.UUID, price_id: str, payment: str) -> dict[str, Any]:
+    return fs.shape(
+        "checkout.session",
+        id=fs.new_id("cs_test"),
+        mode="payment",
+        customer=customer,
+        client_reference_id=str(user_id),
+        payment_status="paid",
+        payment_intent=payment,
+        amount_total=1000,
+        metadata={"tollhouse_price_id": price_id},
+    )
+
+
+def refund(payment: str, refunded: int, amount: int = 1000) -> dict[str, Any]:
+    return fs.shape(
+        "charge",
+        id=fs.new_id("ch"),
+        payment_intent=payment,
+        amount=amount,
+        amount_refunded=refunded,
+        refunded=refunded >= amount,
+    )
+
+
+async def balance(client: httpx.AsyncClient, auth: dict[str, str], user: uuid.UUID) -> int:
+    body = (await client.get(f"/v1/credits/balance?user_id={user}", headers=auth)).json()
+    return int(body["balance"])
+
+
+async def test_credit_pack_grants_once_and_a_refund_takes_back_what_is_unspent(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
+) -> None:
+    await b.load_prices(client)
+    c = await b.linked_customer(client, auth)
+    session = paid_session(c.customer_id, c.user_id, b.PACK, "pi_pack")
+    completed = fs.event("checkout.session.completed", session)
+    assert (await b.ok(client, completed))["status"] == "processed"
+    assert (await b.ok(client, fs.event("checkout.session.completed", session)))["status"] == (
+        "processed"
+    )  # another event for the same session: the pack is granted once per session
+    assert await balance(client, auth, c.user_id) == 100 + 500
+
+    spend = {"user_id": str(c.user_id), "amount": 25, "turn_id": "t1"}
+    assert (await client.post("/v1/credits/debit", json=spend, headers=auth)).status_code == 200
+    # The pack is spent first (priority 10): 475 of it is left.
+    half = fs.event("charge.refunded", refund("pi_pack", 500))
+    assert (await b.ok(client, half))["status"] == "processed"
+    assert await balance(client, auth, c.user_id) == 575 - 250
+    full = refund("pi_pack", 1000)
+    await b.ok(client, fs.event("charge.refunded", full))
+    await b.ok(client, fs.event("charge.refunded", full))  # cumulative amount: a repeat is a no-op
+    assert await balance(client, auth, c.user_id) == 100
+    (row,) = await rows(
+        tollhouse, "SELECT taken_back, unrecovered FROM tollhouse.credit_pack_purchases"
+    )
+    assert row == (475, 25)  # what was spent is reported, not turned into debt
+
+
+async def test_lifetime_deal_sets_the_plan_until_refunded(
+    client: httpx.AsyncClient, auth: dict[str, str]
+) -> None:
+    await b.load_prices(client)
+    c = await b.linked_customer(client, auth)
+    session = paid_session(c.customer_id, c.user_id, b.LIFETIME, "pi_life")
+    assert (await b.ok(client, fs.event("checkout.session.completed", session)))["status"] == (
+        "processed"
+    )
+    billing = (await client.get(f"/v1/users/{c.user_id}/billing", headers=auth)).json()
+    assert billing["plan"] == "power" and billing["lifetime"]["plan"] == "power"
+    assert billing["subscription"] is None
+    assert await balance(client, auth, c.user_id) == 20000
+    await b.ok(client, fs.event("charge.refunded", refund("pi_life", 1000)))
+    billing = (await client.get(f"/v1/users/{c.user_id}/billing", headers=auth)).json()
+    assert billing["plan"] == "free" and billing["lifetime"] is None
+    user = (await client.get(f"/v1/users/{c.user_id}", headers=auth)).json()
+    assert user["plan"] == "free"
+
+
+async def test_effective_plan_override_then_subscription_then_lifetime_then_free(
+    client: httpx.AsyncClient, auth: dict[str, str]
+) -> None:
+    await b.load_prices(client)
+    c = await b.linked_customer(client, auth)
+    life = paid_session(c.customer_id, c.user_id, b.LIFETIME, "pi_l2")
+    await b.ok(client, fs.event("checkout.session.completed", life))
+    start, end = b.period()
+    sub = fs.subscription("sub_prec", c.customer_id, b.PRICES[b.STARTER], start=start, end=end)
+    await b.ok(client, fs.event("customer.subscription.created", sub, created=10))
+
+    async def plan() -> tuple[str, str]:
+        user = (await client.get(f"/v1/users/{c.user_id}", headers=auth)).json()
+        credits = (
+            await client.get(f"/v1/credits/balance?user_id={c.user_id}", headers=auth)
+        ).json()
+        return user["plan"], credits["plan"]
+
+    assert await plan() == ("starter", "starter")
+    patch = await client.patch(
+        f"/v1/users/{c.user_id}", json={"plan_override": "pro"}, headers=auth
+    )
+    assert patch.json()["plan"] == "pro"
+    assert await plan() == ("pro", "pro")
+    await client.patch(f"/v1/users/{c.user_id}", json={"plan_override": None}, headers=auth)
+    assert await plan() == ("starter", "starter")
+    past_due = {**sub, "status": "past_due"}
+    await b.ok(client, fs.event("customer.subscription.updated", past_due, created=20))
+    assert await plan() == ("starter", "starter")  # past_due still counts
+    await b.ok(
+        client, fs.event("customer.subscription.deleted", {**sub, "status": "canceled"}, created=30)
+    )
+    assert await plan() == ("power", "power")  # the lifetime deal
+    await b.ok(client, fs.event("charge.refunded", refund("pi_l2", 1000)))
+    assert await plan() == ("free", "free")
+
+
+async def test_unknown_price_is_failed_with_its_reason_and_replayable(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
+) -> None:
+    c = await b.linked_customer(client, auth)
+    mystery = fs.price("price_mystery")  # no tollhouse_* metadata, not synced
+    start, end = b.period()
+    sub = fs.subscription("sub_m", c.customer_id, mystery, start=start, end=end)
+    event = fs.event("customer.subscription.created", sub)
+    answer = await b.ok(client, event)
+    assert answer["status"] == "failed" and "unknown price price_mystery" in answer["error"]
+    assert await rows(tollhouse, "SELECT * FROM tollhouse.subscriptions") == []
+    stored = (await client.get(f"/v1/stripe/events/{event['id']}", headers=auth)).json()
+    assert stored["status"] == "failed" and stored["attempts"] == 1
+    assert "unknown price" in stored["last_error"]
+
+    fixed = fs.price("price_mystery", tollhouse_plan="pro")
+    await b.ok(client, fs.event("price.updated", fixed, created=5))
+    retried = await client.post(f"/v1/stripe/events/{event['id']}/retry", headers=auth)
+    assert retried.status_code == 200 and retried.json()["status"] == "processed"
+    assert await rows(tollhouse, "SELECT plan FROM tollhouse.subscriptions") == [("pro",)]
+    stored = (await client.get(f"/v1/stripe/events/{event['id']}", headers=auth)).json()
+    assert stored["attempts"] == 2 and stored["last_error"] is None
+    missing = await client.post("/v1/stripe/events/evt_nope/retry", headers=auth)
+    assert (missing.status_code, missing.json()["error"]["code"]) == (
+        404,
+        "billing_event_not_found",
+    )
+
+
+async def test_business_problems_are_failed_not_500(
+    client: httpx.AsyncClient, auth: dict[str, str]
+) -> None:
+    user_id, _ = await b.new_user(client, auth)
+    bad_plan = fs.price("price_gold", tollhouse_plan="gold")
+    answer = await b.ok(client, fs.event("price.created", bad_plan))
+    assert answer["status"] == "failed" and "unknown plan 'gold'" in answer["error"]
+    nobody = fs.shape(
+        "checkout.session",
+        id=fs.new_id("cs_test"),
+        mode="subscription",
+        customer=fs.new_id("cus"),
+        client_reference_id=str(uuid.uuid4()),
+        metadata={},
+    )
+    answer = await b.ok(client, fs.event("checkout.session.completed", nobody))
+    assert answer["status"] == "failed" and "names no tenant" in answer["error"]
+    c = await b.linked_customer(client, auth)
+    stolen = {**nobody, "customer": c.customer_id, "client_reference_id": str(user_id)}
+    answer = await b.ok(client, fs.event("checkout.session.completed", stolen))
+    assert answer["status"] == "failed" and "linked to another tenant" in answer["error"]
+    bad_pack = fs.price("price_bad_pack", recurring=False, tollhouse_credits="-5")
+    answer = await b.ok(client, fs.event("price.created", bad_pack))
+    assert answer["status"] == "failed" and "positive integer" in answer["error"]
+
+
+async def test_customer_events_link_by_metadata_and_keep_the_newest_details(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
+) -> None:
+    user_id, tenant_id = await b.new_user(client, auth)
+    cus = fs.shape("customer", id=fs.new_id("cus"), email="new@example.com", metadata={})
+    assert (await b.ok(client, fs.event("customer.created", cus, created=5)))["status"] == (
+        "parked"
+    )
+    linked = {**cus, "metadata": {"tollhouse_user_id": str(user_id)}, "email": "newer@example.com"}
+    assert (await b.ok(client, fs.event("customer.updated", linked, created=10)))["status"] == (
+        "processed"
+    )
+    # The parked older event was applied after the link, and did not overwrite the newer state.
+    assert await rows(
+        tollhouse, "SELECT tenant_id, email, deleted FROM tollhouse.billing_customers"
+    ) == [(tenant_id, "newer@example.com", False)]
+    await b.ok(client, fs.event("customer.deleted", linked, created=20))
+    assert await rows(tollhouse, "SELECT deleted FROM tollhouse.billing_customers") == [(True,)]
+
+
+async def test_products_and_prices_sync_newest_first(
+    client: httpx.AsyncClient, tollhouse: Tollhouse
+) -> None:
+    product = fs.shape("product", id="prod_x", name="Pro", metadata={})
+    await b.ok(client, fs.event("product.updated", {**product, "name": "Pro 2"}, created=20))
+    await b.ok(client, fs.event("product.created", product, created=10))
+    await b.ok(client, fs.event("product.deleted", product, created=30))
+    assert await rows(tollhouse, "SELECT name, active FROM tollhouse.billing_products") == [
+        ("Pro", False)
+    ]
+    newer = fs.price("price_x", tollhouse_plan="starter")
+    await b.ok(client, fs.event("price.updated", newer, created=20))
+    await b.ok(
+        client, fs.event("price.created", fs.price("price_x", tollhouse_plan="pro"), created=10)
+    )
+    assert await rows(tollhouse, "SELECT plan FROM tollhouse.billing_prices") == [("starter",)]
+
+
+async def test_end_users_read_only_their_own_billing_rows(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
+) -> None:
+    await b.load_prices(client)
+    mine = await b.linked_customer(client, auth)
+    theirs = await b.linked_customer(client, auth)
+    start, end = b.period()
+    for c, sub_id in ((mine, "sub_mine"), (theirs, "sub_theirs")):
+        sub = fs.subscription(sub_id, c.customer_id, b.PRICES[b.PRO], start=start, end=end)
+        await b.ok(client, fs.event("customer.subscription.created", sub))
+    async with tollhouse.db.as_end_user(mine.user_id) as conn:
+        cur = await conn.execute("SELECT id FROM tollhouse.subscriptions")
+        assert await cur.fetchall() == [("sub_mine",)]
+        cur = await conn.execute("SELECT customer_id FROM tollhouse.billing_customers")
+        assert await cur.fetchall() == [(mine.customer_id,)]
+        cur = await conn.execute("SELECT count(*) FROM tollhouse.billing_events")
+        row = await cur.fetchone()
+        assert row is not None and row[0] >= 2  # its own checkout and subscription events
+        cur = await conn.execute(
+            "SELECT count(*) FROM tollhouse.billing_events WHERE tenant_id <> %s",
+            (mine.tenant_id,),
+        )
+        assert await cur.fetchone() == (0,)
+    with pytest.raises(TollhouseError) as denied:
+        async with tollhouse.db.as_end_user(mine.user_id) as conn:
+            await conn.execute("UPDATE tollhouse.subscriptions SET status = 'active'")
+    assert denied.value.fields["sqlstate"] == "42501"

@@ -1,0 +1,142 @@
+"""Calls to Stripe through a StripeClient pointed at the fake: Checkout and portal sessions
+with idempotency keys, the lazy customer, and `sync` (W-12-like reconciliation)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import httpx
+import pytest
+import stripe
+
+from tests.support import billing as b
+from tests.support import fake_stripe as fs
+from tollhouse.app import Tollhouse
+from tollhouse.billing import BillingConfig, BillingService
+from tollhouse.errors import StripeNotConfigured, WebhookNotConfigured
+
+
+async def test_checkout_creates_the_customer_once_and_answers_a_url(
+    client: httpx.AsyncClient, auth: dict[str, str], stripe_api: fs.FakeStripe
+) -> None:
+    await b.load_prices(client)
+    user_id, tenant_id = await b.new_user(client, auth)
+    body = {
+        "price_id": b.PRO,
+        "success_url": "https://app.example/ok",
+        "cancel_url": "https://app.example/cancel",
+    }
+    customers_before = len(stripe_api.objects["customers"])
+    first = await client.post(f"/v1/users/{user_id}/checkout", json=body, headers=auth)
+    assert first.status_code == 200, first.text
+    assert first.json()["url"].startswith("https://checkout.stripe.test/")
+    again = await client.post(f"/v1/users/{user_id}/checkout", json=body, headers=auth)
+    assert again.json() == first.json()  # same idempotency key: Stripe replays the session
+    assert len(stripe_api.objects["customers"]) == customers_before + 1
+    (customer,) = [
+        c
+        for c in stripe_api.objects["customers"].values()
+        if c["metadata"].get("tollhouse_tenant_id") == str(tenant_id)
+    ]
+    sessions = [r for r in stripe_api.requests if r[1] == "/v1/checkout/sessions"]
+    _method, _path, params, key = sessions[-1]
+    assert key is not None and key.startswith("tollhouse-checkout-")
+    assert params["customer"] == customer["id"]
+    assert params["client_reference_id"] == str(tenant_id)
+    assert params["mode"] == "subscription"
+    assert params["metadata"]["tollhouse_price_id"] == b.PRO
+    billing = (await client.get(f"/v1/users/{user_id}/billing", headers=auth)).json()
+    assert billing["customer_id"] == customer["id"]
+
+    portal = await client.post(
+        f"/v1/users/{user_id}/portal", json={"return_url": "https://app.example"}, headers=auth
+    )
+    assert portal.status_code == 200 and portal.json()["url"].startswith("https://billing.")
+    assert stripe_api.requests[-1][2]["customer"] == customer["id"]
+
+
+async def test_checkout_refusals(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
+) -> None:
+    await b.load_prices(client)
+    user_id, tenant_id = await b.new_user(client, auth)
+    body = {"price_id": "price_nope", "success_url": "https://a/x", "cancel_url": "https://a/y"}
+    unknown = await client.post(f"/v1/users/{user_id}/checkout", json=body, headers=auth)
+    assert (unknown.status_code, unknown.json()["error"]["code"]) == (422, "unknown_price")
+    nobody = await client.post(f"/v1/users/{uuid.uuid4()}/checkout", json=body, headers=auth)
+    assert (nobody.status_code, nobody.json()["error"]["code"]) == (404, "user_not_found")
+    bad_url = {**body, "price_id": b.PRO, "success_url": "javascript:alert(1)"}
+    invalid = await client.post(f"/v1/users/{user_id}/checkout", json=bad_url, headers=auth)
+    assert invalid.status_code == 422
+    no_key = await client.post(f"/v1/users/{user_id}/portal", headers={})
+    assert no_key.status_code == 401
+    unconfigured = BillingService(tollhouse.db, BillingConfig())
+    with pytest.raises(StripeNotConfigured):
+        await unconfigured.portal(tenant_id)
+
+
+async def test_webhook_without_a_secret_is_503_and_stores_nothing(tollhouse: Tollhouse) -> None:
+    unconfigured = BillingService(tollhouse.db, BillingConfig())
+    with pytest.raises(WebhookNotConfigured):
+        await unconfigured.receive(b"{}", "t=1,v1=00")
+    async with tollhouse.db.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM tollhouse.billing_events")
+        assert await cur.fetchone() == (0,)
+
+
+async def test_idempotency_key_reused_with_other_parameters_is_an_error(
+    tollhouse: Tollhouse, stripe_api: fs.FakeStripe
+) -> None:
+    client = tollhouse.billing.client
+    key: stripe.RequestOptions = {"idempotency_key": f"k-{uuid.uuid4()}"}
+    first = client.v1.customers.create(params={"email": "a@example.com"}, options=key)
+    again = client.v1.customers.create(params={"email": "a@example.com"}, options=key)
+    assert first.id == again.id
+    with pytest.raises(stripe.InvalidRequestError, match="same parameters"):
+        client.v1.customers.create(params={"email": "b@example.com"}, options=key)
+
+
+async def test_sync_reconciles_what_never_arrived_and_later_deliveries_change_nothing(
+    client: httpx.AsyncClient,
+    auth: dict[str, str],
+    tollhouse: Tollhouse,
+    stripe_api: fs.FakeStripe,
+) -> None:
+    user_id, tenant_id = await b.new_user(client, auth)
+    customer = fs.shape(
+        "customer",
+        id=fs.new_id("cus"),
+        metadata={"tollhouse_tenant_id": str(tenant_id)},
+        email="sync@example.com",
+    )
+    the_price = fs.price(f"price_sync_{uuid.uuid4().hex[:6]}", tollhouse_plan="power")
+    start, end = b.period()
+    sub = fs.subscription(fs.new_id("sub"), customer["id"], the_price, start=start, end=end)
+    inv = fs.invoice(fs.new_id("in"), customer["id"], sub["id"], the_price, start=start, end=end)
+    for kind, obj in (
+        ("customers", customer),
+        ("prices", the_price),
+        ("subscriptions", sub),
+        ("invoices", inv),
+    ):
+        stripe_api.put(kind, obj)
+    report = await tollhouse.billing.sync()
+    assert report.failures == [], report.failures
+    assert report.counts["subscriptions"] >= 1 and report.counts["invoices"] >= 1
+    billing = (await client.get(f"/v1/users/{user_id}/billing", headers=auth)).json()
+    assert billing["plan"] == "power" and billing["customer_id"] == customer["id"]
+    assert billing["subscription"]["id"] == sub["id"]
+    assert billing["invoices"][0]["allowance_credits"] == 20000
+
+    # A late delivery of an older state of the same subscription changes nothing.
+    stale = {**sub, "status": "past_due"}
+    await b.ok(
+        client, fs.event("customer.subscription.updated", stale, created=int(time.time()) - 60)
+    )
+    billing = (await client.get(f"/v1/users/{user_id}/billing", headers=auth)).json()
+    assert billing["subscription"]["status"] == "active"
+    # A second sync grants nothing more.
+    await tollhouse.billing.sync()
+    balance = (await client.get(f"/v1/credits/balance?user_id={user_id}", headers=auth)).json()
+    assert balance["balance"] == 20000
