@@ -778,3 +778,47 @@ async def test_blank_names_are_refused(
     assert reply.status_code == 422
     with pytest.raises(e.InvalidRequest):
         await tollhouse.orgs.create(" ", "blank-two", owner)
+
+
+async def test_an_organisation_subscribes_like_a_user(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse, stripe_api: Any
+) -> None:
+    """Issue 6: the organisation's own account, Checkout through Stripe (owners and admins),
+    and a subscription that moves the pool's plan."""
+    from tests.support import billing as b
+    from tests.support import fake_stripe as fs
+    from tests.support.flows import verified_account
+
+    await b.load_prices(client)
+    boss_in, _ = await verified_account(tollhouse, f"boss-{uuid.uuid4().hex[:6]}@example.com")
+    hand_in, _ = await verified_account(tollhouse, f"hand-{uuid.uuid4().hex[:6]}@example.com")
+    org = await tollhouse.orgs.create("Paying", f"paying-{uuid.uuid4().hex[:6]}", boss_in.user.id)
+    await tollhouse.orgs.add_member(org.id, hand_in.user.id)
+    body = {
+        "price_id": b.PRO,
+        "success_url": "https://a.example/ok",
+        "cancel_url": "https://a.example/no",
+    }
+    member = {"Authorization": f"Bearer {hand_in.session_token}"}
+    refused = await client.post(f"/v1/orgs/{org.id}/checkout", json=body, headers=member)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (
+        403,
+        "organisation_permission_denied",
+    )
+    owner = {"Authorization": f"Bearer {boss_in.session_token}"}
+    checkout = await client.post(f"/v1/orgs/{org.id}/checkout", json=body, headers=owner)
+    assert checkout.status_code == 200, checkout.text
+    billing = (await client.get(f"/v1/orgs/{org.id}/billing", headers=member)).json()
+    customer = billing["customer_id"]
+    assert customer and billing["plan"] == "free"
+    start, end = b.period()
+    sub = fs.subscription(
+        "sub_org_" + uuid.uuid4().hex[:6], customer, b.PRICES[b.PRO], start=start, end=end
+    )
+    await b.ok(client, fs.event("customer.subscription.created", sub))
+    after = (await client.get(f"/v1/orgs/{org.id}/billing", headers=auth)).json()
+    assert after["plan"] == "pro" and after["subscription"]["plan"] == "pro"
+    pool = await tollhouse.credits.balance(tenant_id=org.id)
+    assert pool.plan == "pro"
+    personal = await tollhouse.credits.balance(user_id=boss_in.user.id)
+    assert personal.plan == "free"  # the owner's own plan is untouched

@@ -10,9 +10,11 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Response, status
 from pydantic import BaseModel, Field, StrictInt
 
-from tollhouse.api.deps import CallerDep, TollhouseDep
+from tollhouse.api.deps import Caller, CallerDep, TollhouseDep
+from tollhouse.api.routes.billing import BillingOut, CheckoutBody, PortalBody, UrlOut
 from tollhouse.api.schemas import Strict
-from tollhouse.errors import Forbidden, InvalidRequest
+from tollhouse.app import Tollhouse
+from tollhouse.errors import Forbidden, InvalidRequest, OrganisationPermissionDenied
 from tollhouse.orgs import Invitation, IssuedInvitation, Member, Organisation
 
 router = APIRouter(tags=["organisations"])
@@ -368,3 +370,60 @@ async def accept_invitation(
 ) -> MemberOut:
     user_id = _acting(caller.user_id, body.user_id, "user_id")
     return MemberOut.of(await tollhouse.orgs.accept(body.token, user_id))
+
+
+# --- an organisation's billing: the same as a user's, on the organisation's tenant -------------
+
+
+async def _billable(tollhouse: Tollhouse, tenant_id: uuid.UUID, caller: Caller) -> uuid.UUID:
+    """The organisation, if the caller may manage its billing (an owner or admin, or the
+    service); a personal tenant is billed through its user."""
+    org = await tollhouse.orgs.get(tenant_id, caller.user_id)
+    if org.is_default:
+        raise InvalidRequest("a personal tenant is billed through /v1/users/{id}")
+    if caller.user_id is not None and org.role not in ("owner", "admin"):
+        raise OrganisationPermissionDenied(role=org.role)
+    return org.id
+
+
+@router.get(
+    "/v1/orgs/{tenant_id}/billing",
+    response_model=BillingOut,
+    summary="An organisation's plan, subscription, lifetime deal and invoices",
+)
+async def org_billing(
+    tenant_id: uuid.UUID, caller: CallerDep, tollhouse: TollhouseDep
+) -> BillingOut:
+    await tollhouse.orgs.get(tenant_id, caller.user_id)  # any member may look
+    return BillingOut.of(await tollhouse.billing.summary(tenant_id))
+
+
+@router.post(
+    "/v1/orgs/{tenant_id}/checkout",
+    response_model=UrlOut,
+    summary="A Stripe Checkout Session for the organisation (owners and admins)",
+)
+async def org_checkout(
+    tenant_id: uuid.UUID, body: CheckoutBody, caller: CallerDep, tollhouse: TollhouseDep
+) -> UrlOut:
+    tenant = await _billable(tollhouse, tenant_id, caller)
+    url = await tollhouse.billing.checkout(
+        tenant, price_id=body.price_id, success_url=body.success_url, cancel_url=body.cancel_url
+    )
+    return UrlOut(url=url)
+
+
+@router.post(
+    "/v1/orgs/{tenant_id}/portal",
+    response_model=UrlOut,
+    summary="A Stripe customer-portal session for the organisation (owners and admins)",
+)
+async def org_portal(
+    tenant_id: uuid.UUID,
+    caller: CallerDep,
+    tollhouse: TollhouseDep,
+    body: PortalBody | None = None,
+) -> UrlOut:
+    tenant = await _billable(tollhouse, tenant_id, caller)
+    url = await tollhouse.billing.portal(tenant, return_url=body.return_url if body else None)
+    return UrlOut(url=url)
