@@ -3,6 +3,7 @@ stored with their reason and replayed, the effective plan's order of precedence,
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -257,3 +258,156 @@ async def test_end_users_read_only_their_own_billing_rows(
         async with tollhouse.db.as_end_user(mine.user_id) as conn:
             await conn.execute("UPDATE tollhouse.subscriptions SET status = 'active'")
     assert denied.value.fields["sqlstate"] == "42501"
+
+
+# --- found in review ---------------------------------------------------------------------------
+
+
+async def _rows(tollhouse: Tollhouse, query: str, *params: object) -> list[tuple[Any, ...]]:
+    async with tollhouse.db.connection() as conn:
+        cur = await conn.execute(query, params)
+        return await cur.fetchall()
+
+
+async def test_an_event_racing_the_link_is_applied_not_left_parked(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
+) -> None:
+    """The subscription event arrives while the checkout that links its customer is still
+    in flight: it waits for the link (per-customer lock), then applies."""
+    import asyncio
+    import hashlib
+    import json
+
+    await b.load_prices(client)
+    user_id, _ = await b.new_user(client, auth)
+    customer = fs.new_id("cus")
+    start, end = b.period()
+    session = fs.shape(
+        "checkout.session",
+        id=fs.new_id("cs_test"),
+        mode="subscription",
+        customer=customer,
+        client_reference_id=str(user_id),
+        metadata={},
+    )
+    checkout = fs.event("checkout.session.completed", session)
+    sub = fs.event(
+        "customer.subscription.created",
+        fs.subscription(
+            "sub_race_" + uuid.uuid4().hex[:6], customer, b.PRICES[b.PRO], start=start, end=end
+        ),
+    )
+    digest = hashlib.sha256(json.dumps(checkout).encode()).hexdigest()
+    async with tollhouse.db.connection() as conn, conn.transaction():
+        await tollhouse.billing._store_and_apply(conn, checkout, digest)
+        racing = asyncio.create_task(b.ok(client, sub))
+        await asyncio.sleep(0.3)
+        assert not racing.done()  # it waits for the linking transaction
+    assert (await racing)["status"] == "processed"
+    user = (await client.get(f"/v1/users/{user_id}", headers=auth)).json()
+    assert user["plan"] == "pro"
+
+
+async def test_the_periods_allowance_is_paid_once_whatever_was_spent_first(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
+) -> None:
+    """Spending between the subscription's activation and its invoice, or between a lazy
+    renewal and the renewal invoice: each period gives its 5,000 credits once in all."""
+    import asyncio
+
+    await b.load_prices(client)
+    c = await b.linked_customer(client, auth)
+    start, end = b.period()
+    sub_id = "sub_once_" + uuid.uuid4().hex[:6]
+    await b.ok(
+        client,
+        fs.event(
+            "customer.subscription.updated",
+            fs.subscription(sub_id, c.customer_id, b.PRICES[b.PRO], start=start, end=end),
+            created=start,
+        ),
+    )
+    debit = {"user_id": str(c.user_id), "amount": 900, "turn_id": uuid.uuid4().hex}
+    assert (await client.post("/v1/credits/debit", json=debit, headers=auth)).status_code == 200
+    await b.ok(
+        client,
+        fs.event(
+            "invoice.paid",
+            fs.invoice(
+                "in_" + sub_id, c.customer_id, sub_id, b.PRICES[b.PRO], start=start, end=end
+            ),
+            created=start + 1,
+        ),
+    )
+    balance = (await client.get(f"/v1/credits/balance?user_id={c.user_id}", headers=auth)).json()
+    assert balance["balance"] == 5000 - 900
+
+    # The period ends; the account renews lazily on the next debit; then the renewal invoice.
+    await asyncio.sleep(1.1)
+    renewal = int(time.time())
+    for statement in (
+        "UPDATE tollhouse.credit_accounts SET period_end = now() - interval '1 second',"
+        " period_start = period_start - interval '1 month' WHERE tenant_id = %s",
+        "UPDATE tollhouse.credit_grants SET expires_at = now() - interval '1 second'"
+        " WHERE tenant_id = %s AND source = 'plan' AND remaining > 0",
+    ):
+        await tollhouse.db.transaction(
+            lambda conn, statement=statement: conn.execute(statement, (c.tenant_id,))  # type: ignore[misc]
+        )
+    again = {**debit, "turn_id": uuid.uuid4().hex, "amount": 700}
+    assert (await client.post("/v1/credits/debit", json=again, headers=auth)).status_code == 200
+    renewed = fs.invoice(
+        "in2_" + sub_id,
+        c.customer_id,
+        sub_id,
+        b.PRICES[b.PRO],
+        start=renewal,
+        end=renewal + 30 * 86400,
+    )
+    await b.ok(client, fs.event("invoice.paid", renewed))
+    balance = (await client.get(f"/v1/credits/balance?user_id={c.user_id}", headers=auth)).json()
+    assert balance["balance"] == 5000 - 700
+    assert (await tollhouse.health.doctor())[-1].ok
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+async def test_same_second_states_end_alike_in_either_order(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse, order: tuple[int, int]
+) -> None:
+    await b.load_prices(client)
+    c = await b.linked_customer(client, auth)
+    start, end = b.period()
+    sub_id = "sub_tie_" + uuid.uuid4().hex[:6]
+    second = int(time.time()) - 10
+    states = [
+        fs.event(
+            kind,
+            fs.subscription(
+                sub_id, c.customer_id, b.PRICES[b.PRO], status=status, start=start, end=end
+            ),
+            created=second,
+        )
+        for kind, status in (
+            ("customer.subscription.created", "incomplete"),
+            ("customer.subscription.updated", "active"),
+        )
+    ]
+    for index in order:
+        await b.ok(client, states[index])
+    rows = await _rows(
+        tollhouse, "SELECT status FROM tollhouse.subscriptions WHERE id = %s", sub_id
+    )
+    assert rows == [("active",)]
+
+
+async def test_an_unreadable_signed_object_is_failed_not_500(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
+) -> None:
+    await b.load_prices(client)
+    c = await b.linked_customer(client, auth)
+    sub = fs.subscription(
+        "sub_junk_" + uuid.uuid4().hex[:6], c.customer_id, b.PRICES[b.PRO], start=1, end=10**13
+    )
+    reply = await b.deliver(client, fs.event("customer.subscription.created", sub))
+    assert reply.status_code == 200 and reply.json()["status"] == "failed", reply.text
+    assert "unreadable" in reply.json()["error"]

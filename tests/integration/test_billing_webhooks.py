@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -413,3 +414,29 @@ async def test_w09_acknowledgement_latency_p99_under_500ms(
         await asyncio.gather(*(one(batch * 10 + i) for i in range(10)))
     latencies.sort()
     assert latencies[int(len(latencies) * 0.99) - 1] < 0.5
+
+
+async def test_an_oversized_body_is_refused_before_it_is_read(client: httpx.AsyncClient) -> None:
+    """A declared size over the limit is refused at once; a body streamed without one is cut
+    off at the limit. Nothing is stored."""
+    declared = await client.post(
+        "/v1/stripe/webhook",
+        content=b"{}",
+        headers={
+            "content-length": str(10**9),
+            "content-type": "application/json",
+            "stripe-signature": "t=1,v1=x",
+        },
+    )
+    assert (declared.status_code, declared.json()["error"]["code"]) == (400, "invalid_payload")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(40):
+            yield b" " * 65536
+
+    streamed = await client.post(
+        "/v1/stripe/webhook",
+        content=chunks(),
+        headers={"content-type": "application/json", "stripe-signature": "t=1,v1=x"},
+    )
+    assert (streamed.status_code, streamed.json()["error"]["code"]) == (400, "invalid_payload")

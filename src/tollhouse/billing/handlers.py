@@ -63,9 +63,18 @@ async def _one(conn: Conn, query: str, params: dict[str, Any]) -> tuple[Any, ...
     return await cur.fetchone()
 
 
+async def _lock_customer(conn: Conn, customer_id: str) -> None:
+    """Serialize, per Stripe customer, every transaction that reads or makes its link. An
+    event that finds no link then parks only once the linking transaction is out of the way
+    (before it: the link's unparking sees it; after it: the event sees the link), so no
+    event stays parked because the two ran side by side under READ COMMITTED."""
+    await conn.execute(queries["lock_customer"], {"customer_id": customer_id})
+
+
 async def route(conn: Conn, customer_id: str | None) -> uuid.UUID | None:
     if customer_id is None:
         return None
+    await _lock_customer(conn, customer_id)
     row = await _one(conn, "route", {"customer_id": customer_id})
     return row[0] if row else None
 
@@ -83,6 +92,7 @@ async def tenant_for(conn: Conn, customer_id: str | None) -> uuid.UUID:
 async def link(conn: Conn, customer_id: str, tenant: uuid.UUID) -> bool:
     """Link a customer to a tenant; True when this call made the link. A customer linked to
     another tenant is a problem, never re-pointed."""
+    await _lock_customer(conn, customer_id)
     row = await _one(conn, "link_customer", {"customer_id": customer_id, "tenant_id": tenant})
     if row is not None:
         return True

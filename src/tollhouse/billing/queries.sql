@@ -61,6 +61,10 @@ FROM tollhouse.billing_events WHERE stripe_event_id = %(id)s
 SELECT tenant_id FROM tollhouse.billing_customer_routes
 WHERE provider = 'stripe' AND customer_id = %(customer_id)s
 
+-- name: lock_customer
+-- Held to the end of the transaction (see handlers._lock_customer).
+SELECT pg_advisory_xact_lock(hashtextextended('tollhouse.stripe_customer:' || %(customer_id)s, 0))
+
 -- name: link_customer
 -- The route decides: a customer already linked keeps its tenant.
 WITH route AS (
@@ -125,8 +129,11 @@ WHERE id = %(id)s
 SELECT 1 FROM tollhouse.plans WHERE name = %(plan)s
 
 -- name: upsert_subscription
--- Applies only a newer state; at the same instant a cancellation wins, and a canceled
--- subscription stays canceled (Stripe never revives one).
+-- Applies only a newer state. Stripe stamps events in whole seconds, so at the same second
+-- the state further along the lifecycle wins (incomplete < trialing < active < past_due <
+-- unpaid < paused < incomplete_expired < canceled), then a fixed order of the payloads:
+-- whatever the arrival order, the same state stays. A canceled subscription stays canceled
+-- (Stripe never revives one).
 INSERT INTO tollhouse.subscriptions
     (tenant_id, id, customer_id, status, plan, price_id, amount, currency,
      current_period_start, current_period_end, trial_end, cancel_at_period_end, canceled_at,
@@ -142,8 +149,14 @@ SET customer_id = excluded.customer_id, status = excluded.status, plan = exclude
     cancel_at_period_end = excluded.cancel_at_period_end, canceled_at = excluded.canceled_at,
     ended_at = excluded.ended_at, metadata = excluded.metadata, raw_data = excluded.raw_data,
     stripe_at = excluded.stripe_at, updated_at = now()
-WHERE (excluded.stripe_at, excluded.status = 'canceled')
-          > (subscriptions.stripe_at, subscriptions.status = 'canceled')
+WHERE (excluded.stripe_at,
+       array_position(ARRAY['incomplete', 'trialing', 'active', 'past_due', 'unpaid', 'paused',
+                            'incomplete_expired', 'canceled'], excluded.status),
+       coalesce(md5(excluded.raw_data::text), ''))
+      > (subscriptions.stripe_at,
+         array_position(ARRAY['incomplete', 'trialing', 'active', 'past_due', 'unpaid', 'paused',
+                              'incomplete_expired', 'canceled'], subscriptions.status),
+         coalesce(md5(subscriptions.raw_data::text), ''))
   AND (subscriptions.status <> 'canceled' OR excluded.status = 'canceled')
 RETURNING id
 

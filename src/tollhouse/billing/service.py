@@ -142,6 +142,10 @@ class BillingService:
             if exc.sqlstate in RETRYABLE_SQLSTATES or isinstance(exc, psycopg.OperationalError):
                 raise
             status, error = "failed", str(exc).strip().splitlines()[0]
+        except (ValueError, TypeError, KeyError, ArithmeticError, OverflowError) as exc:
+            # A signed object we cannot read (an impossible timestamp, a missing field): the
+            # event is kept as failed with the reason, never a 500 that loses it.
+            status, error = "failed", f"unreadable {event['type']}: {type(exc).__name__}: {exc}"
         cur = await conn.execute(
             queries["finish_event"],
             {

@@ -133,14 +133,30 @@ class EventList(BaseModel):
         }
     },
 )
+async def _bounded_body(request: Request) -> bytes:
+    """The raw body, refused as soon as it is known to be larger than any Stripe event
+    (by its Content-Length, or while it streams in): nothing unauthenticated is buffered
+    past the limit."""
+    too_large = InvalidWebhookPayload("the body is too large for a Stripe event")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > _MAX_BODY:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > _MAX_BODY:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def webhook(
     request: Request,
     tollhouse: TollhouseDep,
     stripe_signature: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> DeliveryOut:
-    body = await request.body()
-    if len(body) > _MAX_BODY:
-        raise InvalidWebhookPayload("the body is too large for a Stripe event")
+    body = await _bounded_body(request)
     delivery = await tollhouse.billing.receive(body, stripe_signature)
     request.app.state.metrics.stripe_events.labels(status=delivery.status).inc()
     return DeliveryOut.of(delivery)

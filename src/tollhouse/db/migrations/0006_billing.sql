@@ -235,6 +235,8 @@ DECLARE
     i tollhouse.invoices;
     p tollhouse.plans;
     g tollhouse.credit_grants;
+    v_used bigint;
+    v_new bigint;
 BEGIN
     a := tollhouse.credit_account_v1(p_tenant);  -- locks the account: one grant at a time
     IF a.tenant_id IS NULL THEN
@@ -265,6 +267,14 @@ BEGIN
          JOIN tollhouse.users u ON u.id = t.owner_user_id
          WHERE t.id = p_tenant AND t.is_default),
         i.plan, tollhouse.billing_effective_plan_v1(p_tenant));
+    -- What the tenant already spent of plan allowances since the invoice's period began (a
+    -- lazy renewal, or a plan change, may have granted and partly spent this period's
+    -- allowance before the invoice was paid): the invoice grants the rest, never twice.
+    SELECT coalesce(sum(s.amount), 0) INTO v_used
+    FROM tollhouse.credit_ledger_splits s
+    JOIN tollhouse.credit_grants cg ON cg.tenant_id = s.tenant_id AND cg.id = s.grant_id
+    JOIN tollhouse.credit_ledger l ON l.tenant_id = s.tenant_id AND l.id = s.ledger_id
+    WHERE s.tenant_id = p_tenant AND cg.source = 'plan' AND l.created_at >= i.period_start;
     FOR g IN
         SELECT * FROM tollhouse.credit_grants cg
         WHERE cg.tenant_id = p_tenant AND cg.source = 'plan' AND cg.remaining > 0
@@ -280,9 +290,10 @@ BEGIN
         VALUES (p_tenant, tollhouse.uuid7(), 'expiry', 'billing_period', -g.remaining, a.balance,
                 g.id);
     END LOOP;
-    IF p.monthly_credits > 0 THEN
+    v_new := greatest(0, p.monthly_credits - v_used);
+    IF v_new > 0 THEN
         PERFORM tollhouse.credit_apply_grant_v1(
-            p_tenant, p.monthly_credits, 'plan', 'stripe:invoice:' || p_invoice, 0, i.period_end,
+            p_tenant, v_new, 'plan', 'stripe:invoice:' || p_invoice, 0, i.period_end,
             'grant.plan', NULL);
     END IF;
     UPDATE tollhouse.credit_accounts c
@@ -292,9 +303,9 @@ BEGIN
         allowance_for = least(i.period_start, now()), updated_at = now()
     WHERE c.tenant_id = p_tenant;
     UPDATE tollhouse.invoices iv
-    SET allowance_granted_at = now(), allowance_credits = p.monthly_credits
+    SET allowance_granted_at = now(), allowance_credits = v_new
     WHERE iv.tenant_id = p_tenant AND iv.id = p_invoice;
-    RETURN QUERY SELECT p.monthly_credits, false;
+    RETURN QUERY SELECT v_new, false;
 END
 $$;
 
@@ -410,13 +421,22 @@ DO $$
 DECLARE
     t text;
 BEGIN
-    FOREACH t IN ARRAY ARRAY['billing_customers', 'subscriptions', 'invoices',
-                             'lifetime_purchases', 'credit_pack_purchases', 'billing_events'] LOOP
+    FOREACH t IN ARRAY ARRAY['subscriptions', 'invoices', 'lifetime_purchases',
+                             'credit_pack_purchases'] LOOP
         EXECUTE format(
             'CREATE POLICY %I ON tollhouse.%I FOR SELECT TO tollhouse_user USING ('
             'EXISTS (SELECT 1 FROM tollhouse.tenant_members m WHERE m.tenant_id = %I.tenant_id'
             ' AND m.user_id = (SELECT tollhouse.current_user_id())))',
             t || '_member_read', t, t);
+        EXECUTE format('GRANT SELECT ON tollhouse.%I TO tollhouse_user', t);
+    END LOOP;
+    -- Customers' details and raw events hold personal data (the payer's e-mail, address):
+    -- only a tenant's owners and admins read them.
+    FOREACH t IN ARRAY ARRAY['billing_customers', 'billing_events'] LOOP
+        EXECUTE format(
+            'CREATE POLICY %I ON tollhouse.%I FOR SELECT TO tollhouse_user USING ('
+            'tollhouse.acting_member_role(%I.tenant_id) IN (''owner'', ''admin''))',
+            t || '_manager_read', t, t);
         EXECUTE format('GRANT SELECT ON tollhouse.%I TO tollhouse_user', t);
     END LOOP;
 END
