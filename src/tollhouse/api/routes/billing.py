@@ -116,23 +116,6 @@ class EventList(BaseModel):
     events: list[EventOut]
 
 
-@router.post(
-    "/v1/stripe/webhook",
-    response_model=DeliveryOut,
-    summary="Receive a Stripe event (authenticated by its Stripe-Signature)",
-    description="The event is stored and applied in one transaction before the answer: a 2xx"
-    " means it is committed. A repeated id answers 200 and changes nothing.",
-    responses={
-        400: {"description": "invalid_signature, invalid_payload: nothing stored"},
-        503: {"description": "webhook_not_configured"},
-    },
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"type": "object"}}},
-        }
-    },
-)
 async def _bounded_body(request: Request) -> bytes:
     """The raw body, refused as soon as it is known to be larger than any Stripe event
     (by its Content-Length, or while it streams in): nothing unauthenticated is buffered
@@ -151,6 +134,23 @@ async def _bounded_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+@router.post(
+    "/v1/stripe/webhook",
+    response_model=DeliveryOut,
+    summary="Receive a Stripe event (authenticated by its Stripe-Signature)",
+    description="The event is stored and applied in one transaction before the answer: a 2xx"
+    " means it is committed. A repeated id answers 200 and changes nothing.",
+    responses={
+        400: {"description": "invalid_signature, invalid_payload: nothing stored"},
+        503: {"description": "webhook_not_configured"},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    },
+)
 async def webhook(
     request: Request,
     tollhouse: TollhouseDep,
