@@ -25,6 +25,7 @@ from tollhouse.identity import (
     User,
     UserService,
 )
+from tollhouse.imports import ImportService
 from tollhouse.keys import ApiKeyService
 from tollhouse.settings import Settings
 
@@ -46,6 +47,7 @@ class Tollhouse:
         self.users = UserService(db, hooks)
         self.me = SelfService(db)
         self.auth = AuthService(db, identity, hooks)
+        self.imports = ImportService(db)
 
     async def update_user(self, user_id: uuid.UUID, changes: Mapping[str, Any]) -> User:
         """Change a user; a new `plan_override` moves its personal account to the new

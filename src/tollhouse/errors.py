@@ -484,3 +484,18 @@ class PlanNotFound(NotFound):
     """No such plan."""
 
     code = "plan_not_found"
+
+
+# --- legacy import --------------------------------------------------------------------------
+
+
+class ImportFileRejected(InvalidRequest):
+    """The file cannot be imported as a whole (nothing was written)."""
+
+    code = "import_file_rejected"
+
+
+class ImportInProgress(Conflict):
+    """Another process is importing this file with these options right now."""
+
+    code = "import_in_progress"
