@@ -72,6 +72,10 @@ COPY import_incoming (
 COPY import_incoming_issues (record_no, seq, line_no, severity, column_name, value, code, message)
 FROM STDIN
 
+-- name: analyze_incoming
+-- Row counts for the planner: without them it nests loops over the whole file.
+ANALYZE import_incoming
+
 -- name: create_run
 INSERT INTO tollhouse.import_runs
     (id, file_sha256, options_sha256, file_name, options, records, last_record_no, counts)

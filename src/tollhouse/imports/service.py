@@ -290,6 +290,7 @@ class ImportService:
             queries["create_run"],
             {**run_fields, "id": run_id, "records": read, "last_record_no": last_record_no},
         )
+        await conn.execute(queries["analyze_incoming"])
         await conn.execute(queries["classify"])
         await conn.execute(queries["stage"], {"run_id": run_id})
         await conn.execute(queries["record_issues"], {"run_id": run_id})
