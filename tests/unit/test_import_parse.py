@@ -231,7 +231,9 @@ def test_c07_dates(tmp_path: Path) -> None:
         "2031-01-01",
     ]
     results = checked([base_row(created_at=v) for v in values], tmp_path)
-    staged = [r[0][7] if r[0] else None for r in results]
+    staged = [
+        datetime.fromisoformat(r[0][7]).isoformat() if r[0] and r[0][7] else None for r in results
+    ]
     assert staged[:3] == [
         "2021-03-04T00:00:00+00:00",
         "2021-03-04T10:00:00+00:00",

@@ -78,9 +78,9 @@ ANALYZE import_incoming
 
 -- name: create_run
 INSERT INTO tollhouse.import_runs
-    (id, file_sha256, options_sha256, file_name, options, records, last_record_no, counts)
+    (id, file_sha256, options_sha256, file_name, options, records, counts)
 VALUES (%(id)s, %(file_sha256)s, %(options_sha256)s, %(file_name)s, %(options)s, %(records)s,
-        %(last_record_no)s, '{}')
+        '{}')
 
 -- name: classify
 -- Every valid record's outcome, decided once for the whole file against the database as it
@@ -245,19 +245,30 @@ SELECT count(*) FILTER (WHERE outcome = 'created') AS created,
 FROM import_classified
 
 -- name: set_counts
-UPDATE tollhouse.import_runs SET counts = %(counts)s WHERE id = %(run_id)s
+UPDATE tollhouse.import_runs
+SET counts = %(counts)s,
+    staged = (SELECT count(*) FROM tollhouse.import_staging WHERE run_id = %(run_id)s)
+WHERE id = %(run_id)s
 
 -- name: run
-SELECT id, records, last_record_no, applied_through, counts, status
-FROM tollhouse.import_runs WHERE id = %(run_id)s
+SELECT records, staged, counts,
+       (SELECT count(*) FROM tollhouse.import_staging s WHERE s.run_id = r.id) AS remaining
+FROM tollhouse.import_runs r WHERE id = %(run_id)s
 
--- name: batch_end
--- The last record of the next batch: `batch_size` staged records after the checkpoint.
-SELECT coalesce(
-    (SELECT record_no FROM tollhouse.import_staging
-     WHERE run_id = %(run_id)s AND record_no > %(after)s
-     ORDER BY record_no OFFSET %(batch_size)s - 1 LIMIT 1),
-    %(last_record_no)s)
+-- name: batches
+-- The work left, cut into batches of `batch_size` users to create or update: record ranges
+-- (after, through]. Merged identities come last, in one batch of their own, once every user
+-- they join exists.
+SELECT min(record_no) - 1, max(record_no), count(*)
+FROM (SELECT record_no,
+             (row_number() OVER (ORDER BY record_no) - 1) / %(batch_size)s AS batch
+      FROM tollhouse.import_staging
+      WHERE run_id = %(run_id)s AND outcome IN ('created', 'updated')) b
+GROUP BY batch
+ORDER BY batch
+
+-- name: merges_left
+SELECT count(*) FROM tollhouse.import_staging WHERE run_id = %(run_id)s AND outcome = 'merged'
 
 -- name: apply_created
 -- New users: exactly the rows identity.create_user writes (user, primary e-mail and its
@@ -315,7 +326,8 @@ SELECT tollhouse.credit_import_accounts_v1(
     array_agg(period_end ORDER BY record_no),
     array_agg(jsonb_build_object('import_run', run_id, 'record_no', record_no,
                                  'legacy_tier', legacy_tier, 'credits_total', credits_total)
-              ORDER BY record_no))
+              ORDER BY record_no),
+    %(after)s::bigint * 1048576)
 FROM tollhouse.import_staging
 WHERE run_id = %(run_id)s AND record_no > %(after)s AND record_no <= %(through)s
   AND outcome = 'created'
@@ -377,18 +389,17 @@ FROM tollhouse.import_staging
 WHERE run_id = %(run_id)s AND record_no > %(after)s AND record_no <= %(through)s
   AND outcome IN ('created', 'updated')
 
--- name: checkpoint
-UPDATE tollhouse.import_runs SET applied_through = %(through)s
-WHERE id = %(run_id)s AND applied_through = %(after)s
-RETURNING applied_through
+-- name: batch_done
+-- The checkpoint: what a batch applied leaves the staging table with its commit. Zero rows
+-- means another process applied it already (the batch then rolls back).
+DELETE FROM tollhouse.import_staging
+WHERE run_id = %(run_id)s AND record_no > %(after)s AND record_no <= %(through)s
+  AND outcome = ANY(%(outcomes)s)
 
 -- name: finish_run
-WITH done AS (
-    UPDATE tollhouse.import_runs SET status = 'done', finished_at = now()
-    WHERE id = %(run_id)s AND status = 'applying'
-    RETURNING id
-)
-DELETE FROM tollhouse.import_staging WHERE run_id IN (SELECT id FROM done)
+UPDATE tollhouse.import_runs SET status = 'done', finished_at = now()
+WHERE id = %(run_id)s AND status = 'applying'
+  AND NOT EXISTS (SELECT 1 FROM tollhouse.import_staging WHERE run_id = %(run_id)s)
 
 -- name: issues
 SELECT record_no, line_no, column_name, value, code, message, severity

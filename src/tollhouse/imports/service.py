@@ -19,17 +19,19 @@ import hashlib
 import json
 import tempfile
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+import psycopg
 import structlog
 from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
-from tollhouse.db.pool import Conn, Database
+from tollhouse.db.errors import translate
+from tollhouse.db.pool import Conn, Database, configure_connection, connect
 from tollhouse.db.queries import Queries
 from tollhouse.errors import ImportFileRejected, ImportInProgress, InvalidRequest
 from tollhouse.ids import uuid7
@@ -58,7 +60,6 @@ _FREE_TEXT = (5, 6, 9)
 APPLY_STEPS = (
     "apply_created",
     "apply_accounts",
-    "apply_merged_identities",
     "apply_updated",
     "apply_updated_plans",
 )  # subject, display_name, legacy_tier: may hold what COPY escapes
@@ -144,10 +145,11 @@ class ImportService:
         batch_size: int = 1000,
         encoding: str | None = None,
         progress: Progress | None = None,
+        workers: int = 2,
     ) -> ImportSummary:
         """Import `path`; write the report CSV to `report` if given. Record errors never
         stop the run; only a file that cannot be read as a whole is refused (nothing is
-        written then)."""
+        written then). `workers` connections apply batches side by side."""
         if not 1 <= batch_size <= 100_000:
             raise InvalidRequest("--batch-size must be between 1 and 100000", field="batch_size")
         file_sha = await asyncio.to_thread(file_sha256, path)
@@ -192,12 +194,11 @@ class ImportService:
                     if dry_run:
                         rows = await self._write_report(conn, run_id, report_to)
                         return self._summary(None, True, False, counts, rows, (0, 0))
-            billing = await self._apply(conn, run_id, batch_size, tick)
+            billing = await self._apply(conn, run_id, batch_size, workers, tick)
             cur = await conn.execute(queries["run"], {"run_id": run_id})
             run = await cur.fetchone()
             assert run is not None
-            counts = dict(run[4])
-            counts["records_read"] = run[1]
+            counts = dict(run[2])
             await conn.execute(queries["finish_run"], {"run_id": run_id})
             rows = await self._write_report(conn, run_id, report_to)
         return self._summary(run_id, False, resumed, counts, rows, billing)
@@ -243,7 +244,6 @@ class ImportService:
         await conn.execute(queries["create_incoming"])
         await conn.execute(queries["create_incoming_issues"])
         failed = 0
-        last_record_no = 1
         records = csv_file.records()
         # Issues wait in a temporary file (one COPY at a time per connection): memory stays
         # flat however many records have warnings.
@@ -260,7 +260,6 @@ class ImportService:
                 for record in records:
                     assert not isinstance(record, Header)
                     staged, issues = validator.check(record)
-                    last_record_no = record.record_no
                     if staged is None:
                         failed += 1
                     else:
@@ -288,7 +287,7 @@ class ImportService:
 
         await conn.execute(
             queries["create_run"],
-            {**run_fields, "id": run_id, "records": read, "last_record_no": last_record_no},
+            {**run_fields, "id": run_id, "records": read},
         )
         await conn.execute(queries["analyze_incoming"])
         await conn.execute(queries["classify"])
@@ -306,50 +305,93 @@ class ImportService:
     # --- phase 2: apply in batches -----------------------------------------------------------
 
     async def _apply(
-        self, conn: Conn, run_id: uuid.UUID, batch_size: int, tick: Progress
+        self, conn: Conn, run_id: uuid.UUID, batch_size: int, workers: int, tick: Progress
     ) -> tuple[int, int]:
+        """Apply what is left of the run: batches of new and changed users side by side on
+        `workers` connections, then the merged identities. Returns the billing rows pending."""
         cur = await conn.execute(queries["lock_run"], {"run_id": run_id})
         locked = await cur.fetchone()
         if not locked or not locked[0]:
             raise ImportInProgress(
                 "another process is importing this file right now", run_id=str(run_id)
             )
-        customers = subscriptions = 0
+        pending = [0, 0]
         try:
             cur = await conn.execute(queries["run"], {"run_id": run_id})
             run = await cur.fetchone()
             assert run is not None
-            _, _, last_record_no, after, _, _ = run
-            while after < last_record_no:
-                cur = await conn.execute(
-                    queries["batch_end"],
-                    {
-                        "run_id": run_id,
-                        "after": after,
-                        "batch_size": batch_size,
-                        "last_record_no": last_record_no,
-                    },
-                )
-                end = await cur.fetchone()
-                assert end is not None
-                through = int(end[0])
-                params = {"run_id": run_id, "after": after, "through": through}
+            staged, remaining = int(run[1]), int(run[3])
+            done = staged - remaining
+            cur = await conn.execute(
+                queries["batches"], {"run_id": run_id, "batch_size": batch_size}
+            )
+            todo: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+            for after, through, _ in await cur.fetchall():
+                todo.put_nowait((int(after), int(through)))
+
+            async def worker() -> None:
+                nonlocal done
+                async with self._own_connection() as own:
+                    while not todo.empty():
+                        after, through = todo.get_nowait()
+                        applied, billing = await self._apply_batch(own, run_id, after, through)
+                        pending[0] += billing[0]
+                        pending[1] += billing[1]
+                        done += applied
+                        tick("applying", done, staged)
+
+            tasks = [
+                asyncio.create_task(worker()) for _ in range(max(1, min(workers, todo.qsize())))
+            ]
+            try:
+                await asyncio.gather(*tasks)
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+            cur = await conn.execute(queries["merges_left"], {"run_id": run_id})
+            merges = await cur.fetchone()
+            if merges and merges[0]:
                 async with conn.transaction():
-                    for step in APPLY_STEPS:
-                        await conn.execute(queries[step], params)
-                    pending = await self._apply_billing(conn, params)
-                    cur = await conn.execute(queries["checkpoint"], params)
-                    if await cur.fetchone() is None:
-                        raise ImportInProgress(
-                            "the run's checkpoint moved under this process", run_id=str(run_id)
-                        )
-                customers += pending[0]
-                subscriptions += pending[1]
-                after = through
-                tick("applying", after - 1, last_record_no - 1)
+                    params = {"run_id": run_id, "after": 0, "through": 2**31 - 1}
+                    await conn.execute(queries["apply_merged_identities"], params)
+                    await conn.execute(queries["batch_done"], {**params, "outcomes": ["merged"]})
+                done += int(merges[0])
+                tick("applying", done, staged)
         finally:
             await conn.execute(queries["unlock_run"], {"run_id": run_id})
-        return customers, subscriptions
+        return pending[0], pending[1]
+
+    @contextlib.asynccontextmanager
+    async def _own_connection(self) -> AsyncIterator[Conn]:
+        """A connection of a batch worker, outside the pool (which may be small)."""
+        conn = await connect(self._db.dsn)
+        try:
+            await configure_connection(conn)
+            yield conn
+        except psycopg.Error as exc:
+            raise translate(exc) from exc
+        finally:
+            await conn.close()
+
+    async def _apply_batch(
+        self, conn: Conn, run_id: uuid.UUID, after: int, through: int
+    ) -> tuple[int, tuple[int, int]]:
+        """One batch in one transaction, its staged rows deleted as its checkpoint."""
+        params: dict[str, Any] = {"run_id": run_id, "after": after, "through": through}
+        async with conn.transaction():
+            for step in APPLY_STEPS:
+                await conn.execute(queries[step], params)
+            billing = await self._apply_billing(conn, params)
+            cur = await conn.execute(
+                queries["batch_done"], {**params, "outcomes": ["created", "updated"]}
+            )
+            if not cur.rowcount:
+                raise ImportInProgress(
+                    "another process applied this batch", run_id=str(run_id), after=after
+                )
+        return cur.rowcount, billing
 
     async def _apply_billing(self, conn: Conn, params: dict[str, Any]) -> tuple[int, int]:
         """The billing step of a batch. The billing tables (migration 0006) are not in this

@@ -37,6 +37,9 @@ _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _STRIPE_CUSTOMER = re.compile(r"cus_[A-Za-z0-9]{1,250}")
 _STRIPE_SUBSCRIPTION = re.compile(r"sub_[A-Za-z0-9]{1,250}")
 _SLASH_DATE = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{2,4})")
+# The common spellings PostgreSQL reads exactly as Python does: staged as written.
+_ISO_ZONED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d)")
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 #: The columns of the staged tuple, in order (the COPY column list).
 STAGED = (
@@ -211,7 +214,7 @@ class Validator:
             stripe_subscription_id,
             billing_status,
         ) = values
-        past = self._past_date
+        stamp = self._stamp
         results = {
             "auth_provider": _provider(provider),
             "provider_user_id": _text_255(subject),
@@ -228,13 +231,13 @@ class Validator:
         staged: Staged = (
             str(record.record_no),
             str(record.line_no),
-            str(_user_id(user_id)),
+            _user_id_text(user_id),
             _email(email),
             str(results["auth_provider"]),
             None if results["auth_provider"] == "email" else _opt(results["provider_user_id"]),
             _display_name(display_name),
-            _iso(past(created_at)),
-            _iso(past(last_login_at)),
+            stamp(created_at, True),
+            stamp(last_login_at, True),
             tier,
             plan,
             plan if plan != self._free and subscription is None else None,
@@ -242,8 +245,8 @@ class Validator:
             _opt(remaining),
             str(balance),
             _opt(_daily_cap(daily_credit_limit)),
-            _iso(past(credits_last_reset)),
-            _iso(_date(monthly_reset_at)),
+            stamp(credits_last_reset, True),
+            stamp(monthly_reset_at, False),
             "t" if _boolean(newsletter_opt_in) else "f",
             _status(account_status),
             _opt(results["stripe_customer_id"]),
@@ -301,6 +304,18 @@ class Validator:
             raise _Bad("unknown_plan", f"unknown_plan:{tier} (map it with --plan-map {tier}=PLAN)")
         return plan
 
+    def _stamp(self, value: str, past: bool) -> str | None:
+        """A timestamp as staged: the text itself when it is the usual zoned ISO form."""
+        if _ISO_ZONED.fullmatch(value):
+            try:
+                when = datetime.fromisoformat(value)
+            except ValueError:
+                raise _Bad("invalid_date", f"not a valid date: {value}") from None
+            if past and when > self._now:
+                raise _Bad("future_date", f"{value} is in the future")
+            return value
+        return _iso(self._past_date(value) if past else _date(value))
+
     def _past_date(self, value: str) -> datetime | None:
         when = _date(value)
         if when is not None and when > self._now:
@@ -328,6 +343,11 @@ def _daily_cap(value: str) -> int | None:
     if cap == 0:
         raise _Bad("out_of_range", "a daily cap must be above 0")
     return cap
+
+
+def _user_id_text(value: str) -> str:
+    text = value.strip().lower()
+    return text if _CANONICAL_UUID.fullmatch(text) else str(_user_id(value))
 
 
 def _user_id(value: str) -> uuid.UUID:

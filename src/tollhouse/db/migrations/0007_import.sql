@@ -3,7 +3,8 @@
 -- credits function that opens imported accounts with their opening balance.
 
 -- One import of one file with one set of options. A run row exists only once the whole file
--- is staged and classified (one transaction); batches then advance `applied_through`.
+-- is staged and classified (one transaction); a batch deletes the staged rows it applied in
+-- its own transaction, so the staged rows left are exactly the work left.
 CREATE TABLE tollhouse.import_runs (
     id uuid NOT NULL,
     file_sha256 bytea NOT NULL,
@@ -12,8 +13,7 @@ CREATE TABLE tollhouse.import_runs (
     options jsonb NOT NULL,
     status text NOT NULL DEFAULT 'applying',
     records integer NOT NULL,
-    last_record_no integer NOT NULL,
-    applied_through integer NOT NULL DEFAULT 1,
+    staged integer NOT NULL DEFAULT 0,
     counts jsonb NOT NULL,
     started_at timestamptz NOT NULL DEFAULT now(),
     finished_at timestamptz,
@@ -28,7 +28,8 @@ CREATE TABLE tollhouse.import_runs (
 CREATE UNIQUE INDEX import_runs_open_key ON tollhouse.import_runs (file_sha256, options_sha256)
     WHERE status = 'applying';
 
--- The records of a run that change something, classified; deleted when the run is done.
+-- The records of a run that change something, classified; each is deleted by the batch
+-- that applies it.
 CREATE TABLE tollhouse.import_staging (
     run_id uuid NOT NULL REFERENCES tollhouse.import_runs (id) ON DELETE CASCADE,
     record_no integer NOT NULL,
@@ -119,11 +120,12 @@ GRANT EXECUTE ON FUNCTION tollhouse.uuid7_seq(uuid, bigint) TO tollhouse_service
 -- ledger row of that grant are written by this one statement, so balance = ledger = grants
 -- by construction. The imported balance stands for the current period's allowance
 -- (allowance_for = period_start); periods then count whole months from period_start. An
--- account that exists already is left alone (no grant, no ledger row).
+-- account that exists already is left alone (no grant, no ledger row). Callers running in
+-- parallel pass disjoint `p_id_offset`s, so their bulk ids never meet.
 CREATE FUNCTION tollhouse.credit_import_accounts_v1(
     p_tenants uuid[], p_users uuid[], p_plans text[], p_balances bigint[],
     p_daily_caps bigint[], p_last_resets timestamptz[], p_period_ends timestamptz[],
-    p_metadata jsonb[]
+    p_metadata jsonb[], p_id_offset bigint
 ) RETURNS integer
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
@@ -150,9 +152,9 @@ AS $$
         SELECT tollhouse.uuid7() AS grants, tollhouse.uuid7() AS ledger
     ), opening AS (
         SELECT i.tenant_id, i.user_id, i.balance, i.metadata,
-               tollhouse.uuid7_seq(b.grants, row_number() OVER (ORDER BY i.tenant_id))
+               tollhouse.uuid7_seq(b.grants, p_id_offset + row_number() OVER (ORDER BY i.tenant_id))
                    AS grant_id,
-               tollhouse.uuid7_seq(b.ledger, row_number() OVER (ORDER BY i.tenant_id))
+               tollhouse.uuid7_seq(b.ledger, p_id_offset + row_number() OVER (ORDER BY i.tenant_id))
                    AS ledger_id
         FROM acc JOIN input i ON i.tenant_id = acc.tenant_id CROSS JOIN base b
         WHERE i.balance > 0
@@ -172,9 +174,10 @@ AS $$
     SELECT count(*)::integer FROM acc
 $$;
 REVOKE ALL ON FUNCTION tollhouse.credit_import_accounts_v1(
-    uuid[], uuid[], text[], bigint[], bigint[], timestamptz[], timestamptz[], jsonb[]) FROM PUBLIC;
+    uuid[], uuid[], text[], bigint[], bigint[], timestamptz[], timestamptz[], jsonb[], bigint)
+    FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION tollhouse.credit_import_accounts_v1(
-    uuid[], uuid[], text[], bigint[], bigint[], timestamptz[], timestamptz[], jsonb[])
+    uuid[], uuid[], text[], bigint[], bigint[], timestamptz[], timestamptz[], jsonb[], bigint)
     TO tollhouse_service;
 
 DO $$
