@@ -1,9 +1,9 @@
 """The import of a legacy users.csv: stage and classify the whole file in one transaction,
-then apply it in batches that each move a checkpoint.
+then apply it in batches, each of which deletes the staged rows it applied (its checkpoint).
 
 - A crash (even SIGKILL) while staging leaves nothing: the transaction never committed.
-- A crash while applying leaves whole batches and the checkpoint that names them; the next
-  run of the same file with the same options finds the open run and goes on from there,
+- A crash while applying leaves whole batches applied and the others still staged; the next
+  run of the same file with the same options finds the open run and applies what is left,
   with the outcomes decided at staging, so the end state and the report are those of an
   uninterrupted run.
 - A run of a file already imported classifies every record as unchanged: no new rows, no
@@ -194,6 +194,7 @@ class ImportService:
                     if dry_run:
                         rows = await self._write_report(conn, run_id, report_to)
                         return self._summary(None, True, False, counts, rows, (0, 0))
+            log.info("import_applying", run_id=str(run_id), resumed=resumed, file=path.name)
             billing = await self._apply(conn, run_id, batch_size, workers, tick)
             cur = await conn.execute(queries["run"], {"run_id": run_id})
             run = await cur.fetchone()
@@ -201,6 +202,7 @@ class ImportService:
             counts = dict(run[2])
             await conn.execute(queries["finish_run"], {"run_id": run_id})
             rows = await self._write_report(conn, run_id, report_to)
+        log.info("import_done", run_id=str(run_id), **counts)
         return self._summary(run_id, False, resumed, counts, rows, billing)
 
     @staticmethod

@@ -27,6 +27,8 @@ PLAN_MAP_V1: Mapping[str, str] = {
     "power": "power",
     "enterprise": "power",
 }
+#: What users.plan_override accepts (its CHECK): the only plans a tier may map onto.
+OVERRIDE_PLANS = frozenset({"free", "starter", "pro", "power"})
 PROVIDERS = ("google", "apple", "email")
 STATUSES = ("active", "suspended", "disabled")
 BILLING_STATUSES = ("active", "past_due", "canceled")
@@ -82,20 +84,21 @@ class _Bad(Exception):
 
 
 def parse_plan_map(pairs: list[str], plans: frozenset[str] | None = None) -> dict[str, str]:
-    """PLAN_MAP_V1 with the `OLD=NEW` overrides applied; each NEW must be a known plan."""
+    """PLAN_MAP_V1 with the `OLD=NEW` overrides applied; each NEW must be a known plan that
+    a plan_override may name."""
     mapping = dict(PLAN_MAP_V1)
+    plans = OVERRIDE_PLANS if plans is None else plans & OVERRIDE_PLANS
     for pair in pairs:
         old, sep, new = pair.partition("=")
         if not sep or not new.strip():
             raise ValueError(f"--plan-map takes OLD=NEW, not {pair!r}")
         new = new.strip().lower()
-        if plans is not None and new not in plans:
+        if new not in plans:
             raise ValueError(f"--plan-map {pair!r}: no plan {new!r} (plans: {sorted(plans)})")
         mapping[old.strip().lower()] = new
-    if plans is not None:
-        unknown = sorted(set(mapping.values()) - plans)
-        if unknown:
-            raise ValueError(f"the plan mapping names unknown plan(s): {', '.join(unknown)}")
+    unknown = sorted(set(mapping.values()) - plans)
+    if unknown:
+        raise ValueError(f"the plan mapping names unknown plan(s): {', '.join(unknown)}")
     return mapping
 
 
