@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -136,6 +137,7 @@ def main() -> None:
         asyncio.run(run(dsn, path, args.records, args.batch_size))
     finally:
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)  # the database; a --keep file lives elsewhere
 
 
 if __name__ == "__main__":

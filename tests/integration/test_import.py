@@ -311,3 +311,30 @@ async def test_bad_options_are_refused_before_reading(tollhouse: Tollhouse, tmp_
         await tollhouse.imports.import_users(path, batch_size=0)
     with pytest.raises(InvalidRequest, match="no file"):
         await tollhouse.imports.import_users(tmp_path / "missing.csv")
+
+
+async def test_a_changed_tier_moves_the_account_like_any_plan_change(
+    tollhouse: Tollhouse, dsn: str, tmp_path: Path
+) -> None:
+    row = next(legacy_rows(1))
+    row.update(
+        plan_tier="pro",
+        stripe_customer_id="cus_9",
+        stripe_subscription_id="sub_9",
+        billing_status="active",
+        credits_balance="40",
+        credits_remaining="40",
+    )
+    first, _ = await run(tollhouse, write(tmp_path, render([row])))
+    assert first.created == 1 and first.billing_subscriptions_pending == 1
+    user_id = uuid.UUID(row["user_id"])
+    user = await tollhouse.users.get(user_id)
+    assert user.plan_override is None  # a subscriber: the billing step gives the plan
+    assert (await tollhouse.credits.balance(user_id=user_id)).plan == "pro"
+    row.update(plan_tier="starter")
+    second, _ = await run(tollhouse, write(tmp_path, render([row]), "v2.csv"))
+    assert second.updated == 1
+    balance = await tollhouse.credits.balance(user_id=user_id)
+    assert balance.plan == "starter"
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        assert await conservation_problems(conn) == []
