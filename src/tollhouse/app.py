@@ -26,6 +26,7 @@ from tollhouse.identity import (
     User,
     UserService,
 )
+from tollhouse.imports import ImportService
 from tollhouse.keys import ApiKeyService
 from tollhouse.orgs import OrgService
 from tollhouse.settings import Settings
@@ -51,6 +52,7 @@ class Tollhouse:
         self.orgs = OrgService(db)
         self.auth = AuthService(db, identity, hooks)
         self.billing = BillingService(db, billing)
+        self.imports = ImportService(db)
 
     async def update_user(self, user_id: uuid.UUID, changes: Mapping[str, Any]) -> User:
         """Change a user; a new `plan_override` moves its personal account to the new

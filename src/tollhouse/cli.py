@@ -72,6 +72,10 @@ stripe_app = typer.Typer(
     help="Stripe: resync from the API, replay stored events, list them.", no_args_is_help=True
 )
 app.add_typer(stripe_app, name="stripe")
+import_app = typer.Typer(
+    help="Backfill from a legacy system (users.csv of seed 001).", no_args_is_help=True
+)
+app.add_typer(import_app, name="import")
 
 DataDir = Annotated[
     Path | None,
@@ -570,6 +574,103 @@ def stripe_events(
             f"{ev.received_at.isoformat(timespec='seconds')}  {ev.stripe_event_id}  "
             f"{ev.type:40}  {ev.status:9}  {ev.last_error or ''}".rstrip()
         )
+
+
+def _plan_pairs(values: list[str] | None) -> list[str]:
+    for value in values or []:
+        if "=" not in value or not value.partition("=")[2].strip():
+            raise typer.BadParameter(f"{value!r} is not OLD=NEW")
+    return values or []
+
+
+class _ProgressLine:
+    """A one-line progress display on stderr, only when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+        self._shown = ""
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if total:
+            width = 30
+            filled = width * done // total
+            text = f"{phase:9} [{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,}"
+        else:
+            text = f"{phase:9} {done:,} records read"
+        if text != self._shown:
+            sys.stderr.write("\r" + text)
+            sys.stderr.flush()
+            self._shown = text
+
+    def close(self) -> None:
+        if self.enabled and self._shown:
+            sys.stderr.write("\n")
+
+
+@import_app.command("users")
+def import_users(
+    file: Annotated[Path, typer.Argument(help="The legacy users.csv.", show_default=False)],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Check and report everything; write nothing.")
+    ] = False,
+    report: Annotated[
+        Path | None,
+        typer.Option("--report", help="Write the record-by-record report CSV here."),
+    ] = None,
+    plan_map: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--plan-map",
+            help="Map a legacy tier onto a plan, OLD=NEW (repeatable; default enterprise=power;"
+            " =NEW gives an empty tier a plan).",
+            callback=_plan_pairs,
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, max=100_000, help="Records per transaction.")
+    ] = 1000,
+    encoding: Annotated[
+        str | None, typer.Option(help="The file's encoding, if not UTF-8 (e.g. latin-1).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Import users, identities, opening balances and plans from a legacy users.csv.
+
+    Idempotent (a second run changes nothing) and resumable (after a crash, run the same
+    command again). Record errors never stop the import; they go to the report.
+    """
+    progress = _ProgressLine()
+    try:
+        summary = _with_services(
+            _settings(data_dir),
+            lambda t: t.imports.import_users(
+                file,
+                dry_run=dry_run,
+                report=report,
+                plan_map=plan_map or [],
+                batch_size=batch_size,
+                encoding=encoding,
+                progress=progress,
+            ),
+        )
+    finally:
+        progress.close()
+    if as_json:
+        typer.echo(json.dumps(summary.as_dict()))
+        return
+    title = "dry run: nothing written" if dry_run else f"run {summary.run_id}"
+    if summary.resumed:
+        title += " (resumed)"
+    typer.echo(title)
+    for name in ("records_read", "created", "updated", "unchanged", "merged", "skipped"):
+        typer.echo(f"  {name.replace('_', ' '):14} {getattr(summary, name):>10,}")
+    typer.echo(f"  {'failed':14} {summary.failed:>10,}")
+    typer.echo(f"  {'warnings':14} {summary.warnings:>10,}")
+    if report is not None:
+        typer.echo(f"report: {report}")
 
 
 @db_app.command("url")

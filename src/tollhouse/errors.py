@@ -623,3 +623,18 @@ class PriceNotFound(InvalidRequest):
     """No such price, or it sells nothing Tollhouse knows (no tollhouse_* metadata)."""
 
     code = "unknown_price"
+
+
+# --- legacy import --------------------------------------------------------------------------
+
+
+class ImportFileRejected(InvalidRequest):
+    """The file cannot be imported as a whole (nothing was written)."""
+
+    code = "import_file_rejected"
+
+
+class ImportInProgress(Conflict):
+    """Another process is importing this file with these options right now."""
+
+    code = "import_in_progress"

@@ -1,0 +1,340 @@
+"""The import on a real PostgreSQL (RELIABILITY 7.3): what it writes, merges, skips and
+reports; idempotence; dry runs; conservation of credits afterwards."""
+
+from __future__ import annotations
+
+import csv
+import io
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.support.import_state import checksum, counts, duplicate_keys
+from tests.support.legacy_csv import legacy_rows, render, write_legacy_csv
+from tollhouse.app import Tollhouse
+from tollhouse.credits import DebitRequest, conservation_problems
+from tollhouse.errors import ImportFileRejected, InvalidRequest
+from tollhouse.imports import ImportSummary
+
+REPORT_HEADER = "record_no,line_no,column,value,code,message"
+
+
+def write(tmp_path: Path, text: str | bytes, name: str = "users.csv") -> Path:
+    path = tmp_path / name
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+async def run(
+    tollhouse: Tollhouse, path: Path, **options: object
+) -> tuple[ImportSummary, list[list[str]]]:
+    out = io.StringIO()
+    summary = await tollhouse.imports.import_users(path, report=out, **options)  # type: ignore[arg-type]
+    lines = out.getvalue().split("\r\n")
+    assert lines[0] == REPORT_HEADER and lines[-1] == ""
+    rows = list(csv.reader(io.StringIO(out.getvalue())))[1:]
+    return summary, rows
+
+
+def total(summary: ImportSummary) -> int:
+    return (
+        summary.created
+        + summary.updated
+        + summary.unchanged
+        + summary.merged
+        + summary.skipped
+        + summary.failed
+    )
+
+
+async def test_a_created_user_has_every_row_a_new_user_has(
+    tollhouse: Tollhouse, dsn: str, tmp_path: Path
+) -> None:
+    row = next(legacy_rows(1))
+    row.update(
+        display_name="Ada",
+        auth_provider="google",
+        provider_user_id="g-1",
+        plan_tier="enterprise",
+        credits_total="20000",
+        credits_balance="1234",
+        credits_remaining="1234",
+        daily_credit_limit="300",
+        credits_last_reset="2025-06-01T00:00:00Z",
+        monthly_reset_at="2030-07-15T00:00:00Z",
+        newsletter_opt_in="false",
+        account_status="suspended",
+        stripe_customer_id="",
+        stripe_subscription_id="",
+        billing_status="",
+    )
+    summary, report = await run(tollhouse, write(tmp_path, render([row])))
+    assert summary.created == 1 and total(summary) == summary.records_read == 1
+    assert [r[4] for r in report] == ["plan_override"]
+
+    user_id = uuid.UUID(row["user_id"])
+    user = await tollhouse.users.get(user_id, include_deleted=True)
+    assert user.display_name == "Ada" and user.status == "suspended"
+    assert user.plan_override == "power" and user.roles == ["user"]
+    (email,) = user.emails
+    assert (email.email, email.is_primary, email.verified, email.via) == (
+        row["email"].lower(),
+        True,
+        False,
+        "import",
+    )
+    (identity,) = user.identities
+    assert (identity.provider, identity.subject) == ("google", "g-1")
+    assert (await tollhouse.users.find_by_identity("google", "g-1")) is not None
+    assert not (await tollhouse.users.preferences(user_id)).marketing
+    assert user.personal_tenant_id is not None
+
+    balance = await tollhouse.credits.balance(user_id=user_id)
+    assert (balance.balance, balance.plan, balance.daily_cap) == (1234, "power", 300)
+    assert balance.period_end.isoformat() == "2030-07-15T00:00:00+00:00"
+    assert [(g.source, g.source_id, g.remaining) for g in balance.grants] == [
+        ("import", f"import:{user_id}", 1234)
+    ]
+    entries, _ = await tollhouse.credits.ledger(user_id=user_id)
+    assert [(e.kind, e.reason, e.delta, e.balance_after) for e in entries] == [
+        ("grant", "grant.import", 1234, 1234)
+    ]
+    # The imported balance stands for this period's allowance: no plan grant on top.
+    assert balance.grants[0].source == "import" and len(balance.grants) == 1
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        assert await conservation_problems(conn) == []
+    checks = {c.name: c.ok for c in await tollhouse.health.doctor()}
+    assert checks["credits"] and all(checks.values())
+
+
+async def test_c05_duplicates_by_email_and_an_existing_user(
+    tollhouse: Tollhouse, dsn: str, tmp_path: Path
+) -> None:
+    existing = await tollhouse.users.create(email="BOB@x.com")
+    rows = list(legacy_rows(40))
+    for i, spelling in ((0, "Bob@x.com"), (7, " bob@X.COM "), (38, "bob@x.com")):
+        rows[i]["email"] = spelling  # records 2, 9 and 40
+    before = counts(dsn)
+    summary, report = await run(tollhouse, write(tmp_path, render(rows)))
+    after = counts(dsn)
+    assert after["users"] - before["users"] == 37  # 40 records, three of them Bob
+    assert after["user_identities"] - before["user_identities"] == sum(
+        1 for i, r in enumerate(rows) if r["auth_provider"] != "email" and i not in (0, 7, 38)
+    )
+    bob = [r for r in report if r[0] in ("2", "9", "40") and r[2] == "email"]
+    assert [(r[0], r[4]) for r in bob] == [
+        ("2", "existing_user"),
+        ("9", "duplicate_of_record:2"),
+        ("40", "duplicate_of_record:2"),
+    ]
+    assert all(r[3] == "b***@x.com" for r in bob)
+    assert summary.skipped == 3 and summary.created == 37 and total(summary) == 40
+    assert (await tollhouse.users.find_by_email("bob@x.com")) == existing
+
+
+async def test_c05_later_google_and_apple_ids_join_the_first_user(
+    tollhouse: Tollhouse, dsn: str, tmp_path: Path
+) -> None:
+    rows = list(legacy_rows(4))
+    for row in rows:
+        row["email"] = "Carol@Example.com"
+    rows[0].update(auth_provider="email", provider_user_id="", credits_balance="10")
+    rows[1].update(auth_provider="google", provider_user_id="g-carol", credits_balance="500")
+    rows[2].update(auth_provider="apple", provider_user_id="a-carol", credits_balance="700")
+    rows[3].update(auth_provider="email", provider_user_id="", credits_balance="900")
+    summary, report = await run(tollhouse, write(tmp_path, render(rows)))
+    assert (summary.created, summary.merged, summary.identities_linked) == (1, 3, 2)
+    first = uuid.UUID(rows[0]["user_id"])
+    user = await tollhouse.users.get(first)
+    assert sorted((i.provider, i.subject) for i in user.identities) == [
+        ("apple", "a-carol"),
+        ("google", "g-carol"),
+    ]
+    for other in rows[1:]:
+        with pytest.raises(Exception, match="no user"):
+            await tollhouse.users.get(uuid.UUID(other["user_id"]))
+    # Only the first record's balance: a duplicate grants nothing to another's account.
+    assert (await tollhouse.credits.balance(user_id=first)).balance == 10
+    merged = [(r[0], r[4]) for r in report if r[4].startswith("duplicate_of")]
+    assert merged == [(n, "duplicate_of_record:2") for n in ("3", "4", "5")]
+    assert "brings nothing" in next(r[5] for r in report if r[0] == "5" and r[2] == "email")
+
+
+async def test_repeated_user_id_and_shared_provider_id_fail_the_later_record(
+    tollhouse: Tollhouse, tmp_path: Path
+) -> None:
+    rows = list(legacy_rows(4))
+    rows[2]["user_id"] = rows[0]["user_id"]
+    rows[3].update(auth_provider="google", provider_user_id="shared")
+    rows[1].update(auth_provider="google", provider_user_id="shared")
+    summary, report = await run(tollhouse, write(tmp_path, render(rows)))
+    assert (summary.created, summary.failed) == (2, 2)
+    assert [(r[0], r[2], r[4]) for r in report if r[4].startswith("duplicate")] == [
+        ("4", "user_id", "duplicate_user_id"),
+        ("5", "provider_user_id", "duplicate_provider_user_id"),
+    ]
+
+
+async def test_c09_accepted_credits_are_import_grants_that_conserve(
+    tollhouse: Tollhouse, dsn: str, tmp_path: Path
+) -> None:
+    rows = list(legacy_rows(30))
+    rows[0]["credits_balance"] = "-50"
+    rows[1]["credits_balance"] = "0"
+    summary, report = await run(tollhouse, write(tmp_path, render(rows)))
+    assert summary.failed == 1 and ("2", "credits_balance", "negative_credits") in [
+        (r[0], r[2], r[4]) for r in report
+    ]
+    with psycopg.connect(dsn) as conn:
+        ledger = conn.execute(
+            "SELECT count(*), sum(delta) FROM tollhouse.credit_ledger WHERE reason = 'grant.import'"
+        ).fetchone()
+        accounts = conn.execute("SELECT count(*) FROM tollhouse.credit_accounts").fetchone()
+    positive = [int(r["credits_balance"]) for r in rows[2:] if int(r["credits_balance"]) > 0]
+    assert ledger == (len(positive), sum(positive))
+    assert accounts == (29,)  # the zero balance has an account, and no grant
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        assert await conservation_problems(conn) == []
+    # The accounts work as any other: a debit takes from the imported grant.
+    payer = uuid.UUID(rows[2]["user_id"])
+    before = (await tollhouse.credits.balance(user_id=payer)).balance
+    if before > 0:
+        result = await tollhouse.credits.debit(DebitRequest(1, "turn-1", user_id=payer))
+        assert result.status == "applied" and result.balance_after == before - 1
+
+
+async def test_c10_report_schema_sums_and_a_byte_identical_dry_run(
+    tollhouse: Tollhouse, dsn: str, tmp_path: Path
+) -> None:
+    rows = list(legacy_rows(60))
+    rows[3]["email"] = "not an email"
+    rows[5]["created_at"] = "31/12/2020"
+    rows[9]["email"] = rows[8]["email"]
+    rows[11]["plan_tier"] = "platinum"
+    text = render(rows, [*reversed(list(rows[0])), "legacy_notes"])
+    path = write(tmp_path, text)
+    before = counts(dsn)
+    dry = tmp_path / "dry.csv"
+    real = tmp_path / "real.csv"
+    dry_summary = await tollhouse.imports.import_users(path, dry_run=True, report=dry)
+    assert counts(dsn) == before  # nothing written
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM tollhouse.import_runs").fetchone() == (0,)
+    real_summary = await tollhouse.imports.import_users(path, report=real)
+    assert dry.read_bytes() == real.read_bytes()
+    for field in ("records_read", "created", "merged", "failed", "skipped", "warnings"):
+        assert getattr(dry_summary, field) == getattr(real_summary, field), field
+    assert total(real_summary) == real_summary.records_read == 60
+    assert (real_summary.failed, real_summary.merged) == (3, 1)
+
+    report = list(csv.DictReader(io.StringIO(real.read_text())))
+    assert list(report[0]) == REPORT_HEADER.split(",")
+    failed_records = {
+        r["record_no"]
+        for r in report
+        if r["code"] in {"invalid_email", "ambiguous_date", "unknown_plan"}
+    }
+    assert failed_records == {"5", "7", "13"}
+    assert report[0]["record_no"] == "1" and report[0]["code"] == "unknown_column"
+    for r in report:
+        assert int(r["line_no"]) >= 1 and r["code"] and r["message"]
+        assert len(r["value"]) <= 65  # 64, plus a leading quote when neutralised
+        assert "@" not in r["value"] or "***@" in r["value"]
+
+
+async def test_c11_a_second_run_changes_nothing(
+    tollhouse: Tollhouse, dsn: str, tmp_path: Path
+) -> None:
+    path = write_legacy_csv(tmp_path / "users.csv", 2000)
+    first = await tollhouse.imports.import_users(path, batch_size=300)
+    state = counts(dsn), checksum(dsn)
+    second = await tollhouse.imports.import_users(path, batch_size=300)
+    assert first.created == 2000
+    assert (second.created, second.updated, second.unchanged) == (0, 0, 2000)
+    assert (counts(dsn), checksum(dsn)) == state  # no new rows, no new ledger entries
+    assert duplicate_keys(dsn) == 0
+
+
+async def test_a_changed_record_updates_its_user_but_not_its_balance(
+    tollhouse: Tollhouse, dsn: str, tmp_path: Path
+) -> None:
+    rows = list(legacy_rows(5))
+    await run(tollhouse, write(tmp_path, render(rows)))
+    ledger = counts(dsn)["credit_ledger"]
+    rows[2].update(display_name="Renamed", newsletter_opt_in="false", credits_balance="7")
+    rows[2]["credits_remaining"] = "7"
+    summary, report = await run(tollhouse, write(tmp_path, render(rows), "v2.csv"))
+    assert (summary.updated, summary.unchanged) == (1, 4)
+    user_id = uuid.UUID(rows[2]["user_id"])
+    assert (await tollhouse.users.get(user_id)).display_name == "Renamed"
+    assert not (await tollhouse.users.preferences(user_id)).marketing
+    assert counts(dsn)["credit_ledger"] == ledger
+    assert ("4", "balance_not_reimported") in [(r[0], r[4]) for r in report]
+
+
+async def test_a_user_this_import_did_not_create_is_never_touched(
+    tollhouse: Tollhouse, tmp_path: Path
+) -> None:
+    other = await tollhouse.users.create(email="someone@else.com", display_name="Mine")
+    row = next(legacy_rows(1))
+    row["user_id"] = str(other.id)
+    summary, report = await run(tollhouse, write(tmp_path, render([row])))
+    assert summary.skipped == 1 and [r[4] for r in report] == ["existing_user"]
+    assert (await tollhouse.users.get(other.id)).display_name == "Mine"
+
+
+async def test_c01_a_latin1_file_is_refused_and_reads_with_its_encoding(
+    tollhouse: Tollhouse, dsn: str, tmp_path: Path
+) -> None:
+    rows = list(legacy_rows(20))
+    for row in rows[::2]:
+        row["display_name"] = "Zoë Müller"
+    path = write(tmp_path, render(rows).encode("latin-1"))
+    before = counts(dsn)
+    with pytest.raises(ImportFileRejected, match="not valid UTF-8") as info:
+        await tollhouse.imports.import_users(path)
+    assert info.value.fields["reason"] == "wrong_encoding"
+    assert counts(dsn) == before
+    summary = await tollhouse.imports.import_users(path, encoding="latin-1")
+    assert summary.created == 20
+    user = await tollhouse.users.get(uuid.UUID(rows[0]["user_id"]))
+    assert user.display_name == "Zoë Müller"
+
+
+async def test_bad_options_are_refused_before_reading(tollhouse: Tollhouse, tmp_path: Path) -> None:
+    path = write(tmp_path, render(list(legacy_rows(1))))
+    with pytest.raises(InvalidRequest, match="no plan"):
+        await tollhouse.imports.import_users(path, plan_map=["enterprise=business"])
+    with pytest.raises(InvalidRequest, match="batch-size"):
+        await tollhouse.imports.import_users(path, batch_size=0)
+    with pytest.raises(InvalidRequest, match="no file"):
+        await tollhouse.imports.import_users(tmp_path / "missing.csv")
+
+
+async def test_a_changed_tier_moves_the_account_like_any_plan_change(
+    tollhouse: Tollhouse, dsn: str, tmp_path: Path
+) -> None:
+    row = next(legacy_rows(1))
+    row.update(
+        plan_tier="pro",
+        stripe_customer_id="cus_9",
+        stripe_subscription_id="sub_9",
+        billing_status="active",
+        credits_balance="40",
+        credits_remaining="40",
+    )
+    first, _ = await run(tollhouse, write(tmp_path, render([row])))
+    assert first.created == 1 and first.billing_subscriptions_pending == 1
+    user_id = uuid.UUID(row["user_id"])
+    user = await tollhouse.users.get(user_id)
+    assert user.plan_override is None  # a subscriber: the billing step gives the plan
+    assert (await tollhouse.credits.balance(user_id=user_id)).plan == "pro"
+    row.update(plan_tier="starter")
+    second, _ = await run(tollhouse, write(tmp_path, render([row]), "v2.csv"))
+    assert second.updated == 1
+    balance = await tollhouse.credits.balance(user_id=user_id)
+    assert balance.plan == "starter"
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        assert await conservation_problems(conn) == []

@@ -1,0 +1,389 @@
+"""The legacy CSV reader and validator (RELIABILITY 7.3, the file-level and field-level
+parts of C-01..C-09, C-13, C-14): generated fixtures, no database."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from tests.support.legacy_csv import legacy_rows, render
+from tollhouse.errors import ImportFileRejected
+from tollhouse.imports.parse import COLUMNS, FIELD_LIMIT, CsvFile, Header, RawRecord
+from tollhouse.imports.report import Issue, neutralise, shown, write_report
+from tollhouse.imports.validate import PLAN_MAP_V1, Staged, Validator, parse_plan_map
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def read(path: Path, encoding: str | None = None) -> tuple[Header, list[RawRecord]]:
+    items = list(CsvFile(path, encoding).records())
+    header = items[0]
+    assert isinstance(header, Header)
+    return header, [r for r in items[1:] if isinstance(r, RawRecord)]
+
+
+def write(tmp_path: Path, data: str | bytes, name: str = "users.csv") -> Path:
+    path = tmp_path / name
+    if isinstance(data, str):
+        path.write_bytes(data.encode("utf-8"))
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def checked(
+    rows: Sequence[dict[str, str]], tmp_path: Path, plan_map: dict[str, str] | None = None
+) -> list[tuple[Staged | None, list[Issue]]]:
+    header, records = read(write(tmp_path, render(rows)))
+    validator = Validator(header, plan_map or dict(PLAN_MAP_V1), NOW)
+    return [validator.check(r) for r in records]
+
+
+def codes(result: tuple[Staged | None, list[Issue]]) -> list[tuple[str, str]]:
+    return [(i.column, i.code) for i in result[1]]
+
+
+SUBSCRIBED = {
+    "stripe_customer_id": "cus_1",
+    "stripe_subscription_id": "sub_1",
+    "billing_status": "active",
+}
+
+
+def base_row(**changes: str) -> dict[str, str]:
+    row = next(legacy_rows(1))
+    row.update(changes)
+    return row
+
+
+# --- C-01 encodings ---------------------------------------------------------------------------
+
+
+def test_c01_a_bom_file_parses_exactly_like_one_without(tmp_path: Path) -> None:
+    text = render(list(legacy_rows(20)))
+    plain = read(write(tmp_path, text, "plain.csv"))
+    bom = read(write(tmp_path, b"\xef\xbb\xbf" + text.encode(), "bom.csv"))
+    assert bom[0].positions == plain[0].positions
+    assert [r.fields for r in bom[1]] == [r.fields for r in plain[1]]
+    assert len(plain[1]) == 20
+
+
+def test_c01_utf16_is_refused_naming_the_encoding_unless_asked_for(tmp_path: Path) -> None:
+    text = render(list(legacy_rows(3)))
+    path = write(tmp_path, text.encode("utf-16"), "u16.csv")  # with its BOM
+    with pytest.raises(ImportFileRejected, match="UTF-16LE") as info:
+        CsvFile(path)
+    assert info.value.fields["reason"] == "wrong_encoding"
+    no_bom = write(tmp_path, text.encode("utf-16-le"), "u16nobom.csv")
+    with pytest.raises(ImportFileRejected, match="UTF-16"):
+        CsvFile(no_bom)
+    _, records = read(path, "utf-16")
+    assert [r.fields[1] for r in records] == [r["email"] for r in legacy_rows(3)]
+
+
+def test_c01_one_invalid_byte_fails_only_its_record(tmp_path: Path) -> None:
+    rows = list(legacy_rows(6000))
+    rows[4998]["display_name"] = "INVALID"  # record 5,000 (the header is record 1)
+    data = render(rows).encode().replace(b"INVALID", b"bad \xff byte")
+    csv_file = CsvFile(write(tmp_path, data))
+    items = [r for r in csv_file.records() if isinstance(r, RawRecord)]
+    bad = [r for r in items if r.error]
+    assert [(r.record_no, r.error[0] if r.error else "") for r in bad] == [
+        (5000, "invalid_encoding")
+    ]
+    assert len(items) == 6000 and csv_file.undecodable_records == 1
+
+
+def test_c01_latin1_reads_with_an_explicit_encoding(tmp_path: Path) -> None:
+    rows = list(legacy_rows(3))
+    rows[1]["display_name"] = "José"
+    path = write(tmp_path, render(rows).encode("latin-1"))
+    _, records = read(path, "latin-1")
+    assert records[1].fields[COLUMNS.index("display_name")] == "José"
+    assert all(r.error is None for r in records)
+
+
+# --- C-02 line endings and embedded newlines -----------------------------------------------
+
+
+def test_c02_crlf_lf_and_mixed_give_the_same_records(tmp_path: Path) -> None:
+    rows = list(legacy_rows(10))
+    rows[3]["display_name"] = "two\r\nlines"
+    rows[6]["display_name"] = "also\ntwo"
+    crlf = render(rows, newline="\r\n")
+    lf = render(rows, newline="\n")
+    mixed = "".join(
+        line + ("\r\n" if i % 2 else "\n") for i, line in enumerate(lf.split("\n")[:-1])
+    )
+    parsed = [read(write(tmp_path, text, f"{n}.csv"))[1] for n, text in enumerate([crlf, lf])]
+    parsed.append(read(write(tmp_path, mixed, "mixed.csv"))[1])
+    for records in parsed:
+        assert len(records) == 10
+        assert all(r.error is None for r in records)
+    assert [r.fields for r in parsed[0]] == [r.fields for r in parsed[2]]
+    first = parsed[0]
+    assert first[3].fields[COLUMNS.index("display_name")] == "two\r\nlines"
+    assert first[6].fields[COLUMNS.index("display_name")] == "also\ntwo"
+    # Records 2..5 start on lines 2..5; record 5 (rows[3]) spans two lines, so record 6
+    # starts on line 7 and the one after the second embedded newline on line 10.
+    assert [(r.record_no, r.line_no) for r in first[3:8]] == [
+        (5, 5),
+        (6, 7),
+        (7, 8),
+        (8, 9),
+        (9, 11),
+    ]
+
+
+# --- C-03 quotes and ragged rows ---------------------------------------------------------------
+
+
+def test_c03_doubled_quotes_are_decoded(tmp_path: Path) -> None:
+    row = base_row(display_name='b"bb')
+    text = render([row])
+    assert '"b""bb"' in text
+    _, records = read(write(tmp_path, text))
+    assert records[0].fields[COLUMNS.index("display_name")] == 'b"bb'
+
+
+def test_c03_an_unterminated_quote_fails_its_record_and_eats_no_other(tmp_path: Path) -> None:
+    rows = list(legacy_rows(1000))
+    lines = render(rows).split("\r\n")
+    # Record 700 is line 700 (no embedded newlines): open a quote that never closes.
+    lines[699] = lines[699].replace(",User", ',"User', 1)
+    _, records = read(write(tmp_path, "\r\n".join(lines)))
+    assert len(records) == 1000  # every record detected: sum of outcomes = records
+    bad = [(r.record_no, r.line_no, r.error[0]) for r in records if r.error]
+    assert bad == [(700, 700, "malformed_csv")]
+    assert [r.record_no for r in records] == list(range(2, 1002))
+    assert records[-1].fields[1] == rows[-1]["email"]
+
+
+def test_c03_ragged_rows_are_record_errors(tmp_path: Path) -> None:
+    text = render(list(legacy_rows(3)))
+    lines = text.split("\r\n")
+    lines[1] += ",extra"
+    lines[2] = lines[2].rsplit(",", 2)[0]
+    _, records = read(write(tmp_path, "\r\n".join(lines)))
+    assert [(r.record_no, r.error[0] if r.error else None) for r in records] == [
+        (2, "wrong_field_count"),
+        (3, "wrong_field_count"),
+        (4, None),
+    ]
+
+
+# --- C-04 header ---------------------------------------------------------------------------------
+
+
+def test_c04_missing_or_duplicate_required_column_refuses_the_file(tmp_path: Path) -> None:
+    rows = list(legacy_rows(2))
+    without = [c for c in COLUMNS if c != "email"]
+    with pytest.raises(ImportFileRejected, match="email") as info:
+        read(write(tmp_path, render(rows, without)))
+    assert info.value.fields["reason"] == "missing_column"
+    with pytest.raises(ImportFileRejected, match="twice") as info:
+        read(write(tmp_path, render(rows, [*COLUMNS, "email"])))
+    assert info.value.fields["reason"] == "duplicate_column"
+
+
+def test_c04_unknown_column_warns_and_any_order_is_accepted(tmp_path: Path) -> None:
+    rows = list(legacy_rows(5))
+    shuffled = [*reversed(COLUMNS), "favourite_colour"]
+    header, records = read(write(tmp_path, render(rows, shuffled)))
+    assert [(i.column, i.code) for i in header.issues] == [("favourite_colour", "unknown_column")]
+    normal = checked(rows, tmp_path)
+    validator = Validator(header, dict(PLAN_MAP_V1), NOW)
+    assert [validator.check(r)[0] for r in records] == [staged for staged, _ in normal]
+
+
+# --- C-06..C-09 fields ---------------------------------------------------------------------
+
+
+def test_c06_user_ids(tmp_path: Path) -> None:
+    uid = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b"
+    results = checked(
+        [
+            base_row(user_id=uid),
+            base_row(user_id=uid.upper()),
+            base_row(user_id="{" + uid + "}"),
+            base_row(user_id="not-a-uuid"),
+            base_row(user_id=""),
+        ],
+        tmp_path,
+    )
+    assert [r[0][2] if r[0] else None for r in results[:3]] == [uid, uid, uid]
+    assert codes(results[3]) == [("user_id", "invalid_uuid")]
+    assert codes(results[4]) == [("user_id", "missing_value")]
+
+
+def test_c07_dates(tmp_path: Path) -> None:
+    values = [
+        "2021-03-04",
+        "2021-03-04T10:00:00Z",
+        "2021-03-04T10:00:00",
+        "03/04/2021",
+        "1614816000",
+        "2021-02-30",
+        "2031-01-01",
+    ]
+    results = checked([base_row(created_at=v) for v in values], tmp_path)
+    staged = [
+        datetime.fromisoformat(r[0][7]).isoformat() if r[0] and r[0][7] else None for r in results
+    ]
+    assert staged[:3] == [
+        "2021-03-04T00:00:00+00:00",
+        "2021-03-04T10:00:00+00:00",
+        "2021-03-04T10:00:00+00:00",  # naive = UTC
+    ]
+    assert [codes(r) for r in results[3:]] == [
+        [("created_at", "ambiguous_date")],
+        [("created_at", "invalid_date")],
+        [("created_at", "invalid_date")],
+        [("created_at", "future_date")],
+    ]
+
+
+def test_c08_plan_tiers(tmp_path: Path) -> None:
+    rows = [
+        base_row(plan_tier="enterprise", **SUBSCRIBED),
+        base_row(plan_tier="Pro", **SUBSCRIBED),
+        base_row(plan_tier=""),
+        base_row(plan_tier="platinum"),
+    ]
+    default = checked(rows, tmp_path)
+    assert [r[0][10] if r[0] else None for r in default[:2]] == ["power", "pro"]
+    assert codes(default[2]) == [("plan_tier", "missing_value")]
+    assert codes(default[3]) == [("plan_tier", "unknown_plan")]
+    assert "unknown_plan:platinum" in default[3][1][0].message
+    mapping = parse_plan_map(["enterprise=pro", "=free", "platinum=power"])
+    mapped = checked(rows, tmp_path, mapping)
+    assert [r[0][10] if r[0] else None for r in mapped] == ["pro", "pro", "free", "power"]
+    with pytest.raises(ValueError, match="no plan"):
+        parse_plan_map(["enterprise=business"], frozenset({"free", "pro"}))
+
+
+def test_c08_a_paid_tier_without_subscription_becomes_plan_override(tmp_path: Path) -> None:
+    (result,) = checked([base_row(plan_tier="starter")], tmp_path)
+    assert result[0] is not None and result[0][11] == "starter"
+    assert codes(result) == [("plan_tier", "plan_override")]
+    assert result[1][0].severity == "warning"
+
+
+def test_c09_credits(tmp_path: Path) -> None:
+    values = ["-50", "1.5", "1e3", "99999999999999999999", "", "abc", "42"]
+    results = checked([base_row(credits_balance=v, credits_remaining="") for v in values], tmp_path)
+    assert [codes(r) for r in results[:6]] == [
+        [("credits_balance", "negative_credits")],
+        [("credits_balance", "non_integer")],
+        [("credits_balance", "non_integer")],
+        [("credits_balance", "out_of_range")],
+        [("credits_balance", "missing_value")],
+        [("credits_balance", "non_integer")],
+    ]
+    assert results[6][0] is not None and results[6][0][14] == "42"
+
+
+def test_credits_remaining_differing_from_the_balance_is_a_warning(tmp_path: Path) -> None:
+    (result,) = checked([base_row(credits_balance="10", credits_remaining="12")], tmp_path)
+    assert result[0] is not None
+    assert [(i.code, i.severity) for i in result[1]] == [("credits_remaining_differs", "warning")]
+
+
+def test_every_error_of_a_record_is_reported(tmp_path: Path) -> None:
+    (result,) = checked(
+        [
+            base_row(
+                email="nope",
+                auth_provider="myspace",
+                newsletter_opt_in="maybe",
+                account_status="banned",
+                stripe_customer_id="cust_1",
+                billing_status="trial",
+            )
+        ],
+        tmp_path,
+    )
+    assert result[0] is None
+    assert codes(result) == [
+        ("email", "invalid_email"),
+        ("auth_provider", "unknown_provider"),
+        ("newsletter_opt_in", "invalid_boolean"),
+        ("account_status", "unknown_status"),
+        ("stripe_customer_id", "invalid_stripe_id"),
+        ("billing_status", "unknown_billing_status"),
+    ]
+
+
+def test_stripe_ids_are_checked(tmp_path: Path) -> None:
+    results = checked(
+        [
+            base_row(
+                stripe_customer_id="", stripe_subscription_id="sub_1", billing_status="active"
+            ),
+            base_row(stripe_customer_id="cus_1", stripe_subscription_id="sub_1", billing_status=""),
+            base_row(stripe_customer_id="cus_1", stripe_subscription_id="price_1"),
+        ],
+        tmp_path,
+    )
+    assert codes(results[0]) == [("stripe_subscription_id", "subscription_without_customer")]
+    assert codes(results[1]) == [("billing_status", "missing_value")]
+    assert codes(results[2]) == [("stripe_subscription_id", "invalid_stripe_id")]
+
+
+# --- C-13 report cells -----------------------------------------------------------------------
+
+
+def test_c13_formula_cells_are_neutralised_and_values_masked() -> None:
+    cells = ['=HYPERLINK("http://x")', "+1", "-2", "@x", "\tcmd", "\rcmd", "plain"]
+    assert [neutralise(c) for c in cells] == [
+        '\'=HYPERLINK("http://x")',
+        "'+1",
+        "'-2",
+        "'@x",
+        "'\tcmd",
+        "'\rcmd",
+        "plain",
+    ]
+    assert shown("Bob.Smith@example.com") == "B***@example.com"
+    assert len(shown("x" * 500)) == 64
+    out = io.StringIO()
+    write_report(out, [Issue(2, 3, "display_name", "=1+2", "code", "-msg")])
+    assert out.getvalue() == (
+        "record_no,line_no,column,value,code,message\r\n2,3,display_name,'=1+2,code,'-msg\r\n"
+    )
+
+
+# --- C-14 hostile input ------------------------------------------------------------------------
+
+
+def test_c14_nul_control_characters_huge_fields_and_wide_rows(tmp_path: Path) -> None:
+    rows = list(legacy_rows(5))
+    rows[0]["display_name"] = "nul\x00here"
+    rows[1]["display_name"] = "bell\x07"
+    rows[2]["display_name"] = "HUGE"
+    text = render(rows).replace("HUGE", "x" * (10 * 1024 * 1024))
+    lines = text.split("\r\n")
+    lines[4] = ",".join(["1"] * 1000)  # record 5: 1,000 columns
+    header, records = read(write(tmp_path, "\r\n".join(lines)))
+    validator = Validator(header, dict(PLAN_MAP_V1), NOW)
+    results = [validator.check(r) for r in records]
+    assert [codes(r) for r in results] == [
+        [("display_name", "control_character")],
+        [("display_name", "control_character")],
+        [("", "field_too_large")],
+        [("", "wrong_field_count")],
+        [],
+    ]
+    assert FIELD_LIMIT < 10 * 1024 * 1024
+    assert results[0][1][0].value == "nul\\0here"
+
+
+def test_c14_a_header_of_a_thousand_columns_is_read(tmp_path: Path) -> None:
+    columns = [*COLUMNS, *(f"extra_{i}" for i in range(981))]
+    header, records = read(write(tmp_path, render(list(legacy_rows(2)), columns)))
+    assert header.width == 1000 and len(records) == 2
+    assert sum(i.code == "unknown_column" for i in header.issues) == 981
