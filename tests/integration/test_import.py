@@ -326,7 +326,7 @@ async def test_a_changed_tier_moves_the_account_like_any_plan_change(
         credits_remaining="40",
     )
     first, _ = await run(tollhouse, write(tmp_path, render([row])))
-    assert first.created == 1 and first.billing_subscriptions_pending == 1
+    assert first.created == 1 and first.billing_subscriptions == 1
     user_id = uuid.UUID(row["user_id"])
     user = await tollhouse.users.get(user_id)
     assert user.plan_override is None  # a subscriber: the billing step gives the plan
@@ -338,3 +338,47 @@ async def test_a_changed_tier_moves_the_account_like_any_plan_change(
     assert balance.plan == "starter"
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         assert await conservation_problems(conn) == []
+
+
+async def test_stripe_ids_become_the_billing_customer_and_subscription(
+    tollhouse: Tollhouse, dsn: str, tmp_path: Path
+) -> None:
+    """The billing step: customer and route for the personal tenant, the subscription as a
+    state older than any Stripe event, the account on its effective plan (a canceled legacy
+    subscription leaves the free plan); a customer already routed elsewhere stays there."""
+    rows = list(legacy_rows(3))
+    rows[0].update(
+        plan_tier="pro",
+        stripe_customer_id="cus_a",
+        stripe_subscription_id="sub_a",
+        billing_status="active",
+    )
+    rows[1].update(
+        plan_tier="pro",
+        stripe_customer_id="cus_b",
+        stripe_subscription_id="sub_b",
+        billing_status="canceled",
+    )
+    rows[2].update(
+        plan_tier="starter",
+        stripe_customer_id="cus_a",
+        stripe_subscription_id="",
+        billing_status="",
+    )
+    summary, _ = await run(tollhouse, write(tmp_path, render(rows)))
+    assert (summary.billing_customers, summary.billing_subscriptions) == (2, 2)
+    ids = [uuid.UUID(r["user_id"]) for r in rows]
+    billing = [
+        await tollhouse.billing.summary(await tollhouse.billing.personal_tenant(u)) for u in ids
+    ]
+    assert [b.customer_id for b in billing] == ["cus_a", "cus_b", None]
+    assert billing[0].subscription is not None and billing[0].subscription.status == "active"
+    assert [b.plan for b in billing] == ["pro", "free", "starter"]
+    plans = [(await tollhouse.credits.balance(user_id=u)).plan for u in ids]
+    assert plans == ["pro", "free", "starter"]
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute("SELECT stripe_at FROM tollhouse.subscriptions WHERE id = 'sub_a'")
+        assert (await cur.fetchone()) is not None
+        assert await conservation_problems(conn) == []
+    again, _ = await run(tollhouse, write(tmp_path, render(rows), "again.csv"))
+    assert (again.billing_customers, again.billing_subscriptions) == (0, 0)

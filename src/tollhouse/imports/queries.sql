@@ -381,13 +381,66 @@ SELECT count(*) FROM (
     ORDER BY t.id
 ) changed
 
--- name: billing_pending
--- What the billing step (migration 0006) will write for this batch: see docs/import.md.
-SELECT count(*) FILTER (WHERE stripe_customer_id IS NOT NULL),
-       count(*) FILTER (WHERE stripe_subscription_id IS NOT NULL)
-FROM tollhouse.import_staging
-WHERE run_id = %(run_id)s AND record_no > %(after)s AND record_no <= %(through)s
-  AND outcome IN ('created', 'updated')
+-- name: billing_routes
+-- The billing step of a batch (after the users and accounts). A Stripe customer belongs to
+-- one tenant for good: a customer already routed elsewhere keeps its tenant and the record's
+-- billing rows are not written (see docs/import.md).
+INSERT INTO tollhouse.billing_customer_routes (customer_id, tenant_id)
+SELECT DISTINCT ON (s.stripe_customer_id) s.stripe_customer_id, t.id
+FROM tollhouse.import_staging s
+JOIN tollhouse.tenants t ON t.owner_user_id = s.target_user_id AND t.is_default
+WHERE s.run_id = %(run_id)s AND s.record_no > %(after)s AND s.record_no <= %(through)s
+  AND s.outcome IN ('created', 'updated') AND s.stripe_customer_id IS NOT NULL
+ORDER BY s.stripe_customer_id, s.record_no
+ON CONFLICT (provider, customer_id) DO NOTHING
+
+-- name: billing_customers
+INSERT INTO tollhouse.billing_customers (tenant_id, customer_id, email)
+SELECT r.tenant_id, s.stripe_customer_id, s.email
+FROM tollhouse.import_staging s
+JOIN tollhouse.tenants t ON t.owner_user_id = s.target_user_id AND t.is_default
+JOIN tollhouse.billing_customer_routes r
+  ON r.provider = 'stripe' AND r.customer_id = s.stripe_customer_id AND r.tenant_id = t.id
+WHERE s.run_id = %(run_id)s AND s.record_no > %(after)s AND s.record_no <= %(through)s
+  AND s.outcome IN ('created', 'updated') AND s.stripe_customer_id IS NOT NULL
+ON CONFLICT (tenant_id, provider, customer_id) DO NOTHING
+
+-- name: billing_subscriptions
+-- Stamped at the Unix epoch: any real Stripe event about the subscription is newer and wins.
+-- (credit_change_plan_v1 below is what moves the accounts.)
+INSERT INTO tollhouse.subscriptions
+    (tenant_id, id, customer_id, status, plan, current_period_end, metadata, stripe_at)
+SELECT r.tenant_id, s.stripe_subscription_id, s.stripe_customer_id, s.billing_status, s.plan,
+       s.period_end, jsonb_build_object('source', 'legacy_import', 'legacy_tier', s.legacy_tier),
+       timestamptz 'epoch'
+FROM tollhouse.import_staging s
+JOIN tollhouse.tenants t ON t.owner_user_id = s.target_user_id AND t.is_default
+JOIN tollhouse.billing_customer_routes r
+  ON r.provider = 'stripe' AND r.customer_id = s.stripe_customer_id AND r.tenant_id = t.id
+WHERE s.run_id = %(run_id)s AND s.record_no > %(after)s AND s.record_no <= %(through)s
+  AND s.outcome IN ('created', 'updated') AND s.stripe_subscription_id IS NOT NULL
+ON CONFLICT (tenant_id, id) DO UPDATE
+SET status = excluded.status, plan = excluded.plan,
+    current_period_end = excluded.current_period_end, updated_at = now()
+-- A changed record moves an imported state, never one a Stripe event has brought since.
+WHERE subscriptions.stripe_at = timestamptz 'epoch'
+  AND (subscriptions.status, subscriptions.plan, subscriptions.current_period_end)
+      IS DISTINCT FROM (excluded.status, excluded.plan, excluded.current_period_end)
+
+-- name: billing_plans
+-- The accounts of the batch's subscribers follow their effective plan (a canceled legacy
+-- subscription leaves the free plan); (customers written, subscriptions written, plans moved).
+WITH batch AS (
+    SELECT DISTINCT t.id AS tenant_id
+    FROM tollhouse.import_staging s
+    JOIN tollhouse.tenants t ON t.owner_user_id = s.target_user_id AND t.is_default
+    WHERE s.run_id = %(run_id)s AND s.record_no > %(after)s AND s.record_no <= %(through)s
+      AND s.outcome IN ('created', 'updated') AND s.stripe_subscription_id IS NOT NULL
+)
+SELECT count(*) FILTER (WHERE c.changed)
+FROM (SELECT tenant_id FROM batch ORDER BY tenant_id) b,
+     LATERAL tollhouse.credit_change_plan_v1(
+         b.tenant_id, NULL, tollhouse.billing_effective_plan_v1(b.tenant_id)) c
 
 -- name: batch_done
 -- The checkpoint: what a batch applied leaves the staging table with its commit. Zero rows

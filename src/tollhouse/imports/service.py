@@ -82,8 +82,8 @@ class ImportSummary:
     failed: int
     warnings: int
     identities_linked: int
-    billing_customers_pending: int
-    billing_subscriptions_pending: int
+    billing_customers: int
+    billing_subscriptions: int
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -227,8 +227,8 @@ class ImportService:
             failed=counts["failed"],
             warnings=rows[1],
             identities_linked=counts["identities_linked"],
-            billing_customers_pending=billing[0],
-            billing_subscriptions_pending=billing[1],
+            billing_customers=billing[0],
+            billing_subscriptions=billing[1],
         )
 
     # --- phase 1: stage and classify, in the caller's transaction --------------------------
@@ -396,13 +396,15 @@ class ImportService:
         return cur.rowcount, billing
 
     async def _apply_billing(self, conn: Conn, params: dict[str, Any]) -> tuple[int, int]:
-        """The billing step of a batch. The billing tables (migration 0006) are not in this
-        branch yet: this counts the customers and subscriptions the step will write, and the
-        Stripe ids stay in `import_users` until then (docs/import.md, "Billing")."""
-        cur = await conn.execute(queries["billing_pending"], params)
-        row = await cur.fetchone()
-        assert row is not None
-        return int(row[0]), int(row[1])
+        """The billing step of a batch: each Stripe customer routed to (and recorded for) its
+        user's personal tenant, each subscription recorded as a state older than any Stripe
+        event, and the subscribers' accounts moved to their effective plan. Returns the
+        customers and subscriptions written (0 on a rerun: every write is idempotent)."""
+        await conn.execute(queries["billing_routes"], params)
+        customers = await conn.execute(queries["billing_customers"], params)
+        subscriptions = await conn.execute(queries["billing_subscriptions"], params)
+        await conn.execute(queries["billing_plans"], params)
+        return customers.rowcount, subscriptions.rowcount
 
     # --- the report -------------------------------------------------------------------------
 
