@@ -398,17 +398,14 @@ CREATE OR REPLACE FUNCTION tollhouse.credit_debit_batch_v1(
 ) RETURNS SETOF tollhouse.credit_debit_result
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
--- The array-driven statements below would otherwise be planned anew on every call (custom
--- plans), which cost more than running them; their generic plans are index lookups.
-SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     n integer := coalesce(array_length(p_amounts, 1), 0);
-    v_tenants uuid[];
+    v_tenants uuid[] := p_tenants;
     results tollhouse.credit_debit_result[];
     v_tenant uuid;
-    v_prev uuid;
     a tollhouse.credit_accounts;
+    prior tollhouse.credit_debits;
     v_day date;
     v_code text;
     i integer;
@@ -417,41 +414,46 @@ DECLARE
     v_left bigint;
     v_take bigint;
     v_ledger uuid;
-    -- the known tenants (sorted), their locked accounts and what the batch needs of them
-    v_known uuid[] := '{}';
-    accts tollhouse.credit_accounts[] := '{}';
-    t_owners uuid[] := '{}';
-    v_gone uuid[] := '{}';
-    v_personal_owner uuid;
-    -- live grants of every known tenant, in (tenant, consumption) order; g_from/g_to slice
-    -- them per tenant (index into v_known)
-    g_tenants uuid[] := '{}';
-    g_ids uuid[] := '{}';
-    g_rem bigint[] := '{}';
+    -- the tenant's live grants, in consumption order
+    g_ids uuid[];
+    g_rem bigint[];
     g_orig bigint[];
-    g_from integer[];
-    g_to integer[];
-    -- turn claims and earlier outcomes
-    claim_ok boolean[];
-    pr_keys text[] := '{}';
-    pr_rows tollhouse.credit_debits[] := '{}';
-    prior tollhouse.credit_debits;
-    -- rows to write
-    l_tenants uuid[] := '{}'; l_ids uuid[] := '{}'; l_deltas bigint[] := '{}';
-    l_after bigint[] := '{}'; l_turns text[] := '{}'; l_sessions text[] := '{}';
-    l_users uuid[] := '{}'; l_reasons text[] := '{}'; l_meta jsonb[] := '{}';
-    s_tenants uuid[] := '{}'; s_ledger uuid[] := '{}'; s_grant uuid[] := '{}';
-    s_amount bigint[] := '{}';
-    d_tenants uuid[] := '{}'; d_turns text[] := '{}'; d_amounts bigint[] := '{}';
-    d_status text[] := '{}'; d_codes text[] := '{}'; d_ledger uuid[] := '{}';
-    d_after bigint[] := '{}';
-    a_ids uuid[] := '{}'; a_balance bigint[] := '{}'; a_daily bigint[] := '{}';
+    -- rows to write for the tenant
+    l_ids uuid[];
+    l_deltas bigint[];
+    l_after bigint[];
+    l_turns text[];
+    l_sessions text[];
+    l_users uuid[];
+    l_reasons text[];
+    l_meta jsonb[];
+    s_ledger uuid[];
+    s_grant uuid[];
+    s_amount bigint[];
+    d_turns text[];
+    d_amounts bigint[];
+    d_status text[];
+    d_codes text[];
+    d_ledger uuid[];
+    d_after bigint[];
+    -- per-row tenants of the rows above, and the accounts and grants to write back
+    l_tenants uuid[] := '{}';
+    s_tenants uuid[] := '{}';
+    d_tenants uuid[] := '{}';
+    a_ids uuid[] := '{}';
+    a_balance bigint[] := '{}';
+    a_daily bigint[] := '{}';
     a_day date[] := '{}';
+    w_tenants uuid[] := '{}';
+    w_ids uuid[] := '{}';
+    w_rem bigint[] := '{}';
+    w_orig bigint[] := '{}';
     v_first integer;
+    v_known uuid[] := '{}';
+    claim_ok boolean[];
     -- members spending from a tenant they named: their limit rows, locked
     m record;
     m_keys text[] := '{}';
-    m_pairs text[];
     m_tenants uuid[] := '{}';
     m_users uuid[] := '{}';
     m_limit bigint[] := '{}';
@@ -459,258 +461,227 @@ DECLARE
     m_held bigint[] := '{}';
     m_period timestamptz[] := '{}';
     v_m integer;
-    r record;
+    v_personal_owner uuid;
+    v_gone uuid[] := '{}';
+    v_members boolean := false;
+    v_is_gone boolean;
+    t_owners uuid[] := '{}';
 BEGIN
+    l_ids := '{}'; l_deltas := '{}'; l_after := '{}'; l_turns := '{}'; l_sessions := '{}';
+    l_users := '{}'; l_reasons := '{}'; l_meta := '{}';
+    s_ledger := '{}'; s_grant := '{}'; s_amount := '{}';
+    d_turns := '{}'; d_amounts := '{}'; d_status := '{}'; d_codes := '{}';
+    d_ledger := '{}'; d_after := '{}';
     results := array_fill(NULL::tollhouse.credit_debit_result, ARRAY[greatest(n, 1)]);
-    SELECT array_agg(coalesce(x.t, tollhouse.credit_personal_tenant_v1(x.u)) ORDER BY x.i)
-    INTO v_tenants
-    FROM unnest(p_tenants[1:n], p_users[1:n]) WITH ORDINALITY AS x(t, u, i);
-
-    -- 1. Every account locked in tenant order before anything else is written, one read
-    --    each; brought up to date (credit_account_v1) only when it does not exist yet or its
-    --    own fields say something may be due: a new period, the allowance, holds.
-    FOR v_tenant IN
-        SELECT DISTINCT x FROM unnest(v_tenants) AS x WHERE x IS NOT NULL ORDER BY x
-    LOOP
-        SELECT * INTO a FROM tollhouse.credit_accounts WHERE tenant_id = v_tenant FOR UPDATE;
-        IF NOT FOUND OR a.period_end <= now() OR a.allowance_for IS DISTINCT FROM a.period_start
-           OR a.reserved > 0 THEN
-            a := tollhouse.credit_account_v1(v_tenant);
-            CONTINUE WHEN a.tenant_id IS NULL;
+    FOR i IN 1 .. n LOOP
+        IF v_tenants[i] IS NULL THEN
+            v_tenants[i] := tollhouse.credit_personal_tenant_v1(p_users[i]);
         END IF;
-        v_known := v_known || v_tenant;
-        accts := accts || a;
-    END LOOP;
-    -- What the batch needs of the tenants: nothing new is spent from a soft-deleted one (its
-    -- replays still answer), and a personal one's owner needs no member limit row.
-    -- (Lookups here go by `= ANY(array)`, which plans as index scans whatever the size.)
-    SELECT coalesce(array_agg(CASE WHEN t.is_default THEN t.owner_user_id END
-                              ORDER BY array_position(v_known, t.id)), '{}'),
-           coalesce(array_agg(t.id) FILTER (WHERE t.deleted_at IS NOT NULL), '{}')
-    INTO t_owners, v_gone
-    FROM tollhouse.tenants t WHERE t.id = ANY(v_known);
-    -- 1a. Grants past their expiry, under the locks now held: those accounts are brought up
-    --     to date too (credit_account_v1 expires them).
-    FOR v_tenant IN
-        SELECT DISTINCT g.tenant_id FROM tollhouse.credit_grants g
-        WHERE g.tenant_id = ANY(v_known) AND g.remaining > 0 AND g.expires_at <= now()
-        ORDER BY g.tenant_id
-    LOOP
-        accts[array_position(v_known, v_tenant)] := tollhouse.credit_account_v1(v_tenant);
     END LOOP;
 
+    -- 1. Every account locked (and brought up to date) in tenant order, before anything else
+    --    is written: two batches, or a batch and a single debit, cannot wait on each other.
+    FOR v_tenant IN
+        SELECT DISTINCT x FROM unnest(v_tenants[1:n]) AS x WHERE x IS NOT NULL ORDER BY x
+    LOOP
+        a := tollhouse.credit_account_v1(v_tenant);
+        IF a.tenant_id IS NOT NULL THEN
+            -- One read of the tenant: nothing new is spent from a soft-deleted one (its
+            -- replays still answer), and a personal one's owner needs no limit row.
+            SELECT t.deleted_at IS NOT NULL, CASE WHEN t.is_default THEN t.owner_user_id END
+            INTO v_is_gone, v_personal_owner
+            FROM tollhouse.tenants t WHERE t.id = v_tenant;
+            v_known := v_known || v_tenant;
+            t_owners := t_owners || v_personal_owner;
+            IF v_is_gone THEN
+                v_gone := v_gone || v_tenant;
+            END IF;
+        END IF;
+    END LOOP;
     -- 1b. The limit rows of members spending from a tenant they named, locked after the
     --     accounts in (tenant, user) order, with the usage of the pool's current period and
     --     the member's pending holds.
-    SELECT coalesce(array_agg(DISTINCT p_tenants[x]::text || p_users[x]::text), '{}')
-    INTO m_pairs
-    FROM generate_series(1, n) AS x
-    WHERE p_tenants[x] = ANY(v_known) AND p_users[x] IS NOT NULL;
-    FOR m IN
-        SELECT l.tenant_id, l.user_id, l.credit_limit, c.period_start,
-               CASE WHEN l.period_start IS DISTINCT FROM c.period_start THEN 0
-                    ELSE l.used_credits END AS used
-        FROM tollhouse.tenant_member_credit_limits l
-        JOIN tollhouse.credit_accounts c ON c.tenant_id = l.tenant_id
-        JOIN tollhouse.users u ON u.id = l.user_id AND u.deleted_at IS NULL
-        WHERE cardinality(m_pairs) > 0 AND l.tenant_id = ANY(v_known)
-          AND l.user_id = ANY(p_users) AND l.tenant_id::text || l.user_id::text = ANY(m_pairs)
-        ORDER BY l.tenant_id, l.user_id
-        FOR UPDATE OF l
-    LOOP
-        m_keys := m_keys || (m.tenant_id::text || m.user_id::text);
-        m_tenants := m_tenants || m.tenant_id; m_users := m_users || m.user_id;
-        m_limit := m_limit || m.credit_limit; m_used := m_used || m.used;
-        m_period := m_period || m.period_start;
-        m_held := m_held || CASE WHEN m.credit_limit < 0 THEN 0::bigint ELSE (
-            SELECT coalesce(sum(hr.amount), 0) FROM tollhouse.credit_reservations hr
-            WHERE hr.tenant_id = m.tenant_id AND hr.acting_user_id = m.user_id
-              AND hr.status = 'pending') END;
-    END LOOP;
-
-    -- 2. Turn ids claimed at once, in turn-id order: a new turn id goes to the first debit
-    --    in the array that names it (as one at a time would); a turn id is ours when its
-    --    owner is the debit's tenant and no hold of that tenant has it.
-    INSERT INTO tollhouse.credit_turns (turn_id, tenant_id)
-    SELECT DISTINCT ON (p_turn_ids[x.i]) p_turn_ids[x.i], v_tenants[x.i]
-    FROM generate_series(1, n) AS x(i)
-    WHERE v_tenants[x.i] = ANY(v_known) AND v_tenants[x.i] <> ALL(v_gone)
-    ORDER BY p_turn_ids[x.i], x.i
-    ON CONFLICT (turn_id) DO NOTHING;
-    -- (Scalar subqueries, so that each is one index lookup whatever the plan thinks of n.)
-    SELECT array_agg((SELECT ct.tenant_id FROM tollhouse.credit_turns ct
-                      WHERE ct.turn_id = p_turn_ids[x.i]) IS NOT DISTINCT FROM v_tenants[x.i]
-                     AND NOT EXISTS (SELECT 1 FROM tollhouse.credit_reservations cr
-                                     WHERE cr.tenant_id = v_tenants[x.i]
-                                       AND cr.turn_id = p_turn_ids[x.i])
-                     ORDER BY x.i)
-    INTO claim_ok
-    FROM generate_series(1, n) AS x(i);
-
-    -- 3. Earlier outcomes of these turns, and every live grant, read (and locked) at once.
-    SELECT coalesce(array_agg(d.tenant_id::text || d.turn_id), '{}'), coalesce(array_agg(d), '{}')
-    INTO pr_keys, pr_rows
-    FROM generate_series(1, n) AS x(i),
-         LATERAL (SELECT * FROM tollhouse.credit_debits cd
-                  WHERE cd.tenant_id = v_tenants[x.i] AND cd.turn_id = p_turn_ids[x.i]) d;
-    g_from := array_fill(1, ARRAY[greatest(array_length(v_known, 1), 1)]);
-    g_to := array_fill(0, ARRAY[greatest(array_length(v_known, 1), 1)]);
-    FOR r IN
-        SELECT g.tenant_id, g.id, g.remaining FROM tollhouse.credit_grants g
-        WHERE g.tenant_id = ANY(v_known) AND g.tenant_id <> ALL(v_gone) AND g.remaining > 0
-          AND (g.expires_at IS NULL OR g.expires_at > now())
-        ORDER BY g.tenant_id, g.priority DESC, g.expires_at ASC NULLS LAST, g.created_at, g.id
-        FOR UPDATE
-    LOOP
-        g_tenants := g_tenants || r.tenant_id; g_ids := g_ids || r.id;
-        g_rem := g_rem || r.remaining;
-        k := array_position(v_known, r.tenant_id);
-        IF r.tenant_id IS DISTINCT FROM v_prev THEN
-            g_from[k] := coalesce(array_length(g_ids, 1), 0);
-            v_prev := r.tenant_id;
+    FOR i IN 1 .. n LOOP
+        IF p_tenants[i] IS NOT NULL AND p_users[i] IS NOT NULL THEN
+            v_members := true;
+            EXIT;
         END IF;
-        g_to[k] := coalesce(array_length(g_ids, 1), 0);
     END LOOP;
-    g_orig := g_rem;
-
-    -- 4. Decided in array order per tenant (the debits visited tenant by tenant).
-    v_prev := NULL;
+    IF v_members THEN
+        FOR m IN
+            SELECT l.tenant_id, l.user_id, l.credit_limit, c.period_start,
+                   CASE WHEN l.period_start IS DISTINCT FROM c.period_start THEN 0
+                        ELSE l.used_credits END AS used
+            FROM tollhouse.tenant_member_credit_limits l
+            JOIN tollhouse.credit_accounts c ON c.tenant_id = l.tenant_id
+            JOIN tollhouse.users u ON u.id = l.user_id AND u.deleted_at IS NULL
+            WHERE (l.tenant_id, l.user_id) IN (
+                SELECT p_tenants[x], p_users[x] FROM generate_series(1, n) AS x
+                WHERE p_tenants[x] = ANY(v_known) AND p_users[x] IS NOT NULL)
+            ORDER BY l.tenant_id, l.user_id
+            FOR UPDATE OF l
+        LOOP
+            m_keys := m_keys || (m.tenant_id::text || m.user_id::text);
+            m_tenants := m_tenants || m.tenant_id; m_users := m_users || m.user_id;
+            m_limit := m_limit || m.credit_limit; m_used := m_used || m.used;
+            m_period := m_period || m.period_start;
+            m_held := m_held || CASE WHEN m.credit_limit < 0 THEN 0::bigint ELSE (
+                SELECT coalesce(sum(r.amount), 0) FROM tollhouse.credit_reservations r
+                WHERE r.tenant_id = m.tenant_id AND r.acting_user_id = m.user_id
+                  AND r.status = 'pending') END;
+        END LOOP;
+    END IF;
+    -- 2. Turn ids claimed in array order (sorted by turn id, then position, for a global key
+    --    order): of two tenants sending one new turn id, the earlier debit gets it, as one at
+    --    a time.
+    claim_ok := array_fill(false, ARRAY[greatest(n, 1)]);
     FOR i IN
         SELECT x.i FROM generate_series(1, n) AS x(i)
-        WHERE v_tenants[x.i] = ANY(v_known)
-        ORDER BY v_tenants[x.i], x.i
+        WHERE v_tenants[x.i] = ANY(v_known) AND v_tenants[x.i] <> ALL(v_gone)
+        ORDER BY p_turn_ids[x.i], x.i
     LOOP
-        v_tenant := v_tenants[i];
-        IF v_tenant IS DISTINCT FROM v_prev THEN
-            IF v_prev IS NOT NULL THEN
-                a_ids := a_ids || a.tenant_id; a_balance := a_balance || a.balance;
-                a_daily := a_daily || a.daily_used; a_day := a_day || a.day_start;
-            END IF;
-            v_prev := v_tenant;
-            k := array_position(v_known, v_tenant);
-            a := accts[k];
-            v_personal_owner := t_owners[k];
-            v_first := coalesce(array_length(d_turns, 1), 0) + 1;  -- this tenant's outcomes
-            v_day := (now() AT TIME ZONE a.time_zone)::date;
-            IF a.day_start IS NULL OR v_day > a.day_start THEN
-                a.daily_used := 0;
-                a.day_start := v_day;
-            END IF;
+        claim_ok[i] := tollhouse.credit_claim_turn_v1(p_turn_ids[i], v_tenants[i], false);
+    END LOOP;
+    -- 3. Decided per tenant, in array order.
+    FOREACH v_tenant IN ARRAY v_known LOOP
+        SELECT * INTO a FROM tollhouse.credit_accounts WHERE tenant_id = v_tenant;
+        SELECT array_agg(id ORDER BY priority DESC, expires_at ASC NULLS LAST, created_at, id),
+               array_agg(remaining ORDER BY priority DESC, expires_at ASC NULLS LAST,
+                         created_at, id)
+        INTO g_ids, g_rem
+        FROM (SELECT g.id, g.remaining, g.priority, g.expires_at, g.created_at
+              FROM tollhouse.credit_grants g
+              WHERE g.tenant_id = v_tenant AND g.remaining > 0
+                AND (g.expires_at IS NULL OR g.expires_at > now())
+              FOR UPDATE) live;
+        g_orig := g_rem;
+        v_first := coalesce(array_length(d_turns, 1), 0) + 1;  -- this tenant's outcomes
+        v_personal_owner := t_owners[array_position(v_known, v_tenant)];
+        v_day := (now() AT TIME ZONE a.time_zone)::date;
+        IF a.day_start IS NULL OR v_day > a.day_start THEN
+            a.daily_used := 0;
+            a.day_start := v_day;
         END IF;
 
-        -- A turn decided earlier in this batch, or before it: its first outcome again.
-        j := array_position(d_turns, p_turn_ids[i], v_first);
-        IF j IS NOT NULL THEN
-            IF d_amounts[j] <> p_amounts[i] THEN
-                results[i] := ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL,
-                                  p_amounts[i], NULL, false);
-            ELSE
-                results[i] := ROW(v_tenant, d_status[j], d_codes[j], d_ledger[j],
-                                  d_amounts[j], d_after[j], true);
-            END IF;
-            CONTINUE;
-        END IF;
-        j := array_position(pr_keys, v_tenant::text || p_turn_ids[i]);
-        IF j IS NOT NULL THEN
-            prior := pr_rows[j];
-            IF prior.amount <> p_amounts[i] THEN
-                results[i] := ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL,
-                                  p_amounts[i], NULL, false);
-            ELSE
-                results[i] := ROW(v_tenant, prior.status, prior.code, prior.ledger_id,
-                                  prior.amount, prior.balance_after, true);
-            END IF;
-            CONTINUE;
-        END IF;
-        IF v_tenant = ANY(v_gone) THEN
-            results[i] := ROW(v_tenant, 'rejected', 'not_found', NULL, p_amounts[i], NULL,
-                              false);
-            CONTINUE;
-        END IF;
-        IF NOT claim_ok[i] THEN
-            results[i] := ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL,
-                              p_amounts[i], NULL, false);
-            CONTINUE;
-        END IF;
-
-        v_code := NULL;
-        v_m := NULL;
-        IF p_tenants[i] IS NOT NULL AND p_users[i] IS NOT NULL THEN
-            v_m := array_position(m_keys, p_tenants[i]::text || p_users[i]::text);
-            IF v_m IS NULL THEN
-                IF p_users[i] IS DISTINCT FROM v_personal_owner THEN
-                    v_code := 'not_a_member';
+        FOR i IN 1 .. n LOOP
+            CONTINUE WHEN v_tenants[i] IS DISTINCT FROM v_tenant;
+            -- A turn decided earlier in this batch, or before it: its first outcome again.
+            k := array_position(d_turns, p_turn_ids[i], v_first);
+            IF k IS NOT NULL THEN
+                IF d_amounts[k] <> p_amounts[i] THEN
+                    results[i] := ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL,
+                                      p_amounts[i], NULL, false);
+                ELSE
+                    results[i] := ROW(v_tenant, d_status[k], d_codes[k], d_ledger[k],
+                                      d_amounts[k], d_after[k], true);
                 END IF;
-            ELSIF m_limit[v_m] >= 0
-                  AND m_used[v_m] + m_held[v_m] + p_amounts[i] > m_limit[v_m] THEN
-                v_code := 'member_limit_exceeded';
+                CONTINUE;
             END IF;
-        END IF;
-        IF v_code IS NOT NULL THEN
-            NULL;
-        ELSIF a.daily_cap IS NOT NULL AND a.daily_used + p_amounts[i] > a.daily_cap THEN
-            v_code := 'daily_cap_exceeded';
-        ELSIF a.balance - a.reserved - p_amounts[i] < -a.overdraft_limit THEN
-            v_code := 'insufficient_credits';
-        END IF;
-        IF v_code IS NOT NULL THEN
+            SELECT * INTO prior FROM tollhouse.credit_debits d
+            WHERE d.tenant_id = v_tenant AND d.turn_id = p_turn_ids[i];
+            IF FOUND THEN
+                IF prior.amount <> p_amounts[i] THEN
+                    results[i] := ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL,
+                                      p_amounts[i], NULL, false);
+                ELSE
+                    results[i] := ROW(v_tenant, prior.status, prior.code, prior.ledger_id,
+                                      prior.amount, prior.balance_after, true);
+                END IF;
+                CONTINUE;
+            END IF;
+            IF v_tenant = ANY(v_gone) THEN
+                results[i] := ROW(v_tenant, 'rejected', 'not_found', NULL, p_amounts[i], NULL,
+                                  false);
+                CONTINUE;
+            END IF;
+            IF NOT claim_ok[i] THEN
+                results[i] := ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL,
+                                  p_amounts[i], NULL, false);
+                CONTINUE;
+            END IF;
+
+            v_code := NULL;
+            v_m := NULL;
+            IF p_tenants[i] IS NOT NULL AND p_users[i] IS NOT NULL THEN
+                v_m := array_position(m_keys, p_tenants[i]::text || p_users[i]::text);
+                IF v_m IS NULL THEN
+                    IF p_users[i] IS DISTINCT FROM v_personal_owner THEN
+                        v_code := 'not_a_member';
+                    END IF;
+                ELSIF m_limit[v_m] >= 0
+                      AND m_used[v_m] + m_held[v_m] + p_amounts[i] > m_limit[v_m] THEN
+                    v_code := 'member_limit_exceeded';
+                END IF;
+            END IF;
+            IF v_code IS NOT NULL THEN
+                NULL;
+            ELSIF a.daily_cap IS NOT NULL AND a.daily_used + p_amounts[i] > a.daily_cap THEN
+                v_code := 'daily_cap_exceeded';
+            ELSIF a.balance - a.reserved - p_amounts[i] < -a.overdraft_limit THEN
+                v_code := 'insufficient_credits';
+            END IF;
+            IF v_code IS NOT NULL THEN
+                d_tenants := d_tenants || v_tenant;
+                d_turns := d_turns || p_turn_ids[i]; d_amounts := d_amounts || p_amounts[i];
+                d_status := d_status || 'rejected'::text; d_codes := d_codes || v_code;
+                d_ledger := d_ledger || NULL::uuid; d_after := d_after || NULL::bigint;
+                results[i] := ROW(v_tenant, 'rejected', v_code, NULL, p_amounts[i], NULL, false);
+                CONTINUE;
+            END IF;
+
+            v_ledger := tollhouse.uuid7();
+            v_left := p_amounts[i];
+            FOR j IN 1 .. coalesce(array_length(g_ids, 1), 0) LOOP
+                EXIT WHEN v_left = 0;
+                CONTINUE WHEN g_rem[j] = 0;
+                v_take := least(v_left, g_rem[j]);
+                g_rem[j] := g_rem[j] - v_take;
+                v_left := v_left - v_take;
+                s_tenants := s_tenants || v_tenant;
+                s_ledger := s_ledger || v_ledger; s_grant := s_grant || g_ids[j];
+                s_amount := s_amount || v_take;
+            END LOOP;
+            a.balance := a.balance - p_amounts[i];
+            a.daily_used := a.daily_used + p_amounts[i];
+            IF v_m IS NOT NULL THEN
+                m_used[v_m] := m_used[v_m] + p_amounts[i];
+            END IF;
+            l_tenants := l_tenants || v_tenant;
+            l_ids := l_ids || v_ledger; l_deltas := l_deltas || (-p_amounts[i]);
+            l_after := l_after || a.balance; l_turns := l_turns || p_turn_ids[i];
+            l_sessions := l_sessions || p_session_ids[i]; l_users := l_users || p_users[i];
+            l_reasons := l_reasons || p_reasons[i];
+            l_meta := l_meta || coalesce(nullif(p_metadata[i], 'null'::jsonb), '{}'::jsonb);
             d_tenants := d_tenants || v_tenant;
             d_turns := d_turns || p_turn_ids[i]; d_amounts := d_amounts || p_amounts[i];
-            d_status := d_status || 'rejected'::text; d_codes := d_codes || v_code;
-            d_ledger := d_ledger || NULL::uuid; d_after := d_after || NULL::bigint;
-            results[i] := ROW(v_tenant, 'rejected', v_code, NULL, p_amounts[i], NULL, false);
-            CONTINUE;
-        END IF;
-
-        v_ledger := tollhouse.uuid7();
-        v_left := p_amounts[i];
-        k := array_position(v_known, v_tenant);
-        FOR j IN g_from[k] .. g_to[k] LOOP
-            EXIT WHEN v_left = 0;
-            CONTINUE WHEN g_rem[j] = 0;
-            v_take := least(v_left, g_rem[j]);
-            g_rem[j] := g_rem[j] - v_take;
-            v_left := v_left - v_take;
-            s_tenants := s_tenants || v_tenant;
-            s_ledger := s_ledger || v_ledger; s_grant := s_grant || g_ids[j];
-            s_amount := s_amount || v_take;
+            d_status := d_status || 'applied'::text; d_codes := d_codes || NULL::text;
+            d_ledger := d_ledger || v_ledger; d_after := d_after || a.balance;
+            results[i] := ROW(v_tenant, 'applied', NULL, v_ledger, p_amounts[i], a.balance, false);
         END LOOP;
-        a.balance := a.balance - p_amounts[i];
-        a.daily_used := a.daily_used + p_amounts[i];
-        IF v_m IS NOT NULL THEN
-            m_used[v_m] := m_used[v_m] + p_amounts[i];
-        END IF;
-        l_tenants := l_tenants || v_tenant;
-        l_ids := l_ids || v_ledger; l_deltas := l_deltas || (-p_amounts[i]);
-        l_after := l_after || a.balance; l_turns := l_turns || p_turn_ids[i];
-        l_sessions := l_sessions || p_session_ids[i]; l_users := l_users || p_users[i];
-        l_reasons := l_reasons || p_reasons[i];
-        l_meta := l_meta || coalesce(nullif(p_metadata[i], 'null'::jsonb), '{}'::jsonb);
-        d_tenants := d_tenants || v_tenant;
-        d_turns := d_turns || p_turn_ids[i]; d_amounts := d_amounts || p_amounts[i];
-        d_status := d_status || 'applied'::text; d_codes := d_codes || NULL::text;
-        d_ledger := d_ledger || v_ledger; d_after := d_after || a.balance;
-        results[i] := ROW(v_tenant, 'applied', NULL, v_ledger, p_amounts[i], a.balance, false);
-    END LOOP;
-    IF v_prev IS NOT NULL THEN
-        a_ids := a_ids || a.tenant_id; a_balance := a_balance || a.balance;
-        a_daily := a_daily || a.daily_used; a_day := a_day || a.day_start;
-    END IF;
 
-    -- 5. Each table written once for the whole batch.
+        a_ids := a_ids || v_tenant; a_balance := a_balance || a.balance;
+        a_daily := a_daily || a.daily_used; a_day := a_day || a.day_start;
+        FOR j IN 1 .. coalesce(array_length(g_ids, 1), 0) LOOP
+            IF g_rem[j] <> g_orig[j] THEN
+                w_tenants := w_tenants || v_tenant; w_ids := w_ids || g_ids[j];
+                w_rem := w_rem || g_rem[j];
+            END IF;
+        END LOOP;
+    END LOOP;
+
+    -- Each table written once for the whole batch.
     UPDATE tollhouse.credit_accounts c
     SET balance = u.balance, daily_used = u.daily, day_start = u.day, updated_at = now()
     FROM unnest(a_ids, a_balance, a_daily, a_day) AS u(tenant_id, balance, daily, day)
-    WHERE c.tenant_id = u.tenant_id
-      AND (c.balance, c.daily_used, c.day_start) IS DISTINCT FROM (u.balance, u.daily, u.day);
+    WHERE c.tenant_id = u.tenant_id;
     UPDATE tollhouse.tenant_member_credit_limits l
     SET used_credits = u.used, period_start = u.period, updated_at = now()
     FROM unnest(m_tenants, m_users, m_used, m_period) AS u(tenant_id, user_id, used, period)
     WHERE l.tenant_id = u.tenant_id AND l.user_id = u.user_id
       AND (l.used_credits <> u.used OR l.period_start IS DISTINCT FROM u.period);
     UPDATE tollhouse.credit_grants g SET remaining = u.rem
-    FROM unnest(g_tenants, g_ids, g_rem, g_orig) AS u(tenant_id, id, rem, orig)
-    WHERE g.tenant_id = u.tenant_id AND g.id = u.id AND u.rem <> u.orig;
+    FROM unnest(w_tenants, w_ids, w_rem) AS u(tenant_id, id, rem)
+    WHERE g.tenant_id = u.tenant_id AND g.id = u.id;
     INSERT INTO tollhouse.credit_ledger
         (tenant_id, id, kind, reason, delta, balance_after, turn_id, session_id,
          acting_user_id, metadata)
