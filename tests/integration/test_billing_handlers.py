@@ -411,3 +411,44 @@ async def test_an_unreadable_signed_object_is_failed_not_500(
     reply = await b.deliver(client, fs.event("customer.subscription.created", sub))
     assert reply.status_code == 200 and reply.json()["status"] == "failed", reply.text
     assert "unreadable" in reply.json()["error"]
+
+
+async def test_a_refund_that_comes_before_its_purchase_still_takes_the_credits_back(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
+) -> None:
+    await b.load_prices(client)
+    user_id, _ = await b.new_user(client, auth)
+    payment = fs.new_id("pi")
+    session = fs.shape(
+        "checkout.session",
+        id=fs.new_id("cs_test"),
+        mode="payment",
+        customer=None,
+        client_reference_id=str(user_id),
+        payment_status="paid",
+        amount_total=2000,
+        payment_intent=payment,
+        metadata={"tollhouse_price_id": b.PACK},
+    )
+    charge = fs.shape(
+        "charge",
+        id=fs.new_id("ch"),
+        payment_intent=payment,
+        amount=2000,
+        amount_refunded=2000,
+        refunded=True,
+        customer=None,
+    )
+    assert (await b.ok(client, fs.event("charge.refunded", charge)))["status"] == "ignored"
+    assert (await b.ok(client, fs.event("checkout.session.completed", session)))["status"] == (
+        "processed"
+    )
+    rows = await _rows(
+        tollhouse,
+        "SELECT credits, refunded_amount FROM tollhouse.credit_pack_purchases"
+        " WHERE payment_intent = %s",
+        payment,
+    )
+    assert rows == [(500, 2000)]
+    balance = (await client.get(f"/v1/credits/balance?user_id={user_id}", headers=auth)).json()
+    assert balance["balance"] == 100  # the free allowance; the pack's 500 went back

@@ -361,32 +361,46 @@ async def _purchase(ctx: Context, tenant: uuid.UUID, session_id: str) -> None:
         )
     else:
         raise Problem(f"unknown price {price_id}: neither a credit pack nor a lifetime deal")
+    await _refund_earlier(ctx.conn, ref(ctx.obj.get("payment_intent")))
 
 
 async def charge_refunded(ctx: Context) -> Applied:
-    payment_intent = ref(ctx.obj.get("payment_intent"))
-    refunded = int(ctx.obj.get("amount_refunded") or 0)
-    if payment_intent is None:
+    if ref(ctx.obj.get("payment_intent")) is None:
         return Applied("ignored")
-    cur = await ctx.conn.execute(
-        queries["purchases_by_payment"], {"payment_intent": payment_intent}
-    )
-    purchases = await cur.fetchall()
-    if not purchases:
+    tenant = await _refund(ctx.conn, ctx.obj)
+    if tenant is None:
+        # Before its purchase: the event stays stored, and the purchase applies it (below).
         return Applied("ignored")
+    return Applied("processed", tenant, ref(ctx.obj.get("customer")))
+
+
+async def _refund(conn: Conn, charge: Obj) -> uuid.UUID | None:
+    """Apply a charge's refunded total to the purchases it paid for; their tenant, or None
+    when no purchase of that payment is known (yet). Idempotent: the total, not a delta."""
+    payment_intent = ref(charge.get("payment_intent"))
+    refunded = int(charge.get("amount_refunded") or 0)
+    cur = await conn.execute(queries["purchases_by_payment"], {"payment_intent": payment_intent})
     tenant: uuid.UUID | None = None
-    for kind, tenant, purchase_id, amount in purchases:
+    for kind, tenant, purchase_id, amount in await cur.fetchall():
         if kind == "pack":
-            await ctx.conn.execute(
+            await conn.execute(
                 queries["refund_pack"],
                 {"tenant_id": tenant, "id": purchase_id, "refunded": refunded},
             )
-        elif amount is None or refunded >= amount or ctx.obj.get("refunded"):
-            await ctx.conn.execute(
-                queries["refund_lifetime"], {"tenant_id": tenant, "id": purchase_id}
-            )
-            await sync_plan(ctx.conn, tenant)
-    return Applied("processed", tenant, ref(ctx.obj.get("customer")))
+        elif amount is None or refunded >= amount or charge.get("refunded"):
+            await conn.execute(queries["refund_lifetime"], {"tenant_id": tenant, "id": purchase_id})
+            await sync_plan(conn, tenant)
+    return tenant
+
+
+async def _refund_earlier(conn: Conn, payment_intent: str | None) -> None:
+    """A refund Stripe delivered before the purchase it refunds, applied now."""
+    if payment_intent is None:
+        return
+    cur = await conn.execute(queries["earlier_refund"], {"payment_intent": payment_intent})
+    row = await cur.fetchone()
+    if row is not None:
+        await _refund(conn, row[0])
 
 
 Handler = Callable[[Context], Awaitable[Applied]]

@@ -206,6 +206,14 @@ UNION ALL
 SELECT 'lifetime', tenant_id, id, amount FROM tollhouse.lifetime_purchases
 WHERE payment_intent = %(payment_intent)s
 
+-- name: earlier_refund
+-- The largest refunded total Stripe has told of for a payment (refund events carry totals).
+SELECT payload #> '{data,object}' FROM tollhouse.billing_events
+WHERE type = 'charge.refunded'
+  AND payload #>> '{data,object,payment_intent}' = %(payment_intent)s
+ORDER BY (payload #>> '{data,object,amount_refunded}')::bigint DESC
+LIMIT 1
+
 -- name: refund_pack
 SELECT taken_back, unrecovered FROM tollhouse.billing_refund_pack_v1(
     %(tenant_id)s, %(id)s, %(refunded)s)

@@ -176,6 +176,9 @@ CREATE INDEX billing_events_status_idx ON tollhouse.billing_events (status, rece
 CREATE INDEX billing_events_parked_idx ON tollhouse.billing_events (customer_id, event_created)
     WHERE status = 'parked';
 CREATE INDEX billing_events_tenant_idx ON tollhouse.billing_events (tenant_id, received_at);
+-- A refund that came before its purchase is found by its payment when the purchase comes.
+CREATE INDEX billing_events_refunds_idx ON tollhouse.billing_events
+    ((payload #>> '{data,object,payment_intent}')) WHERE type = 'charge.refunded';
 
 -- A delivery that reused an event id with another body: recorded, never applied.
 CREATE TABLE tollhouse.billing_event_conflicts (
