@@ -140,3 +140,36 @@ async def test_sync_reconciles_what_never_arrived_and_later_deliveries_change_no
     await tollhouse.billing.sync()
     balance = (await client.get(f"/v1/credits/balance?user_id={user_id}", headers=auth)).json()
     assert balance["balance"] == 20000
+
+
+async def test_sync_never_overwrites_an_event_newer_than_its_page(
+    client: httpx.AsyncClient,
+    auth: dict[str, str],
+    tollhouse: Tollhouse,
+    stripe_api: fs.FakeStripe,
+) -> None:
+    """A webhook about a change made while sync's page was on its way (stamped this second)
+    is newer than the page's state: sync keeps it."""
+    _, tenant_id = await b.new_user(client, auth)
+    customer = fs.shape(
+        "customer", id=fs.new_id("cus"), metadata={"tollhouse_tenant_id": str(tenant_id)}
+    )
+    the_price = fs.price(f"price_race_{uuid.uuid4().hex[:6]}", tollhouse_plan="pro")
+    start, end = b.period()
+    sub = fs.subscription(fs.new_id("sub"), customer["id"], the_price, start=start, end=end)
+    for kind, obj in (("customers", customer), ("prices", the_price), ("subscriptions", sub)):
+        stripe_api.put(kind, obj)
+    await tollhouse.billing.sync()
+    # The page Stripe answers still says active; the webhook of this very second says past_due.
+    await b.ok(
+        client,
+        fs.event(
+            "customer.subscription.updated", {**sub, "status": "past_due"}, created=int(time.time())
+        ),
+    )
+    await tollhouse.billing.sync()
+    async with tollhouse.db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT status FROM tollhouse.subscriptions WHERE id = %s", (sub["id"],)
+        )
+        assert await cur.fetchone() == ("past_due",)

@@ -9,7 +9,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import psycopg
@@ -355,8 +355,9 @@ class BillingService:
 
     async def sync(self, *, since: datetime | None = None) -> SyncReport:
         """Page through products, prices, customers, subscriptions (canceled ones too) and
-        invoices at Stripe and apply each as of now, the time of the fetch: an object's
-        fetched state is newer than any event sent before it."""
+        invoices at Stripe and apply each as of the moment its page was asked for: the
+        fetched state is newer than any event sent before that, and older than any sent
+        after (which then wins)."""
         counts: dict[str, int] = {"unlinked": 0}
         failures: list[dict[str, Any]] = []
         created = {"gte": int(since.timestamp())} if since else None
@@ -370,8 +371,7 @@ class BillingService:
         for name, service, extra, type_of in kinds:
             params = {**extra, "limit": 100, **({"created": created} if created else {})}
             counts[name] = 0
-            async for obj in self._pages(service.list, params):
-                fetched_at = datetime.now(UTC)
+            async for obj, fetched_at in self._pages(service.list, params):
                 try:
                     await self._apply_fetched(type_of(obj), obj, fetched_at)
                     counts[name] += 1
@@ -391,15 +391,19 @@ class BillingService:
 
     async def _pages(
         self, list_fn: Callable[..., Any], params: dict[str, Any]
-    ) -> AsyncIterator[Obj]:
+    ) -> AsyncIterator[tuple[Obj, datetime]]:
+        """Each object with the time its state is known as of: the second before its page
+        was asked for (Stripe stamps events in whole seconds), so an event about a change
+        made while the page was on its way is newer, and wins."""
         after: str | None = None
         while True:
+            as_of = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
             page = await self._call(
                 list_fn, params={**params, **({"starting_after": after} if after else {})}
             )
             raw = _raw(page)
             for item in raw.get("data") or []:
-                yield item
+                yield item, as_of
             if not raw.get("has_more") or not raw.get("data"):
                 return
             after = raw["data"][-1]["id"]
