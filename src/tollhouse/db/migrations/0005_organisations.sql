@@ -71,23 +71,27 @@ CREATE TABLE tollhouse.invitation_routes (
     CONSTRAINT invitation_routes_pkey PRIMARY KEY (selector)
 );
 
--- A personal tenant has one member: its owner.
+-- A personal tenant has one member: its owner. Checked once per statement over the rows it
+-- wrote (a bulk import inserts thousands at a time).
 CREATE FUNCTION tollhouse.tenant_members_personal_check() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM tollhouse.tenants t
-               WHERE t.id = NEW.tenant_id AND t.is_default
-                 AND (t.owner_user_id <> NEW.user_id OR NEW.role <> 'owner')) THEN
+    IF EXISTS (SELECT 1 FROM written_members n JOIN tollhouse.tenants t ON t.id = n.tenant_id
+               WHERE t.is_default AND (t.owner_user_id <> n.user_id OR n.role <> 'owner')) THEN
         RAISE EXCEPTION 'a personal tenant has no other members'
             USING ERRCODE = 'check_violation', CONSTRAINT = 'tenant_members_personal_check';
     END IF;
     RETURN NULL;
 END
 $$;
-CREATE TRIGGER tenant_members_personal_check AFTER INSERT OR UPDATE ON tollhouse.tenant_members
-    FOR EACH ROW EXECUTE FUNCTION tollhouse.tenant_members_personal_check();
+CREATE TRIGGER tenant_members_personal_check AFTER INSERT ON tollhouse.tenant_members
+    REFERENCING NEW TABLE AS written_members
+    FOR EACH STATEMENT EXECUTE FUNCTION tollhouse.tenant_members_personal_check();
+CREATE TRIGGER tenant_members_personal_check_update AFTER UPDATE ON tollhouse.tenant_members
+    REFERENCING NEW TABLE AS written_members
+    FOR EACH STATEMENT EXECUTE FUNCTION tollhouse.tenant_members_personal_check();
 
 -- Every member of an organisation has a limit row (unlimited until set): the debit locks it.
 CREATE FUNCTION tollhouse.tenant_members_limit_row() RETURNS trigger
@@ -96,14 +100,15 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     INSERT INTO tollhouse.tenant_member_credit_limits (tenant_id, user_id)
-    SELECT NEW.tenant_id, NEW.user_id
-    FROM tollhouse.tenants t WHERE t.id = NEW.tenant_id AND NOT t.is_default
+    SELECT n.tenant_id, n.user_id
+    FROM written_members n JOIN tollhouse.tenants t ON t.id = n.tenant_id AND NOT t.is_default
     ON CONFLICT DO NOTHING;
     RETURN NULL;
 END
 $$;
 CREATE TRIGGER tenant_members_limit_row AFTER INSERT ON tollhouse.tenant_members
-    FOR EACH ROW EXECUTE FUNCTION tollhouse.tenant_members_limit_row();
+    REFERENCING NEW TABLE AS written_members
+    FOR EACH STATEMENT EXECUTE FUNCTION tollhouse.tenant_members_limit_row();
 
 -- An organisation keeps at least one owner (a live user), a personal tenant keeps its owner,
 -- and the owner of record follows when it stops being an owner. The tenant row is written
