@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from loadgen import free_port, load, on_a_database, summarize
+from loadgen import free_port, load, on_a_database, post, summarize
 from tollhouse.app import Tollhouse
 from tollhouse.credits import CreditService, DebitRequest, conservation_problems
 from tollhouse.db import migrate
@@ -99,8 +99,7 @@ def pgbench(dsn: str, seconds: float, clients: int) -> float:
 async def http_load(
     port: int, key: str, seconds: float, clients: int
 ) -> tuple[float, float, float]:
-    """Keep-alive HTTP/1.1 clients on raw sockets: httpx itself tops out near 500 requests
-    a second on these cores and would measure the client, not the service."""
+    """Keep-alive HTTP/1.1 clients on raw sockets (`loadgen.post`)."""
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
 
@@ -112,22 +111,10 @@ async def http_load(
                 f' "turn_id": "{uuid.uuid4().hex}"}}'
             ).encode()
             started = time.perf_counter()
-            writer.write(
-                b"POST /v1/credits/debit HTTP/1.1\r\nHost: bench\r\n"
-                b"Authorization: Bearer " + key.encode() + b"\r\n"
-                b"Content-Type: application/json\r\n"
-                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            status, answer = await post(
+                reader, writer, "/v1/credits/debit", body, {"Authorization": f"Bearer {key}"}
             )
-            await writer.drain()
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head.split(b" ", 2)[1])
-            length = next(
-                int(line.split(b":", 1)[1])
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
-            )
-            await reader.readexactly(length)
-            assert status == 200, head
+            assert status == 200, answer
             latencies.append(time.perf_counter() - started)
         writer.close()
 

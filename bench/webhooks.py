@@ -36,7 +36,7 @@ import psycopg
 import stripe
 from psycopg.conninfo import conninfo_to_dict
 
-from loadgen import free_port, summarize
+from loadgen import free_port, post, summarize
 from tollhouse.app import Tollhouse
 from tollhouse.billing import BillingConfig
 from tollhouse.db import migrate
@@ -137,7 +137,7 @@ def make_event(n: int, customers: int, run: str) -> dict[str, Any]:
 async def deliver(
     port: int, bodies: list[bytes], clients: int
 ) -> tuple[float, float, float, dict[str, int]]:
-    """Keep-alive HTTP/1.1 clients on raw sockets (httpx would measure itself)."""
+    """Keep-alive HTTP/1.1 clients on raw sockets (`loadgen.post`)."""
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     queue = list(reversed(bodies))
@@ -148,22 +148,12 @@ async def deliver(
             body = queue.pop()
             header = stripe.WebhookSignature.generate_signature_header(body.decode(), SECRET)
             started = time.perf_counter()
-            writer.write(
-                b"POST /v1/stripe/webhook HTTP/1.1\r\nHost: bench\r\n"
-                b"Stripe-Signature: " + header.encode() + b"\r\n"
-                b"Content-Type: application/json\r\n"
-                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            status, raw = await post(
+                reader, writer, "/v1/stripe/webhook", body, {"Stripe-Signature": header}
             )
-            await writer.drain()
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(
-                int(line.split(b":", 1)[1])
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
-            )
-            answer = json.loads(await reader.readexactly(length))
+            answer = json.loads(raw)
             latencies.append(time.perf_counter() - started)
-            assert int(head.split(b" ", 2)[1]) == 200, answer
+            assert status == 200, answer
             statuses[answer["status"]] = statuses.get(answer["status"], 0) + 1
         writer.close()
 
