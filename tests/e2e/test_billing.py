@@ -47,14 +47,7 @@ def test_w10_an_acknowledged_event_survives_sigkill_and_a_retry_applies_once(
     services.append(first)
     first.wait_ready(60)
     customer = fs.new_id("cus")
-    session = fs.shape(
-        "checkout.session",
-        id=fs.new_id("cs_test"),
-        mode="subscription",
-        customer=customer,
-        client_reference_id=user_id,
-        metadata={},
-    )
+    session = b.subscription_session(customer, user_id)
     assert _post(first.url, fs.event("checkout.session.completed", session)).status_code == 200
     start, end = b.period()
     pro = b.PRICES[b.PRO]

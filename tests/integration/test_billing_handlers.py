@@ -174,14 +174,7 @@ async def test_business_problems_are_failed_not_500(
     bad_plan = fs.price("price_gold", tollhouse_plan="gold")
     answer = await b.ok(client, fs.event("price.created", bad_plan))
     assert answer["status"] == "failed" and "unknown plan 'gold'" in answer["error"]
-    nobody = fs.shape(
-        "checkout.session",
-        id=fs.new_id("cs_test"),
-        mode="subscription",
-        customer=fs.new_id("cus"),
-        client_reference_id=str(uuid.uuid4()),
-        metadata={},
-    )
+    nobody = b.subscription_session(fs.new_id("cus"), str(uuid.uuid4()))
     answer = await b.ok(client, fs.event("checkout.session.completed", nobody))
     assert answer["status"] == "failed" and "names no tenant" in answer["error"]
     c = await b.linked_customer(client, auth)
@@ -282,14 +275,7 @@ async def test_an_event_racing_the_link_is_applied_not_left_parked(
     user_id, _ = await b.new_user(client, auth)
     customer = fs.new_id("cus")
     start, end = b.period()
-    session = fs.shape(
-        "checkout.session",
-        id=fs.new_id("cs_test"),
-        mode="subscription",
-        customer=customer,
-        client_reference_id=str(user_id),
-        metadata={},
-    )
+    session = b.subscription_session(customer, str(user_id))
     checkout = fs.event("checkout.session.completed", session)
     sub = fs.event(
         "customer.subscription.created",

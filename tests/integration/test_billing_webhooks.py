@@ -361,14 +361,7 @@ async def test_w08_unknown_customer_is_parked_then_applied_once_when_linked(
     assert len(parked["events"]) == 2
 
     user_id, _tenant = await b.new_user(client, auth)
-    session = fs.shape(
-        "checkout.session",
-        id=fs.new_id("cs_test"),
-        mode="subscription",
-        customer=customer,
-        client_reference_id=str(user_id),
-        metadata={},
-    )
+    session = b.subscription_session(customer, str(user_id))
     assert (await b.ok(client, fs.event("checkout.session.completed", session)))["status"] == (
         "processed"
     )

@@ -71,19 +71,25 @@ async def new_user(client: httpx.AsyncClient, auth: dict[str, str]) -> tuple[uui
     return uuid.UUID(body["id"]), uuid.UUID(body["personal_tenant_id"])
 
 
-async def linked_customer(client: httpx.AsyncClient, auth: dict[str, str]) -> Customer:
-    """A new user whose Stripe customer a completed subscription Checkout linked."""
-    user_id, tenant_id = await new_user(client, auth)
-    customer_id = fs.new_id("cus")
-    session = fs.shape(
+def subscription_session(customer_id: str, reference: str, **fields: Any) -> dict[str, Any]:
+    """A completed subscription-mode Checkout Session naming `reference` (a user or tenant)."""
+    return fs.shape(
         "checkout.session",
         id=fs.new_id("cs_test"),
         mode="subscription",
         customer=customer_id,
-        client_reference_id=str(user_id),
-        payment_status="paid",
-        status="complete",
+        client_reference_id=reference,
         metadata={},
+        **fields,
+    )
+
+
+async def linked_customer(client: httpx.AsyncClient, auth: dict[str, str]) -> Customer:
+    """A new user whose Stripe customer a completed subscription Checkout linked."""
+    user_id, tenant_id = await new_user(client, auth)
+    customer_id = fs.new_id("cus")
+    session = subscription_session(
+        customer_id, str(user_id), payment_status="paid", status="complete"
     )
     answer = await ok(client, fs.event("checkout.session.completed", session))
     assert answer["status"] == "processed", answer
