@@ -85,10 +85,9 @@ async def require_caller(
             "missing 'Authorization: Bearer <service API key or session token>' header"
         )
     if credentials.credentials.startswith(KEY_PREFIX):
-        if await tollhouse.keys.authenticate(credentials.credentials) is None:
-            raise Unauthenticated("the service API key is unknown or revoked")
+        await require_service_key(tollhouse, credentials)
         return Caller(None)
-    session = await tollhouse.auth.authenticate(credentials.credentials)
+    session = await require_session(tollhouse, credentials)
     return Caller(session.user_id)
 
 
