@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import Sequence
 
@@ -97,4 +98,80 @@ async def test_a_short_answer_fails_the_callers_instead_of_hanging() -> None:
         asyncio.gather(batcher.submit(_request(1)), return_exceptions=True), timeout=2
     )
     assert isinstance(outcome[0], Exception)
+    await batcher.close()
+
+
+async def test_a_busy_payer_waits_while_others_take_the_free_lane() -> None:
+    """Two lanes: a payer is never in two calls at once (its later debits wait for the call
+    with its earlier ones and then go together, in order), while another payer's debit
+    takes the free lane at once."""
+    other = uuid.UUID(int=8)
+    runner = Recorder(delay=0.05)
+    batcher = DebitBatcher(runner, runner, lanes=2)
+    first = asyncio.create_task(batcher.submit(_request(1)))
+    await asyncio.sleep(0.01)  # TENANT's call is in flight
+    later = [asyncio.create_task(batcher.submit(_request(n))) for n in (2, 3)]
+    elsewhere = asyncio.create_task(
+        batcher.submit(DebitRequest(amount=50, turn_id="o", tenant_id=other))
+    )
+    await asyncio.sleep(0.01)
+    assert runner.calls == [[1], [50]]  # the other payer did not wait for TENANT's call
+    await asyncio.gather(first, *later, elsewhere)
+    assert runner.calls == [[1], [50], [2, 3]]
+    await batcher.close()
+
+
+async def test_each_payers_debits_keep_arrival_order_across_lanes() -> None:
+    """Many payers, four lanes, random arrivals: every call holds a payer at most once in
+    flight, and each payer's debits reach the database in the order they were submitted."""
+    payers = [uuid.UUID(int=n) for n in range(1, 6)]
+    in_flight: set[uuid.UUID] = set()
+    seen: dict[uuid.UUID, list[int]] = {p: [] for p in payers}
+
+    async def runner(requests: Sequence[DebitRequest]) -> list[DebitResult]:
+        mine = {r.tenant_id for r in requests if r.tenant_id}
+        assert not mine & in_flight  # a payer is in one call at a time
+        in_flight.update(mine)
+        for r in requests:
+            assert r.tenant_id is not None
+            seen[r.tenant_id].append(r.amount)
+        await asyncio.sleep(0.002 * len(requests) ** 0.5)
+        in_flight.difference_update(mine)
+        return [_ok(r) for r in requests]
+
+    batcher = DebitBatcher(runner, runner, lanes=4)
+    rng = random.Random(3)
+    submitted: dict[uuid.UUID, list[int]] = {p: [] for p in payers}
+    tasks = []
+    for n in range(1, 401):
+        payer = rng.choice(payers)
+        submitted[payer].append(n)
+        tasks.append(
+            asyncio.create_task(
+                batcher.submit(DebitRequest(amount=n, turn_id=f"t{n}", tenant_id=payer))
+            )
+        )
+        if rng.random() < 0.2:
+            await asyncio.sleep(0.001)
+    await asyncio.gather(*tasks)
+    assert seen == submitted
+    assert batcher.batches < 400  # they did coalesce
+    await batcher.close()
+
+
+async def test_callers_woken_by_a_returning_call_go_together_in_the_next_one() -> None:
+    """16 callers on 16 payers, each sending its next debit as soon as it has its answer,
+    over two lanes: the callers a returning call wakes are all queued before the next call
+    is cut, so the calls stay as big as the crowd (payer lanes made half-size calls)."""
+    runner = Recorder(delay=0.005)
+    batcher = DebitBatcher(runner, runner, lanes=2)
+
+    async def caller(n: int) -> None:
+        payer = uuid.UUID(int=100 + n)
+        for k in range(30):
+            await batcher.submit(DebitRequest(amount=1, turn_id=f"{n}-{k}", tenant_id=payer))
+
+    await asyncio.gather(*(caller(n) for n in range(16)))
+    assert batcher.debits == 16 * 30
+    assert batcher.debits / batcher.batches >= 12
     await batcher.close()
