@@ -172,6 +172,6 @@ async def test_callers_woken_by_a_returning_call_go_together_in_the_next_one() -
             await batcher.submit(DebitRequest(amount=1, turn_id=f"{n}-{k}", tenant_id=payer))
 
     await asyncio.gather(*(caller(n) for n in range(16)))
-    assert batcher.debits == 16 * 30
-    assert batcher.debits / batcher.batches >= 12
+    assert batcher.requests == 16 * 30
+    assert batcher.requests / batcher.batches >= 12
     await batcher.close()
