@@ -167,10 +167,10 @@ async def run(dsn: str, service_dsn: str, seconds: float, lanes: int = 2) -> Non
             ("one hot tenant, group commit, 64 tasks", hot(False), 64),
             ("one hot tenant, one debit per transaction, 64 tasks", hot(True), 64),
         ):
-            before = (credits.batcher.batches, credits.batcher.debits)
+            before = (credits.batcher.batches, credits.batcher.requests)
             rate, p50, p99, _ = await load(call, seconds, tasks)
             batches = credits.batcher.batches - before[0]
-            debits = credits.batcher.debits - before[1]
+            debits = credits.batcher.requests - before[1]
             if batches:
                 label += f" (avg batch {debits / batches:.1f})"
             rows.append((label, rate, p50, p99))

@@ -99,7 +99,7 @@ async def test_storm_on_one_account_never_crosses_the_floor(
     assert await _ledger_debits(dsn) == len(accepted)
     assert all(amount > final for amount in rejected)  # no false rejections
     if coalesced:
-        assert tollhouse.credits.batcher.batches < tollhouse.credits.batcher.debits
+        assert tollhouse.credits.batcher.batches < tollhouse.credits.batcher.requests
 
 
 async def test_control_read_then_write_debits_break_the_floor(dsn: str) -> None:
