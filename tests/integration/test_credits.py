@@ -365,9 +365,9 @@ async def test_grants_are_idempotent_per_source_id(
 async def test_a_lone_debit_goes_alone(tollhouse: Tollhouse) -> None:
     user = await _payer(tollhouse)
     batcher = tollhouse.credits.batcher
-    before = (batcher.batches, batcher.debits)
+    before = (batcher.batches, batcher.requests)
     await tollhouse.credits.debit(_debit(user, 1))
-    assert (batcher.batches - before[0], batcher.debits - before[1]) == (1, 1)
+    assert (batcher.batches - before[0], batcher.requests - before[1]) == (1, 1)
 
 
 async def test_end_users_read_only_their_own_tenants_credits(
