@@ -44,6 +44,7 @@ from tollhouse.db.dsn import as_user
 from tollhouse.db.embedded import EmbeddedPostgres
 
 SECRET = "whsec_bench"
+LANES = int(os.environ.get("BENCH_LANES", "2"))
 SETUP = """
 INSERT INTO tollhouse.tenants (id, name, owner_user_id, is_default)
 SELECT ('00000000-0000-7000-8000-' || lpad(n::text, 12, '0'))::uuid, 'bench ' || n,
@@ -188,7 +189,7 @@ async def in_process(
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     queue = list(reversed(bodies))
-    config = BillingConfig(webhook_secrets=(SECRET,))
+    config = BillingConfig(webhook_secrets=(SECRET,), lanes=LANES)
     async with Tollhouse.open(service_dsn, min_size=4, max_size=24, billing=config) as th:
 
         async def worker() -> None:

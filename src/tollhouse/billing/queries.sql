@@ -2,17 +2,19 @@
 -- newer Stripe state (`stripe_at`); money goes through the functions of migration 0006.
 
 -- name: store_event
--- The raw body, cast: the payload is never serialised again in Python.
+-- The raw body, cast: the payload is never serialised again in Python. The event id's lock
+-- first, as billing_receive_v1 takes it (a concurrent delivery of the id waits for us).
 INSERT INTO tollhouse.billing_events
     (stripe_event_id, type, payload_hash, payload, event_created, customer_id)
-VALUES (%(id)s, %(type)s, %(hash)s, %(payload)s::jsonb, %(created)s, %(customer_id)s)
+SELECT %(id)s, %(type)s, %(hash)s, %(payload)s::jsonb, %(created)s, %(customer_id)s
+FROM (SELECT pg_advisory_xact_lock(hashtextextended('tollhouse.stripe_event:' || %(id)s, 0))) l
 ON CONFLICT (stripe_event_id) DO NOTHING
 RETURNING stripe_event_id
 
 -- name: receive
 -- A batch of verified deliveries stored and applied, one row each, in order (migration 0009).
 SELECT stripe_event_id, type, status, error, tenant_id, customer_id, unpark
-FROM tollhouse.billing_receive_v1(%(events)s::jsonb, %(hashes)s, %(customers)s)
+FROM tollhouse.billing_receive_v1(%(events)s::jsonb, %(hashes)s, %(customers)s, %(unpark)s)
 
 -- name: process
 -- A stored event applied by billing_apply_v1 and its outcome recorded.

@@ -40,6 +40,9 @@ from tollhouse.db.queries import Queries
 
 queries = Queries("tollhouse.billing", "queries.sql")
 log = structlog.get_logger(__name__)
+
+#: What billing_receive_v1 raises for a batch that must apply parked events in Python.
+UNPARK = "TB003"
 T = TypeVar("T")
 
 
@@ -77,9 +80,7 @@ def parse_event(body: bytes) -> Obj:
 class BillingService:
     """The Stripe sync over one pool."""
 
-    def __init__(
-        self, db: Database, config: BillingConfig | None = None, *, lanes: int = 2
-    ) -> None:
+    def __init__(self, db: Database, config: BillingConfig | None = None) -> None:
         self._db = db
         self.config = config or BillingConfig()
         self._client: stripe.StripeClient | None = None
@@ -89,7 +90,7 @@ class BillingService:
             self._receive,
             self._receive,
             lambda incoming: incoming.customer_id or incoming.event["id"],
-            lanes=lanes,
+            lanes=self.config.lanes,
             what="webhook delivery",
         )
 
@@ -129,23 +130,36 @@ class BillingService:
         return await self._db.transaction(work)
 
     async def _receive(self, batch: Sequence[Incoming]) -> list[Delivery]:
-        """Store and apply a batch of deliveries in one transaction (`billing_receive_v1`),
-        then, in the same transaction, the parked events of customers it linked."""
+        """Store and apply a batch of deliveries: one `billing_receive_v1` call that is its
+        own transaction (one round trip). A batch that links a customer with parked events
+        is sent again in a transaction that also applies those, oldest first."""
         params = {
             "events": "[" + ",".join(i.body for i in batch) + "]",
             "hashes": [i.digest for i in batch],
             "customers": [i.customer_id for i in batch],
         }
 
-        async def work(conn: Conn) -> list[Delivery]:
-            cur = await conn.execute(queries["receive"], params)
+        async def alone(conn: Conn) -> list[Any] | None:
+            try:
+                cur = await conn.execute(queries["receive"], {**params, "unpark": False})
+            except psycopg.Error as exc:
+                if exc.sqlstate == UNPARK:
+                    return None
+                raise
+            return await cur.fetchall()
+
+        async def unparking(conn: Conn) -> list[Any]:
+            cur = await conn.execute(queries["receive"], {**params, "unpark": True})
             rows = await cur.fetchall()
             for _id, _type, _status, _error, _tenant, customer, unpark in rows:
                 if unpark:
                     await self._unpark(conn, customer)
-            return [self._delivered(row[0], row[1], row[2], row[3]) for row in rows]
+            return rows
 
-        return await self._db.transaction(work)
+        rows = await self._db.retrying(alone)
+        if rows is None:
+            rows = await self._db.transaction(unparking)
+        return [self._delivered(row[0], row[1], row[2], row[3]) for row in rows]
 
     @staticmethod
     def _delivered(event_id: str, type_: str, status: str, error: str | None) -> Delivery:

@@ -494,39 +494,13 @@ $$;
 
 -- Events ----------------------------------------------------------------------------------------
 
--- Records a stored event's outcome; returns whether its customer, now linked, has parked
--- events to apply (the caller applies them in the same transaction).
-CREATE FUNCTION tollhouse.billing_finish_event_v1(
-    p_id text, p_status text, p_error text, p_tenant uuid, p_customer text) RETURNS boolean
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_customer text;
-BEGIN
-    UPDATE tollhouse.billing_events e
-    SET status = p_status, last_error = p_error, tenant_id = p_tenant,
-        customer_id = coalesce(p_customer, e.customer_id),
-        user_id = (SELECT t.owner_user_id FROM tollhouse.tenants t
-                   WHERE t.id = p_tenant AND t.is_default),
-        attempts = e.attempts + 1, processed_at = now()
-    WHERE e.stripe_event_id = p_id
-    RETURNING e.customer_id INTO v_customer;
-    RETURN p_status = 'processed' AND p_tenant IS NOT NULL AND v_customer IS NOT NULL
-        AND EXISTS (SELECT 1 FROM tollhouse.billing_events p
-                    WHERE p.status = 'parked' AND p.customer_id = v_customer
-                      AND p.stripe_event_id <> p_id);
-END
-$$;
-
--- Applies a stored (and locked) event in a subtransaction and records its outcome: a
--- business problem, or an object that cannot be read, rolls the subtransaction back and
--- leaves `failed` with the reason; a customer of no tenant leaves `parked`. Deadlocks and
--- serialization failures go up: the caller's transaction runs again.
-CREATE FUNCTION tollhouse.billing_process_v1(
-    p_id text, p_type text, p_obj jsonb, p_at timestamptz, p_customer text,
-    OUT status text, OUT error text, OUT tenant_id uuid, OUT customer_id text,
-    OUT unpark boolean)
+-- Applies one object in a subtransaction and tells its outcome: a business problem, or an
+-- object that cannot be read, rolls the subtransaction back and is `failed` with the reason;
+-- a customer of no tenant is `parked`. Deadlocks and serialization failures go up: the
+-- caller's transaction runs again.
+CREATE FUNCTION tollhouse.billing_try_apply_v1(
+    p_type text, p_obj jsonb, p_at timestamptz, p_customer text,
+    OUT status text, OUT error text, OUT tenant_id uuid, OUT customer_id text)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -556,17 +530,70 @@ BEGIN
             error := CASE WHEN v_state LIKE '22%' THEN format('unreadable %s: %s', p_type, SQLERRM)
                           ELSE SQLERRM END;
     END;
+END
+$$;
+
+-- Whether a customer, linked now, has parked events waiting (other than `p_id`).
+CREATE FUNCTION tollhouse.billing_parked_waiting_v1(p_customer text, p_id text) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT p_customer IS NOT NULL AND EXISTS (
+        SELECT 1 FROM tollhouse.billing_events p
+        WHERE p.status = 'parked' AND p.customer_id = p_customer AND p.stripe_event_id <> p_id)
+$$;
+
+-- Records a stored event's outcome; returns whether its customer, now linked, has parked
+-- events to apply (the caller applies them in the same transaction).
+CREATE FUNCTION tollhouse.billing_finish_event_v1(
+    p_id text, p_status text, p_error text, p_tenant uuid, p_customer text) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_customer text;
+BEGIN
+    UPDATE tollhouse.billing_events e
+    SET status = p_status, last_error = p_error, tenant_id = p_tenant,
+        customer_id = coalesce(p_customer, e.customer_id),
+        user_id = (SELECT t.owner_user_id FROM tollhouse.tenants t
+                   WHERE t.id = p_tenant AND t.is_default),
+        attempts = e.attempts + 1, processed_at = now()
+    WHERE e.stripe_event_id = p_id
+    RETURNING e.customer_id INTO v_customer;
+    RETURN p_status = 'processed' AND p_tenant IS NOT NULL
+        AND tollhouse.billing_parked_waiting_v1(v_customer, p_id);
+END
+$$;
+
+-- Applies a stored (and locked) event again (a retry, a replay, an unparking) and records
+-- its outcome; `unpark`: its customer, now linked, has parked events to apply.
+CREATE FUNCTION tollhouse.billing_process_v1(
+    p_id text, p_type text, p_obj jsonb, p_at timestamptz, p_customer text,
+    OUT status text, OUT error text, OUT tenant_id uuid, OUT customer_id text,
+    OUT unpark boolean)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    SELECT * INTO status, error, tenant_id, customer_id
+    FROM tollhouse.billing_try_apply_v1(p_type, p_obj, p_at, p_customer);
     unpark := tollhouse.billing_finish_event_v1(p_id, status, error, tenant_id, customer_id);
 END
 $$;
 
 -- Receives a batch of verified deliveries (`p_events`: a JSON array of the raw bodies, with
--- each body's SHA-256 and customer): each is stored once per event id and applied in its
--- own subtransaction, in order; one row per delivery, in order. The same id again is a
--- `duplicate` (a concurrent first delivery holds the row until it commits, then it is seen);
--- with another body, a recorded `conflict`, never applied.
+-- each body's SHA-256 and customer), in order, one row each. A delivery takes its event id's
+-- lock (which the Python path takes too, billing/queries.sql store_event), so a concurrent
+-- delivery of the same id waits until this transaction ends and then sees it: the same body
+-- again is a `duplicate`, another body a recorded `conflict`, never applied. A new event is
+-- applied in its own subtransaction and stored once, with its outcome.
+-- `p_unpark`: the caller will apply, in this transaction, the parked events of customers the
+-- batch linked (the `unpark` column); without it, such a batch raises TB003 and changes
+-- nothing, and the caller sends it again in a transaction of its own (rare: a customer's
+-- first link).
 CREATE FUNCTION tollhouse.billing_receive_v1(
-    p_events jsonb, p_hashes text[], p_customers text[])
+    p_events jsonb, p_hashes text[], p_customers text[], p_unpark boolean)
 RETURNS TABLE (stripe_event_id text, type text, status text, error text, tenant_id uuid,
                customer_id text, unpark boolean)
 LANGUAGE plpgsql
@@ -575,31 +602,30 @@ AS $$
 #variable_conflict use_column
 DECLARE
     ev jsonb;
+    v_id text;
     v_hash text;
     v_created timestamptz;
     r record;
+    v_unparking boolean := false;
 BEGIN
     FOR i IN 1 .. coalesce(array_length(p_hashes, 1), 0) LOOP
         ev := p_events -> (i - 1);
-        stripe_event_id := ev ->> 'id';
+        v_id := ev ->> 'id';
+        stripe_event_id := v_id;
         type := ev ->> 'type';
-        error := NULL;
-        tenant_id := NULL;
-        unpark := false;
-        v_created := tollhouse.billing_ts_v1(ev -> 'created');
-        INSERT INTO tollhouse.billing_events
-            (stripe_event_id, type, payload_hash, payload, event_created, customer_id)
-        VALUES (stripe_event_id, type, p_hashes[i], ev, v_created, p_customers[i])
-        ON CONFLICT (stripe_event_id) DO NOTHING;
-        IF NOT FOUND THEN
-            SELECT e.payload_hash INTO v_hash FROM tollhouse.billing_events e
-            WHERE e.stripe_event_id = billing_receive_v1.stripe_event_id;
+        PERFORM pg_advisory_xact_lock(hashtextextended('tollhouse.stripe_event:' || v_id, 0));
+        SELECT e.payload_hash INTO v_hash FROM tollhouse.billing_events e
+        WHERE e.stripe_event_id = v_id;
+        IF FOUND THEN
+            error := NULL;
+            tenant_id := NULL;
             customer_id := p_customers[i];
+            unpark := false;
             IF v_hash = p_hashes[i] THEN
                 status := 'duplicate';
             ELSE
                 INSERT INTO tollhouse.billing_event_conflicts AS c (stripe_event_id, payload_hash)
-                VALUES (billing_receive_v1.stripe_event_id, p_hashes[i])
+                VALUES (v_id, p_hashes[i])
                 ON CONFLICT (stripe_event_id, payload_hash) DO UPDATE
                 SET deliveries = c.deliveries + 1, last_at = now();
                 status := 'conflict';
@@ -607,16 +633,28 @@ BEGIN
             RETURN NEXT;
             CONTINUE;
         END IF;
-        SELECT * INTO r FROM tollhouse.billing_process_v1(
-            stripe_event_id, type, ev #> '{data,object}', coalesce(v_created, now()),
-            p_customers[i]);
+        v_created := tollhouse.billing_ts_v1(ev -> 'created');
+        SELECT * INTO r FROM tollhouse.billing_try_apply_v1(
+            type, ev #> '{data,object}', coalesce(v_created, now()), p_customers[i]);
+        INSERT INTO tollhouse.billing_events AS e
+            (stripe_event_id, type, tenant_id, user_id, customer_id, status, payload_hash,
+             payload, event_created, attempts, last_error, processed_at)
+        VALUES (v_id, ev ->> 'type', r.tenant_id,
+                (SELECT t.owner_user_id FROM tollhouse.tenants t
+                 WHERE t.id = r.tenant_id AND t.is_default),
+                r.customer_id, r.status, p_hashes[i], ev, v_created, 1, r.error, now());
         status := r.status;
         error := r.error;
         tenant_id := r.tenant_id;
         customer_id := r.customer_id;
-        unpark := r.unpark;
+        unpark := r.status = 'processed' AND r.tenant_id IS NOT NULL
+                  AND tollhouse.billing_parked_waiting_v1(r.customer_id, v_id);
+        v_unparking := v_unparking OR unpark;
         RETURN NEXT;
     END LOOP;
+    IF v_unparking AND NOT p_unpark THEN
+        RAISE EXCEPTION USING ERRCODE = 'TB003', MESSAGE = 'parked events to apply';
+    END IF;
 END
 $$;
 
@@ -643,9 +681,11 @@ BEGIN
         'tollhouse.billing_apply_subscription_v1(text, jsonb, timestamptz)',
         'tollhouse.billing_apply_invoice_v1(text, jsonb, timestamptz)',
         'tollhouse.billing_apply_v1(text, jsonb, timestamptz)',
+        'tollhouse.billing_try_apply_v1(text, jsonb, timestamptz, text)',
+        'tollhouse.billing_parked_waiting_v1(text, text)',
         'tollhouse.billing_finish_event_v1(text, text, text, uuid, text)',
         'tollhouse.billing_process_v1(text, text, jsonb, timestamptz, text)',
-        'tollhouse.billing_receive_v1(jsonb, text[], text[])'
+        'tollhouse.billing_receive_v1(jsonb, text[], text[], boolean)'
     ] LOOP
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO tollhouse_service', f);
