@@ -137,10 +137,10 @@ def make_event(n: int, customers: int, run: str) -> dict[str, Any]:
 
 async def deliver(
     port: int, bodies: list[bytes], clients: int
-) -> tuple[float, float, float, dict[str, int]]:
+) -> tuple[float, float, float, dict[str, float]]:
     """Keep-alive HTTP/1.1 clients on raw sockets (`loadgen.post`)."""
     latencies: list[float] = []
-    statuses: dict[str, int] = {}
+    statuses: dict[str, float] = {}
     queue = list(reversed(bodies))
 
     async def client() -> None:
@@ -184,10 +184,10 @@ def serve(dsn: str, service_dsn: str, port: int) -> subprocess.Popen[bytes]:
 
 async def in_process(
     service_dsn: str, bodies: list[bytes], clients: int
-) -> tuple[float, float, float, dict[str, int]]:
+) -> tuple[float, float, float, dict[str, float]]:
     """Our receive() without HTTP, as stripe-sync-engine is measured."""
     latencies: list[float] = []
-    statuses: dict[str, int] = {}
+    statuses: dict[str, float] = {}
     queue = list(reversed(bodies))
     config = BillingConfig(webhook_secrets=(SECRET,), lanes=LANES)
     async with Tollhouse.open(service_dsn, min_size=4, max_size=24, billing=config) as th:
@@ -204,12 +204,14 @@ async def in_process(
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         stats = summarize(latencies, time.perf_counter() - started)
+        receiver = th.billing.receiver
+        statuses["per batch"] = round(receiver.requests / max(receiver.batches, 1), 1)
     return stats.rate, stats.p50, stats.p99, statuses
 
 
 def stripe_sync_engine(
     sse_dir: str, dsn: str, bodies: list[bytes], clients: int
-) -> tuple[float, float, float, dict[str, int]]:
+) -> tuple[float, float, float, dict[str, float]]:
     events = Path(tempfile.mkdtemp()) / "events.jsonl"
     events.write_bytes(b"\n".join(bodies) + b"\n")
     # node-postgres reads no key=value DSNs: pass the embedded server's socket as PG* variables.
@@ -242,7 +244,7 @@ def stripe_sync_engine(
 
 async def compare(
     dsn: str, service_dsn: str, sse_dir: str, seconds: float, customers: int
-) -> list[tuple[str, float, float, float, dict[str, int]]]:
+) -> list[tuple[str, float, float, float, dict[str, float]]]:
     rows = []
     count = int(seconds * 300)
     for clients in (16, 64):
@@ -266,7 +268,7 @@ async def run(
             conn.execute(statement, {"customers": customers})
     port = free_port()
     server = serve(dsn, service_dsn, port)
-    rows: list[tuple[str, float, float, float, dict[str, int]]] = []
+    rows: list[tuple[str, float, float, float, dict[str, float]]] = []
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
             for _ in range(300):
@@ -295,7 +297,7 @@ async def run(
 
     with psycopg.connect(dsn) as conn:
         version = conn.execute("SHOW server_version").fetchone()
-        by_status: dict[str, int] = dict(
+        by_status: dict[str, float] = dict(
             conn.execute(
                 "SELECT status, count(*) FROM tollhouse.billing_events GROUP BY status"
             ).fetchall()

@@ -84,9 +84,10 @@ class BillingService:
         self._db = db
         self.config = config or BillingConfig()
         self._client: stripe.StripeClient | None = None
-        # A customer's deliveries share a lane, so they keep their order and two batches
-        # never work on one customer at once.
-        self._receiver = GroupCommit(
+        #: Group commit of the deliveries (Checkout and refunds aside). A customer's
+        #: deliveries share a lane, so they keep their order and two batches never work
+        #: on one customer at once.
+        self.receiver = GroupCommit(
             self._receive,
             self._receive,
             lambda incoming: incoming.customer_id or incoming.event["id"],
@@ -96,7 +97,7 @@ class BillingService:
 
     async def close(self) -> None:
         """Take no more deliveries; those queued or in flight are still answered."""
-        await self._receiver.close()
+        await self.receiver.close()
 
     # --- webhooks ----------------------------------------------------------------------------
 
@@ -122,7 +123,7 @@ class BillingService:
             event, body.decode(), hashlib.sha256(body).hexdigest(), handlers.event_customer(event)
         )
         if event["type"] not in handlers.HANDLERS:
-            return await self._receiver.submit(incoming)
+            return await self.receiver.submit(incoming)
 
         async def work(conn: Conn) -> Delivery:
             return await self._store_and_apply(conn, incoming)

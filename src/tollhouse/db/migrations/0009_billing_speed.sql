@@ -10,11 +10,13 @@
 -- a customer linked to no tenant with TB002 (the event is `parked`, the customer id in DETAIL).
 
 -- Reading Stripe objects ------------------------------------------------------------------------
+-- These three have no `SET search_path` so that PostgreSQL inlines them into their callers
+-- (a SQL function with a SET clause is called, not inlined: about 5 us a call, against 0.4);
+-- every caller sets search_path = pg_catalog, pg_temp.
 
 -- An id, whether Stripe sent the id or the expanded object.
 CREATE FUNCTION tollhouse.billing_ref_v1(p jsonb) RETURNS text
 LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT CASE jsonb_typeof(p)
         WHEN 'string' THEN nullif(p #>> '{}', '')
@@ -26,7 +28,6 @@ $$;
 -- A Stripe Unix timestamp (NULL unless a number; out of range is an error: unreadable).
 CREATE FUNCTION tollhouse.billing_ts_v1(p jsonb) RETURNS timestamptz
 LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT CASE WHEN jsonb_typeof(p) = 'number' THEN to_timestamp((p #>> '{}')::float8) END
 $$;
@@ -34,7 +35,6 @@ $$;
 -- An object's metadata ({} when it has none).
 CREATE FUNCTION tollhouse.billing_metadata_v1(p jsonb) RETURNS jsonb
 LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT CASE WHEN jsonb_typeof(p -> 'metadata') = 'object' THEN p -> 'metadata'
                 ELSE '{}'::jsonb END
@@ -362,7 +362,10 @@ BEGIN
              coalesce(md5(s.raw_data::text), ''))
       -- A canceled subscription stays canceled (Stripe never revives one).
       AND (s.status <> 'canceled' OR excluded.status = 'canceled');
-    PERFORM tollhouse.billing_sync_plan_v1(v_tenant);
+    -- An older state changes nothing, so it cannot move the effective plan either.
+    IF FOUND THEN
+        PERFORM tollhouse.billing_sync_plan_v1(v_tenant);
+    END IF;
     RETURN v_tenant;
 END
 $$;
@@ -388,6 +391,7 @@ DECLARE
     v_paid boolean;
     pr record;
     v_plan text;
+    v_replayed boolean;
 BEGIN
     -- The subscription line, else the first line.
     SELECT l INTO v_line FROM jsonb_array_elements(
@@ -446,8 +450,12 @@ BEGIN
                         THEN excluded.raw_data ELSE i.raw_data END,
         stripe_at = greatest(excluded.stripe_at, i.stripe_at), updated_at = now();
     IF v_paid AND v_subscription IS NOT NULL THEN
-        PERFORM tollhouse.billing_invoice_allowance_v1(v_tenant, v_id);
-        PERFORM tollhouse.billing_sync_plan_v1(v_tenant);
+        SELECT a.replayed INTO v_replayed
+        FROM tollhouse.billing_invoice_allowance_v1(v_tenant, v_id) a;
+        -- A replayed allowance was followed by this move when it was granted.
+        IF v_replayed IS NOT TRUE THEN
+            PERFORM tollhouse.billing_sync_plan_v1(v_tenant);
+        END IF;
     END IF;
     RETURN v_tenant;
 END
