@@ -238,7 +238,8 @@ def stripe_sync_engine(
         ["node", str(script)], env=env, capture_output=True, text=True, check=True, timeout=600
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    outcomes = {"ok": int(result["ok"]), **{k: int(v) for k, v in result["errors"].items()}}
+    outcomes: dict[str, float] = {"ok": int(result["ok"])}
+    outcomes.update({k: int(v) for k, v in result["errors"].items()})
     return float(result["rate"]), float(result["p50"]), float(result["p99"]), outcomes
 
 
