@@ -17,7 +17,7 @@ class BillingConfig:
     api_base: str | None = None
     tolerance_seconds: int = 300
     #: Group-commit lanes for webhook deliveries: transactions in flight at once.
-    lanes: int = 2
+    lanes: int = 4
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,9 @@ class BillingService:
             self._receive,
             lambda incoming: incoming.customer_id or incoming.event["id"],
             lanes=self.config.lanes,
+            # Each delivery is one subtransaction: PostgreSQL caches 64 per transaction
+            # before every snapshot has to look them up.
+            max_batch=48,
             what="webhook delivery",
         )
 
