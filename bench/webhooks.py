@@ -44,7 +44,8 @@ from tollhouse.db.dsn import as_user
 from tollhouse.db.embedded import EmbeddedPostgres
 
 SECRET = "whsec_bench"
-LANES = int(os.environ.get("BENCH_LANES", "2"))
+#: Group-commit lanes of the in-process runs (BENCH_LANES; else the service's default).
+LANES = int(os.environ.get("BENCH_LANES", BillingConfig().lanes))
 SETUP = """
 INSERT INTO tollhouse.tenants (id, name, owner_user_id, is_default)
 SELECT ('00000000-0000-7000-8000-' || lpad(n::text, 12, '0'))::uuid, 'bench ' || n,
