@@ -1,5 +1,6 @@
 -- Billing (tollhouse.billing). Each synced row is written by one upsert that applies only a
--- newer Stripe state (`stripe_at`); money goes through the functions of migration 0006.
+-- newer Stripe state (`stripe_at`); money goes through the functions of migration 0006, the
+-- handlers of the frequent events and the receiving of deliveries are those of 0009.
 
 -- name: store_event
 -- The raw body, cast: the payload is never serialised again in Python. The event id's lock
