@@ -44,6 +44,8 @@ from tollhouse.db.dsn import as_user
 from tollhouse.db.embedded import EmbeddedPostgres
 
 SECRET = "whsec_bench"
+#: Group-commit lanes of the in-process runs (BENCH_LANES; else the service's default).
+LANES = int(os.environ.get("BENCH_LANES", BillingConfig().lanes))
 SETUP = """
 INSERT INTO tollhouse.tenants (id, name, owner_user_id, is_default)
 SELECT ('00000000-0000-7000-8000-' || lpad(n::text, 12, '0'))::uuid, 'bench ' || n,
@@ -136,10 +138,10 @@ def make_event(n: int, customers: int, run: str) -> dict[str, Any]:
 
 async def deliver(
     port: int, bodies: list[bytes], clients: int
-) -> tuple[float, float, float, dict[str, int]]:
+) -> tuple[float, float, float, dict[str, float]]:
     """Keep-alive HTTP/1.1 clients on raw sockets (`loadgen.post`)."""
     latencies: list[float] = []
-    statuses: dict[str, int] = {}
+    statuses: dict[str, float] = {}
     queue = list(reversed(bodies))
 
     async def client() -> None:
@@ -183,12 +185,12 @@ def serve(dsn: str, service_dsn: str, port: int) -> subprocess.Popen[bytes]:
 
 async def in_process(
     service_dsn: str, bodies: list[bytes], clients: int
-) -> tuple[float, float, float, dict[str, int]]:
+) -> tuple[float, float, float, dict[str, float]]:
     """Our receive() without HTTP, as stripe-sync-engine is measured."""
     latencies: list[float] = []
-    statuses: dict[str, int] = {}
+    statuses: dict[str, float] = {}
     queue = list(reversed(bodies))
-    config = BillingConfig(webhook_secrets=(SECRET,))
+    config = BillingConfig(webhook_secrets=(SECRET,), lanes=LANES)
     async with Tollhouse.open(service_dsn, min_size=4, max_size=24, billing=config) as th:
 
         async def worker() -> None:
@@ -203,12 +205,14 @@ async def in_process(
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         stats = summarize(latencies, time.perf_counter() - started)
+        receiver = th.billing.receiver
+        statuses["per batch"] = round(receiver.requests / max(receiver.batches, 1), 1)
     return stats.rate, stats.p50, stats.p99, statuses
 
 
 def stripe_sync_engine(
     sse_dir: str, dsn: str, bodies: list[bytes], clients: int
-) -> tuple[float, float, float, dict[str, int]]:
+) -> tuple[float, float, float, dict[str, float]]:
     events = Path(tempfile.mkdtemp()) / "events.jsonl"
     events.write_bytes(b"\n".join(bodies) + b"\n")
     # node-postgres reads no key=value DSNs: pass the embedded server's socket as PG* variables.
@@ -235,13 +239,14 @@ def stripe_sync_engine(
         ["node", str(script)], env=env, capture_output=True, text=True, check=True, timeout=600
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    outcomes = {"ok": int(result["ok"]), **{k: int(v) for k, v in result["errors"].items()}}
+    outcomes: dict[str, float] = {"ok": int(result["ok"])}
+    outcomes.update({k: int(v) for k, v in result["errors"].items()})
     return float(result["rate"]), float(result["p50"]), float(result["p99"]), outcomes
 
 
 async def compare(
     dsn: str, service_dsn: str, sse_dir: str, seconds: float, customers: int
-) -> list[tuple[str, float, float, float, dict[str, int]]]:
+) -> list[tuple[str, float, float, float, dict[str, float]]]:
     rows = []
     count = int(seconds * 300)
     for clients in (16, 64):
@@ -265,7 +270,7 @@ async def run(
             conn.execute(statement, {"customers": customers})
     port = free_port()
     server = serve(dsn, service_dsn, port)
-    rows: list[tuple[str, float, float, float, dict[str, int]]] = []
+    rows: list[tuple[str, float, float, float, dict[str, float]]] = []
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
             for _ in range(300):
@@ -294,7 +299,7 @@ async def run(
 
     with psycopg.connect(dsn) as conn:
         version = conn.execute("SHOW server_version").fetchone()
-        by_status: dict[str, int] = dict(
+        by_status: dict[str, float] = dict(
             conn.execute(
                 "SELECT status, count(*) FROM tollhouse.billing_events GROUP BY status"
             ).fetchall()

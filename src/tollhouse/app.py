@@ -83,6 +83,7 @@ class Tollhouse:
             try:
                 yield services
             finally:
+                await services.billing.close()
                 await services.credits.close()
                 await services.auth.close()
         finally:

@@ -13,6 +13,7 @@ import pytest
 from tests.support import billing as b
 from tests.support import fake_stripe as fs
 from tollhouse.app import Tollhouse
+from tollhouse.billing.service import Incoming
 from tollhouse.errors import TollhouseError
 
 
@@ -283,9 +284,10 @@ async def test_an_event_racing_the_link_is_applied_not_left_parked(
             "sub_race_" + uuid.uuid4().hex[:6], customer, b.PRICES[b.PRO], start=start, end=end
         ),
     )
-    digest = hashlib.sha256(json.dumps(checkout).encode()).hexdigest()
+    body = json.dumps(checkout)
+    incoming = Incoming(checkout, body, hashlib.sha256(body.encode()).hexdigest(), customer)
     async with tollhouse.db.connection() as conn, conn.transaction():
-        await tollhouse.billing._store_and_apply(conn, checkout, digest)
+        await tollhouse.billing._store_and_apply(conn, incoming)
         racing = asyncio.create_task(b.ok(client, sub))
         await asyncio.sleep(0.3)
         assert not racing.done()  # it waits for the linking transaction

@@ -18,8 +18,9 @@ from tollhouse.keys.service import KEY_PREFIX
 _bearer = HTTPBearer(auto_error=False, description="A service API key: `tollhouse keys create`.")
 
 
-def get_tollhouse(request: Request) -> Tollhouse:
-    """The services the app was built with."""
+async def get_tollhouse(request: Request) -> Tollhouse:
+    """The services the app was built with (async: FastAPI runs a plain function in a
+    worker thread, a thread hop on every request)."""
     tollhouse: Tollhouse = request.app.state.tollhouse
     return tollhouse
 

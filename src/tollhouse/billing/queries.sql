@@ -1,12 +1,54 @@
 -- Billing (tollhouse.billing). Each synced row is written by one upsert that applies only a
--- newer Stripe state (`stripe_at`); money goes through the functions of migration 0006.
+-- newer Stripe state (`stripe_at`); money goes through the functions of migration 0006, the
+-- handlers of the frequent events and the receiving of deliveries are those of 0009.
 
 -- name: store_event
+-- The raw body, cast: the payload is never serialised again in Python. The event id's lock
+-- first, as billing_receive_v1 takes it (a concurrent delivery of the id waits for us).
 INSERT INTO tollhouse.billing_events
     (stripe_event_id, type, payload_hash, payload, event_created, customer_id)
-VALUES (%(id)s, %(type)s, %(hash)s, %(payload)s, %(created)s, %(customer_id)s)
+SELECT %(id)s, %(type)s, %(hash)s, %(payload)s::jsonb, %(created)s, %(customer_id)s
+FROM (SELECT pg_advisory_xact_lock(hashtextextended('tollhouse.stripe_event:' || %(id)s, 0))) l
 ON CONFLICT (stripe_event_id) DO NOTHING
 RETURNING stripe_event_id
+
+-- name: receive
+-- A batch of verified deliveries stored and applied, one row each, in order (migration 0009).
+SELECT stripe_event_id, type, status, error, tenant_id, customer_id, unpark
+FROM tollhouse.billing_receive_v1(%(events)s::jsonb, %(hashes)s, %(customers)s, %(unpark)s)
+
+-- name: process
+-- A stored event applied by billing_apply_v1 and its outcome recorded.
+SELECT status, error, tenant_id, customer_id, unpark
+FROM tollhouse.billing_process_v1(%(id)s, %(type)s, %(obj)s, %(at)s, %(customer_id)s)
+
+-- name: apply
+SELECT status, tenant_id, customer_id FROM tollhouse.billing_apply_v1(%(type)s, %(obj)s, %(at)s)
+
+-- name: finish_event
+-- Whether the customer, now linked, has parked events to apply (one round trip for both).
+SELECT tollhouse.billing_finish_event_v1(
+    %(id)s, %(status)s, %(error)s, %(tenant_id)s, %(customer_id)s)
+
+-- name: route
+-- Takes the customer's lock, held to the end of the transaction (see billing_route_v1).
+SELECT tollhouse.billing_route_v1(%(customer_id)s)
+
+-- name: link_customer
+SELECT tollhouse.billing_link_v1(%(customer_id)s, %(tenant_id)s)
+
+-- name: tenant_of_reference
+SELECT tollhouse.billing_reference_tenant_v1(%(ref)s)
+
+-- name: known_plan
+SELECT tollhouse.billing_known_plan_v1(%(plan)s, %(what)s)
+
+-- name: resolve_price
+SELECT id, plan, credits, lifetime FROM tollhouse.billing_resolve_price_v1(%(price)s)
+
+-- name: sync_plan
+-- Moves the tenant's credit account to its effective plan (nothing when it is there already).
+SELECT tollhouse.billing_sync_plan_v1(%(tenant_id)s)
 
 -- name: event_hash
 SELECT payload_hash, status FROM tollhouse.billing_events WHERE stripe_event_id = %(id)s
@@ -20,19 +62,6 @@ SET deliveries = billing_event_conflicts.deliveries + 1, last_at = now()
 -- name: lock_event
 SELECT stripe_event_id, type, status, payload FROM tollhouse.billing_events
 WHERE stripe_event_id = %(id)s FOR UPDATE
-
--- name: finish_event
-UPDATE tollhouse.billing_events
-SET status = %(status)s, last_error = %(error)s, tenant_id = %(tenant_id)s,
-    customer_id = coalesce(%(customer_id)s, customer_id),
-    user_id = (SELECT t.owner_user_id FROM tollhouse.tenants t
-               WHERE t.id = %(tenant_id)s AND t.is_default),
-    attempts = attempts + 1, processed_at = now()
-WHERE stripe_event_id = %(id)s
--- Whether the customer has parked events to apply now (one round trip for both).
-RETURNING EXISTS (SELECT 1 FROM tollhouse.billing_events p
-                  WHERE p.status = 'parked' AND p.customer_id = billing_events.customer_id
-                    AND p.stripe_event_id <> billing_events.stripe_event_id)
 
 -- name: parked_events
 SELECT stripe_event_id, type, status, payload FROM tollhouse.billing_events
@@ -57,136 +86,9 @@ SELECT stripe_event_id, type, status, tenant_id, user_id, customer_id, attempts,
        event_created, received_at, processed_at
 FROM tollhouse.billing_events WHERE stripe_event_id = %(id)s
 
--- name: route
-SELECT tenant_id FROM tollhouse.billing_customer_routes
-WHERE provider = 'stripe' AND customer_id = %(customer_id)s
-
--- name: lock_customer
--- Held to the end of the transaction (see handlers._lock_customer).
-SELECT pg_advisory_xact_lock(hashtextextended('tollhouse.stripe_customer:' || %(customer_id)s, 0))
-
--- name: link_customer
--- The route decides: a customer already linked keeps its tenant.
-WITH route AS (
-    INSERT INTO tollhouse.billing_customer_routes (customer_id, tenant_id)
-    VALUES (%(customer_id)s, %(tenant_id)s)
-    ON CONFLICT (provider, customer_id) DO NOTHING
-    RETURNING tenant_id
-), customer AS (
-    INSERT INTO tollhouse.billing_customers (tenant_id, customer_id)
-    SELECT tenant_id, %(customer_id)s FROM route
-    ON CONFLICT (tenant_id, provider, customer_id) DO NOTHING
-)
-SELECT tenant_id, true AS linked FROM route
-
--- name: tenant_of_reference
--- A Checkout reference: a tenant id, or a user id standing for its personal tenant.
-SELECT t.id FROM tollhouse.tenants t
-LEFT JOIN tollhouse.users u ON u.id = t.owner_user_id
-WHERE t.deleted_at IS NULL
-  AND (t.id = %(ref)s OR (t.owner_user_id = %(ref)s AND t.is_default AND u.deleted_at IS NULL))
-ORDER BY t.id = %(ref)s DESC
-LIMIT 1
-
--- name: upsert_customer
-INSERT INTO tollhouse.billing_customers
-    (tenant_id, customer_id, email, name, deleted, stripe_at, raw_data)
-VALUES (%(tenant_id)s, %(customer_id)s, %(email)s, %(name)s, %(deleted)s, %(at)s, %(raw)s)
-ON CONFLICT (tenant_id, provider, customer_id) DO UPDATE
-SET email = excluded.email, name = excluded.name,
-    deleted = billing_customers.deleted OR excluded.deleted,
-    stripe_at = excluded.stripe_at, raw_data = excluded.raw_data, updated_at = now()
-WHERE billing_customers.stripe_at IS NULL OR excluded.stripe_at > billing_customers.stripe_at
-   OR (excluded.deleted AND NOT billing_customers.deleted)
-
--- name: upsert_product
-INSERT INTO tollhouse.billing_products (id, name, active, metadata, stripe_at, raw_data)
-VALUES (%(id)s, %(name)s, %(active)s, %(metadata)s, %(at)s, %(raw)s)
-ON CONFLICT (id) DO UPDATE
-SET name = excluded.name, active = excluded.active, metadata = excluded.metadata,
-    stripe_at = excluded.stripe_at, raw_data = excluded.raw_data, updated_at = now()
-WHERE excluded.stripe_at > billing_products.stripe_at
-
--- name: upsert_price
-INSERT INTO tollhouse.billing_prices
-    (id, product_id, active, type, currency, unit_amount, recurring_interval, plan, credits,
-     lifetime, metadata, stripe_at, raw_data)
-VALUES (%(id)s, %(product_id)s, %(active)s, %(type)s, %(currency)s, %(unit_amount)s,
-        %(interval)s, %(plan)s, %(credits)s, %(lifetime)s, %(metadata)s, %(at)s, %(raw)s)
-ON CONFLICT (id) DO UPDATE
-SET product_id = excluded.product_id, active = excluded.active, type = excluded.type,
-    currency = excluded.currency, unit_amount = excluded.unit_amount,
-    recurring_interval = excluded.recurring_interval, plan = excluded.plan,
-    credits = excluded.credits, lifetime = excluded.lifetime, metadata = excluded.metadata,
-    stripe_at = excluded.stripe_at, raw_data = excluded.raw_data, updated_at = now()
-WHERE excluded.stripe_at > billing_prices.stripe_at
-
 -- name: price
 SELECT id, plan, credits, lifetime, type, active FROM tollhouse.billing_prices
 WHERE id = %(id)s
-
--- name: plan_exists
-SELECT 1 FROM tollhouse.plans WHERE name = %(plan)s
-
--- name: upsert_subscription
--- Applies only a newer state. Stripe stamps events in whole seconds, so at the same second
--- the state further along the lifecycle wins (incomplete < trialing < active < past_due <
--- unpaid < paused < incomplete_expired < canceled), then a fixed order of the payloads:
--- whatever the arrival order, the same state stays. A canceled subscription stays canceled
--- (Stripe never revives one).
-INSERT INTO tollhouse.subscriptions
-    (tenant_id, id, customer_id, status, plan, price_id, amount, currency,
-     current_period_start, current_period_end, trial_end, cancel_at_period_end, canceled_at,
-     ended_at, metadata, raw_data, stripe_at)
-VALUES (%(tenant_id)s, %(id)s, %(customer_id)s, %(status)s, %(plan)s, %(price_id)s,
-        %(amount)s, %(currency)s, %(period_start)s, %(period_end)s, %(trial_end)s,
-        %(cancel_at_period_end)s, %(canceled_at)s, %(ended_at)s, %(metadata)s, %(raw)s, %(at)s)
-ON CONFLICT (tenant_id, id) DO UPDATE
-SET customer_id = excluded.customer_id, status = excluded.status, plan = excluded.plan,
-    price_id = excluded.price_id, amount = excluded.amount, currency = excluded.currency,
-    current_period_start = excluded.current_period_start,
-    current_period_end = excluded.current_period_end, trial_end = excluded.trial_end,
-    cancel_at_period_end = excluded.cancel_at_period_end, canceled_at = excluded.canceled_at,
-    ended_at = excluded.ended_at, metadata = excluded.metadata, raw_data = excluded.raw_data,
-    stripe_at = excluded.stripe_at, updated_at = now()
-WHERE (excluded.stripe_at,
-       array_position(ARRAY['incomplete', 'trialing', 'active', 'past_due', 'unpaid', 'paused',
-                            'incomplete_expired', 'canceled'], excluded.status),
-       coalesce(md5(excluded.raw_data::text), ''))
-      > (subscriptions.stripe_at,
-         array_position(ARRAY['incomplete', 'trialing', 'active', 'past_due', 'unpaid', 'paused',
-                              'incomplete_expired', 'canceled'], subscriptions.status),
-         coalesce(md5(subscriptions.raw_data::text), ''))
-  AND (subscriptions.status <> 'canceled' OR excluded.status = 'canceled')
-RETURNING id
-
--- name: subscription_plan
-SELECT plan FROM tollhouse.subscriptions WHERE tenant_id = %(tenant_id)s AND id = %(id)s
-
--- name: upsert_invoice
--- A newer state replaces an older one, but `paid` and `payment_failed` only ever turn on.
-INSERT INTO tollhouse.invoices
-    (tenant_id, id, customer_id, subscription_id, status, plan, amount_due, amount_paid,
-     currency, period_start, period_end, paid, payment_failed, hosted_invoice_url, raw_data,
-     stripe_at)
-VALUES (%(tenant_id)s, %(id)s, %(customer_id)s, %(subscription_id)s, %(status)s, %(plan)s,
-        %(amount_due)s, %(amount_paid)s, %(currency)s, %(period_start)s, %(period_end)s,
-        %(paid)s, %(payment_failed)s, %(url)s, %(raw)s, %(at)s)
-ON CONFLICT (tenant_id, id) DO UPDATE
-SET status = CASE WHEN excluded.stripe_at > invoices.stripe_at
-                  THEN excluded.status ELSE invoices.status END,
-    amount_paid = greatest(excluded.amount_paid, invoices.amount_paid),
-    plan = coalesce(invoices.plan, excluded.plan),
-    period_start = coalesce(invoices.period_start, excluded.period_start),
-    period_end = coalesce(invoices.period_end, excluded.period_end),
-    paid = invoices.paid OR excluded.paid,
-    payment_failed = invoices.payment_failed OR excluded.payment_failed,
-    raw_data = CASE WHEN excluded.stripe_at > invoices.stripe_at
-                    THEN excluded.raw_data ELSE invoices.raw_data END,
-    stripe_at = greatest(excluded.stripe_at, invoices.stripe_at), updated_at = now()
-
--- name: invoice_allowance
-SELECT credits, replayed FROM tollhouse.billing_invoice_allowance_v1(%(tenant_id)s, %(id)s)
 
 -- name: credit_pack
 SELECT grant_id, replayed FROM tollhouse.billing_credit_pack_v1(
@@ -221,11 +123,6 @@ SELECT taken_back, unrecovered FROM tollhouse.billing_refund_pack_v1(
 -- name: refund_lifetime
 UPDATE tollhouse.lifetime_purchases SET refunded_at = coalesce(refunded_at, now())
 WHERE tenant_id = %(tenant_id)s AND id = %(id)s
-
--- name: sync_plan
--- Moves the tenant's credit account to its effective plan (nothing when it is there already).
-SELECT plan, changed FROM tollhouse.credit_change_plan_v1(
-    %(tenant_id)s, NULL, tollhouse.billing_effective_plan_v1(%(tenant_id)s))
 
 -- name: personal_tenant
 SELECT tollhouse.credit_personal_tenant_v1(%(user_id)s)

@@ -16,6 +16,8 @@ class BillingConfig:
     api_key: str | None = None
     api_base: str | None = None
     tolerance_seconds: int = 300
+    #: Group-commit lanes for webhook deliveries: transactions in flight at once.
+    lanes: int = 4
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -33,19 +34,34 @@ from tollhouse.billing.records import (
 )
 from tollhouse.billing.signature import verify
 from tollhouse.db.errors import RETRYABLE_SQLSTATES
+from tollhouse.db.group_commit import GroupCommit
 from tollhouse.db.pool import Conn, Database
 from tollhouse.db.queries import Queries
 
 queries = Queries("tollhouse.billing", "queries.sql")
 log = structlog.get_logger(__name__)
+
+#: What billing_receive_v1 raises for a batch that must apply parked events in Python.
+UNPARK = "TB003"
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A verified delivery: its event, its body as sent, the body's SHA-256 and the customer
+    the event concerns."""
+
+    event: Obj
+    body: str
+    digest: str
+    customer_id: str | None
 
 
 def parse_event(body: bytes) -> Obj:
     """The event in a verified body, or `InvalidWebhookPayload`."""
     try:
-        event = json.loads(body)
-    except (ValueError, RecursionError) as exc:
+        event = json.loads(body.decode())
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise e.InvalidWebhookPayload("the body is not JSON") from exc
     if (
         not isinstance(event, dict)
@@ -68,12 +84,34 @@ class BillingService:
         self._db = db
         self.config = config or BillingConfig()
         self._client: stripe.StripeClient | None = None
+        #: Group commit of the deliveries (Checkout and refunds aside). A customer's
+        #: deliveries share a lane, so they keep their order and two batches never work
+        #: on one customer at once.
+        self.receiver = GroupCommit(
+            self._receive,
+            self._receive,
+            lambda incoming: incoming.customer_id or incoming.event["id"],
+            lanes=self.config.lanes,
+            # Each delivery is one subtransaction: PostgreSQL caches 64 per transaction
+            # before every snapshot has to look them up.
+            max_batch=48,
+            what="webhook delivery",
+        )
+
+    async def close(self) -> None:
+        """Take no more deliveries; those queued or in flight are still answered."""
+        await self.receiver.close()
 
     # --- webhooks ----------------------------------------------------------------------------
 
     async def receive(self, body: bytes, signature: str | None) -> Delivery:
-        """Verify, store (once per event id) and apply a webhook delivery, all in one
-        transaction: a 2xx answer means the event and its effects are committed."""
+        """Verify, store (once per event id) and apply a webhook delivery: a 2xx answer means
+        the event and its effects are committed.
+
+        Checkout Sessions and refunds are applied by Python handlers in a transaction of their
+        own; every other type goes through group commit (`GroupCommit`): one call of
+        `billing_receive_v1`, one transaction, for the deliveries waiting together, each
+        applied on its own in a subtransaction, in arrival order per customer."""
         if not self.config.webhook_secrets:
             raise e.WebhookNotConfigured()
         verify(
@@ -84,23 +122,68 @@ class BillingService:
             tolerance=self.config.tolerance_seconds,
         )
         event = parse_event(body)
-        digest = hashlib.sha256(body).hexdigest()
+        incoming = Incoming(
+            event, body.decode(), hashlib.sha256(body).hexdigest(), handlers.event_customer(event)
+        )
+        if event["type"] not in handlers.HANDLERS:
+            return await self.receiver.submit(incoming)
 
         async def work(conn: Conn) -> Delivery:
-            return await self._store_and_apply(conn, event, digest)
+            return await self._store_and_apply(conn, incoming)
 
         return await self._db.transaction(work)
 
-    async def _store_and_apply(self, conn: Conn, event: Obj, digest: str) -> Delivery:
+    async def _receive(self, batch: Sequence[Incoming]) -> list[Delivery]:
+        """Store and apply a batch of deliveries: one `billing_receive_v1` call that is its
+        own transaction (one round trip). A batch that links a customer with parked events
+        is sent again in a transaction that also applies those, oldest first."""
+        params = {
+            "events": "[" + ",".join(i.body for i in batch) + "]",
+            "hashes": [i.digest for i in batch],
+            "customers": [i.customer_id for i in batch],
+        }
+
+        async def alone(conn: Conn) -> list[Any] | None:
+            try:
+                cur = await conn.execute(queries["receive"], {**params, "unpark": False})
+            except psycopg.Error as exc:
+                if exc.sqlstate == UNPARK:
+                    return None
+                raise
+            return await cur.fetchall()
+
+        async def unparking(conn: Conn) -> list[Any]:
+            cur = await conn.execute(queries["receive"], {**params, "unpark": True})
+            rows = await cur.fetchall()
+            for _id, _type, _status, _error, _tenant, customer, unpark in rows:
+                if unpark:
+                    await self._unpark(conn, customer)
+            return rows
+
+        rows = await self._db.retrying(alone)
+        if rows is None:
+            rows = await self._db.transaction(unparking)
+        return [self._delivered(row[0], row[1], row[2], row[3]) for row in rows]
+
+    @staticmethod
+    def _delivered(event_id: str, type_: str, status: str, error: str | None) -> Delivery:
+        if status == "conflict":
+            log.warning("stripe_event_conflict", event_id=event_id)
+        elif error:
+            log.warning("stripe_event_failed", event_id=event_id, type=type_, error=error)
+        return Delivery(event_id, type_, status, error)
+
+    async def _store_and_apply(self, conn: Conn, incoming: Incoming) -> Delivery:
+        event = incoming.event
         cur = await conn.execute(
             queries["store_event"],
             {
                 "id": event["id"],
                 "type": event["type"],
-                "hash": digest,
-                "payload": Jsonb(event),
+                "hash": incoming.digest,
+                "payload": incoming.body,
                 "created": ts(event["created"]),
-                "customer_id": handlers.event_customer(event),
+                "customer_id": incoming.customer_id,
             },
         )
         if await cur.fetchone() is None:
@@ -108,24 +191,63 @@ class BillingService:
             cur = await conn.execute(queries["event_hash"], {"id": event["id"]})
             row = await cur.fetchone()
             assert row is not None
-            if row[0] != digest:
-                await conn.execute(queries["record_conflict"], {"id": event["id"], "hash": digest})
-                log.warning("stripe_event_conflict", event_id=event["id"])
-                return Delivery(event["id"], event["type"], "conflict")
+            if row[0] != incoming.digest:
+                await conn.execute(
+                    queries["record_conflict"], {"id": event["id"], "hash": incoming.digest}
+                )
+                return self._delivered(event["id"], event["type"], "conflict", None)
             return Delivery(event["id"], event["type"], "duplicate")
         return await self._process(conn, event)
 
     async def _process(self, conn: Conn, event: Obj, *, unpark: bool = True) -> Delivery:
         """Apply a stored event (locked by the caller's transaction) and record its status;
         then, unless it is itself being unparked, the customer's parked events."""
+        at = ts(event["created"]) or datetime.now(UTC)
+        if event["type"] in handlers.HANDLERS:
+            status, error, tenant, customer = await self._apply_in_python(conn, event, at)
+            cur = await conn.execute(
+                queries["finish_event"],
+                {
+                    "id": event["id"],
+                    "status": status,
+                    "error": error,
+                    "tenant_id": tenant,
+                    "customer_id": customer,
+                },
+            )
+            row = await cur.fetchone()
+            waiting = bool(row and row[0])
+        else:
+            cur = await conn.execute(
+                queries["process"],
+                {
+                    "id": event["id"],
+                    "type": event["type"],
+                    "obj": Jsonb(event["data"]["object"]),
+                    "at": at,
+                    "customer_id": handlers.event_customer(event),
+                },
+            )
+            found = await cur.fetchone()
+            assert found is not None
+            status, error, tenant, customer, waiting = found
+        if unpark and waiting:
+            await self._unpark(conn, customer)
+        return self._delivered(event["id"], event["type"], status, error)
+
+    async def _apply_in_python(
+        self, conn: Conn, event: Obj, at: datetime
+    ) -> tuple[str, str | None, uuid.UUID | None, str | None]:
+        """Status, error, tenant and customer of an event applied by a Python handler in a
+        savepoint: a failure leaves no partial write."""
         status, error, tenant, customer = "processed", None, None, handlers.event_customer(event)
         try:
-            async with conn.transaction():  # a savepoint: a failure leaves no partial write
+            async with conn.transaction():
                 applied = await handlers.apply(
                     conn,
                     event["type"],
                     event["data"]["object"],
-                    ts(event["created"]) or datetime.now(UTC),
+                    at,
                     self._line_items if self.config.api_key else None,
                 )
             status, tenant = applied.status, applied.tenant_id
@@ -146,24 +268,7 @@ class BillingService:
             # A signed object we cannot read (an impossible timestamp, a missing field): the
             # event is kept as failed with the reason, never a 500 that loses it.
             status, error = "failed", f"unreadable {event['type']}: {type(exc).__name__}: {exc}"
-        cur = await conn.execute(
-            queries["finish_event"],
-            {
-                "id": event["id"],
-                "status": status,
-                "error": error,
-                "tenant_id": tenant,
-                "customer_id": customer,
-            },
-        )
-        waiting = await cur.fetchone()
-        if error:
-            log.warning(
-                "stripe_event_failed", event_id=event["id"], type=event["type"], error=error
-            )
-        if unpark and waiting is not None and waiting[0] and status == "processed" and tenant:
-            await self._unpark(conn, customer)
-        return Delivery(event["id"], event["type"], status, error)
+        return status, error, tenant, customer
 
     async def _unpark(self, conn: Conn, customer_id: str | None) -> None:
         """Apply the events parked for a customer that is now linked, oldest first."""

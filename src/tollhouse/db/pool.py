@@ -190,11 +190,28 @@ class Database:
 
         `work` must be safe to repeat: it may run more than once, but only one run commits.
         """
+
+        async def in_transaction(conn: Conn) -> T:
+            async with conn.transaction():
+                if isolation != "read committed":
+                    await conn.execute(_ISOLATION_SQL[isolation])
+                return await work(conn)
+
+        return await self.retrying(in_transaction, attempts=attempts, constraints=constraints)
+
+    async def retrying(
+        self,
+        work: Callable[[Conn], Awaitable[T]],
+        *,
+        attempts: int = 5,
+        constraints: ConstraintMap | None = None,
+    ) -> T:
+        """Run `work` on an autocommit connection, again on a serialization failure or
+        deadlock, at most `attempts` times. For one statement that is its own transaction
+        (one round trip, no BEGIN or COMMIT), such as a batch function's call."""
         for attempt in range(1, attempts + 1):
             try:
-                async with self._pool.connection() as conn, conn.transaction():
-                    if isolation != "read committed":
-                        await conn.execute(_ISOLATION_SQL[isolation])
+                async with self._pool.connection() as conn:
                     return await work(conn)
             except PoolTimeout as exc:  # a psycopg.OperationalError: catch it first
                 raise DatabaseUnavailable("no database connection became free in time") from exc
