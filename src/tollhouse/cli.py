@@ -526,12 +526,15 @@ def _since(value: str | None) -> datetime | None:
 def stripe_sync(
     since: Annotated[
         str | None,
-        typer.Option("--since", help="Only objects created on or after this date (YYYY-MM-DD)."),
+        typer.Option(
+            "--since", help="Only events and objects created on or after this date (YYYY-MM-DD)."
+        ),
     ] = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Page through Stripe's products, prices, customers, subscriptions (canceled ones too)
-    and invoices, and reconcile them here (needs TOLLHOUSE_STRIPE_API_KEY)."""
+    """Ingest the events Stripe kept that never arrived here, then page through Stripe's
+    products, prices, customers, subscriptions (canceled ones too) and invoices, and
+    reconcile them here (needs TOLLHOUSE_STRIPE_API_KEY)."""
     start = _since(since)
     report = _with_services(_settings(data_dir), lambda t: t.billing.sync(since=start))
     for kind, count in report.counts.items():

@@ -173,3 +173,72 @@ async def test_sync_never_overwrites_an_event_newer_than_its_page(
             "SELECT status FROM tollhouse.subscriptions WHERE id = %s", (sub["id"],)
         )
         assert await cur.fetchone() == ("past_due",)
+
+
+async def test_w12_events_that_never_arrived_are_ingested_and_later_deliveries_are_no_ops(
+    client: httpx.AsyncClient,
+    auth: dict[str, str],
+    tollhouse: Tollhouse,
+    stripe_api: fs.FakeStripe,
+) -> None:
+    """W-12: 50 events exist at Stripe but were never delivered. `sync` stores and applies
+    all 50 (source `api`); delivering them afterwards is 50 duplicates with no effect and no
+    conflict; a second sync finds them all known."""
+    user_id, tenant_id = await b.new_user(client, auth)
+    customer = fs.shape(
+        "customer", id=fs.new_id("cus"), metadata={"tollhouse_tenant_id": str(tenant_id)}
+    )
+    the_price = fs.price(f"price_w12_{uuid.uuid4().hex[:6]}", tollhouse_plan="power")
+    start, end = b.period()
+    sub = fs.subscription(fs.new_id("sub"), customer["id"], the_price, start=start, end=end)
+    inv = fs.invoice(fs.new_id("in"), customer["id"], sub["id"], the_price, start=start, end=end)
+    base = int(time.time()) - 3600
+    events = [
+        fs.event("price.created", the_price, created=base),
+        fs.event("customer.created", customer, created=base + 1),
+        fs.event("customer.subscription.created", sub, created=base + 2),
+        fs.event("invoice.paid", inv, created=base + 3),
+    ] + [
+        fs.event("customer.updated", {**customer, "name": f"Name {n}"}, created=base + 4 + n)
+        for n in range(46)
+    ]
+    for event in events:
+        stripe_api.put("events", event)
+    ids = [event["id"] for event in events]
+
+    report = await tollhouse.billing.sync()
+    assert report.failures == [], report.failures
+    assert report.counts["events"] >= 50
+    async with tollhouse.db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT source, status, count(*) FROM tollhouse.billing_events"
+            " WHERE stripe_event_id = ANY(%s) GROUP BY 1, 2",
+            (ids,),
+        )
+        assert await cur.fetchall() == [("api", "processed", 50)]
+    billing = (await client.get(f"/v1/users/{user_id}/billing", headers=auth)).json()
+    assert billing["plan"] == "power" and billing["subscription"]["id"] == sub["id"]
+    balance = (await client.get(f"/v1/credits/balance?user_id={user_id}", headers=auth)).json()
+    assert balance["balance"] == 20000
+
+    answers = [await b.ok(client, event) for event in events]
+    assert {answer["status"] for answer in answers} == {"duplicate"}
+    again = await tollhouse.billing.sync()
+    assert again.counts["events_known"] >= 50 and again.failures == []
+    async with tollhouse.db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM tollhouse.billing_event_conflicts"
+            " WHERE stripe_event_id = ANY(%s)",
+            (ids,),
+        )
+        assert await cur.fetchone() == (0,)
+    after = (await client.get(f"/v1/credits/balance?user_id={user_id}", headers=auth)).json()
+    assert after["balance"] == 20000
+
+
+async def test_an_api_copy_of_an_event_delivered_before_is_known_not_a_conflict(
+    client: httpx.AsyncClient, tollhouse: Tollhouse
+) -> None:
+    event = fs.event("foo.bar", {"id": "x"})
+    assert (await b.ok(client, event))["status"] == "ignored"
+    assert (await tollhouse.billing.ingest(event)).status == "duplicate"

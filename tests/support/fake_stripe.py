@@ -36,6 +36,7 @@ _KINDS = {
     "prices": "price",
     "subscriptions": "subscription",
     "invoices": "invoice",
+    "events": "event",
 }
 
 

@@ -6,16 +6,18 @@
 -- The raw body, cast: the payload is never serialised again in Python. The event id's lock
 -- first, as billing_receive_v1 takes it (a concurrent delivery of the id waits for us).
 INSERT INTO tollhouse.billing_events
-    (stripe_event_id, type, payload_hash, payload, event_created, customer_id)
-SELECT %(id)s, %(type)s, %(hash)s, %(payload)s::jsonb, %(created)s, %(customer_id)s
+    (stripe_event_id, type, payload_hash, payload, event_created, customer_id, source)
+SELECT %(id)s, %(type)s, %(hash)s, %(payload)s::jsonb, %(created)s, %(customer_id)s, %(source)s
 FROM (SELECT pg_advisory_xact_lock(hashtextextended('tollhouse.stripe_event:' || %(id)s, 0))) l
 ON CONFLICT (stripe_event_id) DO NOTHING
 RETURNING stripe_event_id
 
 -- name: receive
--- A batch of verified deliveries stored and applied, one row each, in order (migration 0009).
+-- A batch of verified deliveries (or events read from the API: source 'api') stored and
+-- applied, one row each, in order (migrations 0009, 0012).
 SELECT stripe_event_id, type, status, error, tenant_id, customer_id, unpark
-FROM tollhouse.billing_receive_v1(%(events)s::jsonb, %(hashes)s, %(customers)s, %(unpark)s)
+FROM tollhouse.billing_receive_v2(%(events)s::jsonb, %(hashes)s, %(customers)s, %(unpark)s,
+                                  %(source)s)
 
 -- name: process
 -- A stored event applied by billing_apply_v1 and its outcome recorded.
@@ -51,7 +53,8 @@ SELECT id, plan, credits, lifetime FROM tollhouse.billing_resolve_price_v1(%(pri
 SELECT tollhouse.billing_sync_plan_v1(%(tenant_id)s)
 
 -- name: event_hash
-SELECT payload_hash, status FROM tollhouse.billing_events WHERE stripe_event_id = %(id)s
+SELECT payload_hash, status, source FROM tollhouse.billing_events
+WHERE stripe_event_id = %(id)s
 
 -- name: record_conflict
 INSERT INTO tollhouse.billing_event_conflicts (stripe_event_id, payload_hash)
