@@ -119,10 +119,17 @@ def identity_config(settings: Settings) -> IdentityConfig:
 
 def billing_config(settings: Settings) -> BillingConfig:
     """The Stripe part of the settings."""
+    key = settings.stripe_api_key or None
+    livemode = settings.stripe_livemode
+    if livemode is None and key:
+        livemode = True if key.startswith(("sk_live_", "rk_live_")) else None
+        livemode = False if key.startswith(("sk_test_", "rk_test_")) else livemode
     return BillingConfig(
         webhook_secrets=tuple(sorted(_ids(settings.stripe_webhook_secret))),
-        api_key=settings.stripe_api_key or None,
+        api_key=key,
         api_base=settings.stripe_api_base or None,
+        livemode=livemode,
+        connect_accounts=tuple(sorted(_ids(settings.stripe_connect_accounts))),
     )
 
 

@@ -82,6 +82,16 @@ class Settings(BaseSettings):
     stripe_api_base: str | None = Field(
         default=None, description="Another Stripe API address (a local fake in tests)."
     )
+    stripe_livemode: bool | None = Field(
+        default=None,
+        description="Apply only live (true) or test (false) events; unset: the API key's mode"
+        " (sk_live_/rk_live_ or sk_test_/rk_test_), or both without a key.",
+    )
+    stripe_connect_accounts: str = Field(
+        default="",
+        description="Connected accounts (acct_...) whose events are applied, comma-separated;"
+        " other accounts' events are stored as ignored.",
+    )
 
     @field_validator("database_url", "service_database_url")
     @classmethod

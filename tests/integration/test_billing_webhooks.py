@@ -14,8 +14,10 @@ import pytest
 
 from tests.support import billing as b
 from tests.support import fake_stripe as fs
-from tollhouse.app import Tollhouse
+from tollhouse.app import Tollhouse, billing_config
+from tollhouse.billing import BillingConfig
 from tollhouse.billing import service as billing_service
+from tollhouse.settings import Settings
 
 
 async def scalar(tollhouse: Tollhouse, sql: Any, *params: Any) -> Any:
@@ -435,3 +437,62 @@ async def test_an_oversized_body_is_refused_before_it_is_read(client: httpx.Asyn
         headers={"content-type": "application/json", "stripe-signature": "t=1,v1=x"},
     )
     assert (streamed.status_code, streamed.json()["error"]["code"]) == (400, "invalid_payload")
+
+
+# --- W-16 ------------------------------------------------------------------------------------
+
+
+async def test_w16_other_mode_and_unconfigured_accounts_are_ignored_with_no_effect(
+    tollhouse: Tollhouse,
+) -> None:
+    """A test-mode service keeps a live-mode event, and an event of a connected account it
+    was not configured for, as `ignored` with the reason and applies nothing; the platform's
+    own test events and a configured account's events apply."""
+    service = billing_service.BillingService(
+        tollhouse.db,
+        BillingConfig(webhook_secrets=(fs.SECRET,), livemode=False, connect_accounts=("acct_ok",)),
+    )
+
+    def priced(tag: str, **event_fields: Any) -> tuple[str, dict[str, Any]]:
+        price_id = f"price_w16_{tag}_{time.time_ns()}"
+        event = fs.event("price.created", fs.price(price_id, tollhouse_plan="pro"))
+        return price_id, {**event, **event_fields}
+
+    async def deliver(event: dict[str, Any]) -> str:
+        body = json.dumps(event)
+        signature = fs.sign(body)["Stripe-Signature"]
+        return (await service.receive(body.encode(), signature)).status
+
+    cases = {
+        "live": (priced("live", livemode=True), "ignored"),
+        "other": (priced("other", livemode=False, account="acct_other"), "ignored"),
+        "mine": (priced("mine", livemode=False), "processed"),
+        "connected": (priced("connected", livemode=False, account="acct_ok"), "processed"),
+    }
+    for (price_id, event), expected in cases.values():
+        assert await deliver(event) == expected
+        applied = await scalar(
+            tollhouse, "SELECT count(*) FROM tollhouse.billing_prices WHERE id = %s", price_id
+        )
+        assert applied == (1 if expected == "processed" else 0)
+    live_checkout = {
+        **fs.event("checkout.session.completed", b.subscription_session("cus_w16", "nobody")),
+        "livemode": True,
+    }
+    assert await deliver(live_checkout) == "ignored"  # the Python handlers' path too
+    reason = await scalar(
+        tollhouse,
+        "SELECT last_error FROM tollhouse.billing_events WHERE stripe_event_id = %s",
+        live_checkout["id"],
+    )
+    assert "live-mode event" in str(reason)
+
+
+def test_the_api_keys_mode_is_the_default_mode() -> None:
+    def mode(**fields: Any) -> bool | None:
+        return billing_config(Settings(_env_file=None, **fields)).livemode  # type: ignore[call-arg]
+
+    assert mode(stripe_api_key="sk_live_x") is True
+    assert mode(stripe_api_key="rk_test_x") is False
+    assert mode(stripe_api_key="sk_live_x", stripe_livemode=False) is False
+    assert mode() is None

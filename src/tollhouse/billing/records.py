@@ -18,6 +18,25 @@ class BillingConfig:
     tolerance_seconds: int = 300
     #: Group-commit lanes for webhook deliveries: transactions in flight at once.
     lanes: int = 4
+    #: The mode whose events are applied (`True` live, `False` test); `None` applies both.
+    livemode: bool | None = None
+    #: Connected accounts whose events are applied; events of other accounts are ignored.
+    #: (Events without an `account` are the platform's own and always applied.)
+    connect_accounts: tuple[str, ...] = ()
+
+    def foreign(self, event: dict[str, object]) -> str | None:
+        """Why an event is not ours to apply (another mode, another connected account), or
+        None. Such an event is stored as `ignored` with that reason: no effect (W-16)."""
+        livemode = event.get("livemode")
+        if self.livemode is not None and isinstance(livemode, bool) and livemode != self.livemode:
+            ours = "live" if self.livemode else "test"
+            return (
+                f"a {'live' if livemode else 'test'}-mode event; this service applies {ours} mode"
+            )
+        account = event.get("account")
+        if isinstance(account, str) and account not in self.connect_accounts:
+            return f"an event of connected account {account}, which is not configured"
+        return None
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,7 @@ class BillingService:
         incoming = Incoming(
             event, body.decode(), hashlib.sha256(body).hexdigest(), handlers.event_customer(event)
         )
-        if event["type"] not in handlers.HANDLERS:
+        if event["type"] not in handlers.HANDLERS and not self.config.foreign(event):
             return await self.receiver.submit(incoming)
 
         async def work(conn: Conn) -> Delivery:
@@ -208,8 +208,15 @@ class BillingService:
         """Apply a stored event (locked by the caller's transaction) and record its status;
         then, unless it is itself being unparked, the customer's parked events."""
         at = ts(event["created"]) or datetime.now(UTC)
-        if event["type"] in handlers.HANDLERS:
-            status, error, tenant, customer = await self._apply_in_python(conn, event, at)
+        foreign = self.config.foreign(event)
+        if foreign or event["type"] in handlers.HANDLERS:
+            status: str
+            error: str | None
+            if foreign:  # another mode or account: kept, with the reason, and not applied
+                status, error = "ignored", foreign
+                tenant, customer = None, handlers.event_customer(event)
+            else:
+                status, error, tenant, customer = await self._apply_in_python(conn, event, at)
             cur = await conn.execute(
                 queries["finish_event"],
                 {
@@ -520,7 +527,7 @@ class BillingService:
             handlers.event_customer(event),
             source="api",
         )
-        if event["type"] in handlers.HANDLERS:
+        if event["type"] in handlers.HANDLERS or self.config.foreign(event):
 
             async def work(conn: Conn) -> Delivery:
                 return await self._store_and_apply(conn, incoming)
