@@ -119,13 +119,7 @@ WITH ranked AS (
                WHEN ir.user_id IS NOT NULL THEN 'skipped:existing_identity'
                ELSE 'created'
            END AS outcome,
-           iu.credits_balance_before,
-           (SELECT t.id FROM tollhouse.tenants t
-            WHERE t.owner_user_id = f.user_id AND t.is_default AND u.id IS NOT NULL)
-               AS user_tenant,
-           (SELECT cr.tenant_id FROM tollhouse.billing_customer_routes cr
-            WHERE cr.provider = 'stripe' AND cr.customer_id = f.stripe_customer_id)
-               AS customer_tenant
+           iu.credits_balance_before
     FROM unique_ids f
     LEFT JOIN tollhouse.users u ON u.id = f.user_id
     LEFT JOIN (SELECT user_id, fingerprint, opening_balance AS credits_balance_before
@@ -136,11 +130,20 @@ WITH ranked AS (
     WHERE f.record_no = f.email_first
 ), billed AS (
     -- A Stripe customer goes to one tenant: the one it is routed to already, else the user
-    -- of the first record naming it.
-    SELECT f.record_no, f.user_tenant, f.customer_tenant,
+    -- of the first record naming it. Only records that write billing rows are looked at.
+    SELECT f.record_no, x.user_tenant, x.customer_tenant,
            min(f.record_no) OVER (PARTITION BY u.stripe_customer_id) AS customer_first
-    FROM firsts f JOIN unique_ids u ON u.record_no = f.record_no
-    WHERE f.outcome IN ('created', 'updated', 'unchanged') AND u.stripe_customer_id IS NOT NULL
+    FROM firsts f
+    JOIN unique_ids u ON u.record_no = f.record_no
+    CROSS JOIN LATERAL (
+        SELECT (SELECT t.id FROM tollhouse.tenants t
+                WHERE f.outcome = 'updated' AND t.owner_user_id = u.user_id AND t.is_default)
+                   AS user_tenant,
+               (SELECT cr.tenant_id FROM tollhouse.billing_customer_routes cr
+                WHERE cr.provider = 'stripe' AND cr.customer_id = u.stripe_customer_id)
+                   AS customer_tenant
+    ) x
+    WHERE f.outcome IN ('created', 'updated') AND u.stripe_customer_id IS NOT NULL
 )
 SELECT r.record_no, r.line_no, r.user_id, r.email, r.provider, r.subject, r.display_name,
        r.created_at, r.last_seen_at, r.legacy_tier, r.plan, r.plan_override, r.credits_total,
@@ -168,7 +171,6 @@ SELECT r.record_no, r.line_no, r.user_id, r.email, r.provider, r.subject, r.disp
         WHERE ir.provider = r.provider AND ir.subject = r.subject) AS identity_owner,
        f.credits_balance_before,
        r.credits_remaining,
-       f.user_tenant,
        b.customer_first,
        b.customer_tenant,
        CASE WHEN b.record_no IS NULL THEN true
@@ -193,7 +195,9 @@ INSERT INTO tollhouse.import_staging
      billing_status, fingerprint, customer_owner)
 SELECT %(run_id)s, c.apply_no, c.record_no, c.outcome, c.user_id, c.target_user_id,
        CASE WHEN c.outcome = 'created' THEN tollhouse.uuid7_seq(b.base, c.apply_no)
-            WHEN c.outcome = 'updated' THEN c.user_tenant END,
+            WHEN c.outcome = 'updated'
+            THEN (SELECT t.id FROM tollhouse.tenants t
+                  WHERE t.owner_user_id = c.user_id AND t.is_default) END,
        c.email, c.provider, c.subject, c.link_identity, c.display_name, c.created_at,
        c.last_seen_at, c.status, c.marketing, c.legacy_tier, c.plan, c.plan_override,
        c.credits_total, c.credits_balance, c.daily_cap, c.last_daily_reset, c.period_end,
@@ -265,8 +269,7 @@ CROSS JOIN LATERAL (
                 THEN 'this Stripe customer is named by record ' || c.customer_first
                 ELSE 'this Stripe customer belongs to another account'
            END || ': its customer and subscription are not written for this user'
-    WHERE c.outcome IN ('created', 'updated', 'unchanged') AND c.record_no = c.email_first
-      AND NOT c.customer_owner
+    WHERE c.outcome IN ('created', 'updated') AND NOT c.customer_owner
 ) x
 
 -- name: counts
