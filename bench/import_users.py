@@ -54,12 +54,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def children_peak_rss_mb() -> float:
-    """The largest peak RSS of a finished child (the import's reader; the generator ran
-    before the server started and is smaller)."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-
-
 async def run(dsn: str, path: Path, records: int, batch_size: int) -> None:
     await migrate.migrate(dsn)
     service_dsn = as_user(dsn, "tollhouse_service")
@@ -105,10 +99,7 @@ async def run(dsn: str, path: Path, records: int, batch_size: int) -> None:
         f"second import           {again:.1f} s  unchanged {second.unchanged:,}"
         f"  created {second.created}"
     )
-    print(
-        f"peak RSS                {rss:.0f} MB (before the import: {rss_before:.0f} MB;"
-        f" largest child: {children_peak_rss_mb():.0f} MB)"
-    )
+    print(f"peak RSS                {rss:.0f} MB (before the import: {rss_before:.0f} MB)")
     print(f"conservation            {'ok' if not problems else problems[:3]}")
 
 

@@ -128,22 +128,6 @@ WITH ranked AS (
     LEFT JOIN tollhouse.identity_routes ir
         ON ir.provider = f.provider AND ir.subject = f.subject
     WHERE f.record_no = f.email_first
-), billed AS (
-    -- A Stripe customer goes to one tenant: the one it is routed to already, else the user
-    -- of the first record naming it. Only records that write billing rows are looked at.
-    SELECT f.record_no, x.user_tenant, x.customer_tenant,
-           min(f.record_no) OVER (PARTITION BY u.stripe_customer_id) AS customer_first
-    FROM firsts f
-    JOIN unique_ids u ON u.record_no = f.record_no
-    CROSS JOIN LATERAL (
-        SELECT (SELECT t.id FROM tollhouse.tenants t
-                WHERE f.outcome = 'updated' AND t.owner_user_id = u.user_id AND t.is_default)
-                   AS user_tenant,
-               (SELECT cr.tenant_id FROM tollhouse.billing_customer_routes cr
-                WHERE cr.provider = 'stripe' AND cr.customer_id = u.stripe_customer_id)
-                   AS customer_tenant
-    ) x
-    WHERE f.outcome IN ('created', 'updated') AND u.stripe_customer_id IS NOT NULL
 )
 SELECT r.record_no, r.line_no, r.user_id, r.email, r.provider, r.subject, r.display_name,
        r.created_at, r.last_seen_at, r.legacy_tier, r.plan, r.plan_override, r.credits_total,
@@ -170,18 +154,32 @@ SELECT r.record_no, r.line_no, r.user_id, r.email, r.provider, r.subject, r.disp
        (SELECT ir.user_id FROM tollhouse.identity_routes ir
         WHERE ir.provider = r.provider AND ir.subject = r.subject) AS identity_owner,
        f.credits_balance_before,
-       r.credits_remaining,
-       b.customer_first,
-       b.customer_tenant,
-       CASE WHEN b.record_no IS NULL THEN true
-            WHEN b.customer_tenant IS NULL THEN b.customer_first = r.record_no
-            ELSE b.customer_tenant IS NOT DISTINCT FROM b.user_tenant
-       END AS customer_owner
+       r.credits_remaining
 FROM ranked r
 LEFT JOIN unique_ids uid ON uid.record_no = r.record_no
 LEFT JOIN unique_ids p ON p.record_no = uid.email_first
 LEFT JOIN firsts f ON f.record_no = uid.email_first
-LEFT JOIN billed b ON b.record_no = r.record_no
+
+-- name: classify_billing
+-- A Stripe customer goes to one tenant: the one it is routed to already, else the user of
+-- the first record naming it. Only the records that write billing rows are looked at.
+CREATE TEMPORARY TABLE import_billing ON COMMIT DROP AS
+SELECT c.record_no, x.customer_tenant,
+       min(c.record_no) OVER (PARTITION BY c.stripe_customer_id) AS customer_first,
+       CASE WHEN x.customer_tenant IS NULL
+            THEN min(c.record_no) OVER (PARTITION BY c.stripe_customer_id) = c.record_no
+            ELSE x.customer_tenant IS NOT DISTINCT FROM x.user_tenant
+       END AS customer_owner
+FROM import_classified c
+CROSS JOIN LATERAL (
+    SELECT (SELECT t.id FROM tollhouse.tenants t
+            WHERE c.outcome = 'updated' AND t.owner_user_id = c.user_id AND t.is_default)
+               AS user_tenant,
+           (SELECT cr.tenant_id FROM tollhouse.billing_customer_routes cr
+            WHERE cr.provider = 'stripe' AND cr.customer_id = c.stripe_customer_id)
+               AS customer_tenant
+) x
+WHERE c.outcome IN ('created', 'updated') AND c.stripe_customer_id IS NOT NULL
 
 -- name: stage
 -- The records that change something, numbered in the order they are applied (users by
@@ -202,10 +200,11 @@ SELECT %(run_id)s, c.apply_no, c.record_no, c.outcome, c.user_id, c.target_user_
        c.last_seen_at, c.status, c.marketing, c.legacy_tier, c.plan, c.plan_override,
        c.credits_total, c.credits_balance, c.daily_cap, c.last_daily_reset, c.period_end,
        c.stripe_customer_id, c.stripe_subscription_id, c.billing_status, c.fingerprint,
-       c.customer_owner
+       coalesce(cb.customer_owner, true)
 FROM (SELECT *, row_number() OVER (ORDER BY outcome = 'merged', user_id) AS apply_no
       FROM import_classified
       WHERE outcome IN ('created', 'updated') OR (outcome = 'merged' AND link_identity)) c
+LEFT JOIN import_billing cb ON cb.record_no = c.record_no
 CROSS JOIN (SELECT tollhouse.uuid7() AS base) b
 ORDER BY c.apply_no
 
@@ -221,6 +220,7 @@ SELECT %(run_id)s, c.record_no, 1000, c.line_no, x.severity, x.column_name,
        CASE WHEN char_length(x.value) > 64 THEN left(x.value, 63) || '…' ELSE x.value END,
        x.code, x.message
 FROM import_classified c
+LEFT JOIN import_billing cb ON cb.record_no = c.record_no
 CROSS JOIN LATERAL (
     SELECT 'error' AS severity, 'user_id' AS column_name, c.user_id::text AS value,
            'duplicate_user_id' AS code,
@@ -265,11 +265,11 @@ CROSS JOIN LATERAL (
       AND c.credits_balance <> c.credits_balance_before
     UNION ALL
     SELECT 'warning', 'stripe_customer_id', c.stripe_customer_id, 'customer_linked_elsewhere',
-           CASE WHEN c.customer_tenant IS NULL
-                THEN 'this Stripe customer is named by record ' || c.customer_first
+           CASE WHEN cb.customer_tenant IS NULL
+                THEN 'this Stripe customer is named by record ' || cb.customer_first
                 ELSE 'this Stripe customer belongs to another account'
            END || ': its customer and subscription are not written for this user'
-    WHERE c.outcome IN ('created', 'updated') AND NOT c.customer_owner
+    WHERE NOT cb.customer_owner
 ) x
 
 -- name: counts
