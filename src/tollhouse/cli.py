@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import json
 import os
 import sys
@@ -579,11 +580,31 @@ def stripe_events(
         )
 
 
+class DateOrder(enum.StrEnum):
+    """`--date-format` (see tollhouse.imports.validate.DateRules)."""
+
+    iso = "iso"
+    dmy = "dmy"
+    mdy = "mdy"
+
+
 def _plan_pairs(values: list[str] | None) -> list[str]:
     for value in values or []:
         if "=" not in value or not value.partition("=")[2].strip():
             raise typer.BadParameter(f"{value!r} is not OLD=NEW")
     return values or []
+
+
+def _time_zone(value: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise typer.BadParameter(
+            f"{value!r} is not a known time zone (e.g. Europe/Paris)"
+        ) from None
+    return value
 
 
 class _ProgressLine:
@@ -637,6 +658,26 @@ def import_users(
     encoding: Annotated[
         str | None, typer.Option(help="The file's encoding, if not UTF-8 (e.g. latin-1).")
     ] = None,
+    date_format: Annotated[
+        DateOrder,
+        typer.Option(
+            "--date-format",
+            help="How nn/nn/yyyy dates read: dmy (day first) or mdy (month first);"
+            " iso refuses them as ambiguous. ISO 8601 is always accepted.",
+        ),
+    ] = DateOrder.iso,
+    epoch_seconds: Annotated[
+        bool,
+        typer.Option("--epoch-seconds", help="Read whole numbers in date columns as Unix seconds."),
+    ] = False,
+    time_zone: Annotated[
+        str,
+        typer.Option(
+            "--time-zone",
+            help="IANA zone of times without an offset (a bare date is its midnight).",
+            callback=_time_zone,
+        ),
+    ] = "UTC",
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     data_dir: DataDir = None,
 ) -> None:
@@ -657,6 +698,9 @@ def import_users(
                 batch_size=batch_size,
                 encoding=encoding,
                 progress=progress,
+                date_format=date_format.value,
+                epoch_seconds=epoch_seconds,
+                time_zone=time_zone,
             ),
         )
     finally:

@@ -126,3 +126,28 @@ def test_the_command_prints_a_summary_and_refuses_bad_input(tmp_path: Path, dsn:
         "tollhouse: error: the header lacks required column(s) email, auth_provider,"
         " plan_tier, credits_balance"
     ]
+
+
+def test_date_options_declare_how_dates_read(tmp_path: Path, dsn: str) -> None:
+    env = clean_env(tmp_path, DATABASE_URL=dsn)
+    rows = list(legacy_rows(2))
+    rows[0]["created_at"] = "03/04/2021 10:00"
+    rows[1]["created_at"] = "1614816000"
+    path = tmp_path / "users.csv"
+    path.write_text(render(rows), encoding="utf-8")
+    plain = run_cli(["import", "users", str(path), "--dry-run", "--json"], env)
+    assert json.loads(plain.stdout)["failed"] == 2  # ambiguous_date, invalid_date
+    args = ["import", "users", str(path), "--json", "--date-format", "dmy", "--epoch-seconds"]
+    declared = run_cli([*args, "--time-zone", "Europe/Paris"], env)
+    assert declared.returncode == 0, declared.stderr
+    assert json.loads(declared.stdout)["created"] == 2
+    with psycopg.connect(dsn) as conn:
+        stamps = conn.execute(
+            "SELECT id, created_at FROM tollhouse.users WHERE id = ANY(%s)",
+            [[uuid.UUID(r["user_id"]) for r in rows]],
+        ).fetchall()
+    assert sorted(str(s[1].timestamp()) for s in stamps) == ["1614816000.0", "1617436800.0"]
+    bad = run_cli([*args, "--time-zone", "Nowhere/Else"], env)
+    assert bad.returncode == 2 and "time zone" in bad.stderr
+    wrong = run_cli(["import", "users", str(path), "--date-format", "ymd"], env)
+    assert wrong.returncode == 2 and "ymd" in wrong.stderr

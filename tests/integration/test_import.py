@@ -365,8 +365,11 @@ async def test_stripe_ids_become_the_billing_customer_and_subscription(
         stripe_subscription_id="",
         billing_status="",
     )
-    summary, _ = await run(tollhouse, write(tmp_path, render(rows)))
+    summary, report = await run(tollhouse, write(tmp_path, render(rows)))
     assert (summary.billing_customers, summary.billing_subscriptions) == (2, 2)
+    linked = [r for r in report if r[4] == "customer_linked_elsewhere"]
+    assert [(r[0], r[2], r[3]) for r in linked] == [("4", "stripe_customer_id", "cus_a")]
+    assert "record 2" in linked[0][5]
     ids = [uuid.UUID(r["user_id"]) for r in rows]
     billing = [
         await tollhouse.billing.summary(await tollhouse.billing.personal_tenant(u)) for u in ids
@@ -382,3 +385,45 @@ async def test_stripe_ids_become_the_billing_customer_and_subscription(
         assert await conservation_problems(conn) == []
     again, _ = await run(tollhouse, write(tmp_path, render(rows), "again.csv"))
     assert (again.billing_customers, again.billing_subscriptions) == (0, 0)
+
+
+async def test_a_customer_routed_to_another_tenant_is_reported_dry_run_included(
+    tollhouse: Tollhouse, dsn: str, tmp_path: Path
+) -> None:
+    """A Stripe customer that belongs to another account keeps it; the record is imported
+    without its billing rows and the report says so (warning customer_linked_elsewhere),
+    in the dry run too."""
+    other = await tollhouse.users.create(email="owner@else.com")
+    tenant = await tollhouse.billing.personal_tenant(other.id)
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        await conn.execute(
+            "INSERT INTO tollhouse.billing_customer_routes (customer_id, tenant_id)"
+            " VALUES ('cus_taken', %s)",
+            [tenant],
+        )
+    rows = list(legacy_rows(2))
+    rows[1].update(
+        plan_tier="pro",
+        stripe_customer_id="cus_taken",
+        stripe_subscription_id="sub_taken",
+        billing_status="active",
+    )
+    path = write(tmp_path, render(rows))
+    dry, dry_report = await run(tollhouse, path, dry_run=True)
+    summary, report = await run(tollhouse, path)
+    assert dry_report == report
+    assert [(r[0], r[3], r[4]) for r in report if r[2] == "stripe_customer_id"] == [
+        ("3", "cus_taken", "customer_linked_elsewhere")
+    ]
+    assert summary.created == 2 and summary.warnings == dry.warnings
+    assert (summary.billing_customers, summary.billing_subscriptions) == (0, 0)
+    user = uuid.UUID(rows[1]["user_id"])
+    assert (
+        await tollhouse.billing.summary(await tollhouse.billing.personal_tenant(user))
+    ).customer_id is None
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT tenant_id FROM tollhouse.billing_customer_routes"
+            " WHERE customer_id = 'cus_taken'"
+        )
+        assert await cur.fetchall() == [(tenant,)]

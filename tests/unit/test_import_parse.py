@@ -14,7 +14,7 @@ from tests.support.legacy_csv import legacy_rows, render
 from tollhouse.errors import ImportFileRejected
 from tollhouse.imports.parse import COLUMNS, FIELD_LIMIT, CsvFile, Header, RawRecord
 from tollhouse.imports.report import Issue, neutralise, shown, write_report
-from tollhouse.imports.validate import PLAN_MAP_V1, Staged, Validator, parse_plan_map
+from tollhouse.imports.validate import PLAN_MAP_V1, DateRules, Staged, Validator, parse_plan_map
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -245,6 +245,73 @@ def test_c07_dates(tmp_path: Path) -> None:
         [("created_at", "invalid_date")],
         [("created_at", "future_date")],
     ]
+
+
+def created_at(tmp_path: Path, rules: DateRules, *values: str) -> list[str | list[str]]:
+    """Each value as created_at under `rules`: the UTC time staged, or the error codes."""
+    header, records = read(write(tmp_path, render([base_row(created_at=v) for v in values])))
+    validator = Validator(header, dict(PLAN_MAP_V1), NOW, dates=rules)
+    out: list[str | list[str]] = []
+    for record in records:
+        staged, issues = validator.check(record)
+        if staged is None or staged[7] is None:
+            out.append([i.code for i in issues])
+        else:
+            out.append(datetime.fromisoformat(staged[7]).astimezone(UTC).isoformat())
+    return out
+
+
+def test_c07_declared_day_or_month_first(tmp_path: Path) -> None:
+    values = ("03/04/2021", "03/04/2021 10:30", "31/12/2020", "12/31/2020", "03/04/21")
+    assert created_at(tmp_path, DateRules("dmy"), *values) == [
+        "2021-04-03T00:00:00+00:00",
+        "2021-04-03T10:30:00+00:00",
+        "2020-12-31T00:00:00+00:00",
+        ["invalid_date"],  # no month 31
+        ["invalid_date"],  # a two-digit year stays ambiguous
+    ]
+    assert created_at(tmp_path, DateRules("mdy"), *values) == [
+        "2021-03-04T00:00:00+00:00",
+        "2021-03-04T10:30:00+00:00",
+        ["invalid_date"],
+        "2020-12-31T00:00:00+00:00",
+        ["invalid_date"],
+    ]
+    assert created_at(tmp_path, DateRules(), "03/04/2021 10:30") == [["ambiguous_date"]]
+
+
+def test_c07_epoch_seconds_only_when_declared(tmp_path: Path) -> None:
+    assert created_at(tmp_path, DateRules(), "1614816000") == [["invalid_date"]]
+    assert created_at(tmp_path, DateRules(epoch=True), "1614816000", "03/04/2021") == [
+        "2021-03-04T00:00:00+00:00",
+        ["ambiguous_date"],
+    ]
+    assert created_at(tmp_path, DateRules(epoch=True), "99999999999") == [["future_date"]]
+
+
+def test_c07_naive_times_are_in_the_declared_zone(tmp_path: Path) -> None:
+    paris = DateRules("dmy", time_zone="Europe/Paris")
+    assert created_at(
+        tmp_path,
+        paris,
+        "2021-03-04T10:00:00",
+        "2021-03-04",
+        "2021-03-04T10:00:00Z",
+        "2021-07-04T10:00:00",
+        "04/07/2021 10:00",
+        "2021-03-28T02:30:00",  # the clocks jumped from 2:00 to 3:00 that night
+    ) == [
+        "2021-03-04T09:00:00+00:00",
+        "2021-03-03T23:00:00+00:00",
+        "2021-03-04T10:00:00+00:00",  # an offset wins over the zone
+        "2021-07-04T08:00:00+00:00",
+        "2021-07-04T08:00:00+00:00",
+        ["invalid_date"],
+    ]
+    with pytest.raises(ValueError, match="date-format"):
+        DateRules("ymd")
+    with pytest.raises(ValueError, match="time zone"):
+        DateRules(time_zone="Mars/Olympus_Mons")
 
 
 def test_c08_plan_tiers(tmp_path: Path) -> None:

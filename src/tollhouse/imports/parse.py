@@ -173,6 +173,7 @@ class CsvFile:
 
     def __init__(self, path: Path, encoding: str | None = None) -> None:
         self.path = path
+        self.size = path.stat().st_size
         with path.open("rb") as raw:
             head = raw.read(4096)
         self.encoding = sniff_encoding(head, encoding)

@@ -160,23 +160,53 @@ LEFT JOIN unique_ids uid ON uid.record_no = r.record_no
 LEFT JOIN unique_ids p ON p.record_no = uid.email_first
 LEFT JOIN firsts f ON f.record_no = uid.email_first
 
+-- name: classify_billing
+-- A Stripe customer goes to one tenant: the one it is routed to already, else the user of
+-- the first record naming it. Only the records that write billing rows are looked at.
+CREATE TEMPORARY TABLE import_billing ON COMMIT DROP AS
+SELECT c.record_no, x.customer_tenant,
+       min(c.record_no) OVER (PARTITION BY c.stripe_customer_id) AS customer_first,
+       CASE WHEN x.customer_tenant IS NULL
+            THEN min(c.record_no) OVER (PARTITION BY c.stripe_customer_id) = c.record_no
+            ELSE x.customer_tenant IS NOT DISTINCT FROM x.user_tenant
+       END AS customer_owner
+FROM import_classified c
+CROSS JOIN LATERAL (
+    SELECT (SELECT t.id FROM tollhouse.tenants t
+            WHERE c.outcome = 'updated' AND t.owner_user_id = c.user_id AND t.is_default)
+               AS user_tenant,
+           (SELECT cr.tenant_id FROM tollhouse.billing_customer_routes cr
+            WHERE cr.provider = 'stripe' AND cr.customer_id = c.stripe_customer_id)
+               AS customer_tenant
+) x
+WHERE c.outcome IN ('created', 'updated') AND c.stripe_customer_id IS NOT NULL
+
 -- name: stage
--- The records that change something, with a personal tenant id for each new user.
+-- The records that change something, numbered in the order they are applied (users by
+-- user_id, then merged identities: see migration 0010), with the personal tenant of each
+-- user: a new id for a new user (ascending with the order), the existing one otherwise.
 INSERT INTO tollhouse.import_staging
-    (run_id, record_no, outcome, user_id, target_user_id, tenant_id, email, provider, subject,
-     link_identity, display_name, created_at, last_seen_at, status, marketing, legacy_tier,
-     plan, plan_override, credits_total, credits_balance, daily_cap, last_daily_reset,
-     period_end, stripe_customer_id, stripe_subscription_id, billing_status, fingerprint)
-SELECT %(run_id)s, c.record_no, c.outcome, c.user_id, c.target_user_id,
-       CASE WHEN c.outcome = 'created'
-            THEN tollhouse.uuid7_seq(b.base, row_number() OVER (ORDER BY c.record_no)) END,
+    (run_id, apply_no, record_no, outcome, user_id, target_user_id, tenant_id, email,
+     provider, subject, link_identity, display_name, created_at, last_seen_at, status,
+     marketing, legacy_tier, plan, plan_override, credits_total, credits_balance, daily_cap,
+     last_daily_reset, period_end, stripe_customer_id, stripe_subscription_id,
+     billing_status, fingerprint, customer_owner)
+SELECT %(run_id)s, c.apply_no, c.record_no, c.outcome, c.user_id, c.target_user_id,
+       CASE WHEN c.outcome = 'created' THEN tollhouse.uuid7_seq(b.base, c.apply_no)
+            WHEN c.outcome = 'updated'
+            THEN (SELECT t.id FROM tollhouse.tenants t
+                  WHERE t.owner_user_id = c.user_id AND t.is_default) END,
        c.email, c.provider, c.subject, c.link_identity, c.display_name, c.created_at,
        c.last_seen_at, c.status, c.marketing, c.legacy_tier, c.plan, c.plan_override,
        c.credits_total, c.credits_balance, c.daily_cap, c.last_daily_reset, c.period_end,
-       c.stripe_customer_id, c.stripe_subscription_id, c.billing_status, c.fingerprint
-FROM import_classified c CROSS JOIN (SELECT tollhouse.uuid7() AS base) b
-WHERE c.outcome IN ('created', 'updated') OR (c.outcome = 'merged' AND c.link_identity)
-ORDER BY c.record_no
+       c.stripe_customer_id, c.stripe_subscription_id, c.billing_status, c.fingerprint,
+       coalesce(cb.customer_owner, true)
+FROM (SELECT *, row_number() OVER (ORDER BY outcome = 'merged', user_id) AS apply_no
+      FROM import_classified
+      WHERE outcome IN ('created', 'updated') OR (outcome = 'merged' AND link_identity)) c
+LEFT JOIN import_billing cb ON cb.record_no = c.record_no
+CROSS JOIN (SELECT tollhouse.uuid7() AS base) b
+ORDER BY c.apply_no
 
 -- name: record_issues
 -- The report of the run: the parser's and validator's issues, then the classification's.
@@ -190,6 +220,7 @@ SELECT %(run_id)s, c.record_no, 1000, c.line_no, x.severity, x.column_name,
        CASE WHEN char_length(x.value) > 64 THEN left(x.value, 63) || '…' ELSE x.value END,
        x.code, x.message
 FROM import_classified c
+LEFT JOIN import_billing cb ON cb.record_no = c.record_no
 CROSS JOIN LATERAL (
     SELECT 'error' AS severity, 'user_id' AS column_name, c.user_id::text AS value,
            'duplicate_user_id' AS code,
@@ -232,6 +263,13 @@ CROSS JOIN LATERAL (
            || ' is not changed by a rerun; use a credits grant or debit'
     WHERE c.outcome IN ('updated', 'unchanged') AND c.record_no = c.email_first
       AND c.credits_balance <> c.credits_balance_before
+    UNION ALL
+    SELECT 'warning', 'stripe_customer_id', c.stripe_customer_id, 'customer_linked_elsewhere',
+           CASE WHEN cb.customer_tenant IS NULL
+                THEN 'this Stripe customer is named by record ' || cb.customer_first
+                ELSE 'this Stripe customer belongs to another account'
+           END || ': its customer and subscription are not written for this user'
+    WHERE NOT cb.customer_owner
 ) x
 
 -- name: counts
@@ -256,12 +294,12 @@ SELECT records, staged, counts,
 FROM tollhouse.import_runs r WHERE id = %(run_id)s
 
 -- name: batches
--- The work left, cut into batches of `batch_size` users to create or update: record ranges
--- (after, through]. Merged identities come last, in one batch of their own, once every user
--- they join exists.
-SELECT min(record_no) - 1, max(record_no), count(*)
-FROM (SELECT record_no,
-             (row_number() OVER (ORDER BY record_no) - 1) / %(batch_size)s AS batch
+-- The work left, cut into batches of `batch_size` users to create or update: ranges
+-- (after, through] of apply_no. Merged identities come last, in one batch of their own,
+-- once every user they join exists.
+SELECT min(apply_no) - 1, max(apply_no), count(*)
+FROM (SELECT apply_no,
+             (row_number() OVER (ORDER BY apply_no) - 1) / %(batch_size)s AS batch
       FROM tollhouse.import_staging
       WHERE run_id = %(run_id)s AND outcome IN ('created', 'updated')) b
 GROUP BY batch
@@ -276,7 +314,7 @@ SELECT count(*) FROM tollhouse.import_staging WHERE run_id = %(run_id)s AND outc
 -- and the import's provenance row. E-mails are unverified (RELIABILITY 7.2 rule 6).
 WITH s AS (
     SELECT * FROM tollhouse.import_staging
-    WHERE run_id = %(run_id)s AND record_no > %(after)s AND record_no <= %(through)s
+    WHERE run_id = %(run_id)s AND apply_no > %(after)s AND apply_no <= %(through)s
       AND outcome = 'created'
 ), u AS (
     INSERT INTO tollhouse.users (id, display_name, status, plan_override, created_at,
@@ -320,23 +358,23 @@ SELECT count(*) FROM s
 -- The new users' credit accounts with their opening balances (one `import` grant and
 -- ledger row per user), through the credits function made for it.
 SELECT tollhouse.credit_import_accounts_v1(
-    array_agg(tenant_id ORDER BY record_no), array_agg(user_id ORDER BY record_no),
-    array_agg(plan ORDER BY record_no), array_agg(credits_balance ORDER BY record_no),
-    array_agg(daily_cap ORDER BY record_no), array_agg(last_daily_reset ORDER BY record_no),
-    array_agg(period_end ORDER BY record_no),
+    array_agg(tenant_id ORDER BY apply_no), array_agg(user_id ORDER BY apply_no),
+    array_agg(plan ORDER BY apply_no), array_agg(credits_balance ORDER BY apply_no),
+    array_agg(daily_cap ORDER BY apply_no), array_agg(last_daily_reset ORDER BY apply_no),
+    array_agg(period_end ORDER BY apply_no),
     array_agg(jsonb_build_object('import_run', run_id, 'record_no', record_no,
                                  'legacy_tier', legacy_tier, 'credits_total', credits_total)
-              ORDER BY record_no),
+              ORDER BY apply_no),
     %(after)s::bigint * 1048576)
 FROM tollhouse.import_staging
-WHERE run_id = %(run_id)s AND record_no > %(after)s AND record_no <= %(through)s
+WHERE run_id = %(run_id)s AND apply_no > %(after)s AND apply_no <= %(through)s
   AND outcome = 'created'
 
 -- name: apply_merged_identities
 -- Google / Apple ids of later records with the same e-mail, linked to the first's user.
 WITH s AS (
     SELECT * FROM tollhouse.import_staging
-    WHERE run_id = %(run_id)s AND record_no > %(after)s AND record_no <= %(through)s
+    WHERE run_id = %(run_id)s AND apply_no > %(after)s AND apply_no <= %(through)s
       AND outcome = 'merged' AND link_identity
 ), ident AS (
     INSERT INTO tollhouse.user_identities (user_id, provider, subject, email)
@@ -350,7 +388,7 @@ SELECT provider, subject, target_user_id FROM s
 -- override and marketing preference follow the file; the opening balance does not.
 WITH s AS (
     SELECT * FROM tollhouse.import_staging
-    WHERE run_id = %(run_id)s AND record_no > %(after)s AND record_no <= %(through)s
+    WHERE run_id = %(run_id)s AND apply_no > %(after)s AND apply_no <= %(through)s
       AND outcome = 'updated'
 ), u AS (
     UPDATE tollhouse.users t
@@ -376,33 +414,35 @@ SELECT count(*) FROM (
     FROM tollhouse.import_staging s
     JOIN tollhouse.tenants t ON t.owner_user_id = s.user_id AND t.is_default
     JOIN tollhouse.credit_accounts a ON a.tenant_id = t.id
-    WHERE s.run_id = %(run_id)s AND s.record_no > %(after)s AND s.record_no <= %(through)s
+    WHERE s.run_id = %(run_id)s AND s.apply_no > %(after)s AND s.apply_no <= %(through)s
       AND s.outcome = 'updated' AND a.plan <> s.plan
     ORDER BY t.id
 ) changed
 
 -- name: billing_routes
--- The billing step of a batch (after the users and accounts). A Stripe customer belongs to
--- one tenant for good: a customer already routed elsewhere keeps its tenant and the record's
--- billing rows are not written (see docs/import.md).
+-- The billing step of a batch (after the users and accounts), for the records staging made
+-- owners of their Stripe customer (customer_owner; the others are reported as
+-- customer_linked_elsewhere). tenant_id is the user's personal tenant. A customer routed
+-- elsewhere since staging keeps its tenant and the record's billing rows are not written.
 INSERT INTO tollhouse.billing_customer_routes (customer_id, tenant_id)
-SELECT DISTINCT ON (s.stripe_customer_id) s.stripe_customer_id, t.id
+SELECT s.stripe_customer_id, s.tenant_id
 FROM tollhouse.import_staging s
-JOIN tollhouse.tenants t ON t.owner_user_id = s.target_user_id AND t.is_default
-WHERE s.run_id = %(run_id)s AND s.record_no > %(after)s AND s.record_no <= %(through)s
+WHERE s.run_id = %(run_id)s AND s.apply_no > %(after)s AND s.apply_no <= %(through)s
   AND s.outcome IN ('created', 'updated') AND s.stripe_customer_id IS NOT NULL
-ORDER BY s.stripe_customer_id, s.record_no
+  AND s.customer_owner
+ORDER BY s.stripe_customer_id
 ON CONFLICT (provider, customer_id) DO NOTHING
 
 -- name: billing_customers
 INSERT INTO tollhouse.billing_customers (tenant_id, customer_id, email)
-SELECT r.tenant_id, s.stripe_customer_id, s.email
+SELECT s.tenant_id, s.stripe_customer_id, s.email
 FROM tollhouse.import_staging s
-JOIN tollhouse.tenants t ON t.owner_user_id = s.target_user_id AND t.is_default
 JOIN tollhouse.billing_customer_routes r
-  ON r.provider = 'stripe' AND r.customer_id = s.stripe_customer_id AND r.tenant_id = t.id
-WHERE s.run_id = %(run_id)s AND s.record_no > %(after)s AND s.record_no <= %(through)s
+  ON r.provider = 'stripe' AND r.customer_id = s.stripe_customer_id
+  AND r.tenant_id = s.tenant_id
+WHERE s.run_id = %(run_id)s AND s.apply_no > %(after)s AND s.apply_no <= %(through)s
   AND s.outcome IN ('created', 'updated') AND s.stripe_customer_id IS NOT NULL
+  AND s.customer_owner
 ON CONFLICT (tenant_id, provider, customer_id) DO NOTHING
 
 -- name: billing_subscriptions
@@ -410,15 +450,16 @@ ON CONFLICT (tenant_id, provider, customer_id) DO NOTHING
 -- (credit_change_plan_v1 below is what moves the accounts.)
 INSERT INTO tollhouse.subscriptions
     (tenant_id, id, customer_id, status, plan, current_period_end, metadata, stripe_at)
-SELECT r.tenant_id, s.stripe_subscription_id, s.stripe_customer_id, s.billing_status, s.plan,
+SELECT s.tenant_id, s.stripe_subscription_id, s.stripe_customer_id, s.billing_status, s.plan,
        s.period_end, jsonb_build_object('source', 'legacy_import', 'legacy_tier', s.legacy_tier),
        timestamptz 'epoch'
 FROM tollhouse.import_staging s
-JOIN tollhouse.tenants t ON t.owner_user_id = s.target_user_id AND t.is_default
 JOIN tollhouse.billing_customer_routes r
-  ON r.provider = 'stripe' AND r.customer_id = s.stripe_customer_id AND r.tenant_id = t.id
-WHERE s.run_id = %(run_id)s AND s.record_no > %(after)s AND s.record_no <= %(through)s
+  ON r.provider = 'stripe' AND r.customer_id = s.stripe_customer_id
+  AND r.tenant_id = s.tenant_id
+WHERE s.run_id = %(run_id)s AND s.apply_no > %(after)s AND s.apply_no <= %(through)s
   AND s.outcome IN ('created', 'updated') AND s.stripe_subscription_id IS NOT NULL
+  AND s.customer_owner
 ON CONFLICT (tenant_id, id) DO UPDATE
 SET status = excluded.status, plan = excluded.plan,
     current_period_end = excluded.current_period_end, updated_at = now()
@@ -429,16 +470,13 @@ WHERE subscriptions.stripe_at = timestamptz 'epoch'
 
 -- name: billing_plans
 -- The accounts of the batch's subscribers follow their effective plan (a canceled legacy
--- subscription leaves the free plan); (customers written, subscriptions written, plans moved).
-WITH batch AS (
-    SELECT DISTINCT t.id AS tenant_id
-    FROM tollhouse.import_staging s
-    JOIN tollhouse.tenants t ON t.owner_user_id = s.target_user_id AND t.is_default
-    WHERE s.run_id = %(run_id)s AND s.record_no > %(after)s AND s.record_no <= %(through)s
-      AND s.outcome IN ('created', 'updated') AND s.stripe_subscription_id IS NOT NULL
-)
+-- subscription leaves the free plan).
 SELECT count(*) FILTER (WHERE c.changed)
-FROM (SELECT tenant_id FROM batch ORDER BY tenant_id) b,
+FROM (SELECT DISTINCT s.tenant_id
+      FROM tollhouse.import_staging s
+      WHERE s.run_id = %(run_id)s AND s.apply_no > %(after)s AND s.apply_no <= %(through)s
+        AND s.outcome IN ('created', 'updated') AND s.stripe_subscription_id IS NOT NULL
+      ORDER BY s.tenant_id) b,
      LATERAL tollhouse.credit_change_plan_v1(
          b.tenant_id, NULL, tollhouse.billing_effective_plan_v1(b.tenant_id)) c
 
@@ -446,7 +484,7 @@ FROM (SELECT tenant_id FROM batch ORDER BY tenant_id) b,
 -- The checkpoint: what a batch applied leaves the staging table with its commit. Zero rows
 -- means another process applied it already (the batch then rolls back).
 DELETE FROM tollhouse.import_staging
-WHERE run_id = %(run_id)s AND record_no > %(after)s AND record_no <= %(through)s
+WHERE run_id = %(run_id)s AND apply_no > %(after)s AND apply_no <= %(through)s
   AND outcome = ANY(%(outcomes)s)
 
 -- name: finish_run

@@ -35,17 +35,16 @@ from tollhouse.db.pool import Conn, Database, configure_connection, connect
 from tollhouse.db.queries import Queries
 from tollhouse.errors import ImportFileRejected, ImportInProgress, InvalidRequest
 from tollhouse.ids import uuid7
-from tollhouse.imports.parse import CsvFile, Header
+from tollhouse.imports.feed import CHILD_FROM_BYTES, Done, Issues, Rows, feed
+from tollhouse.imports.parse import CsvFile
 from tollhouse.imports.report import Issue, ReportWriter
-from tollhouse.imports.validate import Validator, parse_plan_map
+from tollhouse.imports.validate import DateRules, parse_plan_map
 
 queries = Queries("tollhouse.imports", "queries.sql")
 log = structlog.get_logger(__name__)
 
 #: Formats of the staging rows and options; a change here starts new runs, never resumes.
 FORMAT_VERSION = 1
-#: Rows per COPY write; bounds the memory of the staging phase.
-COPY_CHUNK = 2000
 #: More records than this (per thousand) with bytes that are not UTF-8: the file is taken for
 #: another encoding (Latin-1, say) and refused.
 UNDECODABLE_PER_MILLE = 1
@@ -54,15 +53,13 @@ UNDECODABLE_PER_MILLE = 1
 #: counts records applied of the file's.
 Progress = Callable[[str, int, int], None]
 
-_ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-_FREE_TEXT = (5, 6, 9)
 #: The identity and credits steps of a batch, in order; the billing step follows them.
 APPLY_STEPS = (
     "apply_created",
     "apply_accounts",
     "apply_updated",
     "apply_updated_plans",
-)  # subject, display_name, legacy_tier: may hold what COPY escapes
+)
 
 
 @dataclass(frozen=True)
@@ -89,33 +86,6 @@ class ImportSummary:
         data = asdict(self)
         data["run_id"] = str(self.run_id) if self.run_id else None
         return data
-
-
-def _copy_line(values: Sequence[str | None]) -> str:
-    cells = ["\\N" if v is None else v for v in values]
-    for i in _FREE_TEXT:
-        cell = cells[i]
-        if cell != "\\N" and ("\\" in cell or "\t" in cell or "\n" in cell or "\r" in cell):
-            cells[i] = cell.translate(_ESCAPE)
-    return "\t".join(cells) + "\n"
-
-
-def _issue_line(issue: Issue, seq: int) -> str:
-    return (
-        "\t".join(
-            [
-                str(issue.record_no),
-                str(seq),
-                str(issue.line_no),
-                issue.severity,
-                issue.column.translate(_ESCAPE),
-                issue.value.translate(_ESCAPE),
-                issue.code.translate(_ESCAPE),
-                issue.message.translate(_ESCAPE),
-            ]
-        )
-        + "\n"
-    )
 
 
 def file_sha256(path: Path) -> bytes:
@@ -146,10 +116,14 @@ class ImportService:
         encoding: str | None = None,
         progress: Progress | None = None,
         workers: int = 2,
+        date_format: str = "iso",
+        epoch_seconds: bool = False,
+        time_zone: str = "UTC",
     ) -> ImportSummary:
         """Import `path`; write the report CSV to `report` if given. Record errors never
         stop the run; only a file that cannot be read as a whole is refused (nothing is
-        written then). `workers` connections apply batches side by side."""
+        written then). `workers` connections apply batches side by side. `date_format`,
+        `epoch_seconds` and `time_zone` say how dates are read (see `DateRules`)."""
         if not 1 <= batch_size <= 100_000:
             raise InvalidRequest("--batch-size must be between 1 and 100000", field="batch_size")
         file_sha = await asyncio.to_thread(file_sha256, path)
@@ -160,8 +134,18 @@ class ImportService:
             mapping = parse_plan_map(list(plan_map), plans)
         except ValueError as exc:
             raise InvalidRequest(str(exc), field="plan_map") from None
+        try:
+            dates = DateRules(date_format, epoch_seconds, time_zone)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), field="date_format") from None
         csv_file = CsvFile(path, encoding)  # refuses UTF-16 & co. before anything else
-        options = {"format": FORMAT_VERSION, "plan_map": mapping, "encoding": csv_file.encoding}
+        options: dict[str, Any] = {
+            "format": FORMAT_VERSION,
+            "plan_map": mapping,
+            "encoding": csv_file.encoding,
+        }
+        if not dates.is_default():  # the default adds nothing: runs of before resume
+            options["dates"] = asdict(dates)
         options_sha = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).digest()
         report_to = report
         tick = progress or (lambda phase, done, total: None)
@@ -182,6 +166,7 @@ class ImportService:
                         conn,
                         csv_file,
                         mapping,
+                        dates,
                         run_id,
                         {
                             "file_sha256": file_sha,
@@ -238,6 +223,7 @@ class ImportService:
         conn: Conn,
         csv_file: CsvFile,
         mapping: dict[str, str],
+        dates: DateRules,
         run_id: uuid.UUID,
         run_fields: dict[str, Any],
         tick: Progress,
@@ -245,40 +231,36 @@ class ImportService:
         await conn.execute(queries["staging_memory"])
         await conn.execute(queries["create_incoming"])
         await conn.execute(queries["create_incoming_issues"])
-        failed = 0
-        records = csv_file.records()
+        done: Done | None = None
         # Issues wait in a temporary file (one COPY at a time per connection): memory stays
         # flat however many records have warnings.
         with tempfile.TemporaryFile("w+", encoding="utf-8") as issues_file:
-            header = next(records)
-            assert isinstance(header, Header)
-            for seq, h in enumerate(header.issues):
-                issues_file.write(
-                    _issue_line(Issue(1, 1, h.column, h.column, h.code, h.message, "warning"), seq)
-                )
-            validator = Validator(header, mapping, datetime.now(UTC))
-            async with conn.cursor().copy(queries["copy_incoming"]) as copy:
-                chunk: list[str] = []
-                for record in records:
-                    assert not isinstance(record, Header)
-                    staged, issues = validator.check(record)
-                    if staged is None:
-                        failed += 1
+            messages = feed(
+                csv_file.path,
+                csv_file.encoding,
+                mapping,
+                datetime.now(UTC),
+                dates,
+                child=csv_file.size >= CHILD_FROM_BYTES,
+            )
+            async with (
+                contextlib.aclosing(messages),
+                conn.cursor().copy(queries["copy_incoming"]) as copy,
+            ):
+                async for message in messages:
+                    if isinstance(message, Rows):
+                        await copy.write(message.text)
+                        tick("staging", message.records_read, 0)
+                    elif isinstance(message, Issues):
+                        issues_file.write(message.text)
                     else:
-                        chunk.append(_copy_line(staged))
-                    for seq, issue in enumerate(issues):
-                        issues_file.write(_issue_line(issue, seq))
-                    if len(chunk) >= COPY_CHUNK:
-                        await copy.write("".join(chunk))
-                        chunk.clear()
-                        tick("staging", csv_file.records_read, 0)
-                if chunk:
-                    await copy.write("".join(chunk))
-            tick("staging", csv_file.records_read, 0)
-            read = csv_file.records_read
-            if csv_file.undecodable_records * 1000 > read * UNDECODABLE_PER_MILLE:
+                        done = message
+            assert done is not None
+            read = done.records_read
+            tick("staging", read, 0)
+            if done.undecodable_records * 1000 > read * UNDECODABLE_PER_MILLE:
                 raise ImportFileRejected(
-                    f"{csv_file.undecodable_records} of {read} records are not valid UTF-8:"
+                    f"{done.undecodable_records} of {read} records are not valid UTF-8:"
                     " the file looks like another encoding (Latin-1?); pass --encoding",
                     reason="wrong_encoding",
                 )
@@ -293,13 +275,14 @@ class ImportService:
         )
         await conn.execute(queries["analyze_incoming"])
         await conn.execute(queries["classify"])
+        await conn.execute(queries["classify_billing"])
         await conn.execute(queries["stage"], {"run_id": run_id})
         await conn.execute(queries["record_issues"], {"run_id": run_id})
         cur = await conn.execute(queries["counts"])
         row = await cur.fetchone()
         assert row is not None and cur.description is not None
         counts = {col.name: int(value) for col, value in zip(cur.description, row, strict=True)}
-        counts["failed"] += failed
+        counts["failed"] += done.failed
         counts["records_read"] = read
         await conn.execute(queries["set_counts"], {"run_id": run_id, "counts": Jsonb(counts)})
         return counts

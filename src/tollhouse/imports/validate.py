@@ -10,7 +10,9 @@ import operator
 import re
 import uuid
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, tzinfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from tollhouse.errors import InvalidEmail
 from tollhouse.identity.emails import normalise_email
@@ -39,6 +41,10 @@ _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _STRIPE_CUSTOMER = re.compile(r"cus_[A-Za-z0-9]{1,250}")
 _STRIPE_SUBSCRIPTION = re.compile(r"sub_[A-Za-z0-9]{1,250}")
 _SLASH_DATE = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{2,4})")
+_SLASH_DATE_TIME = re.compile(
+    r"(\d{1,2})/(\d{1,2})/(\d{4})(?:[ T](\d{1,2}):(\d\d)(?::(\d\d)(?:\.(\d{1,6}))?)?)?"
+)
+_EPOCH = re.compile(r"-?\d{1,11}")
 # The common spellings PostgreSQL reads exactly as Python does: staged as written.
 _ISO_ZONED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d)")
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -71,6 +77,42 @@ STAGED = (
 )
 
 Staged = tuple[str | None, ...]
+
+#: `--date-format` values: how `nn/nn/yyyy` dates are read (`iso`: they are refused).
+DATE_ORDERS = ("iso", "dmy", "mdy")
+
+
+@dataclass(frozen=True)
+class DateRules:
+    """How the file's dates are read (RELIABILITY C-07). ISO 8601 is always accepted.
+
+    - `order`: `iso` refuses `03/04/2021` as `ambiguous_date`; `dmy` reads it as 3 April,
+      `mdy` as 4 March (a four-digit year, optionally followed by ` HH:MM[:SS]`).
+    - `epoch`: a whole number is Unix seconds (UTC); otherwise it is `invalid_date`.
+    - `time_zone`: the IANA zone of times written without an offset (a bare date is its
+      midnight there); a local time that does not exist there (a DST gap) is `invalid_date`.
+    """
+
+    order: str = "iso"
+    epoch: bool = False
+    time_zone: str = "UTC"
+
+    def __post_init__(self) -> None:
+        if self.order not in DATE_ORDERS:
+            raise ValueError(
+                f"--date-format must be one of {', '.join(DATE_ORDERS)}, not {self.order!r}"
+            )
+        try:
+            ZoneInfo(self.time_zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"--time-zone {self.time_zone!r} is not a known time zone") from None
+
+    @property
+    def zone(self) -> tzinfo:
+        return UTC if self.time_zone == "UTC" else ZoneInfo(self.time_zone)
+
+    def is_default(self) -> bool:
+        return self == DateRules()
 
 
 class _Bad(Exception):
@@ -106,13 +148,20 @@ class Validator:
     """Checks records against a header, a plan mapping and the time of the run."""
 
     def __init__(
-        self, header: Header, plan_map: Mapping[str, str], now: datetime, free_plan: str = "free"
+        self,
+        header: Header,
+        plan_map: Mapping[str, str],
+        now: datetime,
+        free_plan: str = "free",
+        dates: DateRules | None = None,
     ) -> None:
         # One C call picks the 19 columns in seed order; an absent column reads as "".
         self._pick = operator.itemgetter(*(header.positions.get(c, header.width) for c in COLUMNS))
         self._plan_map = dict(plan_map)
         self._now = now
         self._free = free_plan
+        self._dates = dates or DateRules()
+        self._zone = self._dates.zone
 
     def check(self, record: RawRecord) -> tuple[Staged | None, list[Issue]]:
         """The staged values of a record (None when it fails) and its issues."""
@@ -142,7 +191,7 @@ class Validator:
             _required_credits,
             _daily_cap,
             self._past_date,
-            _date,
+            self._date,
             _boolean,
             _status,
             _stripe_customer,
@@ -317,12 +366,69 @@ class Validator:
             if past and when > self._now:
                 raise _Bad("future_date", f"{value} is in the future")
             return value
-        return _iso(self._past_date(value) if past else _date(value))
+        return _iso(self._past_date(value) if past else self._date(value))
 
     def _past_date(self, value: str) -> datetime | None:
-        when = _date(value)
+        when = self._date(value)
         if when is not None and when > self._now:
             raise _Bad("future_date", f"{value.strip()} is in the future")
+        return when
+
+    def _date(self, value: str) -> datetime | None:
+        """A date or time as the rules read it; a naive one is in the declared zone."""
+        text = value.strip()
+        if not text:
+            return None
+        rules = self._dates
+        if _EPOCH.fullmatch(text):
+            if not rules.epoch:
+                raise _Bad(
+                    "invalid_date",
+                    "epoch numbers are not accepted; use ISO 8601 (or declare --epoch-seconds)",
+                )
+            try:
+                return datetime.fromtimestamp(int(text), UTC)
+            except (OverflowError, OSError, ValueError):
+                raise _Bad("invalid_date", f"{text} is out of range as epoch seconds") from None
+        slashed = _SLASH_DATE_TIME.fullmatch(text)
+        if slashed and rules.order != "iso":
+            first, second, year, hour, minute, sec, frac = slashed.groups()
+            day, month = (first, second) if rules.order == "dmy" else (second, first)
+            try:
+                when = datetime(
+                    int(year),
+                    int(month),
+                    int(day),
+                    int(hour or 0),
+                    int(minute or 0),
+                    int(sec or 0),
+                    int((frac or "0").ljust(6, "0")),
+                )
+            except ValueError as exc:
+                raise _Bad("invalid_date", f"not a valid {rules.order} date: {exc}") from None
+        elif _SLASH_DATE.fullmatch(text.split(" ")[0]) or slashed:
+            if rules.order != "iso":
+                raise _Bad("invalid_date", f"{text} is not {rules.order} with a 4-digit year")
+            raise _Bad(
+                "ambiguous_date",
+                f"{text} could be dd/mm or mm/dd; use ISO 8601 or declare --date-format",
+            )
+        else:
+            try:
+                when = datetime.fromisoformat(text)
+            except ValueError as exc:
+                raise _Bad("invalid_date", f"not an ISO 8601 date: {exc}") from None
+            if when.tzinfo is not None:
+                return when
+        return self._localise(when, text)
+
+    def _localise(self, naive: datetime, text: str) -> datetime:
+        zone = self._zone
+        when = naive.replace(tzinfo=zone)
+        if zone is not UTC and when.astimezone(UTC).astimezone(zone).replace(tzinfo=None) != naive:
+            raise _Bad(
+                "invalid_date", f"{text} does not exist in {self._dates.time_zone} (a DST gap)"
+            )
         return when
 
 
@@ -401,23 +507,6 @@ def _display_name(value: str) -> str | None:
     if _CONTROL.search(text):
         raise _Bad("control_character", "control characters are not allowed")
     return text
-
-
-def _date(value: str) -> datetime | None:
-    text = value.strip()
-    if not text:
-        return None
-    if _SLASH_DATE.fullmatch(text):
-        raise _Bad("ambiguous_date", f"{text} could be dd/mm or mm/dd; use ISO 8601")
-    if text.isdigit():
-        raise _Bad("invalid_date", "epoch numbers are not accepted; use ISO 8601")
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise _Bad("invalid_date", f"not an ISO 8601 date: {exc}") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when
 
 
 def _credits(value: str) -> int | None:
