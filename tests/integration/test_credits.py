@@ -832,3 +832,18 @@ async def test_random_batches_decide_as_one_debit_at_a_time(
     assert await state(twins[0]) == await state(twins[1])
     async with tollhouse.db.connection() as conn:
         assert await conservation_problems(conn) == []
+
+
+async def test_a_batchs_ledger_ids_are_uuid7_unique_and_in_arrival_order(
+    tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """Two batches on one payer: every ledger id is a distinct UUIDv7, and ids sort as the
+    debits were decided (within a batch and from one batch to the next)."""
+    user = await _payer(tollhouse, funds=1000)
+    first = await tollhouse.credits._send_batch([_debit(user, 1) for _ in range(40)])
+    second = await tollhouse.credits._send_batch([_debit(user, 1) for _ in range(40)])
+    ids = [r.ledger_id for r in first + second]
+    assert all(i is not None and i.version == 7 for i in ids)
+    assert len(set(ids)) == 80
+    assert ids == sorted(ids, key=lambda i: i.bytes if i else b"")
+    assert [r.balance_after for r in first + second] == list(range(999, 919, -1))
