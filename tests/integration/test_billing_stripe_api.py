@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 import httpx
 import pytest
@@ -15,6 +16,24 @@ from tests.support import fake_stripe as fs
 from tollhouse.app import Tollhouse
 from tollhouse.billing import BillingConfig, BillingService
 from tollhouse.errors import StripeNotConfigured, WebhookNotConfigured
+
+
+def _subscriber(
+    tenant_id: uuid.UUID, plan: str, **customer_fields: Any
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A customer of the tenant, a price of the plan, an active subscription to it and its
+    paid invoice, for this period, as the fake Stripe holds them."""
+    customer = fs.shape(
+        "customer",
+        id=fs.new_id("cus"),
+        metadata={"tollhouse_tenant_id": str(tenant_id)},
+        **customer_fields,
+    )
+    the_price = fs.price(f"price_{plan}_{uuid.uuid4().hex[:6]}", tollhouse_plan=plan)
+    start, end = b.period()
+    sub = fs.subscription(fs.new_id("sub"), customer["id"], the_price, start=start, end=end)
+    inv = fs.invoice(fs.new_id("in"), customer["id"], sub["id"], the_price, start=start, end=end)
+    return customer, the_price, sub, inv
 
 
 async def test_checkout_creates_the_customer_once_and_answers_a_url(
@@ -104,16 +123,7 @@ async def test_sync_reconciles_what_never_arrived_and_later_deliveries_change_no
     stripe_api: fs.FakeStripe,
 ) -> None:
     user_id, tenant_id = await b.new_user(client, auth)
-    customer = fs.shape(
-        "customer",
-        id=fs.new_id("cus"),
-        metadata={"tollhouse_tenant_id": str(tenant_id)},
-        email="sync@example.com",
-    )
-    the_price = fs.price(f"price_sync_{uuid.uuid4().hex[:6]}", tollhouse_plan="power")
-    start, end = b.period()
-    sub = fs.subscription(fs.new_id("sub"), customer["id"], the_price, start=start, end=end)
-    inv = fs.invoice(fs.new_id("in"), customer["id"], sub["id"], the_price, start=start, end=end)
+    customer, the_price, sub, inv = _subscriber(tenant_id, "power", email="sync@example.com")
     for kind, obj in (
         ("customers", customer),
         ("prices", the_price),
@@ -151,12 +161,7 @@ async def test_sync_never_overwrites_an_event_newer_than_its_page(
     """A webhook about a change made while sync's page was on its way (stamped this second)
     is newer than the page's state: sync keeps it."""
     _, tenant_id = await b.new_user(client, auth)
-    customer = fs.shape(
-        "customer", id=fs.new_id("cus"), metadata={"tollhouse_tenant_id": str(tenant_id)}
-    )
-    the_price = fs.price(f"price_race_{uuid.uuid4().hex[:6]}", tollhouse_plan="pro")
-    start, end = b.period()
-    sub = fs.subscription(fs.new_id("sub"), customer["id"], the_price, start=start, end=end)
+    customer, the_price, sub, _ = _subscriber(tenant_id, "pro")
     for kind, obj in (("customers", customer), ("prices", the_price), ("subscriptions", sub)):
         stripe_api.put(kind, obj)
     await tollhouse.billing.sync()
@@ -185,13 +190,7 @@ async def test_w12_events_that_never_arrived_are_ingested_and_later_deliveries_a
     all 50 (source `api`); delivering them afterwards is 50 duplicates with no effect and no
     conflict; a second sync finds them all known."""
     user_id, tenant_id = await b.new_user(client, auth)
-    customer = fs.shape(
-        "customer", id=fs.new_id("cus"), metadata={"tollhouse_tenant_id": str(tenant_id)}
-    )
-    the_price = fs.price(f"price_w12_{uuid.uuid4().hex[:6]}", tollhouse_plan="power")
-    start, end = b.period()
-    sub = fs.subscription(fs.new_id("sub"), customer["id"], the_price, start=start, end=end)
-    inv = fs.invoice(fs.new_id("in"), customer["id"], sub["id"], the_price, start=start, end=end)
+    customer, the_price, sub, inv = _subscriber(tenant_id, "power")
     base = int(time.time()) - 3600
     events = [
         fs.event("price.created", the_price, created=base),

@@ -14,9 +14,9 @@ RETURNING stripe_event_id
 
 -- name: receive
 -- A batch of verified deliveries (or events read from the API: source 'api') stored and
--- applied, one row each, in order (migrations 0009, 0012).
+-- applied, one row each, in order (migration 0009).
 SELECT stripe_event_id, type, status, error, tenant_id, customer_id, unpark
-FROM tollhouse.billing_receive_v2(%(events)s::jsonb, %(hashes)s, %(customers)s, %(unpark)s,
+FROM tollhouse.billing_receive_v1(%(events)s::jsonb, %(hashes)s, %(customers)s, %(unpark)s,
                                   %(source)s)
 
 -- name: process

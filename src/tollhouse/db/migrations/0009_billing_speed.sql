@@ -601,6 +601,14 @@ BEGIN
 END
 $$;
 
+-- `source`: `webhook`, or `api` for an event read from Stripe's API (`tollhouse stripe sync`
+-- pages /v1/events, RELIABILITY W-12), stored and applied like a delivery. Its body is our
+-- serialisation, not the one Stripe signed, so a later webhook delivery of the same id is a
+-- duplicate by its id (never a conflict), and so is an API copy of an event delivered before.
+ALTER TABLE tollhouse.billing_events
+    ADD COLUMN source text NOT NULL DEFAULT 'webhook',
+    ADD CONSTRAINT billing_events_source_check CHECK (source IN ('webhook', 'api'));
+
 -- Receives a batch of verified deliveries (`p_events`: a JSON array of the raw bodies, with
 -- each body's SHA-256 and customer), in order, one row each. A delivery takes its event id's
 -- lock (which the Python path takes too, billing/queries.sql store_event), so a concurrent
@@ -610,9 +618,9 @@ $$;
 -- `p_unpark`: the caller will apply, in this transaction, the parked events of customers the
 -- batch linked (the `unpark` column); without it, such a batch raises TB003 and changes
 -- nothing, and the caller sends it again in a transaction of its own (rare: a customer's
--- first link).
+-- first link). `p_source` is stored with each new event (`api`: read by `stripe sync`).
 CREATE FUNCTION tollhouse.billing_receive_v1(
-    p_events jsonb, p_hashes text[], p_customers text[], p_unpark boolean)
+    p_events jsonb, p_hashes text[], p_customers text[], p_unpark boolean, p_source text)
 RETURNS TABLE (stripe_event_id text, type text, status text, error text, tenant_id uuid,
                customer_id text, unpark boolean)
 LANGUAGE plpgsql
@@ -623,6 +631,7 @@ DECLARE
     ev jsonb;
     v_id text;
     v_hash text;
+    v_source text;
     v_created timestamptz;
     r record;
     v_unparking boolean := false;
@@ -633,14 +642,16 @@ BEGIN
         stripe_event_id := v_id;
         type := ev ->> 'type';
         PERFORM pg_advisory_xact_lock(hashtextextended('tollhouse.stripe_event:' || v_id, 0));
-        SELECT e.payload_hash INTO v_hash FROM tollhouse.billing_events e
+        SELECT e.payload_hash, e.source INTO v_hash, v_source FROM tollhouse.billing_events e
         WHERE e.stripe_event_id = v_id;
         IF FOUND THEN
             error := NULL;
             tenant_id := NULL;
             customer_id := p_customers[i];
             unpark := false;
-            IF v_hash = p_hashes[i] THEN
+            -- An event read from the API has no body as Stripe signed it to compare: the id
+            -- (Stripe's own, and the delivery's signature checked) decides.
+            IF v_hash = p_hashes[i] OR v_source = 'api' OR p_source = 'api' THEN
                 status := 'duplicate';
             ELSE
                 INSERT INTO tollhouse.billing_event_conflicts AS c (stripe_event_id, payload_hash)
@@ -657,11 +668,12 @@ BEGIN
             type, ev #> '{data,object}', coalesce(v_created, now()), p_customers[i]);
         INSERT INTO tollhouse.billing_events AS e
             (stripe_event_id, type, tenant_id, user_id, customer_id, status, payload_hash,
-             payload, event_created, attempts, last_error, processed_at)
+             payload, event_created, attempts, last_error, processed_at, source)
         VALUES (v_id, ev ->> 'type', r.tenant_id,
                 (SELECT t.owner_user_id FROM tollhouse.tenants t
                  WHERE t.id = r.tenant_id AND t.is_default),
-                r.customer_id, r.status, p_hashes[i], ev, v_created, 1, r.error, now());
+                r.customer_id, r.status, p_hashes[i], ev, v_created, 1, r.error, now(),
+                p_source);
         status := r.status;
         error := r.error;
         tenant_id := r.tenant_id;
@@ -704,7 +716,7 @@ BEGIN
         'tollhouse.billing_parked_waiting_v1(text, text)',
         'tollhouse.billing_finish_event_v1(text, text, text, uuid, text)',
         'tollhouse.billing_process_v1(text, text, jsonb, timestamptz, text)',
-        'tollhouse.billing_receive_v1(jsonb, text[], text[], boolean)'
+        'tollhouse.billing_receive_v1(jsonb, text[], text[], boolean, text)'
     ] LOOP
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO tollhouse_service', f);
