@@ -847,3 +847,87 @@ async def test_a_batchs_ledger_ids_are_uuid7_unique_and_in_arrival_order(
     assert len(set(ids)) == 80
     assert ids == sorted(ids, key=lambda i: i.bytes if i else b"")
     assert [r.balance_after for r in first + second] == list(range(999, 919, -1))
+
+
+async def _limited_member(tollhouse: Tollhouse, limit: int) -> tuple[uuid.UUID, uuid.UUID]:
+    """An organisation with 1,000 credits and a member limited to `limit` of them."""
+    owner, member = await _payer(tollhouse), await _payer(tollhouse)
+    org = await tollhouse.orgs.create("Limits", f"limits-{uuid.uuid4().hex[:8]}", owner)
+    await tollhouse.orgs.add_member(org.id, member, credit_limit=limit)
+    await tollhouse.credits.grant(amount=1000, source="purchase", tenant_id=org.id)
+    return org.id, member
+
+
+async def test_a_batch_does_not_count_a_members_expired_hold_against_its_limit(
+    tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """A member (limit 100) held 80 and the hold expired: a batch of two debits of 50
+    applies both, as one debit at a time would (the account is brought up to date, and its
+    expired holds released, before the member's limit is read)."""
+    org, member = await _limited_member(tollhouse, 100)
+    await tollhouse.credits.reserve(amount=80, turn_id="held", tenant_id=org, user_id=member)
+    await tollhouse.db.transaction(
+        lambda conn: conn.execute(
+            "UPDATE tollhouse.credit_reservations SET expires_at = now() - interval '1 second'"
+            " WHERE tenant_id = %s",
+            (org,),
+        )
+    )
+    results = await tollhouse.credits._send_batch(
+        [DebitRequest(amount=50, turn_id=f"m{n}", tenant_id=org, user_id=member) for n in (1, 2)]
+    )
+    assert [(r.status, r.code) for r in results] == [("applied", None)] * 2
+
+
+async def test_a_batch_counts_a_members_use_in_the_new_period(
+    tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """A member (limit 100) used 90 last period: the first batch of the new period counts
+    from 0 (the period moves before the member's use is read) and records 50."""
+    org, member = await _limited_member(tollhouse, 100)
+    used = await tollhouse.credits.debit_alone(
+        DebitRequest(amount=90, turn_id="last-period", tenant_id=org, user_id=member)
+    )
+    assert used.status == "applied"
+    await tollhouse.db.transaction(
+        lambda conn: conn.execute(
+            "UPDATE tollhouse.credit_accounts SET created_at = created_at - interval '32 days',"
+            " period_start = period_start - interval '32 days',"
+            " period_end = period_end - interval '32 days', allowance_for = allowance_for"
+            " - interval '32 days' WHERE tenant_id = %s",
+            (org,),
+        )
+    )
+    results = await tollhouse.credits._send_batch(
+        [DebitRequest(amount=50, turn_id=f"new{n}", tenant_id=org, user_id=member) for n in (1, 2)]
+    )
+    assert [(r.status, r.code) for r in results] == [("applied", None)] * 2
+    members = {m.user_id: m for m in await tollhouse.orgs.members(org)}
+    assert members[member].used_credits == 100
+
+
+async def test_a_batchs_debit_sorts_after_the_expiry_its_refresh_wrote(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """A grant expired before the batch: the batch expires it, then debits; in the ledger
+    (ordered by id) the expiry comes first, so `balance_after` reads in order."""
+    user = await _payer(tollhouse, funds=100)
+    await tollhouse.credits.grant(
+        amount=30, source="promo", user_id=user, expires_at=datetime.now(UTC) + timedelta(days=1)
+    )
+    tenant = await tollhouse.credits.tenant_of(None, user)
+    await tollhouse.db.transaction(
+        lambda conn: conn.execute(
+            "UPDATE tollhouse.credit_grants SET expires_at = now() - interval '1 second'"
+            " WHERE tenant_id = %s AND source = 'promo'",
+            (tenant,),
+        )
+    )
+    await tollhouse.credits._send_batch([_debit(user, 10), _debit(user, 5)])
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT kind, balance_after FROM tollhouse.credit_ledger WHERE tenant_id = %s"
+            " ORDER BY id",
+            (tenant,),
+        ).fetchall()
+    assert rows[-3:] == [("expiry", 100), ("debit", 90), ("debit", 85)]

@@ -175,3 +175,30 @@ async def test_callers_woken_by_a_returning_call_go_together_in_the_next_one() -
     assert batcher.requests == 16 * 30
     assert batcher.requests / batcher.batches >= 12
     await batcher.close()
+
+
+async def test_a_call_cancelled_before_it_ran_answers_its_callers_and_frees_the_payer() -> None:
+    """A call task cancelled from outside (even before its first step): its callers get an
+    error instead of waiting forever, and the payer's later debits still go."""
+    runner = Recorder(delay=0.05)
+    batcher = DebitBatcher(runner, runner, lanes=1)
+    first = asyncio.create_task(batcher.submit(_request(1)))
+    await asyncio.sleep(0)  # the call is created, not yet started
+    await asyncio.sleep(0)
+    for call in list(batcher._calls):
+        call.cancel()
+    outcome = await asyncio.gather(first, return_exceptions=True)
+    assert isinstance(outcome[0], DatabaseUnavailable)
+    assert (await batcher.submit(_request(2))).amount == 2
+    await asyncio.wait_for(batcher.close(), timeout=2)
+
+
+async def test_close_sends_what_waits_behind_a_busy_payer() -> None:
+    runner = Recorder(delay=0.02)
+    batcher = DebitBatcher(runner, runner, lanes=2)
+    tasks = [asyncio.create_task(batcher.submit(_request(n))) for n in range(1, 4)]
+    await asyncio.sleep(0.005)  # 1 is in flight; 2 and 3 wait behind TENANT
+    tasks.append(asyncio.create_task(batcher.submit(_request(4))))
+    await asyncio.sleep(0)
+    await asyncio.wait_for(batcher.close(), timeout=2)
+    assert [t.result().amount for t in tasks] == [1, 2, 3, 4]

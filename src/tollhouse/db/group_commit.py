@@ -20,6 +20,7 @@ added delay, and the batch takes them all instead of splitting them.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Generic, TypeVar
@@ -86,7 +87,8 @@ class GroupCommit(Generic[Req, Res]):
                 break  # every queued key has a call in flight; its return dispatches again
             keys = {self._key(request) for request, _ in batch}
             self._busy |= keys
-            call = asyncio.get_running_loop().create_task(self._call(batch, keys))
+            call = asyncio.get_running_loop().create_task(self._send(batch))
+            call.add_done_callback(functools.partial(self._finished, batch, keys))
             self._calls.add(call)
         if not self._calls and not self._queue:
             self._drained.set()
@@ -104,21 +106,20 @@ class GroupCommit(Generic[Req, Res]):
         self._queue = kept
         return batch
 
-    async def _call(
-        self, batch: list[tuple[Req, asyncio.Future[Res]]], keys: set[Hashable]
+    def _finished(
+        self,
+        batch: list[tuple[Req, asyncio.Future[Res]]],
+        keys: set[Hashable],
+        call: asyncio.Task[None],
     ) -> None:
-        try:
-            await self._send(batch)
-        finally:
-            # Whatever happened, no caller is left waiting without an answer.
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(DatabaseUnavailable(f"the {self._what} was not sent"))
-            self._busy -= keys
-            task = asyncio.current_task()
-            if task is not None:
-                self._calls.discard(task)
-            self._schedule()
+        """A call ended. Whatever happened (an error, even a cancellation before it began),
+        no caller is left waiting without an answer and its keys are free again."""
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(DatabaseUnavailable(f"the {self._what} was not sent"))
+        self._busy -= keys
+        self._calls.discard(call)
+        self._schedule()
 
     async def _send(self, batch: list[tuple[Req, asyncio.Future[Res]]]) -> None:
         requests = [request for request, _ in batch]

@@ -3,8 +3,8 @@
 -- statement locks them all in tenant order and an account is refreshed only when something
 -- is due; the tenants are read with one statement; new turn ids are claimed with one insert
 -- (a turn id claimed there has no prior outcome to look up); and the debits are visited
--- grouped by tenant instead of scanning the whole batch once per tenant; the ledger ids of a
--- batch are one UUIDv7 and a counter. Its statements
+-- grouped by tenant instead of scanning the whole batch once per tenant; a tenant's ledger ids
+-- in a batch are one UUIDv7 and a counter. Its statements
 -- use generic plans (planned once per session, not once per call).
 
 CREATE OR REPLACE FUNCTION tollhouse.credit_debit_batch_v1(
@@ -92,8 +92,8 @@ DECLARE
     c_turns text[] := '{}';
     c_tenants uuid[] := '{}';
     v_claimed boolean;
-    v_base bytea := uuid_send(tollhouse.uuid7());
-    v_seq integer := 0;
+    v_base bytea;
+    v_seq integer;
 BEGIN
     l_ids := '{}'; l_deltas := '{}'; l_after := '{}'; l_turns := '{}'; l_sessions := '{}';
     l_users := '{}'; l_reasons := '{}'; l_meta := '{}';
@@ -109,9 +109,12 @@ BEGIN
 
     -- 1. Every account locked in tenant order, before anything else is written: two batches,
     --    or a batch and a single debit, cannot wait on each other. When every account
-    --    exists (the usual case) one statement locks them all; they are brought up to date
-    --    in step 3, which may touch only the tenant's own rows. Otherwise each is opened
-    --    (created if need be) and refreshed in turn, in the same order.
+    --    exists (the usual case) one statement locks them all, and an account is brought up
+    --    to date (credit_account_v1) as it is locked only when its columns say something is
+    --    due: a period ended, the allowance not granted, a hold that may have expired (the
+    --    member limits of step 1b count holds and usage of the current period); a grant
+    --    that expired is found, and expired, in step 3. Otherwise each is opened (created if
+    --    need be) and refreshed in turn, in the same order.
     SELECT array_agg(DISTINCT x ORDER BY x) INTO v_distinct
     FROM unnest(v_tenants[1:n]) AS x WHERE x IS NOT NULL;
     v_distinct := coalesce(v_distinct, '{}');
@@ -121,6 +124,10 @@ BEGIN
             SELECT * FROM tollhouse.credit_accounts c WHERE c.tenant_id = ANY(v_distinct)
             ORDER BY c.tenant_id FOR UPDATE
         LOOP
+            IF now() >= a.period_end OR a.allowance_for IS DISTINCT FROM a.period_start
+               OR a.reserved > 0 THEN
+                a := tollhouse.credit_account_v1(a.tenant_id);
+            END IF;
             v_known := v_known || a.tenant_id;
             v_accts := v_accts || a;
         END LOOP;
@@ -196,12 +203,10 @@ BEGIN
     FOR k IN 1 .. coalesce(array_length(v_known, 1), 0) LOOP
         v_tenant := v_known[k];
         a := v_accts[k];
-        -- The account brought up to date when something is due (see credit_account_v1:
-        -- a period ended, the allowance not granted, a hold that may have expired, a grant
-        -- that expired); the grants with credits left, locked.
+        -- The grants with credits left, locked; if one has expired, the account is brought
+        -- up to date (credit_account_v1 expires it) and they are read again.
         FOR j IN 1 .. 2 LOOP
-            IF j = 2 OR now() >= a.period_end OR a.allowance_for IS DISTINCT FROM a.period_start
-               OR a.reserved > 0 THEN
+            IF j = 2 THEN
                 a := tollhouse.credit_account_v1(v_tenant);
             END IF;
             SELECT array_agg(id ORDER BY priority DESC, expires_at ASC NULLS LAST, created_at, id)
@@ -218,6 +223,12 @@ BEGIN
             EXIT WHEN NOT v_expired;
         END LOOP;
         g_orig := g_rem;
+        -- The tenant's ledger ids: one UUIDv7, made after any refresh above wrote its own
+        -- ledger rows (so the listing keeps their order), its last two bytes counting the
+        -- tenant's debits: unique and time-ordered, 46 random bits apart from any other
+        -- batch's. A UUIDv7 made for each debit cost a third of deciding it.
+        v_base := uuid_send(tollhouse.uuid7());
+        v_seq := 0;
         v_first := coalesce(array_length(d_turns, 1), 0) + 1;  -- this tenant's outcomes
         v_personal_owner := t_owners[array_position(t_ids, v_tenant)];
         v_day := (now() AT TIME ZONE a.time_zone)::date;
@@ -298,11 +309,13 @@ BEGIN
                 CONTINUE;
             END IF;
 
-            -- The batch's ledger ids: one UUIDv7, its last four bytes counting the batch's
-            -- debits (unique in the batch, time-ordered, still 30 random bits apart from
-            -- any other batch's); a UUIDv7 made for each debit cost a third of deciding it.
+            IF v_seq = 65535 THEN  -- the counter is full: a new UUIDv7, later than the last id
+                v_base := uuid_send(tollhouse.uuid7());
+                v_seq := 0;
+            END IF;
             v_seq := v_seq + 1;
-            v_ledger := encode(overlay(v_base PLACING int4send(v_seq) FROM 13 FOR 4), 'hex')::uuid;
+            v_ledger := encode(overlay(v_base PLACING substring(int4send(v_seq) FROM 3)
+                                       FROM 15 FOR 2), 'hex')::uuid;
             v_left := p_amounts[i];
             FOR j IN 1 .. coalesce(array_length(g_ids, 1), 0) LOOP
                 EXIT WHEN v_left = 0;
