@@ -190,7 +190,9 @@ async def in_process(
     latencies: list[float] = []
     statuses: dict[str, float] = {}
     queue = list(reversed(bodies))
-    config = BillingConfig(webhook_secrets=(SECRET,), lanes=LANES)
+    config = BillingConfig(
+        webhook_secrets=(SECRET,), lanes=LANES, spread=os.environ.get("BENCH_SPREAD", "1") == "1"
+    )
     async with Tollhouse.open(service_dsn, min_size=4, max_size=24, billing=config) as th:
 
         async def worker() -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from tollhouse.credits.batcher import DebitBatcher
 from tollhouse.credits.records import DebitRequest, DebitResult
+from tollhouse.db.group_commit import GroupCommit
 from tollhouse.errors import DatabaseUnavailable, ServiceStopping
 
 TENANT = uuid.UUID(int=7)
@@ -202,3 +203,31 @@ async def test_close_sends_what_waits_behind_a_busy_payer() -> None:
     await asyncio.sleep(0)
     await asyncio.wait_for(batcher.close(), timeout=2)
     assert [t.result().amount for t in tasks] == [1, 2, 3, 4]
+
+
+async def test_spread_shares_what_waits_among_the_free_lanes_keeping_a_key_together() -> None:
+    """`spread`: 16 waiting requests of 12 keys over 4 free lanes go as 4 calls side by side
+    (about 4 each), and a key's requests are never split between calls."""
+    in_flight = 0
+    most = 0
+    calls: list[list[tuple[int, int]]] = []
+
+    async def runner(requests: Sequence[tuple[int, int]]) -> list[int]:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        calls.append(list(requests))
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        return [n for _, n in requests]
+
+    commit: GroupCommit[tuple[int, int], int] = GroupCommit(
+        runner, runner, lambda request: request[0], lanes=4, spread=True
+    )
+    requests = [(n % 12, n) for n in range(16)]  # keys 0-3 twice
+    answers = await asyncio.gather(*(commit.submit(r) for r in requests))
+    assert answers == list(range(16))
+    assert most == 4 and len(calls) == 4
+    for key in range(12):
+        assert len({i for i, call in enumerate(calls) for k, _ in call if k == key}) == 1
+    await commit.close()

@@ -18,6 +18,9 @@ class BillingConfig:
     tolerance_seconds: int = 300
     #: Group-commit lanes for webhook deliveries: transactions in flight at once.
     lanes: int = 4
+    #: Share the waiting deliveries among the free lanes (calls side by side) rather than
+    #: send them all in the next call.
+    spread: bool = True
     #: The mode whose events are applied (`True` live, `False` test); `None` applies both.
     livemode: bool | None = None
     #: Connected accounts whose events are applied; events of other accounts are ignored.

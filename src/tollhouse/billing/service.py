@@ -98,6 +98,7 @@ class BillingService:
             # before every snapshot has to look them up.
             max_batch=48,
             what="webhook delivery",
+            spread=self.config.spread,
         )
 
     async def close(self) -> None:

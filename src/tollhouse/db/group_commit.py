@@ -47,6 +47,7 @@ class GroupCommit(Generic[Req, Res]):
         lanes: int = 2,
         max_batch: int = 256,
         what: str = "request",
+        spread: bool = False,
     ) -> None:
         self._run_batch = run_batch
         self._run_one = run_one
@@ -54,6 +55,7 @@ class GroupCommit(Generic[Req, Res]):
         self._lanes = lanes
         self._max_batch = max_batch
         self._what = what
+        self._spread = spread
         self._queue: deque[tuple[Req, asyncio.Future[Res]]] = deque()
         self._busy: set[Hashable] = set()  # keys with a call in flight
         self._calls: set[asyncio.Task[None]] = set()
@@ -82,7 +84,10 @@ class GroupCommit(Generic[Req, Res]):
         """Start calls while a lane is free and some queued request's key is not busy."""
         self._scheduled = False
         while len(self._calls) < self._lanes and self._queue:
-            batch = self._cut()
+            size = self._max_batch
+            if self._spread:  # what waits is shared among the free lanes, to run side by side
+                size = min(size, -(-len(self._queue) // (self._lanes - len(self._calls))))
+            batch = self._cut(size)
             if not batch:
                 break  # every queued key has a call in flight; its return dispatches again
             keys = {self._key(request) for request, _ in batch}
@@ -93,15 +98,22 @@ class GroupCommit(Generic[Req, Res]):
         if not self._calls and not self._queue:
             self._drained.set()
 
-    def _cut(self) -> list[tuple[Req, asyncio.Future[Res]]]:
-        """The next batch: queued requests whose key is not busy, in arrival order; the
-        others keep their place."""
+    def _cut(self, size: int) -> list[tuple[Req, asyncio.Future[Res]]]:
+        """The next batch: up to `size` queued requests whose key is not busy, in arrival
+        order, with the other queued requests of the keys it takes (up to the maximum
+        batch); the others keep their place."""
         batch: list[tuple[Req, asyncio.Future[Res]]] = []
         kept: deque[tuple[Req, asyncio.Future[Res]]] = deque()
+        taken: set[Hashable] = set()
         queue = self._queue
         while queue and len(batch) < self._max_batch:
             item = queue.popleft()
-            (batch if self._key(item[0]) not in self._busy else kept).append(item)
+            key = self._key(item[0])
+            if key in self._busy or (len(batch) >= size and key not in taken):
+                kept.append(item)
+            else:
+                batch.append(item)
+                taken.add(key)
         kept.extend(queue)
         self._queue = kept
         return batch
