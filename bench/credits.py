@@ -22,17 +22,15 @@ import os
 import random
 import re
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import httpx
 import psycopg
 
-from loadgen import free_port, load, on_a_database, post, summarize
+from loadgen import load, on_a_database, post, serving, summarize
 from tollhouse.app import Tollhouse
 from tollhouse.credits import CreditService, DebitRequest, conservation_problems
 from tollhouse.db import migrate
@@ -203,35 +201,10 @@ async def run(dsn: str, service_dsn: str, seconds: float, lanes: int = 2) -> Non
         key = (await th.keys.create("bench")).secret
         await credits.close()
 
-    port = free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": dsn,
-        "TOLLHOUSE_SERVICE_DATABASE_URL": service_dsn,
-        "TOLLHOUSE_LOG_LEVEL": "warning",
-        "TOLLHOUSE_POOL_MAX_SIZE": "24",
-    }
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("tollhouse")), "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-            for _ in range(200):
-                try:
-                    if (await http.get("/readyz")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.1)
+    async with serving(dsn, service_dsn) as port:
         for clients in (16, 64):
             rate, p50, p99 = await http_load(port, key, seconds, clients)
             rows.append((f"HTTP POST /v1/credits/debit, {clients} clients", rate, p50, p99))
-    finally:
-        server.terminate()
-        server.wait(30)
 
     with psycopg.connect(dsn) as sync_conn:
         version = sync_conn.execute("SHOW server_version").fetchone()

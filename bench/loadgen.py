@@ -1,5 +1,5 @@
-"""What every benchmark here shares: a closed-loop load generator, a free port, and a
-throwaway database to run on."""
+"""What every benchmark here shares: a closed-loop load generator, a free port, a running
+`tollhouse serve`, and a throwaway database to run on."""
 
 from __future__ import annotations
 
@@ -7,11 +7,16 @@ import asyncio
 import os
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import httpx
 
 
 class Stats(NamedTuple):
@@ -81,6 +86,41 @@ async def post(
         if line.lower().startswith(b"content-length:")
     )
     return int(head.split(b" ", 2)[1]), await reader.readexactly(length)
+
+
+@asynccontextmanager
+async def serving(dsn: str, service_dsn: str, **settings: str) -> AsyncIterator[int]:
+    """`tollhouse serve` on a free port over the database (quiet logs, a pool of 24, plus
+    `settings` as environment variables), once `/readyz` answers 200; its port. Stopped on
+    exit."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": dsn,
+        "TOLLHOUSE_SERVICE_DATABASE_URL": service_dsn,
+        "TOLLHOUSE_LOG_LEVEL": "warning",
+        "TOLLHOUSE_POOL_MAX_SIZE": "24",
+        **settings,
+    }
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("tollhouse")), "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            for _ in range(300):
+                try:
+                    if (await http.get("/readyz")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.1)
+        yield port
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 def on_a_database(run: Callable[[str, str], Coroutine[Any, Any, None]]) -> None:

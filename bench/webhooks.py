@@ -25,18 +25,16 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psycopg
 import stripe
 from psycopg.conninfo import conninfo_to_dict
 
-from loadgen import free_port, post, summarize
+from loadgen import post, serving, summarize
 from tollhouse.app import Tollhouse
 from tollhouse.billing import BillingConfig
 from tollhouse.db import migrate
@@ -165,24 +163,6 @@ async def deliver(
     return stats.rate, stats.p50, stats.p99, statuses
 
 
-def serve(dsn: str, service_dsn: str, port: int) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "DATABASE_URL": dsn,
-        "TOLLHOUSE_SERVICE_DATABASE_URL": service_dsn,
-        "TOLLHOUSE_LOG_LEVEL": "warning",
-        "TOLLHOUSE_POOL_MAX_SIZE": "24",
-        "TOLLHOUSE_STRIPE_WEBHOOK_SECRET": SECRET,
-        "TOLLHOUSE_BOOTSTRAP_API_KEY": "false",
-    }
-    return subprocess.Popen(
-        [str(Path(sys.executable).with_name("tollhouse")), "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
 async def in_process(
     service_dsn: str, bodies: list[bytes], clients: int
 ) -> tuple[float, float, float, dict[str, float]]:
@@ -270,18 +250,13 @@ async def run(
     with psycopg.connect(dsn, autocommit=True) as conn:
         for statement in filter(str.strip, SETUP.split(";")):
             conn.execute(statement, {"customers": customers})
-    port = free_port()
-    server = serve(dsn, service_dsn, port)
     rows: list[tuple[str, float, float, float, dict[str, float]]] = []
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-            for _ in range(300):
-                try:
-                    if (await http.get("/readyz")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.1)
+    async with serving(
+        dsn,
+        service_dsn,
+        TOLLHOUSE_STRIPE_WEBHOOK_SECRET=SECRET,
+        TOLLHOUSE_BOOTSTRAP_API_KEY="false",
+    ) as port:
         warm = [json.dumps(make_event(n, customers, "warm")).encode() for n in range(200)]
         await deliver(port, warm, 8)
         for clients in (16, 64):
@@ -293,9 +268,6 @@ async def run(
             rows.append((f"new events, {clients} clients", rate, p50, p99, statuses))
             rate, p50, p99, statuses = await deliver(port, bodies[: count // 2], clients)
             rows.append((f"duplicate deliveries, {clients} clients", rate, p50, p99, statuses))
-    finally:
-        server.terminate()
-        server.wait(30)
     if sse_dir:
         rows += await compare(dsn, service_dsn, sse_dir, seconds, customers)
 
