@@ -87,10 +87,9 @@ class GroupCommit(Generic[Req, Res]):
             size = self._max_batch
             if self._spread:  # what waits is shared among the free lanes, to run side by side
                 size = min(size, -(-len(self._queue) // (self._lanes - len(self._calls))))
-            batch = self._cut(size)
+            batch, keys = self._cut(size)
             if not batch:
                 break  # every queued key has a call in flight; its return dispatches again
-            keys = {self._key(request) for request, _ in batch}
             self._busy |= keys
             call = asyncio.get_running_loop().create_task(self._send(batch))
             call.add_done_callback(functools.partial(self._finished, batch, keys))
@@ -98,10 +97,10 @@ class GroupCommit(Generic[Req, Res]):
         if not self._calls and not self._queue:
             self._drained.set()
 
-    def _cut(self, size: int) -> list[tuple[Req, asyncio.Future[Res]]]:
-        """The next batch: up to `size` queued requests whose key is not busy, in arrival
-        order, with the other queued requests of the keys it takes (up to the maximum
-        batch); the others keep their place."""
+    def _cut(self, size: int) -> tuple[list[tuple[Req, asyncio.Future[Res]]], set[Hashable]]:
+        """The next batch and its keys: up to `size` queued requests whose key is not busy,
+        in arrival order, with the other queued requests of the keys it takes (up to the
+        maximum batch); the others keep their place."""
         batch: list[tuple[Req, asyncio.Future[Res]]] = []
         kept: deque[tuple[Req, asyncio.Future[Res]]] = deque()
         taken: set[Hashable] = set()
@@ -116,7 +115,7 @@ class GroupCommit(Generic[Req, Res]):
                 taken.add(key)
         kept.extend(queue)
         self._queue = kept
-        return batch
+        return batch, taken
 
     def _finished(
         self,
