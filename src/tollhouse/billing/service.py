@@ -128,13 +128,23 @@ class BillingService:
         incoming = Incoming(
             event, body.decode(), hashlib.sha256(body).hexdigest(), handlers.event_customer(event)
         )
-        if event["type"] not in handlers.HANDLERS and not self.config.foreign(event):
-            return await self.receiver.submit(incoming)
+        return await self._take(incoming)
 
-        async def work(conn: Conn) -> Delivery:
-            return await self._store_and_apply(conn, incoming)
+    async def _take(self, incoming: Incoming) -> Delivery:
+        """Store and apply a delivery (or an event read from the API). Checkout Sessions,
+        refunds and events of another mode or account go in a transaction of their own
+        (Python); the others in one `billing_receive_v1` call, by group commit for
+        deliveries, alone for API events (a call carries one source)."""
+        event = incoming.event
+        if event["type"] in handlers.HANDLERS or self.config.foreign(event):
 
-        return await self._db.transaction(work)
+            async def work(conn: Conn) -> Delivery:
+                return await self._store_and_apply(conn, incoming)
+
+            return await self._db.transaction(work)
+        if incoming.source == "api":
+            return (await self._receive([incoming]))[0]
+        return await self.receiver.submit(incoming)
 
     async def _receive(self, batch: Sequence[Incoming]) -> list[Delivery]:
         """Store and apply a batch of deliveries: one `billing_receive_v1` call that is its
@@ -520,21 +530,16 @@ class BillingService:
         a delivery would be, marked `source = 'api'`: an id stored before, or delivered
         later, is a duplicate by its id (its body is our serialisation, not Stripe's)."""
         body = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
-        event = parse_event(body.encode())
+        raw = body.encode()
+        event = parse_event(raw)
         incoming = Incoming(
             event,
             body,
-            hashlib.sha256(body.encode()).hexdigest(),
+            hashlib.sha256(raw).hexdigest(),
             handlers.event_customer(event),
             source="api",
         )
-        if event["type"] in handlers.HANDLERS or self.config.foreign(event):
-
-            async def work(conn: Conn) -> Delivery:
-                return await self._store_and_apply(conn, incoming)
-
-            return await self._db.transaction(work)
-        return (await self._receive([incoming]))[0]
+        return await self._take(incoming)
 
     async def _apply_fetched(self, type_: str, obj: Obj, at: datetime) -> None:
         async def work(conn: Conn) -> None:
