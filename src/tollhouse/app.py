@@ -121,9 +121,11 @@ def billing_config(settings: Settings) -> BillingConfig:
     """The Stripe part of the settings."""
     key = settings.stripe_api_key or None
     livemode = settings.stripe_livemode
-    if livemode is None and key:
-        livemode = True if key.startswith(("sk_live_", "rk_live_")) else None
-        livemode = False if key.startswith(("sk_test_", "rk_test_")) else livemode
+    if livemode is None and key:  # the key's own mode
+        if key.startswith(("sk_live_", "rk_live_")):
+            livemode = True
+        elif key.startswith(("sk_test_", "rk_test_")):
+            livemode = False
     return BillingConfig(
         webhook_secrets=tuple(sorted(_ids(settings.stripe_webhook_secret))),
         api_key=key,
