@@ -66,7 +66,6 @@ DECLARE
     w_tenants uuid[] := '{}';
     w_ids uuid[] := '{}';
     w_rem bigint[] := '{}';
-    w_orig bigint[] := '{}';
     v_first integer;
     v_known uuid[] := '{}';
     -- members spending from a tenant they named: their limit rows, locked
