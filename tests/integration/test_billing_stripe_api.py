@@ -241,3 +241,9 @@ async def test_an_api_copy_of_an_event_delivered_before_is_known_not_a_conflict(
     event = fs.event("foo.bar", {"id": "x"})
     assert (await b.ok(client, event))["status"] == "ignored"
     assert (await tollhouse.billing.ingest(event)).status == "duplicate"
+    # The same on the Python handlers' path (Checkout Sessions, refunds).
+    checkout = fs.event(
+        "checkout.session.completed", b.subscription_session("cus_api_copy", "nobody")
+    )
+    await b.ok(client, checkout)
+    assert (await tollhouse.billing.ingest(checkout)).status == "duplicate"
