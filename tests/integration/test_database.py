@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 
 import tollhouse as tollhouse_package
 from tollhouse.app import Tollhouse
+from tollhouse.db.arrays import int_array, jsonb_array, text_array, uuid_array
 from tollhouse.db.pool import Conn, Database, check_server
 from tollhouse.errors import (
     ApiKeyNameTaken,
@@ -312,3 +313,35 @@ def test_no_session_level_settings_outside_the_pool_setup() -> None:
         for match in pattern.finditer(text)
     ]
     assert offenders == ["db/pool.py: set_config('role', %s, false)"]
+
+
+NASTY_TEXT = [
+    *("", "NULL", "null", "a,b", "{x}", 'quote"d', "back\\slash", "\\", '"'),
+    *("uni ☃ é", " spaced ", "new\nline", "tab\there"),
+]
+
+
+async def test_array_literals_reach_postgresql_unchanged(tollhouse: Tollhouse) -> None:
+    """The batch calls' hand-built array literals (tollhouse.db.arrays) read back exactly:
+    strings that look like NULL, braces, commas, quotes, backslashes; NULL elements."""
+    texts: list[str | None] = [*NASTY_TEXT, None]
+    ids: list[uuid.UUID | None] = [uuid.uuid4(), None, uuid.uuid4()]
+    ints = [0, -1, 10**15, 7]
+    docs: list[dict[str, object] | None] = [
+        {},
+        None,
+        {"k": 'v"\\', "n": [1, {"deep": "☃"}], "NULL": None, "a,b": "{}"},
+        {"prompt": "x" * 300},
+    ]
+    async with tollhouse.db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT %s::text[], %s::uuid[], %s::bigint[], %s::jsonb[]",
+            (text_array(texts), uuid_array(ids), int_array(ints), jsonb_array(docs)),
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    assert row[0] == texts
+    assert row[1] == ids
+    assert row[2] == ints
+    assert row[3] == docs
+    assert text_array([]) == uuid_array([]) == int_array([]) == jsonb_array([]) == "{}"

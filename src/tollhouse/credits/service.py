@@ -24,6 +24,7 @@ from tollhouse.credits.records import (
     LedgerEntry,
     Plan,
 )
+from tollhouse.db.arrays import int_array, jsonb_array, text_array, uuid_array
 from tollhouse.db.errors import RETRYABLE_SQLSTATES
 from tollhouse.db.pool import Database
 from tollhouse.db.queries import Queries
@@ -81,10 +82,12 @@ def _check(request: DebitRequest) -> None:
 class CreditService:
     """The credits engine over one pool."""
 
-    def __init__(self, db: Database, *, lanes: int = 2, max_batch: int = 256) -> None:
+    def __init__(
+        self, db: Database, *, lanes: int = 2, max_batch: int = 256, spread: bool = True
+    ) -> None:
         self._db = db
         self.batcher = DebitBatcher(
-            self._send_batch, self._send_one, lanes=lanes, max_batch=max_batch
+            self._send_batch, self._send_one, lanes=lanes, max_batch=max_batch, spread=spread
         )
 
     async def close(self) -> None:
@@ -116,14 +119,16 @@ class CreditService:
         return await self._call("debit", params)
 
     async def _send_batch(self, requests: Sequence[DebitRequest]) -> list[DebitResult]:
+        # Array literals built with joins: psycopg's list adaptation, element by element, was
+        # a fifth of the service's CPU per coalesced debit.
         params = {
-            "tenant_ids": [r.tenant_id for r in requests],
-            "user_ids": [r.user_id for r in requests],
-            "amounts": [r.amount for r in requests],
-            "turn_ids": [r.turn_id for r in requests],
-            "session_ids": [r.session_id for r in requests],
-            "reasons": [r.reason for r in requests],
-            "metadata": [Jsonb(r.metadata) for r in requests],
+            "tenant_ids": uuid_array([r.tenant_id for r in requests]),
+            "user_ids": uuid_array([r.user_id for r in requests]),
+            "amounts": int_array([r.amount for r in requests]),
+            "turn_ids": text_array([r.turn_id for r in requests]),
+            "session_ids": text_array([r.session_id for r in requests]),
+            "reasons": text_array([r.reason for r in requests]),
+            "metadata": jsonb_array([r.metadata for r in requests]),
         }
         return await self._call("debit_batch", params)
 
