@@ -122,7 +122,9 @@ async def http_load(
     return stats.rate, stats.p50, stats.p99
 
 
-async def run(dsn: str, service_dsn: str, seconds: float, lanes: int = 2) -> None:
+async def run(
+    dsn: str, service_dsn: str, seconds: float, lanes: int = 2, spreading: bool = True
+) -> None:
     await migrate.migrate(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
         for statement in filter(str.strip, SETUP.split(";")):
@@ -133,7 +135,7 @@ async def run(dsn: str, service_dsn: str, seconds: float, lanes: int = 2) -> Non
     rows.append(("pgbench, credit_debit_v1, 16 clients, 10k tenants", ceiling, None, None))
 
     async with Tollhouse.open(service_dsn, min_size=8, max_size=70) as th:
-        credits = CreditService(th.db, lanes=lanes)
+        credits = CreditService(th.db, lanes=lanes, spread=spreading)
 
         def spread(alone: bool) -> Callable[[int], Awaitable[object]]:
             send = credits.debit_alone if alone else credits.debit
@@ -226,8 +228,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--lanes", type=int, default=2, help="group-commit lanes")
+    parser.add_argument(
+        "--no-spread", action="store_true", help="one call takes all that waits (the old way)"
+    )
     args = parser.parse_args()
-    on_a_database(lambda dsn, service: run(dsn, service, args.seconds, args.lanes))
+    on_a_database(
+        lambda dsn, service: run(dsn, service, args.seconds, args.lanes, not args.no_spread)
+    )
 
 
 if __name__ == "__main__":

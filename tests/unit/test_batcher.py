@@ -163,9 +163,10 @@ async def test_each_payers_debits_keep_arrival_order_across_lanes() -> None:
 async def test_callers_woken_by_a_returning_call_go_together_in_the_next_one() -> None:
     """16 callers on 16 payers, each sending its next debit as soon as it has its answer,
     over two lanes: the callers a returning call wakes are all queued before the next call
-    is cut, so the calls stay as big as the crowd (payer lanes made half-size calls)."""
+    is cut, so the calls stay as big as the crowd (payer lanes made half-size calls). Without
+    `spread`, the crowd goes as one call."""
     runner = Recorder(delay=0.005)
-    batcher = DebitBatcher(runner, runner, lanes=2)
+    batcher = DebitBatcher(runner, runner, lanes=2, spread=False)
 
     async def caller(n: int) -> None:
         payer = uuid.UUID(int=100 + n)
@@ -231,3 +232,31 @@ async def test_spread_shares_what_waits_among_the_free_lanes_keeping_a_key_toget
     for key in range(12):
         assert len({i for i, call in enumerate(calls) for k, _ in call if k == key}) == 1
     await commit.close()
+
+
+async def test_debits_waiting_for_two_free_lanes_go_as_two_calls_side_by_side() -> None:
+    """By default debits spread: 16 debits of 16 payers waiting for two free lanes go as two
+    calls of 8 at once (the database works on both, one per core), not one call of 16 with
+    a lane idle."""
+    in_flight = 0
+    most = 0
+    sizes: list[int] = []
+
+    async def runner(requests: Sequence[DebitRequest]) -> list[DebitResult]:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        sizes.append(len(requests))
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        return [_ok(r) for r in requests]
+
+    batcher = DebitBatcher(runner, runner, lanes=2)
+    debits = [
+        DebitRequest(amount=n, turn_id=f"t{n}", tenant_id=uuid.UUID(int=100 + n))
+        for n in range(1, 17)
+    ]
+    results = await asyncio.gather(*(batcher.submit(d) for d in debits))
+    assert [r.amount for r in results] == list(range(1, 17))
+    assert sizes == [8, 8] and most == 2
+    await batcher.close()

@@ -5,6 +5,10 @@ transaction, one `credit_debit_batch_v1` call, each debit still decided on its o
 arrival order. A payer is in one call at a time, so a tenant's debits keep their order and
 two calls never fight over one account; the function locks accounts in tenant order, so
 calls never deadlock.
+
+Debits spread: what waits is shared among the free lanes, so two calls run side by side
+(the database works on both at once, one per core) instead of one call taking everything
+while a lane stays idle. A hot payer still goes as one call, as big as its queue.
 """
 
 from __future__ import annotations
@@ -26,6 +30,20 @@ class DebitBatcher(GroupCommit[DebitRequest, DebitResult]):
     """Coalesces concurrent debits into as few transactions as the lanes allow."""
 
     def __init__(
-        self, run_batch: Runner, run_one: Runner, *, lanes: int = 2, max_batch: int = 256
+        self,
+        run_batch: Runner,
+        run_one: Runner,
+        *,
+        lanes: int = 2,
+        max_batch: int = 256,
+        spread: bool = True,
     ) -> None:
-        super().__init__(run_batch, run_one, _payer, lanes=lanes, max_batch=max_batch, what="debit")
+        super().__init__(
+            run_batch,
+            run_one,
+            _payer,
+            lanes=lanes,
+            max_batch=max_batch,
+            what="debit",
+            spread=spread,
+        )
