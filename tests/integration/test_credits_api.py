@@ -8,6 +8,8 @@ import httpx
 import pytest
 
 from tollhouse.app import Tollhouse
+from tollhouse.credits import DebitRequest
+from tollhouse.errors import InvalidRequest
 
 
 @pytest.fixture
@@ -72,6 +74,54 @@ async def test_invalid_debits_are_422_and_write_nothing(
     assert (answer.status_code, answer.json()["error"]["code"]) == (422, "validation_error")
     ledger = await client.get("/v1/credits/ledger", params={"user_id": str(payer)}, headers=auth)
     assert ledger.status_code == 200 and all(e["kind"] != "debit" for e in ledger.json()["entries"])
+
+
+@pytest.mark.parametrize(
+    "fragment",
+    [
+        '"metadata": {"score": NaN}',
+        '"metadata": {"score": -Infinity}',
+        '"metadata": {"note": "half \\ud800 pair"}',
+        '"metadata": {"\\u0000": 1}',
+        '"turn_id": "lone \\udfff"',
+        '"session_id": "nul \\u0000"',
+    ],
+)
+async def test_unstorable_text_and_numbers_are_422_not_500(
+    client: httpx.AsyncClient, auth: dict[str, str], payer: uuid.UUID, fragment: str
+) -> None:
+    """JSON that Python reads but PostgreSQL cannot store (NaN, Infinity, a lone surrogate,
+    NUL) is refused at the edge; it used to fail inside the write as a 500."""
+    # A repeated key (turn_id) keeps its last value, as Python's JSON reader does.
+    raw = f'{{"user_id": "{payer}", "amount": 1, "turn_id": "t-x", {fragment}}}'
+    answer = await client.post(
+        "/v1/credits/debit",
+        content=raw.encode(),
+        headers={**auth, "content-type": "application/json"},
+    )
+    assert (answer.status_code, answer.json()["error"]["code"]) == (422, "validation_error")
+    ledger = await client.get("/v1/credits/ledger", params={"user_id": str(payer)}, headers=auth)
+    assert all(e["kind"] != "debit" for e in ledger.json()["entries"])
+
+
+async def test_library_debit_refuses_what_postgresql_cannot_store(
+    tollhouse: Tollhouse, payer: uuid.UUID
+) -> None:
+    """The library checks as the HTTP edge does, so a caller in Python gets InvalidRequest
+    before anything is queued for a batch (one bad debit must not fail its batch-mates)."""
+    bad = [
+        DebitRequest(amount=1, turn_id="m", user_id=payer, metadata={"x": float("inf")}),
+        DebitRequest(amount=1, turn_id="s\udc00", user_id=payer),
+        DebitRequest(amount=True, turn_id="b", user_id=payer),
+        DebitRequest(amount=1, turn_id="u", user_id=str(payer)),  # type: ignore[arg-type]
+    ]
+    for request in bad:
+        with pytest.raises(InvalidRequest):
+            await tollhouse.credits.debit(request)
+    good = await tollhouse.credits.debit(
+        DebitRequest(amount=1, turn_id="ok", user_id=payer, metadata={"emoji": "😀"})
+    )
+    assert good.status == "applied"
 
 
 async def test_balance_grants_and_ledger_pages(

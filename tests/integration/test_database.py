@@ -7,7 +7,9 @@ import asyncio
 import os
 import re
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -317,7 +319,7 @@ def test_no_session_level_settings_outside_the_pool_setup() -> None:
 
 NASTY_TEXT = [
     *("", "NULL", "null", "a,b", "{x}", 'quote"d', "back\\slash", "\\", '"'),
-    *("uni ☃ é", " spaced ", "new\nline", "tab\there"),
+    *("uni ☃ é", " spaced ", "new\nline", "tab\there", "astral 😀 𝄞"),
 ]
 
 
@@ -345,3 +347,23 @@ async def test_array_literals_reach_postgresql_unchanged(tollhouse: Tollhouse) -
     assert row[2] == ints
     assert row[3] == docs
     assert text_array([]) == uuid_array([]) == int_array([]) == jsonb_array([]) == "{}"
+
+
+@pytest.mark.parametrize(
+    ("build", "values"),
+    [
+        (uuid_array, [str(uuid.uuid4())]),
+        (uuid_array, ["a,b"]),
+        (int_array, [True]),
+        (int_array, [1.5]),
+        (int_array, ["7"]),
+        (jsonb_array, [{"x": float("nan")}]),
+    ],
+)
+def test_array_literals_refuse_what_they_cannot_spell_exactly(
+    build: Callable[[list[Any]], str], values: list[Any]
+) -> None:
+    """A value of the wrong type is refused, not spelled into the literal where PostgreSQL
+    would read something else (a bool as 1, a string with a comma as two elements)."""
+    with pytest.raises((TypeError, ValueError)):
+        build(values)

@@ -8,29 +8,22 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tollhouse.db.values import unstorable
 from tollhouse.identity import EmailPreferences, IssuedUserToken, Session, SignIn, User
 
 
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
-    return False
-
-
 class Strict(BaseModel):
-    """A request body: unknown fields and NUL characters (PostgreSQL stores no NUL) refused."""
+    """A request body: unknown fields and what PostgreSQL cannot store (NUL, lone surrogates,
+    NaN and Infinity) refused."""
 
     model_config = ConfigDict(extra="forbid")
 
     @model_validator(mode="before")
     @classmethod
-    def _no_nul(cls, data: Any) -> Any:
-        if _has_nul(data):
-            raise ValueError("text may not contain NUL characters")
+    def _storable(cls, data: Any) -> Any:
+        reason = unstorable(data)
+        if reason:
+            raise ValueError(reason)
         return data
 
 

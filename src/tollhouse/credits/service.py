@@ -28,6 +28,7 @@ from tollhouse.db.arrays import int_array, jsonb_array, text_array, uuid_array
 from tollhouse.db.errors import RETRYABLE_SQLSTATES
 from tollhouse.db.pool import Database
 from tollhouse.db.queries import Queries
+from tollhouse.db.values import unstorable
 
 queries = Queries("tollhouse.credits", "queries.sql")
 log = structlog.get_logger(__name__)
@@ -75,8 +76,17 @@ def rejection(result: DebitResult) -> e.TollhouseError | None:
 def _check(request: DebitRequest) -> None:
     if request.tenant_id is None and request.user_id is None:
         raise e.InvalidRequest("name the payer: user_id or tenant_id")
-    if not 0 < request.amount <= MAX_AMOUNT:
+    if type(request.amount) is not int or not 0 < request.amount <= MAX_AMOUNT:
         raise e.InvalidRequest(f"amount must be between 1 and {MAX_AMOUNT}", field="amount")
+    for name in ("tenant_id", "user_id"):
+        if getattr(request, name) is not None and type(getattr(request, name)) is not uuid.UUID:
+            raise e.InvalidRequest(f"{name} must be a UUID", field=name)
+    if not isinstance(request.metadata, dict):
+        raise e.InvalidRequest("metadata must be a JSON object", field="metadata")
+    for name in ("turn_id", "session_id", "reason", "metadata"):
+        reason = unstorable(getattr(request, name))
+        if reason:
+            raise e.InvalidRequest(reason, field=name)
 
 
 class CreditService:

@@ -10,6 +10,7 @@ split by a comma or brace; None is an unquoted NULL.
 from __future__ import annotations
 
 import json
+import operator
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -24,22 +25,34 @@ def text_array(values: Iterable[str | None]) -> str:
     return "{" + ",".join("NULL" if v is None else _quoted(v) for v in values) + "}"
 
 
+def _uuid_text(value: uuid.UUID) -> str:
+    if type(value) is not uuid.UUID:
+        raise TypeError(f"not a UUID: {value!r}")
+    return str(value)
+
+
 def uuid_array(values: Iterable[uuid.UUID | None]) -> str:
-    """`uuid[]` literal (a UUID's text needs no quoting)."""
-    return "{" + ",".join("NULL" if v is None else str(v) for v in values) + "}"
+    """`uuid[]` literal (a UUID's text needs no quoting; anything else is refused)."""
+    return "{" + ",".join("NULL" if v is None else _uuid_text(v) for v in values) + "}"
+
+
+def _int_text(value: int) -> str:
+    if isinstance(value, bool):
+        raise TypeError(f"not an integer: {value!r}")
+    return str(operator.index(value))
 
 
 def int_array(values: Iterable[int]) -> str:
-    """`bigint[]` literal."""
-    return "{" + ",".join([str(int(v)) for v in values]) + "}"
+    """`bigint[]` literal (a float or a bool is refused, not rounded or counted as 0/1)."""
+    return "{" + ",".join([_int_text(v) for v in values]) + "}"
+
+
+def _jsonb_text(value: Mapping[str, Any]) -> str:
+    if isinstance(value, Mapping) and not value:
+        return '"{}"'
+    return _quoted(json.dumps(value, allow_nan=False))
 
 
 def jsonb_array(values: Iterable[Mapping[str, Any] | None]) -> str:
-    """`jsonb[]` literal of JSON objects (an empty or missing one is `{}` or NULL)."""
-    return (
-        "{"
-        + ",".join(
-            "NULL" if v is None else '"{}"' if not v else _quoted(json.dumps(v)) for v in values
-        )
-        + "}"
-    )
+    """`jsonb[]` literal of JSON objects (None is NULL)."""
+    return "{" + ",".join("NULL" if v is None else _jsonb_text(v) for v in values) + "}"
