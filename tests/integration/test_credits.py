@@ -642,6 +642,7 @@ async def test_a_batch_decides_exactly_as_one_debit_at_a_time(
         ]
     )
     assert [r.code for r in unknown] == ["not_found", unknown[1].code]
+    assert await tollhouse.credits._send_batch([]) == []
 
 
 async def test_in_a_batch_the_earlier_debit_gets_a_shared_new_turn_id(
@@ -771,11 +772,12 @@ async def test_random_batches_decide_as_one_debit_at_a_time(
         )
         await tollhouse.orgs.delete(gone.id, users[3])
         await tollhouse.credits.reserve(amount=15, turn_id=f"{prefix}hold", user_id=users[2])
-        personal = await tollhouse.credits.tenant_of(None, users[0])
+        # Two personal accounts with an expired grant: several stale tenants in one batch.
+        personal = [await tollhouse.credits.tenant_of(None, u) for u in users[:2]]
         await tollhouse.db.transaction(
             lambda conn: conn.execute(
                 "UPDATE tollhouse.credit_grants SET expires_at = now() - interval '1 second'"
-                " WHERE tenant_id = %s AND priority = 1",
+                " WHERE tenant_id = ANY(%s) AND priority = 1",
                 (personal,),
             )
         )
@@ -788,11 +790,17 @@ async def test_random_batches_decide_as_one_debit_at_a_time(
             (org.id, users[3]),  # not a member
             (org.id, None),
             (gone.id, None),
+            (uuid.uuid4(), None),  # no such tenant, now and then between known ones
         ]
 
     twins = [await world("a-"), await world("b-")]
     plan = [
-        (rng.randrange(8), f"t{rng.randint(1, 30)}", rng.choice([3, 7, 12, 25])) for _ in range(80)
+        (
+            8 if rng.random() < 0.06 else rng.randrange(8),
+            f"t{rng.randint(1, 30)}",
+            rng.choice([3, 7, 12, 25]),
+        )
+        for _ in range(80)
     ] + [(7, "before", 5), (2, "hold", 15)]
     rng.shuffle(plan)
 
@@ -818,6 +826,7 @@ async def test_random_batches_decide_as_one_debit_at_a_time(
         return [(r.status, r.code, r.amount, r.balance_after, r.replayed) for r in results]
 
     assert shape(batched) == shape(alone)
+    assert any(r.code == "not_found" for r in batched)  # the unknown tenant was in batches
 
     async def state(payers: list[tuple[uuid.UUID | None, uuid.UUID | None]]) -> list[object]:
         seen: list[object] = []
