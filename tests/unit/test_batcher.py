@@ -179,6 +179,23 @@ async def test_callers_woken_by_a_returning_call_go_together_in_the_next_one() -
     await batcher.close()
 
 
+async def test_with_spread_a_steady_crowd_goes_as_two_half_calls() -> None:
+    """The same crowd with `spread` (the default): both lanes busy, calls of about half the
+    crowd each, never calls of one or two that would cost a round trip per debit."""
+    runner = Recorder(delay=0.005)
+    batcher = DebitBatcher(runner, runner, lanes=2)
+
+    async def caller(n: int) -> None:
+        payer = uuid.UUID(int=100 + n)
+        for k in range(30):
+            await batcher.submit(DebitRequest(amount=1, turn_id=f"{n}-{k}", tenant_id=payer))
+
+    await asyncio.gather(*(caller(n) for n in range(16)))
+    assert batcher.requests == 16 * 30
+    assert batcher.requests / batcher.batches >= 6
+    await batcher.close()
+
+
 async def test_a_call_cancelled_before_it_ran_answers_its_callers_and_frees_the_payer() -> None:
     """A call task cancelled from outside (even before its first step): its callers get an
     error instead of waiting forever, and the payer's later debits still go."""
