@@ -14,7 +14,7 @@ from psycopg.rows import class_row, dict_row
 from psycopg.types.json import Jsonb
 
 from tollhouse import errors as e
-from tollhouse.credits.batcher import DebitBatcher
+from tollhouse.credits.batcher import SPREAD_MIN, DebitBatcher
 from tollhouse.credits.records import (
     Balance,
     DebitRequest,
@@ -93,11 +93,22 @@ class CreditService:
     """The credits engine over one pool."""
 
     def __init__(
-        self, db: Database, *, lanes: int = 2, max_batch: int = 256, spread: bool = True
+        self,
+        db: Database,
+        *,
+        lanes: int = 2,
+        max_batch: int = 256,
+        spread: bool = True,
+        spread_min: int = SPREAD_MIN,
     ) -> None:
         self._db = db
         self.batcher = DebitBatcher(
-            self._send_batch, self._send_one, lanes=lanes, max_batch=max_batch, spread=spread
+            self._send_batch,
+            self._send_one,
+            lanes=lanes,
+            max_batch=max_batch,
+            spread=spread,
+            spread_min=spread_min,
         )
 
     async def close(self) -> None:

@@ -48,6 +48,7 @@ class GroupCommit(Generic[Req, Res]):
         max_batch: int = 256,
         what: str = "request",
         spread: bool = False,
+        spread_min: int = 1,
     ) -> None:
         self._run_batch = run_batch
         self._run_one = run_one
@@ -56,6 +57,7 @@ class GroupCommit(Generic[Req, Res]):
         self._max_batch = max_batch
         self._what = what
         self._spread = spread
+        self._spread_min = max(1, spread_min)
         self._queue: deque[tuple[Req, asyncio.Future[Res]]] = deque()
         self._busy: set[Hashable] = set()  # keys with a call in flight
         self._calls: set[asyncio.Task[None]] = set()
@@ -85,8 +87,11 @@ class GroupCommit(Generic[Req, Res]):
         self._scheduled = False
         while len(self._calls) < self._lanes and self._queue:
             size = self._max_batch
-            if self._spread:  # what waits is shared among the free lanes, to run side by side
-                size = min(size, -(-len(self._queue) // (self._lanes - len(self._calls))))
+            if self._spread:
+                # What waits is shared among the free lanes, to run side by side, in parts of
+                # at least `spread_min` (a smaller part costs more than the lane it fills).
+                parts = min(self._lanes - len(self._calls), len(self._queue) // self._spread_min)
+                size = min(size, -(-len(self._queue) // max(1, parts)))
             batch, keys = self._cut(size)
             if not batch:
                 break  # every queued key has a call in flight; its return dispatches again
