@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -134,9 +135,11 @@ def on_a_database(run: Callable[[str, str], Coroutine[Any, Any, None]]) -> None:
         service = os.environ.get("TOLLHOUSE_SERVICE_DATABASE_URL", external)
         asyncio.run(run(external, service))
         return
-    server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="tollhouse-bench-")) / "pgdata")
+    scratch = Path(tempfile.mkdtemp(prefix="tollhouse-bench-"))
+    server = EmbeddedPostgres(scratch / "pgdata")
     dsn = server.start()
     try:
         asyncio.run(run(dsn, as_user(dsn, "tollhouse_service")))
     finally:
         server.stop()
+        shutil.rmtree(scratch, ignore_errors=True)  # a run leaves up to a gigabyte of WAL
