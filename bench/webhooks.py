@@ -3,7 +3,7 @@ stored and applied (subscription upserts, plan changes, invoice allowances) befo
 against @supabase/stripe-sync-engine on the same PostgreSQL with the same events.
 
 Run: python bench/webhooks.py [--seconds 5 | --events N] [--rounds 2] [--clients 16,64]
-     [--customers 2000] [--sse-dir DIR] [--baseline-src DIR]
+     [--customers 2000] [--sse-dir DIR] [--baseline-src DIR] [--variant LABEL:NAME=VALUE]
 
 On one throwaway embedded PostgreSQL (durable settings; or DATABASE_URL): customers linked
 to tenants, prices mapped to plans. One sequence of events (per 10: 6 subscription updates,
@@ -13,7 +13,8 @@ case's own ids and later Stripe times, so every case does the same work. For eac
 each concurrency, back to back:
 
 - `http`: keep-alive HTTP clients into `tollhouse serve` (and `http base`: the same into a
-  second server running the `tollhouse` package found in `--baseline-src`, for A/B runs);
+  second server running the `tollhouse` package found in `--baseline-src`; `http LABEL`:
+  one more server of this code with other settings, for A/B runs);
 - `in-process`: our `BillingService.receive` called by as many tasks, no HTTP;
 - `stripe-sync-engine`: its `processWebhook` (bench/stripe_sync_engine.cjs, `require`d from
   `--sse-dir DIR`, where `npm install @supabase/stripe-sync-engine@0.48.5` ran), in-process
@@ -422,6 +423,12 @@ async def run(
             servers["http base"] = await stack.enter_async_context(
                 serving_process(dsn, service_dsn, settings, Path(args.baseline_src))
             )
+        for variant in args.variant:
+            label, _, assignments = variant.partition(":")
+            extra = dict(item.split("=", 1) for item in assignments.split(",") if item)
+            servers[f"http {label}"] = await stack.enter_async_context(
+                serving_process(dsn, service_dsn, {**settings, **extra})
+            )
         for served in servers.values():
             await deliver(served.port, events.next_case(300), 8)  # warm-up
         for round_ in range(1, args.rounds + 1):
@@ -489,6 +496,14 @@ def main() -> None:
         "--baseline-src",
         help="a directory holding another version of the `tollhouse` package (e.g. `git archive"
         " main src | tar -x -C DIR`, then DIR/src): served too, case by case (`http base`)",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL:NAME=VALUE[,NAME=VALUE]",
+        help="one more server of this code with these settings, case by case (`http LABEL`),"
+        " e.g. lanes2:TOLLHOUSE_STRIPE_WEBHOOK_LANES=2",
     )
     args = parser.parse_args()
     external = os.environ.get("DATABASE_URL")
