@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -89,11 +90,28 @@ async def post(
     return int(head.split(b" ", 2)[1]), await reader.readexactly(length)
 
 
+class Served(NamedTuple):
+    port: int
+    pid: int  # the service's process, for its CPU time (`cpu_seconds`)
+
+
 @asynccontextmanager
 async def serving(dsn: str, service_dsn: str, **settings: str) -> AsyncIterator[int]:
     """`tollhouse serve` on a free port over the database (quiet logs, a pool of 24, plus
     `settings` as environment variables), once `/readyz` answers 200; its port. Stopped on
     exit."""
+    async with serving_process(dsn, service_dsn, settings) as served:
+        yield served.port
+
+
+@asynccontextmanager
+async def serving_process(
+    dsn: str, service_dsn: str, settings: Mapping[str, str], source: Path | None = None
+) -> AsyncIterator[Served]:
+    """`serving` (`settings` as environment variables), yielding the port and the process
+    id; with `source` (a directory holding
+    the `tollhouse` package, e.g. another checkout's `src`), that code is served instead
+    of the installed one (the same dependencies), for A/B runs on one database."""
     port = free_port()
     env = {
         **os.environ,
@@ -103,8 +121,12 @@ async def serving(dsn: str, service_dsn: str, **settings: str) -> AsyncIterator[
         "TOLLHOUSE_POOL_MAX_SIZE": "24",
         **settings,
     }
+    command = [str(Path(sys.executable).with_name("tollhouse"))]
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
+        command = [sys.executable, "-c", "from tollhouse.cli import main; main()"]
     server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("tollhouse")), "serve", "--port", str(port)],
+        [*command, "serve", "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -118,10 +140,31 @@ async def serving(dsn: str, service_dsn: str, **settings: str) -> AsyncIterator[
                 except httpx.HTTPError:
                     pass
                 await asyncio.sleep(0.1)
-        yield port
+        yield Served(port, server.pid)
     finally:
         server.terminate()
         server.wait(30)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a running process has used so far (Linux: /proc/<pid>/schedstat)."""
+    with open(f"/proc/{pid}/schedstat") as stat:
+        return int(stat.read().split()[0]) / 1e9
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process, of its children that ended (its `cutime`/`cstime`) and of
+    those still running: for a PostgreSQL postmaster, the whole server's CPU so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = cpu_seconds(pid) + (int(fields[13]) + int(fields[14])) / ticks
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        for child in children.read().split():
+            # One that ended meanwhile is in cutime (next time).
+            with contextlib.suppress(FileNotFoundError):
+                total += cpu_seconds(int(child))
+    return total
 
 
 def on_a_database(run: Callable[[str, str], Coroutine[Any, Any, None]]) -> None:

@@ -132,6 +132,7 @@ def billing_config(settings: Settings) -> BillingConfig:
         api_base=settings.stripe_api_base or None,
         livemode=livemode,
         connect_accounts=tuple(sorted(_ids(settings.stripe_connect_accounts))),
+        lanes=settings.stripe_webhook_lanes,
     )
 
 

@@ -87,6 +87,12 @@ class Settings(BaseSettings):
         description="Apply only live (true) or test (false) events; unset: the API key's mode"
         " (sk_live_/rk_live_ or sk_test_/rk_test_), or both without a key.",
     )
+    stripe_webhook_lanes: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Group-commit lanes for webhook deliveries (transactions at once).",
+    )
     stripe_connect_accounts: str = Field(
         default="",
         description="Connected accounts (acct_...) whose events are applied, comma-separated;"

@@ -77,3 +77,38 @@ def test_the_readme_lists_every_setting() -> None:
     ]
     assert "`DATABASE_URL`" in readme
     assert missing == []
+
+
+def test_webhook_lanes_default_to_four_and_go_into_the_billing_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tollhouse.app import billing_config
+
+    assert billing_config(load_settings()).lanes == 4
+    monkeypatch.setenv("TOLLHOUSE_STRIPE_WEBHOOK_LANES", "7")
+    assert billing_config(load_settings()).lanes == 7
+    monkeypatch.setenv("TOLLHOUSE_STRIPE_WEBHOOK_LANES", "0")
+    with pytest.raises(ConfigurationError, match="stripe_webhook_lanes"):
+        load_settings()
+
+
+def test_log_lines_below_the_level_are_dropped_before_any_processing() -> None:
+    """At `warning`, an info line (every request's access line) is dropped by the first
+    processor, before time stamps and rendering; warnings still print."""
+    import subprocess
+    import sys
+
+    script = (
+        "import structlog\n"
+        "from tollhouse.observability import configure_logging\n"
+        "configure_logging('warning')\n"
+        "assert structlog.get_config()['processors'][0] is structlog.stdlib.filter_by_level\n"
+        "log = structlog.get_logger('tollhouse.http')\n"
+        "log.info('quiet')\n"
+        "log.warning('loud')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "loud" in done.stderr and "quiet" not in done.stderr

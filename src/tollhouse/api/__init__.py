@@ -8,19 +8,27 @@ from tollhouse import __version__
 from tollhouse.api import errors
 from tollhouse.api.middleware import RequestMiddleware
 from tollhouse.api.routes import auth, billing, credits, health, keys, me, orgs, users
+from tollhouse.api.webhook import PATH as WEBHOOK_PATH
+from tollhouse.api.webhook import WebhookShortPath
 from tollhouse.app import Tollhouse
 from tollhouse.observability import Metrics
 
 
-def create_app(tollhouse: Tollhouse) -> FastAPI:
-    """The ASGI app over already-opened services (the caller owns the pool's lifetime)."""
+def create_app(tollhouse: Tollhouse, *, webhook_short_path: bool = True) -> FastAPI:
+    """The ASGI app over already-opened services (the caller owns the pool's lifetime).
+
+    `webhook_short_path=False` leaves Stripe deliveries to their FastAPI route, which
+    answers the same (the tests compare both paths)."""
     app = FastAPI(
         title="Tollhouse",
         version=__version__,
         description="Users, identities, billing and credits for a SaaS or AI product.",
     )
     app.state.tollhouse = tollhouse
-    app.state.metrics = Metrics(tollhouse.db.stats)
+    receiver = tollhouse.billing.receiver
+    app.state.metrics = Metrics(
+        tollhouse.db.stats, webhook_batches=lambda: (receiver.batches, receiver.requests)
+    )
     errors.install(app)
     app.include_router(health.router)
     app.include_router(keys.router)
@@ -30,6 +38,12 @@ def create_app(tollhouse: Tollhouse) -> FastAPI:
     app.include_router(credits.router)
     app.include_router(orgs.router)
     app.include_router(billing.router)
+    if webhook_short_path:
+        (route,) = [r for r in billing.router.routes if getattr(r, "path", "") == WEBHOOK_PATH]
+        app.add_middleware(
+            WebhookShortPath, tollhouse=tollhouse, metrics=app.state.metrics, route=route
+        )
+    # Added last, so outermost: it also wraps the webhook's short path.
     app.add_middleware(RequestMiddleware, metrics=app.state.metrics)
     return app
 

@@ -82,8 +82,9 @@ def error_response(
     return JSONResponse(envelope(code, message, **fields), status_code=status, headers=headers)
 
 
-def _domain_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, e.TollhouseError)
+def domain_error(exc: e.TollhouseError) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+    """The status, body and extra headers of the answer to a domain error; a server-side
+    one is logged with its details, which stay out of the body."""
     status = status_for(exc)
     fields = {k: v for k, v in exc.fields.items() if k not in _PRIVATE_FIELDS}
     message = exc.message if status < 500 else (type(exc).__doc__ or "").strip() or exc.message
@@ -94,7 +95,13 @@ def _domain_error(request: Request, exc: Exception) -> JSONResponse:
         if request_id:
             fields["request_id"] = request_id
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return error_response(status, exc.code, message, headers, **_jsonable(fields))
+    return status, envelope(exc.code, message, **_jsonable(fields)), headers
+
+
+def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, e.TollhouseError)
+    status, body, headers = domain_error(exc)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _validation_error(request: Request, exc: Exception) -> JSONResponse:

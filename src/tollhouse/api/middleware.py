@@ -4,10 +4,12 @@ envelope without a traceback."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
+import secrets
 import time
-import uuid
+from typing import Any
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -18,8 +20,17 @@ from tollhouse.observability import Metrics
 log = structlog.get_logger("tollhouse.http")
 
 REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID_HEADER_BYTES = REQUEST_ID_HEADER.encode()
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# A request id made here: 32 hex digits, a random prefix for the process and a counter (a
+# uuid4 a request cost a getrandom system call).
+_ID_PREFIX = secrets.token_hex(8)
+_ID_COUNTER = itertools.count()
+
+
+def _new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 def _is_json(content_type: str) -> bool:
@@ -30,44 +41,65 @@ def _is_json(content_type: str) -> bool:
 
 
 class RequestMiddleware:
-    """Pure ASGI middleware, so it also sees errors raised by other middleware."""
+    """Pure ASGI middleware, so it also sees errors raised by other middleware. It runs on
+    every request: the headers are read in one pass, and the metrics' labelled children are
+    kept rather than looked up (each lookup takes the metric's lock)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, json_prefix: str = "/v1/") -> None:
         self.app = app
         self.metrics = metrics
         self.json_prefix = json_prefix
+        self._counted: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def _record(self, method: str, route: str, status: int, elapsed: float) -> None:
+        children = self._counted.get((method, route, status))
+        if children is None:
+            children = (
+                self.metrics.requests.labels(method, route, str(status)),
+                self.metrics.latency.labels(method, route),
+            )
+            self._counted[(method, route, status)] = children
+        children[0].inc()
+        children[1].observe(elapsed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        incoming = headers.get(REQUEST_ID_HEADER, "")
-        request_id = incoming if _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        # The last of a repeated header wins, as in a dict of the headers.
+        incoming = content_type = length = ""
+        chunked = False
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                incoming = value.decode("latin-1")
+            elif name == b"content-type":
+                content_type = value.decode("latin-1")
+            elif name == b"content-length":
+                length = value.decode("latin-1") or " "
+            elif name == b"transfer-encoding":
+                chunked = True
+        request_id = incoming if _VALID_REQUEST_ID.match(incoming) else _new_request_id()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         method = scope["method"]
         started = time.perf_counter()
         status = 500
         sent_start = False
+        id_header = (REQUEST_ID_HEADER_BYTES, request_id.encode())
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, sent_start
             if message["type"] == "http.response.start":
                 status = message["status"]
                 sent_start = True
-                message.setdefault("headers", [])
-                message["headers"] = [
-                    *message["headers"],
-                    (REQUEST_ID_HEADER.encode(), request_id.encode()),
-                ]
+                message["headers"] = [*message.get("headers", ()), id_header]
             await send(message)
 
         try:
             if (
                 method in _BODY_METHODS
                 and scope["path"].startswith(self.json_prefix)
-                and _has_body(headers)
-                and not _is_json(headers.get("content-type", ""))
+                and (length.strip() not in ("", "0") if length else chunked)
+                and not _is_json(content_type)
             ):
                 await _send_error(
                     send_with_id,
@@ -90,8 +122,7 @@ class RequestMiddleware:
         finally:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", None) or "<unmatched>"
-            self.metrics.requests.labels(method, route, str(status)).inc()
-            self.metrics.latency.labels(method, route).observe(elapsed)
+            self._record(method, route, status, elapsed)
             log.info(
                 "request",
                 method=method,
@@ -101,13 +132,6 @@ class RequestMiddleware:
                 duration_ms=round(elapsed * 1000, 2),
             )
             structlog.contextvars.unbind_contextvars("request_id")
-
-
-def _has_body(headers: dict[str, str]) -> bool:
-    length = headers.get("content-length")
-    if length is not None:
-        return length.strip() not in ("", "0")
-    return "transfer-encoding" in headers
 
 
 async def _send_error(send: Send, status: int, code: str, message: str, **fields: str) -> None:

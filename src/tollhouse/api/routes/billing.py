@@ -12,12 +12,11 @@ from pydantic import BaseModel, Field
 
 from tollhouse.api.deps import ServiceKey, TollhouseDep
 from tollhouse.api.schemas import Strict
+from tollhouse.api.webhook import PATH as WEBHOOK_PATH
+from tollhouse.api.webhook import bounded_body
 from tollhouse.billing import BillingEvent, BillingSummary, Delivery
-from tollhouse.errors import InvalidWebhookPayload
 
 router = APIRouter(tags=["billing"])
-
-_MAX_BODY = 1 << 20  # Stripe's events are far smaller
 
 
 class DeliveryOut(BaseModel):
@@ -116,26 +115,8 @@ class EventList(BaseModel):
     events: list[EventOut]
 
 
-async def _bounded_body(request: Request) -> bytes:
-    """The raw body, refused as soon as it is known to be larger than any Stripe event
-    (by its Content-Length, or while it streams in): nothing unauthenticated is buffered
-    past the limit."""
-    too_large = InvalidWebhookPayload("the body is too large for a Stripe event")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > _MAX_BODY:
-        raise too_large
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > _MAX_BODY:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 @router.post(
-    "/v1/stripe/webhook",
+    WEBHOOK_PATH,
     response_model=DeliveryOut,
     summary="Receive a Stripe event (authenticated by its Stripe-Signature)",
     description="The event is stored and applied in one transaction before the answer: a 2xx"
@@ -156,7 +137,8 @@ async def webhook(
     tollhouse: TollhouseDep,
     stripe_signature: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> DeliveryOut:
-    body = await _bounded_body(request)
+    # What answers when the short path (`tollhouse.api.webhook`) is off; the same steps.
+    body = await bounded_body(request.receive, request.headers.get("content-length"))
     delivery = await tollhouse.billing.receive(body, stripe_signature)
     request.app.state.metrics.stripe_events.labels(status=delivery.status).inc()
     return DeliveryOut.of(delivery)
