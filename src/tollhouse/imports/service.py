@@ -228,7 +228,7 @@ class ImportService:
         run_fields: dict[str, Any],
         tick: Progress,
     ) -> dict[str, int]:
-        await conn.execute(queries["staging_memory"])
+        await conn.execute(queries["staging_settings"])
         await conn.execute(queries["create_incoming"])
         await conn.execute(queries["create_incoming_issues"])
         done: Done | None = None
