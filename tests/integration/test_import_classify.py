@@ -128,6 +128,19 @@ async def test_opening_accounts_write_what_the_credits_function_writes(
         )
         found = {row[0]: row[1:] for row in await cur.fetchall()}
         assert await conservation_problems(conn) == []
+        # Bulk ids are tollhouse.uuid7_seq(base, n): tenants by apply_no (user_id order),
+        # grants and ledger rows by tenant among the balances above 0 (one batch, offset 0).
+        cur = await conn.execute(
+            "SELECT bool_and(tollhouse.uuid7_seq(id, n) = id), count(*) FROM ("
+            " SELECT t.id, row_number() OVER (ORDER BY t.owner_user_id) AS n"
+            " FROM tollhouse.tenants t WHERE t.owner_user_id = ANY(%(users)s)"
+            " UNION ALL SELECT g.id, row_number() OVER (ORDER BY g.tenant_id)"
+            " FROM tollhouse.credit_grants g WHERE g.source = 'import'"
+            " UNION ALL SELECT l.id, row_number() OVER (ORDER BY l.tenant_id)"
+            " FROM tollhouse.credit_ledger l WHERE l.reason = 'grant.import') ids",
+            {"users": [uuid.UUID(r["user_id"]) for r in rows]},
+        )
+        assert await cur.fetchone() == (True, 3 + 2 + 2)
     user_id = uuid.UUID(rows[0]["user_id"])
     plan, balance, cap, start, end, allowance, *grant, metadata = found[user_id]
     assert (plan, balance, cap, allowance) == ("pro", 250, 40, True)

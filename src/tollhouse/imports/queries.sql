@@ -197,7 +197,12 @@ INSERT INTO tollhouse.import_staging
      last_daily_reset, period_end, stripe_customer_id, stripe_subscription_id,
      billing_status, fingerprint, customer_owner)
 SELECT %(run_id)s, c.apply_no, c.record_no, c.outcome, c.user_id, c.target_user_id,
-       CASE WHEN c.outcome = 'created' THEN tollhouse.uuid7_seq(b.base, c.apply_no)
+       -- tollhouse.uuid7_seq(b.base, c.apply_no) written out: a call of that function (not
+       -- inlined: it sets its search_path) costs several times the expression.
+       CASE WHEN c.outcome = 'created'
+            THEN encode(overlay(uuid_send(b.base)
+                                PLACING int8send(c.apply_no - 9223372036854775807 - 1)
+                                FROM 9 FOR 8), 'hex')::uuid
             WHEN c.outcome = 'updated'
             THEN (SELECT t.id FROM tollhouse.tenants t
                   WHERE t.owner_user_id = c.user_id AND t.is_default) END,
@@ -367,8 +372,9 @@ SELECT count(*) FROM s
 -- ledger = grants by construction. The imported balance stands for the current period's
 -- allowance (allowance_for = period_start). An account that exists already is left alone.
 -- Batches in parallel offset their bulk ids by `after` (disjoint ranges of apply_no).
--- Not the function: its arrays arrive without statistics, so its planner joined the written
--- accounts back to them by a nested loop, 10,000 x 10,000 comparisons per batch.
+-- Run between accounts_joins and accounts_joins_done: the staged rows of a run are not
+-- analysed (the service cannot), so the planner expects one row from the batch's range and
+-- would join the written accounts back to it by a nested loop, 10,000 x 10,000 comparisons.
 WITH input AS MATERIALIZED (
     SELECT s.tenant_id, s.user_id, s.plan, s.credits_balance AS balance, s.daily_cap,
            s.last_daily_reset AS last_reset,
@@ -398,8 +404,12 @@ WITH input AS MATERIALIZED (
     FROM acc JOIN input i ON i.tenant_id = acc.tenant_id
     WHERE i.balance > 0
 ), ids AS (
-    SELECT o.*, tollhouse.uuid7_seq(b.grants, o.n) AS grant_id,
-           tollhouse.uuid7_seq(b.ledger, o.n) AS ledger_id
+    -- tollhouse.uuid7_seq(base, n) written out (see stage).
+    SELECT o.*,
+           encode(overlay(uuid_send(b.grants) PLACING int8send(o.n - 9223372036854775807 - 1)
+                          FROM 9 FOR 8), 'hex')::uuid AS grant_id,
+           encode(overlay(uuid_send(b.ledger) PLACING int8send(o.n - 9223372036854775807 - 1)
+                          FROM 9 FOR 8), 'hex')::uuid AS ledger_id
     FROM opening o CROSS JOIN base b
 ), g AS (
     INSERT INTO tollhouse.credit_grants
@@ -415,6 +425,13 @@ WITH input AS MATERIALIZED (
     FROM ids o
 )
 SELECT count(*)::integer FROM acc
+
+-- name: accounts_joins
+-- For apply_accounts only (see there): hash joins.
+SET LOCAL enable_nestloop = off
+
+-- name: accounts_joins_done
+SET LOCAL enable_nestloop TO DEFAULT
 
 -- name: apply_merged_identities
 -- Google / Apple ids of later records with the same e-mail, linked to the first's user.

@@ -56,7 +56,9 @@ Progress = Callable[[str, int, int], None]
 #: The identity and credits steps of a batch, in order; the billing step follows them.
 APPLY_STEPS = (
     "apply_created",
+    "accounts_joins",
     "apply_accounts",
+    "accounts_joins_done",
     "apply_updated",
     "apply_updated_plans",
 )
