@@ -188,3 +188,16 @@ async def test_a_subscriber_whose_period_ended_still_gets_the_account_maintenanc
     assert "grant.plan" in renewed[2]
     plans = [(await tollhouse.credits.balance(user_id=uuid.UUID(r["user_id"]))).plan for r in rows]
     assert plans == ["pro", "free", "pro"]
+
+
+async def test_progress_says_when_applying_starts(tollhouse: Tollhouse, tmp_path: Path) -> None:
+    """The applying phase is reported as it starts (0 applied), before its first batch."""
+    path = tmp_path / "users.csv"
+    path.write_text(render(list(legacy_rows(5))))
+    calls: list[tuple[str, int, int]] = []
+    await tollhouse.imports.import_users(
+        path, batch_size=2, progress=lambda *call: calls.append(call)
+    )
+    applying = [call for call in calls if call[0] == "applying"]
+    assert applying[0] == ("applying", 0, 5) and applying[-1] == ("applying", 5, 5)
+    assert calls.index(applying[0]) == max(i for i, c in enumerate(calls) if c[0] == "staging") + 1

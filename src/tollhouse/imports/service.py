@@ -315,6 +315,7 @@ class ImportService:
             todo: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
             for after, through, _ in await cur.fetchall():
                 todo.put_nowait((int(after), int(through)))
+            tick("applying", done, staged)  # the phase starts now, not with its first batch
 
             async def worker() -> None:
                 nonlocal done
