@@ -186,6 +186,11 @@ LEFT JOIN (SELECT cr.customer_id, cr.tenant_id AS customer_tenant
     ON x.customer_id = c.stripe_customer_id
 WHERE c.outcome IN ('created', 'updated') AND c.stripe_customer_id IS NOT NULL
 
+-- name: analyze_classified
+-- Row counts for the statements that read the classification (a plan made for a handful
+-- of rows hashed the whole classification to join the billing owners, then sorted it again).
+ANALYZE import_classified, import_billing
+
 -- name: stage
 -- The records that change something, numbered in the order they are applied (users by
 -- user_id, then merged identities: see migration 0010), with the personal tenant of each

@@ -278,6 +278,7 @@ class ImportService:
         await conn.execute(queries["analyze_incoming"])
         await conn.execute(queries["classify"])
         await conn.execute(queries["classify_billing"])
+        await conn.execute(queries["analyze_classified"])
         await conn.execute(queries["stage"], {"run_id": run_id})
         await conn.execute(queries["record_issues"], {"run_id": run_id})
         cur = await conn.execute(queries["counts"])
