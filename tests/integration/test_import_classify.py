@@ -27,17 +27,33 @@ async def run(tollhouse: Tollhouse, path: Path) -> tuple[ImportSummary, list[tup
 
 
 async def test_the_classification_joins_by_hash_not_by_loops_of_probes(dsn: str) -> None:
-    """Every join of the classification is a hash join (one pass over each table), however
-    the planner would have chosen: a nested loop probes an index once per record."""
+    """Every join of the classification of a big file is a hash join (one pass over each
+    table), however the planner would have chosen: a nested loop probes an index once per
+    record."""
     async with await psycopg.AsyncConnection.connect(dsn) as conn, conn.transaction():
-        await conn.execute(queries["staging_settings"])
+        await conn.execute(queries["staging_memory"])
         await conn.execute(queries["create_incoming"])
         await conn.execute(queries["analyze_incoming"])
+        await conn.execute(queries["classify_joins"], {"records": 1_000_000})
         for name in ("classify", "classify_billing"):
             cur = await conn.execute("EXPLAIN " + queries[name])
             plan = "\n".join(row[0] for row in await cur.fetchall())
             assert "Hash" in plan and "Nested Loop" not in plan, (name, plan)
             await conn.execute(queries[name])
+
+
+async def test_a_small_file_keeps_the_planners_joins(tollhouse: Tollhouse, dsn: str) -> None:
+    """Hash joins read whole tables: a file of fewer records than a tenth of the users
+    leaves the planner free to probe indexes instead."""
+    for i in range(20):
+        await tollhouse.users.create(email=f"user{i}@example.com")
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        await conn.execute("ANALYZE tollhouse.users")
+        for records, nested_loops in ((1, "on"), (2, "off"), (1_000_000, "off")):
+            async with conn.transaction(force_rollback=True):
+                await conn.execute(queries["classify_joins"], {"records": records})
+                cur = await conn.execute("SELECT current_setting('enable_nestloop')")
+                assert await cur.fetchone() == (nested_loops,), records
 
 
 async def test_every_outcome_is_classified_the_same_on_a_rerun(

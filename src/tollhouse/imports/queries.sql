@@ -16,13 +16,20 @@ SELECT pg_try_advisory_lock(hashtextextended('tollhouse.import:' || %(run_id)s::
 -- name: unlock_run
 SELECT pg_advisory_unlock(hashtextextended('tollhouse.import:' || %(run_id)s::text, 0))
 
--- name: staging_settings
--- For the staging transaction only: room for the classification's sorts and hashes, and
--- hash joins rather than nested loops. The classification joins every record of the file
--- to users, provenance, e-mail and identity routes: one pass over each table instead of an
--- index probe per record and table (on a rerun of 1,000,000 records, the probes were most
--- of its time).
-SELECT set_config('work_mem', '256MB', true), set_config('enable_nestloop', 'off', true)
+-- name: staging_memory
+-- Room for the classification's sorts and hashes, for this transaction only.
+SELECT set_config('work_mem', '256MB', true)
+
+-- name: classify_joins
+-- The classification joins every record of the file to users, provenance, e-mail and
+-- identity routes. For a file of at least a tenth as many records as there are users, hash
+-- joins: one pass over each table instead of an index probe per record and table (on a
+-- rerun of 1,000,000 records the probes were most of its time). A smaller file keeps the
+-- planner's choice (probes, rather than reading the whole tables). For the rest of the
+-- staging transaction.
+SELECT set_config('enable_nestloop', 'off', true)
+WHERE %(records)s::bigint * 10 >= (SELECT greatest(c.reltuples, 0) FROM pg_class c
+                                   WHERE c.oid = 'tollhouse.users'::regclass)
 
 -- name: create_incoming
 -- Records and issues arrive by COPY here (COPY cannot write into a table under RLS).

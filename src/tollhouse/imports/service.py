@@ -230,7 +230,7 @@ class ImportService:
         run_fields: dict[str, Any],
         tick: Progress,
     ) -> dict[str, int]:
-        await conn.execute(queries["staging_settings"])
+        await conn.execute(queries["staging_memory"])
         await conn.execute(queries["create_incoming"])
         await conn.execute(queries["create_incoming_issues"])
         done: Done | None = None
@@ -276,6 +276,7 @@ class ImportService:
             {**run_fields, "id": run_id, "records": read},
         )
         await conn.execute(queries["analyze_incoming"])
+        await conn.execute(queries["classify_joins"], {"records": read})
         await conn.execute(queries["classify"])
         await conn.execute(queries["classify_billing"])
         await conn.execute(queries["analyze_classified"])
