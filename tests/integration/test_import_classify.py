@@ -42,6 +42,26 @@ async def test_the_classification_joins_by_hash_not_by_loops_of_probes(dsn: str)
             await conn.execute(queries[name])
 
 
+async def test_the_accounts_step_joins_its_written_accounts_by_hash(dsn: str) -> None:
+    """The staged rows have no statistics: planned for one row, the accounts step joined the
+    accounts it wrote back to the batch by a nested loop (10,000 x 10,000 a batch)."""
+    params = {"run_id": uuid.uuid4(), "after": 0, "through": 10_000}
+    async with (
+        await psycopg.AsyncConnection.connect(dsn) as conn,
+        conn.transaction(force_rollback=True),
+    ):
+        await conn.execute(queries["accounts_joins"])
+        explain = psycopg.AsyncClientCursor(conn)
+        await explain.execute("EXPLAIN " + queries["apply_accounts"], params)
+        lines = [row[0] for row in await explain.fetchall()]
+        # (The one nested loop left is the cross join with the one row of id bases.)
+        assert any("Hash Cond" in line and "acc" in line for line in lines), lines
+        assert not any("Join Filter" in line for line in lines), lines
+        await conn.execute(queries["accounts_joins_done"])
+        cur = await conn.execute("SELECT current_setting('enable_nestloop')")
+        assert await cur.fetchone() == ("on",)
+
+
 async def test_a_small_file_keeps_the_planners_joins(tollhouse: Tollhouse, dsn: str) -> None:
     """Hash joins read whole tables: a file of fewer records than a tenth of the users
     leaves the planner free to probe indexes instead."""
