@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import resource
 import shutil
 import subprocess
@@ -54,32 +55,76 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def run(dsn: str, path: Path, records: int, batch_size: int) -> None:
+def _proc_cpu(pid: int, children: bool) -> float:
+    """utime + stime of a process (and of its reaped children), in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = sum(int(f) for f in fields[11 : 15 if children else 13])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pgdata: Path) -> tuple[float, float]:
+    """CPU seconds so far of the server (postmaster, the backends it reaped, the live ones)
+    and of this process with its reaped children (the reader process). Linux only: (0, 0)
+    elsewhere."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    try:
+        postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
+        pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    except (OSError, ValueError):
+        return 0.0, client
+    server = _proc_cpu(postmaster, True)
+    for pid in pids:
+        try:
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == postmaster:
+            server += _proc_cpu(pid, False)
+    return server, client
+
+
+async def run(dsn: str, pgdata: Path, path: Path, records: int, batch_size: int) -> None:
     await migrate.migrate(dsn)
     service_dsn = as_user(dsn, "tollhouse_service")
     rss_before = peak_rss_mb()
     async with Tollhouse.open(service_dsn, min_size=1, max_size=2) as tollhouse:
         phases: dict[str, float] = {}
+        cpu: dict[str, tuple[float, float]] = {}
         since = time.perf_counter()
+        cpu_since = cpu_seconds(pgdata)
         current = ""
 
+        def close_phase() -> None:
+            nonlocal since, cpu_since
+            now, cpu_now = time.perf_counter(), cpu_seconds(pgdata)
+            if current:
+                phases[current] = now - since
+                cpu[current] = (cpu_now[0] - cpu_since[0], cpu_now[1] - cpu_since[1])
+            since, cpu_since = now, cpu_now
+
         def progress(phase: str, done: int, total: int) -> None:
-            nonlocal since, current
+            nonlocal current
             if phase != current:
-                now = time.perf_counter()
-                if current:
-                    phases[current] = now - since
-                print(f"  {phase} from {now - start:.1f} s", file=sys.stderr)
-                since, current = now, phase
+                close_phase()
+                print(f"  {phase} from {time.perf_counter() - start:.1f} s", file=sys.stderr)
+                current = phase
 
         start = time.perf_counter()
         first = await tollhouse.imports.import_users(path, batch_size=batch_size, progress=progress)
         total = time.perf_counter() - start
-        phases[current] = time.perf_counter() - since
+        close_phase()
         rss = peak_rss_mb()
         start = time.perf_counter()
         second = await tollhouse.imports.import_users(path, batch_size=batch_size)
         again = time.perf_counter() - start
+        server_again, client_again = (
+            a - b for a, b in zip(cpu_seconds(pgdata), cpu_since, strict=True)
+        )
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         problems = await conservation_problems(conn)
         cur = await conn.execute("SELECT count(*) FROM tollhouse.credit_ledger")
@@ -95,10 +140,17 @@ async def run(dsn: str, path: Path, records: int, batch_size: int) -> None:
         f"  created {first.created:,}  failed {first.failed:,}  warnings {first.warnings:,}"
         f"  ledger rows {ledger:,}"
     )
+    for phase, (server_cpu, client_cpu) in cpu.items():
+        print(
+            f"  {phase + ' CPU':<22}server {server_cpu:.1f} s, importer {client_cpu:.1f} s"
+            " (with its reader process)"
+        )
     print(
         f"second import           {again:.1f} s  unchanged {second.unchanged:,}"
         f"  created {second.created}"
     )
+    print(f"  CPU                   server {server_again:.1f} s, importer {client_again:.1f} s")
+    print(f"load average            {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"peak RSS                {rss:.0f} MB (before the import: {rss_before:.0f} MB)")
     print(f"conservation            {'ok' if not problems else problems[:3]}")
 
@@ -134,7 +186,7 @@ def main() -> None:
             server.stop()
             dsn = server.start()
             print(f"server settings: {BULK_SETTINGS}")
-        asyncio.run(run(dsn, path, args.records, args.batch_size))
+        asyncio.run(run(dsn, work / "pgdata", path, args.records, args.batch_size))
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)  # the database; a --keep file lives elsewhere

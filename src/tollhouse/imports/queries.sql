@@ -17,8 +17,19 @@ SELECT pg_try_advisory_lock(hashtextextended('tollhouse.import:' || %(run_id)s::
 SELECT pg_advisory_unlock(hashtextextended('tollhouse.import:' || %(run_id)s::text, 0))
 
 -- name: staging_memory
--- Room for the classification's sorts, for this transaction only.
+-- Room for the classification's sorts and hashes, for this transaction only.
 SELECT set_config('work_mem', '256MB', true)
+
+-- name: classify_joins
+-- The classification joins every record of the file to users, provenance, e-mail and
+-- identity routes. For a file of at least a tenth as many records as there are users, hash
+-- joins: one pass over each table instead of an index probe per record and table (on a
+-- rerun of 1,000,000 records the probes were most of its time). A smaller file keeps the
+-- planner's choice (probes, rather than reading the whole tables). For the rest of the
+-- staging transaction.
+SELECT set_config('enable_nestloop', 'off', true)
+WHERE %(records)s::bigint * 10 >= (SELECT greatest(c.reltuples, 0) FROM pg_class c
+                                   WHERE c.oid = 'tollhouse.users'::regclass)
 
 -- name: create_incoming
 -- Records and issues arrive by COPY here (COPY cannot write into a table under RLS).
@@ -95,10 +106,17 @@ WITH ranked AS (
                    i.credits_balance, i.daily_cap, i.last_daily_reset, i.period_end,
                    i.marketing, i.status, i.stripe_customer_id, i.stripe_subscription_id,
                    i.billing_status)::text) AS fingerprint,
-           min(i.record_no) OVER (PARTITION BY i.user_id) AS id_first
+           min(i.record_no) OVER (PARTITION BY i.user_id) AS id_first,
+           ir.user_id AS identity_owner
     FROM import_incoming i
+    -- The one lookup of each record's Google / Apple id: who owns it already decides both
+    -- a first record's skip (existing_identity) and a later record's link.
+    LEFT JOIN tollhouse.identity_routes ir
+        ON ir.provider = i.provider AND ir.subject = i.subject
 ), unique_ids AS (
-    SELECT r.*,
+    -- Only what the outcomes need: these rows are sorted twice (a third of the width).
+    SELECT r.record_no, r.user_id, r.email, r.provider, r.subject, r.fingerprint,
+           r.identity_owner,
            min(r.record_no) OVER (PARTITION BY r.email) AS email_first,
            CASE WHEN r.subject IS NOT NULL
                 THEN min(r.record_no) OVER (PARTITION BY r.provider, r.subject) END
@@ -116,7 +134,7 @@ WITH ranked AS (
                WHEN u.id IS NOT NULL AND iu.fingerprint = f.fingerprint THEN 'unchanged'
                WHEN u.id IS NOT NULL THEN 'updated'
                WHEN er.user_id IS NOT NULL THEN 'skipped:existing_user'
-               WHEN ir.user_id IS NOT NULL THEN 'skipped:existing_identity'
+               WHEN f.identity_owner IS NOT NULL THEN 'skipped:existing_identity'
                ELSE 'created'
            END AS outcome,
            iu.credits_balance_before
@@ -125,8 +143,6 @@ WITH ranked AS (
     LEFT JOIN (SELECT user_id, fingerprint, opening_balance AS credits_balance_before
                FROM tollhouse.import_users) iu ON iu.user_id = f.user_id
     LEFT JOIN tollhouse.email_routes er ON er.email = f.email
-    LEFT JOIN tollhouse.identity_routes ir
-        ON ir.provider = f.provider AND ir.subject = f.subject
     WHERE f.record_no = f.email_first
 )
 SELECT r.record_no, r.line_no, r.user_id, r.email, r.provider, r.subject, r.display_name,
@@ -148,11 +164,9 @@ SELECT r.record_no, r.line_no, r.user_id, r.email, r.provider, r.subject, r.disp
         AND f.outcome IN ('created', 'updated', 'unchanged')
         AND r.record_no = uid.identity_first
         AND NOT (r.provider = p.provider AND r.subject IS NOT DISTINCT FROM p.subject)
-        AND NOT EXISTS (SELECT 1 FROM tollhouse.identity_routes ir
-                        WHERE ir.provider = r.provider AND ir.subject = r.subject))
+        AND r.identity_owner IS NULL)
            AS link_identity,
-       (SELECT ir.user_id FROM tollhouse.identity_routes ir
-        WHERE ir.provider = r.provider AND ir.subject = r.subject) AS identity_owner,
+       r.identity_owner,
        f.credits_balance_before,
        r.credits_remaining
 FROM ranked r
@@ -168,18 +182,23 @@ SELECT c.record_no, x.customer_tenant,
        min(c.record_no) OVER (PARTITION BY c.stripe_customer_id) AS customer_first,
        CASE WHEN x.customer_tenant IS NULL
             THEN min(c.record_no) OVER (PARTITION BY c.stripe_customer_id) = c.record_no
-            ELSE x.customer_tenant IS NOT DISTINCT FROM x.user_tenant
+            ELSE x.customer_tenant IS NOT DISTINCT FROM ut.user_tenant
        END AS customer_owner
 FROM import_classified c
-CROSS JOIN LATERAL (
-    SELECT (SELECT t.id FROM tollhouse.tenants t
-            WHERE c.outcome = 'updated' AND t.owner_user_id = c.user_id AND t.is_default)
-               AS user_tenant,
-           (SELECT cr.tenant_id FROM tollhouse.billing_customer_routes cr
-            WHERE cr.provider = 'stripe' AND cr.customer_id = c.stripe_customer_id)
-               AS customer_tenant
-) x
+-- Joins, not lookups per record (each matches at most one row: one personal tenant per
+-- user, one route per customer).
+LEFT JOIN (SELECT t.owner_user_id, t.id AS user_tenant FROM tollhouse.tenants t
+           WHERE t.is_default) ut
+    ON c.outcome = 'updated' AND ut.owner_user_id = c.user_id
+LEFT JOIN (SELECT cr.customer_id, cr.tenant_id AS customer_tenant
+           FROM tollhouse.billing_customer_routes cr WHERE cr.provider = 'stripe') x
+    ON x.customer_id = c.stripe_customer_id
 WHERE c.outcome IN ('created', 'updated') AND c.stripe_customer_id IS NOT NULL
+
+-- name: analyze_classified
+-- Row counts for the statements that read the classification (a plan made for a handful
+-- of rows hashed the whole classification to join the billing owners, then sorted it again).
+ANALYZE import_classified, import_billing
 
 -- name: stage
 -- The records that change something, numbered in the order they are applied (users by
@@ -192,7 +211,12 @@ INSERT INTO tollhouse.import_staging
      last_daily_reset, period_end, stripe_customer_id, stripe_subscription_id,
      billing_status, fingerprint, customer_owner)
 SELECT %(run_id)s, c.apply_no, c.record_no, c.outcome, c.user_id, c.target_user_id,
-       CASE WHEN c.outcome = 'created' THEN tollhouse.uuid7_seq(b.base, c.apply_no)
+       -- tollhouse.uuid7_seq(b.base, c.apply_no) written out: a call of that function (not
+       -- inlined: it sets its search_path) costs several times the expression.
+       CASE WHEN c.outcome = 'created'
+            THEN encode(overlay(uuid_send(b.base)
+                                PLACING int8send(c.apply_no - 9223372036854775807 - 1)
+                                FROM 9 FOR 8), 'hex')::uuid
             WHEN c.outcome = 'updated'
             THEN (SELECT t.id FROM tollhouse.tenants t
                   WHERE t.owner_user_id = c.user_id AND t.is_default) END,
@@ -355,20 +379,73 @@ WITH s AS (
 SELECT count(*) FROM s
 
 -- name: apply_accounts
--- The new users' credit accounts with their opening balances (one `import` grant and
--- ledger row per user), through the credits function made for it.
-SELECT tollhouse.credit_import_accounts_v1(
-    array_agg(tenant_id ORDER BY apply_no), array_agg(user_id ORDER BY apply_no),
-    array_agg(plan ORDER BY apply_no), array_agg(credits_balance ORDER BY apply_no),
-    array_agg(daily_cap ORDER BY apply_no), array_agg(last_daily_reset ORDER BY apply_no),
-    array_agg(period_end ORDER BY apply_no),
-    array_agg(jsonb_build_object('import_run', run_id, 'record_no', record_no,
-                                 'legacy_tier', legacy_tier, 'credits_total', credits_total)
-              ORDER BY apply_no),
-    %(after)s::bigint * 1048576)
-FROM tollhouse.import_staging
-WHERE run_id = %(run_id)s AND apply_no > %(after)s AND apply_no <= %(through)s
-  AND outcome = 'created'
+-- The new users' credit accounts with their opening balances: what
+-- tollhouse.credit_import_accounts_v1 (migration 0007) writes, row for row, read straight
+-- from the staged rows. Each account, its `import` grant (once per user: source_id
+-- 'import:<user id>') and the grant's ledger row come from this one statement, so balance =
+-- ledger = grants by construction. The imported balance stands for the current period's
+-- allowance (allowance_for = period_start). An account that exists already is left alone.
+-- Batches in parallel offset their bulk ids by `after` (disjoint ranges of apply_no).
+-- Run between accounts_joins and accounts_joins_done: the staged rows of a run are not
+-- analysed (the service cannot), so the planner expects one row from the batch's range and
+-- would join the written accounts back to it by a nested loop, 10,000 x 10,000 comparisons.
+WITH input AS MATERIALIZED (
+    SELECT s.tenant_id, s.user_id, s.plan, s.credits_balance AS balance, s.daily_cap,
+           s.last_daily_reset AS last_reset,
+           coalesce(s.period_end - interval '1 month', now()) AS period_start,
+           coalesce(s.period_end, now() + interval '1 month') AS period_end,
+           jsonb_build_object('import_run', s.run_id, 'record_no', s.record_no,
+                              'legacy_tier', s.legacy_tier, 'credits_total', s.credits_total)
+               AS metadata
+    FROM tollhouse.import_staging s
+    WHERE s.run_id = %(run_id)s AND s.apply_no > %(after)s AND s.apply_no <= %(through)s
+      AND s.outcome = 'created'
+), acc AS (
+    INSERT INTO tollhouse.credit_accounts AS a
+        (tenant_id, plan, balance, overdraft_limit, daily_cap, day_start, period_start,
+         period_end, allowance_for, created_at)
+    SELECT i.tenant_id, pl.name, i.balance, pl.overdraft_limit,
+           coalesce(i.daily_cap, pl.daily_cap), (i.last_reset AT TIME ZONE 'UTC')::date,
+           i.period_start, i.period_end, i.period_start, i.period_start
+    FROM input i JOIN tollhouse.plans pl ON pl.name = i.plan
+    ON CONFLICT (tenant_id) DO NOTHING
+    RETURNING a.tenant_id
+), base AS (
+    SELECT tollhouse.uuid7() AS grants, tollhouse.uuid7() AS ledger
+), opening AS (
+    SELECT i.tenant_id, i.user_id, i.balance, i.metadata,
+           row_number() OVER (ORDER BY i.tenant_id) + %(after)s::bigint * 1048576 AS n
+    FROM acc JOIN input i ON i.tenant_id = acc.tenant_id
+    WHERE i.balance > 0
+), ids AS (
+    -- tollhouse.uuid7_seq(base, n) written out (see stage).
+    SELECT o.*,
+           encode(overlay(uuid_send(b.grants) PLACING int8send(o.n - 9223372036854775807 - 1)
+                          FROM 9 FOR 8), 'hex')::uuid AS grant_id,
+           encode(overlay(uuid_send(b.ledger) PLACING int8send(o.n - 9223372036854775807 - 1)
+                          FROM 9 FOR 8), 'hex')::uuid AS ledger_id
+    FROM opening o CROSS JOIN base b
+), g AS (
+    INSERT INTO tollhouse.credit_grants
+        (tenant_id, id, source, source_id, total, remaining, priority, expires_at)
+    SELECT o.tenant_id, o.grant_id, 'import', 'import:' || o.user_id, o.balance, o.balance, 0,
+           NULL
+    FROM ids o
+), l AS (
+    INSERT INTO tollhouse.credit_ledger
+        (tenant_id, id, kind, reason, delta, balance_after, grant_id, metadata)
+    SELECT o.tenant_id, o.ledger_id, 'grant', 'grant.import', o.balance, o.balance,
+           o.grant_id, o.metadata
+    FROM ids o
+)
+SELECT count(*)::integer FROM acc
+
+-- name: accounts_joins
+-- For apply_accounts only (see there): hash joins.
+SET LOCAL enable_nestloop = off
+
+-- name: accounts_joins_done
+SET LOCAL enable_nestloop TO DEFAULT
 
 -- name: apply_merged_identities
 -- Google / Apple ids of later records with the same e-mail, linked to the first's user.
@@ -470,15 +547,24 @@ WHERE subscriptions.stripe_at = timestamptz 'epoch'
 
 -- name: billing_plans
 -- The accounts of the batch's subscribers follow their effective plan (a canceled legacy
--- subscription leaves the free plan).
+-- subscription leaves the free plan). An account this batch opened that is on its effective
+-- plan already, inside its period, is skipped: credit_change_plan_v1 would change nothing
+-- there (same plan; no period to roll, no allowance owed, nothing reserved, and the import
+-- grant never expires), and that call was most of the step's time.
+WITH b AS MATERIALIZED (
+    SELECT DISTINCT s.tenant_id, s.outcome,
+           tollhouse.billing_effective_plan_v1(s.tenant_id) AS plan
+    FROM tollhouse.import_staging s
+    WHERE s.run_id = %(run_id)s AND s.apply_no > %(after)s AND s.apply_no <= %(through)s
+      AND s.outcome IN ('created', 'updated') AND s.stripe_subscription_id IS NOT NULL
+)
 SELECT count(*) FILTER (WHERE c.changed)
-FROM (SELECT DISTINCT s.tenant_id
-      FROM tollhouse.import_staging s
-      WHERE s.run_id = %(run_id)s AND s.apply_no > %(after)s AND s.apply_no <= %(through)s
-        AND s.outcome IN ('created', 'updated') AND s.stripe_subscription_id IS NOT NULL
-      ORDER BY s.tenant_id) b,
-     LATERAL tollhouse.credit_change_plan_v1(
-         b.tenant_id, NULL, tollhouse.billing_effective_plan_v1(b.tenant_id)) c
+FROM (SELECT b.tenant_id, b.plan
+      FROM b LEFT JOIN tollhouse.credit_accounts a ON a.tenant_id = b.tenant_id
+      WHERE NOT (b.outcome = 'created' AND a.plan = b.plan AND a.period_end > now()
+                 AND a.allowance_for = a.period_start AND a.reserved = 0)
+      ORDER BY b.tenant_id) m,
+     LATERAL tollhouse.credit_change_plan_v1(m.tenant_id, NULL, m.plan) c
 
 -- name: batch_done
 -- The checkpoint: what a batch applied leaves the staging table with its commit. Zero rows

@@ -56,7 +56,9 @@ Progress = Callable[[str, int, int], None]
 #: The identity and credits steps of a batch, in order; the billing step follows them.
 APPLY_STEPS = (
     "apply_created",
+    "accounts_joins",
     "apply_accounts",
+    "accounts_joins_done",
     "apply_updated",
     "apply_updated_plans",
 )
@@ -274,8 +276,10 @@ class ImportService:
             {**run_fields, "id": run_id, "records": read},
         )
         await conn.execute(queries["analyze_incoming"])
+        await conn.execute(queries["classify_joins"], {"records": read})
         await conn.execute(queries["classify"])
         await conn.execute(queries["classify_billing"])
+        await conn.execute(queries["analyze_classified"])
         await conn.execute(queries["stage"], {"run_id": run_id})
         await conn.execute(queries["record_issues"], {"run_id": run_id})
         cur = await conn.execute(queries["counts"])
@@ -313,6 +317,7 @@ class ImportService:
             todo: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
             for after, through, _ in await cur.fetchall():
                 todo.put_nowait((int(after), int(through)))
+            tick("applying", done, staged)  # the phase starts now, not with its first batch
 
             async def worker() -> None:
                 nonlocal done
