@@ -362,6 +362,30 @@ async def test_grants_are_idempotent_per_source_id(
         )
 
 
+async def test_group_commit_calls_go_on_the_lanes_own_connections(
+    tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """Batch calls stay on `TOLLHOUSE_CREDIT_LANES` warm connections, not the main pool's."""
+    users = [await _payer(tollhouse, funds=1000) for _ in range(8)]
+    credits = tollhouse.credits
+    lanes_before = credits.lane_db.stats().get("requests_num", 0)
+    main_before = tollhouse.db.stats().get("requests_num", 0)
+    batches_before = credits.batcher.batches
+    sem = asyncio.Semaphore(48)
+
+    async def one(n: int) -> DebitResult:
+        async with sem:
+            return await credits.debit(_debit(users[n % 8], 1))
+
+    results = await asyncio.gather(*(one(n) for n in range(400)))
+    assert {r.status for r in results} == {"applied"}
+    calls = credits.batcher.batches - batches_before
+    assert calls > 2
+    assert credits.lane_db.stats().get("requests_num", 0) - lanes_before == calls
+    assert tollhouse.db.stats().get("requests_num", 0) == main_before
+    assert credits.lane_db.stats()["pool_size"] <= 2
+
+
 async def test_a_lone_debit_goes_alone(tollhouse: Tollhouse) -> None:
     user = await _payer(tollhouse)
     batcher = tollhouse.credits.batcher

@@ -170,6 +170,29 @@ async def test_service_connections_act_as_the_service_role(tollhouse: Tollhouse)
         assert await _whoami(conn) == ("tollhouse_service", None)
 
 
+async def test_lanes_have_their_own_few_connections_opened_on_use(service_dsn: str) -> None:
+    db = Database(service_dsn, min_size=1, max_size=4)
+    await db.open()
+    lanes = db.lanes(2, "test-lanes")
+    assert lanes.stats()["pool_size"] == 0  # nothing opened before the first call
+    pids: set[int] = set()
+
+    async def backend(_: int) -> None:
+        async with lanes.connection() as conn:
+            assert await _whoami(conn) == ("tollhouse_service", None)
+            row = await (await conn.execute("SELECT pg_backend_pid(), pg_sleep(0.01)")).fetchone()
+            assert row is not None
+            pids.add(row[0])
+
+    await asyncio.gather(*(backend(n) for n in range(12)))
+    assert len(pids) == 2  # at most `size`, whatever the crowd
+    assert db.stats().get("requests_num", 0) == 0  # the main pool was not asked
+    await db.close()  # closes the lanes with it
+    with pytest.raises(DatabaseError):
+        async with lanes.connection():
+            pass
+
+
 async def test_acting_user_is_transaction_local_and_never_leaks(service_dsn: str) -> None:
     # One connection, so the next transaction is sure to reuse it.
     async with Tollhouse.open(service_dsn, min_size=1, max_size=1) as tollhouse:

@@ -86,6 +86,9 @@ class BillingService:
         self._db = db
         self.config = config or BillingConfig()
         self._client: stripe.StripeClient | None = None
+        #: The receiver's calls go on connections of their own, which stay warm
+        #: (`Database.lanes`).
+        self.lane_db = db.lanes(self.config.lanes, "webhook-lanes")
         #: Group commit of the deliveries (Checkout and refunds aside). A customer's
         #: deliveries share a lane, so they keep their order and two batches never work
         #: on one customer at once.
@@ -174,9 +177,9 @@ class BillingService:
                     await self._unpark(conn, customer)
             return rows
 
-        rows = await self._db.retrying(alone)
+        rows = await self.lane_db.retrying(alone)
         if rows is None:
-            rows = await self._db.transaction(unparking)
+            rows = await self.lane_db.transaction(unparking)
         return [self._delivered(row[0], row[1], row[2], row[3]) for row in rows]
 
     @staticmethod

@@ -102,9 +102,12 @@ class CreditService:
         spread_min: int = SPREAD_MIN,
     ) -> None:
         self._db = db
+        #: The batcher's calls go on connections of their own, which stay warm
+        #: (`Database.lanes`); a debit alone goes on the main pool.
+        self.lane_db = db.lanes(lanes, "credit-lanes")
         self.batcher = DebitBatcher(
             self._send_batch,
-            self._send_one,
+            self._send_lone,
             lanes=lanes,
             max_batch=max_batch,
             spread=spread,
@@ -126,7 +129,13 @@ class CreditService:
         _check(request)
         return (await self._send_one([request]))[0]
 
-    async def _send_one(self, requests: Sequence[DebitRequest]) -> list[DebitResult]:
+    async def _send_lone(self, requests: Sequence[DebitRequest]) -> list[DebitResult]:
+        """A batch of one, on a lane: `credit_debit_v1`, the single-debit function."""
+        return await self._send_one(requests, self.lane_db)
+
+    async def _send_one(
+        self, requests: Sequence[DebitRequest], db: Database | None = None
+    ) -> list[DebitResult]:
         (request,) = requests
         params = {
             "tenant_id": request.tenant_id,
@@ -137,7 +146,7 @@ class CreditService:
             "reason": request.reason,
             "metadata": Jsonb(request.metadata),
         }
-        return await self._call("debit", params)
+        return await self._call("debit", params, db or self._db)
 
     async def _send_batch(self, requests: Sequence[DebitRequest]) -> list[DebitResult]:
         # Array literals built with joins: psycopg's list adaptation, element by element, was
@@ -151,14 +160,16 @@ class CreditService:
             "reasons": text_array([r.reason for r in requests]),
             "metadata": jsonb_array([r.metadata for r in requests]),
         }
-        return await self._call("debit_batch", params)
+        return await self._call("debit_batch", params, self.lane_db)
 
-    async def _call(self, query: str, params: dict[str, Any]) -> list[DebitResult]:
+    async def _call(
+        self, query: str, params: dict[str, Any], db: Database | None = None
+    ) -> list[DebitResult]:
         # One statement is one transaction: a deadlock or serialization failure rolled it all
         # back, so it can simply be sent again.
         for attempt in range(1, 6):
             try:
-                async with self._db.connection() as conn:
+                async with (db or self._db).connection() as conn:
                     cur = conn.cursor(row_factory=class_row(DebitResult))
                     await cur.execute(queries[query], params)
                     return await cur.fetchall()

@@ -127,9 +127,19 @@ class Database:
     """The pool, plus helpers that run work in transactions the right way."""
 
     def __init__(
-        self, dsn: str, *, min_size: int = 2, max_size: int = 10, timeout: float = 5.0
+        self,
+        dsn: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 10,
+        timeout: float = 5.0,
+        name: str = "tollhouse",
     ) -> None:
         self.dsn = dsn
+        self._timeout = timeout
+        self._lanes: list[Database] = []
+        # Set for the pools of `lanes`: opened on first use, closed with this one's parent.
+        self._open_lock: asyncio.Lock | None = None
         # No per-checkout check or reset: each costs a round trip on the hot path (about
         # 40%). Session state is never set outside `configure_connection` (a test greps for
         # it), and a broken connection is replaced after its error.
@@ -138,7 +148,7 @@ class Database:
             min_size=min_size,
             max_size=max_size,
             open=False,
-            name="tollhouse",
+            name=name,
             kwargs={"autocommit": True},
             configure=configure_connection,
             timeout=timeout,
@@ -159,8 +169,35 @@ class Database:
             ) from exc
 
     async def close(self) -> None:
-        """Close every connection."""
+        """Close every connection, the lanes' too."""
+        for lanes in self._lanes:
+            await lanes.close()
         await self._pool.close()
+
+    def lanes(self, size: int, name: str) -> Database:
+        """A pool of at most `size` connections of its own, for the lanes of a group commit
+        (`tollhouse.db.group_commit`): opened on first use, closed with this one.
+
+        The main pool hands out its idle connections in turn, so calls of the batch function
+        would visit every one of them: each connection compiles the function and plans its
+        statements on its first call (tens of milliseconds, a p99 spike for each), and each
+        call finds its backend's caches cold. A batcher's own few connections stay warm."""
+        lanes = Database(
+            self.dsn, min_size=0, max_size=size, timeout=self._timeout, name=f"tollhouse-{name}"
+        )
+        lanes._open_lock = asyncio.Lock()
+        self._lanes.append(lanes)
+        return lanes
+
+    async def _opened(self) -> None:
+        """Open a lanes pool on its first use."""
+        lock = self._open_lock
+        if lock is None:
+            return
+        async with lock:
+            if self._open_lock is not None:
+                await self._pool.open(wait=False)
+                self._open_lock = None
 
     def stats(self) -> dict[str, int]:
         """Pool figures for /metrics (psycopg_pool's names)."""
@@ -169,6 +206,8 @@ class Database:
     @asynccontextmanager
     async def connection(self, constraints: ConstraintMap | None = None) -> AsyncIterator[Conn]:
         """An autocommit connection; driver errors come out as Tollhouse errors."""
+        if self._open_lock is not None:
+            await self._opened()
         try:
             async with self._pool.connection() as conn:
                 yield conn
@@ -209,6 +248,8 @@ class Database:
         """Run `work` on an autocommit connection, again on a serialization failure or
         deadlock, at most `attempts` times. For one statement that is its own transaction
         (one round trip, no BEGIN or COMMIT), such as a batch function's call."""
+        if self._open_lock is not None:
+            await self._opened()
         for attempt in range(1, attempts + 1):
             try:
                 async with self._pool.connection() as conn:
@@ -234,6 +275,8 @@ class Database:
         Both the role and the setting are transaction-local (`SET LOCAL`, `set_config(...,
         true)`), so the pooled connection carries neither into its next transaction.
         """
+        if self._open_lock is not None:
+            await self._opened()
         try:
             async with self._pool.connection() as conn, conn.transaction():
                 await conn.execute(
