@@ -251,14 +251,16 @@ async def test_spread_shares_what_waits_among_the_free_lanes_keeping_a_key_toget
     await commit.close()
 
 
-@pytest.mark.parametrize(("waiting", "sizes"), [(16, [16]), (20, [20]), (32, [16, 16])])
-async def test_debits_waiting_for_two_free_lanes_spread_in_parts_of_at_least_16(
-    waiting: int, sizes: list[int]
+@pytest.mark.parametrize(
+    ("waiting", "spread_min", "sizes"),
+    [(8, None, [4, 4]), (17, None, [9, 8]), (16, 16, [16]), (20, 16, [20]), (32, 16, [16, 16])],
+)
+async def test_debits_waiting_for_two_free_lanes_spread_over_both(
+    waiting: int, spread_min: int | None, sizes: list[int]
 ) -> None:
-    """By default debits spread, in parts of at least 16: 32 debits of 32 payers waiting for
-    two free lanes go as two calls of 16 at once (the database works on both, one per core),
-    not one call of 32 with a lane idle; 16 or 20 go as one call, which measured faster than
-    two small ones side by side."""
+    """By default debits spread: 16 debits of 16 payers waiting for two free lanes go as two
+    calls of 8 at once (the database works on both, one per core), not one call of 16 with a
+    lane idle. `spread_min` sets the smallest part: with 16, 16 or 20 go as one call."""
     in_flight = 0
     most = 0
     seen: list[int] = []
@@ -272,7 +274,11 @@ async def test_debits_waiting_for_two_free_lanes_spread_in_parts_of_at_least_16(
         in_flight -= 1
         return [_ok(r) for r in requests]
 
-    batcher = DebitBatcher(runner, runner, lanes=2)
+    batcher = (
+        DebitBatcher(runner, runner, lanes=2)
+        if spread_min is None
+        else DebitBatcher(runner, runner, lanes=2, spread_min=spread_min)
+    )
     debits = [
         DebitRequest(amount=n, turn_id=f"t{n}", tenant_id=uuid.UUID(int=100 + n))
         for n in range(1, waiting + 1)
