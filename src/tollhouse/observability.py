@@ -69,6 +69,26 @@ class _PoolCollector(Collector):
             yield GaugeMetricFamily(f"tollhouse_db_{key}", help_text, value=stats.get(key, 0))
 
 
+class _LanesPoolCollector(Collector):
+    """The group-commit lanes' own pools (`Database.lanes`), labelled by pool."""
+
+    def __init__(self, stats: Callable[[], dict[str, dict[str, int]]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        pools = self._stats()
+        for key, help_text in (
+            ("pool_size", "Connections of a group commit's lanes, busy or idle."),
+            ("pool_available", "Idle connections of a group commit's lanes."),
+            ("requests_waiting", "Calls queued for a lane's connection."),
+            ("pool_max", "A lanes pool's size."),
+        ):
+            family = GaugeMetricFamily(f"tollhouse_db_lanes_{key}", help_text, labels=["pool"])
+            for name, stats in sorted(pools.items()):
+                family.add_metric([name], stats.get(key, 0))
+            yield family
+
+
 class _WebhookBatchCollector(Collector):
     """The webhook receiver's own counters, read at scrape time (nothing per request)."""
 
@@ -97,6 +117,7 @@ class Metrics:
         self,
         pool_stats: Callable[[], dict[str, int]] | None = None,
         webhook_batches: Callable[[], tuple[int, int]] | None = None,
+        lanes_stats: Callable[[], dict[str, dict[str, int]]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -121,5 +142,7 @@ class Metrics:
         )
         if pool_stats is not None:
             self.registry.register(_PoolCollector(pool_stats))
+        if lanes_stats is not None:
+            self.registry.register(_LanesPoolCollector(lanes_stats))
         if webhook_batches is not None:
             self.registry.register(_WebhookBatchCollector(webhook_batches))

@@ -178,6 +178,8 @@ async def test_metrics_count_requests_by_route_and_show_the_pool(
     assert 'tollhouse_http_requests_total{method="GET",route="/v1/keys",status="401"} 1.0' in text
     assert "tollhouse_http_request_duration_seconds_bucket" in text
     assert re.search(r"^tollhouse_db_pool_size \d", text, re.MULTILINE)
+    for lanes in ("tollhouse-credit-lanes", "tollhouse-webhook-lanes"):
+        assert re.search(rf'^tollhouse_db_lanes_pool_max{{pool="{lanes}"}} \d', text, re.MULTILINE)
 
 
 async def test_a_server_side_domain_error_is_logged_with_its_details(

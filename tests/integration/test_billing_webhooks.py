@@ -223,10 +223,19 @@ async def test_w05_twenty_concurrent_duplicates_one_effect(
     )
     body = json.dumps(paid)
     headers = fs.sign(body)
+    lanes = tollhouse.billing.lane_db
+    lanes_before = lanes.stats().get("requests_num", 0)
+    main_before = tollhouse.db.stats().get("requests_num", 0)
+    calls_before = tollhouse.billing.receiver.batches
     responses = await asyncio.gather(
         *(client.post("/v1/stripe/webhook", content=body, headers=headers) for _ in range(20))
     )
     assert [r.status_code for r in responses] == [200] * 20
+    # The receiver's calls went on the webhook lanes' own connections, not the main pool's.
+    calls = tollhouse.billing.receiver.batches - calls_before
+    assert calls >= 1
+    assert lanes.stats().get("requests_num", 0) - lanes_before >= calls
+    assert tollhouse.db.stats().get("requests_num", 0) == main_before
     statuses = sorted(r.json()["status"] for r in responses)
     assert statuses == ["duplicate"] * 19 + ["processed"]
     assert await invoice_grants(tollhouse, "in_w05") == 1

@@ -384,6 +384,10 @@ async def test_group_commit_calls_go_on_the_lanes_own_connections(
     assert credits.lane_db.stats().get("requests_num", 0) - lanes_before == calls
     assert tollhouse.db.stats().get("requests_num", 0) == main_before
     assert credits.lane_db.stats()["pool_size"] <= 2
+    # A debit alone (no group commit) goes on the main pool.
+    await credits.debit_alone(_debit(users[0], 1))
+    assert tollhouse.db.stats().get("requests_num", 0) == main_before + 1
+    assert credits.lane_db.stats().get("requests_num", 0) - lanes_before == calls
 
 
 async def test_a_lone_debit_goes_alone(tollhouse: Tollhouse) -> None:

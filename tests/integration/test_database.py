@@ -174,7 +174,9 @@ async def test_lanes_have_their_own_few_connections_opened_on_use(service_dsn: s
     db = Database(service_dsn, min_size=1, max_size=4)
     await db.open()
     lanes = db.lanes(2, "test-lanes")
-    assert lanes.stats()["pool_size"] == 0  # nothing opened before the first call
+    unused = db.lanes(2, "never-used")
+    assert not lanes.is_open and not unused.is_open  # nothing opened before the first call
+    assert set(db.lanes_stats()) == {"tollhouse-test-lanes", "tollhouse-never-used"}
     pids: set[int] = set()
 
     async def backend(_: int) -> None:
@@ -185,12 +187,21 @@ async def test_lanes_have_their_own_few_connections_opened_on_use(service_dsn: s
             pids.add(row[0])
 
     await asyncio.gather(*(backend(n) for n in range(12)))
-    assert len(pids) == 2  # at most `size`, whatever the crowd
+    assert lanes.is_open and not unused.is_open
+    assert len(pids) <= 2  # at most `size`, whatever the crowd
     assert db.stats().get("requests_num", 0) == 0  # the main pool was not asked
-    await db.close()  # closes the lanes with it
-    with pytest.raises(DatabaseError):
-        async with lanes.connection():
+    await db.close()  # closes the lanes with it, used or not: none opens again
+
+    async def use(closed: Database) -> None:
+        async with closed.connection():
             pass
+
+    for closed in (lanes, unused):
+        with pytest.raises(DatabaseError):
+            await asyncio.wait_for(use(closed), timeout=5)
+    assert not unused.is_open and not lanes.is_open
+    with pytest.raises(DatabaseUnavailable):
+        db.lanes(1, "too-late")
 
 
 async def test_acting_user_is_transaction_local_and_never_leaks(service_dsn: str) -> None:

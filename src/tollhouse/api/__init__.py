@@ -27,7 +27,9 @@ def create_app(tollhouse: Tollhouse, *, webhook_short_path: bool = True) -> Fast
     app.state.tollhouse = tollhouse
     receiver = tollhouse.billing.receiver
     app.state.metrics = Metrics(
-        tollhouse.db.stats, webhook_batches=lambda: (receiver.batches, receiver.requests)
+        tollhouse.db.stats,
+        webhook_batches=lambda: (receiver.batches, receiver.requests),
+        lanes_stats=tollhouse.db.lanes_stats,
     )
     errors.install(app)
     app.include_router(health.router)

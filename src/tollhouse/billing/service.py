@@ -105,8 +105,10 @@ class BillingService:
         )
 
     async def close(self) -> None:
-        """Take no more deliveries; those queued or in flight are still answered."""
+        """Take no more deliveries; those queued or in flight are still answered. Then the
+        lanes' connections are closed."""
         await self.receiver.close()
+        await self.lane_db.close()
 
     # --- webhooks ----------------------------------------------------------------------------
 
@@ -146,10 +148,13 @@ class BillingService:
 
             return await self._db.transaction(work)
         if incoming.source == "api":
-            return (await self._receive([incoming]))[0]
+            # Alone, on the main pool: the lanes' connections are the receiver's calls' only.
+            return (await self._receive([incoming], self._db))[0]
         return await self.receiver.submit(incoming)
 
-    async def _receive(self, batch: Sequence[Incoming]) -> list[Delivery]:
+    async def _receive(
+        self, batch: Sequence[Incoming], db: Database | None = None
+    ) -> list[Delivery]:
         """Store and apply a batch of deliveries: one `billing_receive_v1` call that is its
         own transaction (one round trip). A batch that links a customer with parked events
         is sent again in a transaction that also applies those, oldest first."""
@@ -177,9 +182,10 @@ class BillingService:
                     await self._unpark(conn, customer)
             return rows
 
-        rows = await self.lane_db.retrying(alone)
+        on = db or self.lane_db
+        rows = await on.retrying(alone)
         if rows is None:
-            rows = await self.lane_db.transaction(unparking)
+            rows = await on.transaction(unparking)
         return [self._delivered(row[0], row[1], row[2], row[3]) for row in rows]
 
     @staticmethod

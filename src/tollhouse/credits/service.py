@@ -115,7 +115,9 @@ class CreditService:
         )
 
     async def close(self) -> None:
+        """Answer what is queued or in flight, then close the lanes' connections."""
         await self.batcher.close()
+        await self.lane_db.close()
 
     # --- debits ------------------------------------------------------------------------------
 

@@ -136,9 +136,12 @@ class Database:
         name: str = "tollhouse",
     ) -> None:
         self.dsn = dsn
+        self.name = name
         self._timeout = timeout
+        self._closed = False
         self._lanes: list[Database] = []
-        # Set for the pools of `lanes`: opened on first use, closed with this one's parent.
+        # For the pools of `lanes`: opened on first use, closed with their parent.
+        self._parent: Database | None = None
         self._open_lock: asyncio.Lock | None = None
         # No per-checkout check or reset: each costs a round trip on the hot path (about
         # 40%). Session state is never set outside `configure_connection` (a test greps for
@@ -169,32 +172,61 @@ class Database:
             ) from exc
 
     async def close(self) -> None:
-        """Close every connection, the lanes' too."""
-        for lanes in self._lanes:
+        """Close every connection, the lanes' too. Nothing opens again afterwards."""
+        self._closed = True
+        for lanes in list(self._lanes):
             await lanes.close()
+        lock = self._open_lock
+        if lock is not None:
+            async with lock:  # an opening under way finishes first, then is closed
+                self._open_lock = None
         await self._pool.close()
+        if self._parent is not None and self in self._parent._lanes:
+            self._parent._lanes.remove(self)
 
     def lanes(self, size: int, name: str) -> Database:
-        """A pool of at most `size` connections of its own, for the lanes of a group commit
-        (`tollhouse.db.group_commit`): opened on first use, closed with this one.
+        """A pool of `size` connections of its own, for the lanes of a group commit
+        (`tollhouse.db.group_commit`): opened on first use, closed with this one (or on its
+        own, by the service that asked for it).
 
         The main pool hands out its idle connections in turn, so calls of the batch function
         would visit every one of them: each connection compiles the function and plans its
         statements on its first call (tens of milliseconds, a p99 spike for each), and each
-        call finds its backend's caches cold. A batcher's own few connections stay warm."""
+        call finds its backend's caches cold. A batcher's own few connections stay warm: the
+        pool keeps all `size` open once used (no idle timeout below its minimum)."""
+        if self._closed:
+            raise DatabaseUnavailable("the connection pool is closed")
         lanes = Database(
-            self.dsn, min_size=0, max_size=size, timeout=self._timeout, name=f"tollhouse-{name}"
+            self.dsn,
+            min_size=size,
+            max_size=size,
+            timeout=self._timeout,
+            name=f"{self.name}-{name}",
         )
+        lanes._parent = self
         lanes._open_lock = asyncio.Lock()
         self._lanes.append(lanes)
         return lanes
 
+    @property
+    def is_open(self) -> bool:
+        """Whether the pool is open (a lanes pool opens on its first use)."""
+        return not self._pool.closed
+
+    def lanes_stats(self) -> dict[str, dict[str, int]]:
+        """Each lanes pool's figures, by name, for /metrics."""
+        return {lanes.name: lanes.stats() for lanes in self._lanes}
+
     async def _opened(self) -> None:
-        """Open a lanes pool on its first use."""
+        """Open a lanes pool on its first use (its connections come up in the background)."""
         lock = self._open_lock
         if lock is None:
+            if self._closed:
+                raise DatabaseUnavailable("the connection pool is closed")
             return
         async with lock:
+            if self._closed:
+                raise DatabaseUnavailable("the connection pool is closed")
             if self._open_lock is not None:
                 await self._pool.open(wait=False)
                 self._open_lock = None
