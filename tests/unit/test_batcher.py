@@ -160,6 +160,18 @@ async def test_each_payers_debits_keep_arrival_order_across_lanes() -> None:
     await batcher.close()
 
 
+async def _steady_crowd(batcher: DebitBatcher, callers: int) -> None:
+    """`callers` callers on as many payers, each sending 30 debits, the next as soon as it
+    has the answer to the last."""
+
+    async def caller(n: int) -> None:
+        payer = uuid.UUID(int=100 + n)
+        for k in range(30):
+            await batcher.submit(DebitRequest(amount=1, turn_id=f"{n}-{k}", tenant_id=payer))
+
+    await asyncio.gather(*(caller(n) for n in range(callers)))
+
+
 async def test_callers_woken_by_a_returning_call_go_together_in_the_next_one() -> None:
     """16 callers on 16 payers, each sending its next debit as soon as it has its answer,
     over two lanes: the callers a returning call wakes are all queued before the next call
@@ -167,13 +179,7 @@ async def test_callers_woken_by_a_returning_call_go_together_in_the_next_one() -
     `spread`, the crowd goes as one call."""
     runner = Recorder(delay=0.005)
     batcher = DebitBatcher(runner, runner, lanes=2, spread=False)
-
-    async def caller(n: int) -> None:
-        payer = uuid.UUID(int=100 + n)
-        for k in range(30):
-            await batcher.submit(DebitRequest(amount=1, turn_id=f"{n}-{k}", tenant_id=payer))
-
-    await asyncio.gather(*(caller(n) for n in range(16)))
+    await _steady_crowd(batcher, 16)
     assert batcher.requests == 16 * 30
     assert batcher.requests / batcher.batches >= 12
     await batcher.close()
@@ -184,13 +190,7 @@ async def test_with_spread_a_steady_crowd_of_32_goes_as_two_half_calls() -> None
     the crowd each, never calls of one or two that would cost a round trip per debit."""
     runner = Recorder(delay=0.005)
     batcher = DebitBatcher(runner, runner, lanes=2)
-
-    async def caller(n: int) -> None:
-        payer = uuid.UUID(int=100 + n)
-        for k in range(30):
-            await batcher.submit(DebitRequest(amount=1, turn_id=f"{n}-{k}", tenant_id=payer))
-
-    await asyncio.gather(*(caller(n) for n in range(32)))
+    await _steady_crowd(batcher, 32)
     assert batcher.requests == 32 * 30
     assert 12 <= batcher.requests / batcher.batches <= 20
     await batcher.close()

@@ -67,7 +67,8 @@ class RequestMiddleware:
             await self.app(scope, receive, send)
             return
         # The last of a repeated header wins, as in a dict of the headers.
-        incoming = content_type = length = ""
+        incoming = content_type = ""
+        length: str | None = None
         chunked = False
         for name, value in scope["headers"]:
             if name == b"x-request-id":
@@ -75,7 +76,7 @@ class RequestMiddleware:
             elif name == b"content-type":
                 content_type = value.decode("latin-1")
             elif name == b"content-length":
-                length = value.decode("latin-1") or " "
+                length = value.decode("latin-1")
             elif name == b"transfer-encoding":
                 chunked = True
         request_id = incoming if _VALID_REQUEST_ID.match(incoming) else _new_request_id()
@@ -98,7 +99,7 @@ class RequestMiddleware:
             if (
                 method in _BODY_METHODS
                 and scope["path"].startswith(self.json_prefix)
-                and (length.strip() not in ("", "0") if length else chunked)
+                and (length.strip() not in ("", "0") if length is not None else chunked)
                 and not _is_json(content_type)
             ):
                 await _send_error(

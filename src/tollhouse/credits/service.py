@@ -79,7 +79,8 @@ def _check(request: DebitRequest) -> None:
     if type(request.amount) is not int or not 0 < request.amount <= MAX_AMOUNT:
         raise e.InvalidRequest(f"amount must be between 1 and {MAX_AMOUNT}", field="amount")
     for name in ("tenant_id", "user_id"):
-        if getattr(request, name) is not None and type(getattr(request, name)) is not uuid.UUID:
+        payer = getattr(request, name)
+        if payer is not None and type(payer) is not uuid.UUID:
             raise e.InvalidRequest(f"{name} must be a UUID", field=name)
     if not isinstance(request.metadata, dict):
         raise e.InvalidRequest("metadata must be a JSON object", field="metadata")
@@ -148,7 +149,7 @@ class CreditService:
             "reason": request.reason,
             "metadata": Jsonb(request.metadata),
         }
-        return await self._call("debit", params, db or self._db)
+        return await self._call("debit", params, db)
 
     async def _send_batch(self, requests: Sequence[DebitRequest]) -> list[DebitResult]:
         # Array literals built with joins: psycopg's list adaptation, element by element, was

@@ -221,8 +221,6 @@ class Database:
         """Open a lanes pool on its first use (its connections come up in the background)."""
         lock = self._open_lock
         if lock is None:
-            if self._closed:
-                raise DatabaseUnavailable("the connection pool is closed")
             return
         async with lock:
             if self._closed:
