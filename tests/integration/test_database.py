@@ -177,6 +177,7 @@ async def test_lanes_have_their_own_few_connections_opened_on_use(service_dsn: s
     unused = db.lanes(2, "never-used")
     assert not lanes.is_open and not unused.is_open  # nothing opened before the first call
     assert set(db.lanes_stats()) == {"tollhouse-test-lanes", "tollhouse-never-used"}
+    assert db.lanes_stats()["tollhouse-never-used"]["pool_size"] == 0
     pids: set[int] = set()
 
     async def backend(_: int) -> None:
@@ -188,6 +189,8 @@ async def test_lanes_have_their_own_few_connections_opened_on_use(service_dsn: s
 
     await asyncio.gather(*(backend(n) for n in range(12)))
     assert lanes.is_open and not unused.is_open
+    assert db.lanes_stats()["tollhouse-test-lanes"]["pool_size"] == 2
+    assert db.lanes_stats()["tollhouse-never-used"]["pool_size"] == 0
     assert len(pids) <= 2  # at most `size`, whatever the crowd
     assert db.stats().get("requests_num", 0) == 0  # the main pool was not asked
     await db.close()  # closes the lanes with it, used or not: none opens again

@@ -214,8 +214,12 @@ class Database:
         return not self._pool.closed
 
     def lanes_stats(self) -> dict[str, dict[str, int]]:
-        """Each lanes pool's figures, by name, for /metrics."""
-        return {lanes.name: lanes.stats() for lanes in self._lanes}
+        """Each lanes pool's figures, by name, for /metrics. psycopg_pool counts a pool's
+        minimum as its size before it opens; a lanes pool not yet used has no connection."""
+        return {
+            lanes.name: lanes.stats() if lanes.is_open else {**lanes.stats(), "pool_size": 0}
+            for lanes in self._lanes
+        }
 
     async def _opened(self) -> None:
         """Open a lanes pool on its first use (its connections come up in the background)."""
