@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -634,12 +636,31 @@ async def test_sql_uuid7_is_version_7_and_ordered(dsn: str) -> None:
     assert stamps == sorted(stamps)
 
 
+async def _splits(dsn: str, user: uuid.UUID) -> list[tuple[int, int, int]]:
+    """How each debit of the user's personal account split: (debit's position, grant's
+    priority, amount), in ledger order."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT dense_rank() OVER (ORDER BY l.id)::int, g.priority, s.amount"
+            " FROM tollhouse.credit_ledger l"
+            " JOIN tollhouse.tenants t ON t.id = l.tenant_id AND t.is_default"
+            " JOIN tollhouse.credit_ledger_splits s"
+            "   ON s.tenant_id = l.tenant_id AND s.ledger_id = l.id"
+            " JOIN tollhouse.credit_grants g ON g.tenant_id = s.tenant_id AND g.id = s.grant_id"
+            " WHERE t.owner_user_id = %s AND l.kind = 'debit' ORDER BY l.id, g.priority DESC",
+            (user,),
+        ).fetchall()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+@pytest.mark.parametrize("repeats", [True, False], ids=["turn-ids-repeat", "all-new"])
 async def test_a_batch_decides_exactly_as_one_debit_at_a_time(
-    tollhouse: Tollhouse, no_allowance: None
+    dsn: str, tollhouse: Tollhouse, no_allowance: None, repeats: bool
 ) -> None:
     """The set-wise batch function against the single-debit function, on twin accounts:
-    same outcomes, same balances, same grants left — duplicates, conflicts, rejections,
-    the cap and several grants included."""
+    same outcomes, same balances, same grants left, same splits across grants — duplicates,
+    conflicts, rejections, the cap, overdraft and several grants included. Without repeated
+    turn ids the batch takes its short path (no turn looked up), so both are run."""
     await tollhouse.credits.set_plan("free", monthly_credits=0, daily_cap=120, overdraft_limit=15)
     twins = [await _payer(tollhouse) for _ in range(2)]
     for user in twins:
@@ -648,7 +669,9 @@ async def test_a_batch_decides_exactly_as_one_debit_at_a_time(
                 amount=amount, source="promo", user_id=user, priority=priority
             )
     rng = random.Random(11)
-    plan = [(f"t{rng.randint(1, 25)}", rng.choice([5, 10, 20, 35])) for _ in range(40)]
+    plan = [
+        (f"t{rng.randint(1, 25) if repeats else n}", rng.choice([5, 10, 20, 35])) for n in range(40)
+    ]
 
     def requests(user: uuid.UUID, prefix: str) -> list[DebitRequest]:
         return [DebitRequest(amount=a, turn_id=f"{prefix}{t}", user_id=user) for t, a in plan]
@@ -660,9 +683,14 @@ async def test_a_batch_decides_exactly_as_one_debit_at_a_time(
         return [(r.status, r.code, r.amount, r.balance_after, r.replayed) for r in results]
 
     assert shape(batched) == shape(alone)
+    assert {r.status for r in batched} == {"applied", "rejected"}
+    assert any(r.replayed for r in batched) == repeats
     left = [await tollhouse.credits.balance(user_id=user) for user in twins]
     assert (left[0].balance, left[0].daily_used) == (left[1].balance, left[1].daily_used)
     assert [g.remaining for g in left[0].grants] == [g.remaining for g in left[1].grants]
+    splits = [await _splits(dsn, user) for user in twins]
+    assert splits[0] == splits[1]
+    assert any(n == 2 for n in Counter(debit for debit, _, _ in splits[0]).values())
     unknown = await tollhouse.credits._send_batch(
         [
             DebitRequest(amount=1, turn_id="nobody", user_id=uuid.uuid4()),
@@ -968,3 +996,31 @@ async def test_a_batchs_debit_sorts_after_the_expiry_its_refresh_wrote(
             (tenant,),
         ).fetchall()
     assert rows[-3:] == [("expiry", 100), ("debit", 90), ("debit", 85)]
+
+
+def test_the_ledger_reason_check_is_the_documented_pattern(dsn: str) -> None:
+    """The reason check (built without a regular expression since 0013) accepts exactly the
+    reasons `^[a-z][a-z0-9_.:-]{0,63}$` accepts: edge cases and 20,000 random strings."""
+    rng = random.Random(13)
+    allowed = "abcxyz0189_.:-"
+    mixed = allowed + "AZ ~/$^\n\té€ßａ"
+    samples = ["", "a", "z", "A", "0", "_", "a" * 64, "a" * 65, "llm_usage", "é", "a\n", "ab "]
+    samples += [
+        "".join(rng.choice(alphabet) for _ in range(rng.choice([1, 2, 5, 63, 64, 65, 70])))
+        for alphabet in (allowed, mixed)
+        for _ in range(10_000)
+    ]
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint"
+            " WHERE conname = 'credit_ledger_reason_check'"
+        ).fetchone()
+        assert row is not None and "~" not in row[0]
+        check = row[0].removeprefix("CHECK ")
+        differ = conn.execute(
+            f"SELECT reason FROM unnest(%s::text[]) AS x(reason)"
+            f" WHERE ({check}) IS DISTINCT FROM (reason ~ '^[a-z][a-z0-9_.:-]{{0,63}}$')",
+            (samples,),
+        ).fetchall()
+    assert differ == []
+    assert sum(1 for s in samples if re.fullmatch(r"[a-z][a-z0-9_.:-]{0,63}", s)) > 2_000
