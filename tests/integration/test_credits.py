@@ -998,9 +998,15 @@ async def test_a_batchs_debit_sorts_after_the_expiry_its_refresh_wrote(
     assert rows[-3:] == [("expiry", 100), ("debit", 90), ("debit", 85)]
 
 
-def test_the_ledger_reason_check_is_the_documented_pattern(dsn: str) -> None:
-    """The reason check (built without a regular expression since 0013) accepts exactly the
-    reasons `^[a-z][a-z0-9_.:-]{0,63}$` accepts: edge cases and 20,000 random strings."""
+@pytest.mark.parametrize(
+    ("constraint", "column"),
+    [("credit_ledger_reason_check", "reason"), ("usage_counters_metric_check", "metric")],
+)
+def test_reason_and_metric_checks_are_the_documented_pattern(
+    dsn: str, constraint: str, column: str
+) -> None:
+    """The checks (a cheaper form since 0013) accept exactly the values
+    `^[a-z][a-z0-9_.:-]{0,63}$` accepts: edge cases and 20,000 random strings."""
     rng = random.Random(13)
     allowed = "abcxyz0189_.:-"
     mixed = allowed + "AZ ~/$^\n\té€ßａ"
@@ -1012,14 +1018,14 @@ def test_the_ledger_reason_check_is_the_documented_pattern(dsn: str) -> None:
     ]
     with psycopg.connect(dsn) as conn:
         row = conn.execute(
-            "SELECT pg_get_constraintdef(oid) FROM pg_constraint"
-            " WHERE conname = 'credit_ledger_reason_check'"
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = %s",
+            (constraint,),
         ).fetchone()
-        assert row is not None and "~" not in row[0]
-        check = row[0].removeprefix("CHECK ")
+        assert row is not None and "{0,63}" not in row[0]
+        check = row[0].removeprefix("CHECK ").replace(column, "value")
         differ = conn.execute(
-            f"SELECT reason FROM unnest(%s::text[]) AS x(reason)"
-            f" WHERE ({check}) IS DISTINCT FROM (reason ~ '^[a-z][a-z0-9_.:-]{{0,63}}$')",
+            f"SELECT value FROM unnest(%s::text[]) AS x(value)"
+            f" WHERE ({check}) IS DISTINCT FROM (value ~ '^[a-z][a-z0-9_.:-]{{0,63}}$')",
             (samples,),
         ).fetchall()
     assert differ == []
