@@ -1030,3 +1030,42 @@ def test_reason_and_metric_checks_are_the_documented_pattern(
         ).fetchall()
     assert differ == []
     assert sum(1 for s in samples if re.fullmatch(r"[a-z][a-z0-9_.:-]{0,63}", s)) > 2_000
+
+
+@pytest.mark.parametrize("amount", [-5, 0])
+async def test_the_functions_refuse_a_debit_that_is_not_positive(
+    service_dsn: str, tollhouse: Tollhouse, amount: int
+) -> None:
+    """The service refuses such an amount at its edge; called directly, the single and the
+    batch function fail on a check (the batch as a whole, on the outcome's amount) and
+    change nothing."""
+    user = await _payer(tollhouse, funds=50)
+    tenant = (await tollhouse.users.get(user)).personal_tenant_id
+    before = await tollhouse.credits.balance(user_id=user)
+    with psycopg.connect(service_dsn, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(
+                "SELECT tollhouse.credit_debit_v1(%s, NULL, %s, 'single', NULL, 'llm_usage',"
+                " '{}'::jsonb)",
+                (tenant, amount),
+            )
+        with pytest.raises(psycopg.errors.CheckViolation, match="credit_debits_amount_check"):
+            conn.execute(
+                "SELECT * FROM tollhouse.credit_debit_batch_v1(%s::uuid[], %s::uuid[],"
+                " %s::bigint[], %s::text[], %s::text[], %s::text[], %s::jsonb[])",
+                (
+                    [tenant, tenant],
+                    [None, None],
+                    [3, amount],
+                    ["fine", "batch"],
+                    [None, None],
+                    ["llm_usage", "llm_usage"],
+                    ["{}", "{}"],
+                ),
+            )
+    after = await tollhouse.credits.balance(user_id=user)
+    assert (after.balance, [g.remaining for g in after.grants]) == (
+        before.balance,
+        [g.remaining for g in before.grants],
+    )
+    assert await _ledger_debits(service_dsn) == 0

@@ -41,6 +41,7 @@ _CONSTRAINTS = {
     "credit_ledger_reason_check": e.InvalidRequest,
     "credit_ledger_metadata_check": e.InvalidRequest,
     "credit_debits_turn_id_check": e.InvalidRequest,
+    "credit_debits_amount_check": e.InvalidRequest,
     "plans_name_check": e.InvalidRequest,
     "plans_monthly_credits_check": e.InvalidRequest,
     "plans_daily_cap_check": e.InvalidRequest,
