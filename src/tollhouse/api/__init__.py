@@ -6,6 +6,8 @@ from fastapi import FastAPI
 
 from tollhouse import __version__
 from tollhouse.api import errors
+from tollhouse.api.debit import PATH as DEBIT_PATH
+from tollhouse.api.debit import DebitShortPath
 from tollhouse.api.middleware import RequestMiddleware
 from tollhouse.api.routes import auth, billing, credits, health, keys, me, orgs, users
 from tollhouse.api.webhook import PATH as WEBHOOK_PATH
@@ -14,11 +16,14 @@ from tollhouse.app import Tollhouse
 from tollhouse.observability import Metrics
 
 
-def create_app(tollhouse: Tollhouse, *, webhook_short_path: bool = True) -> FastAPI:
+def create_app(
+    tollhouse: Tollhouse, *, webhook_short_path: bool = True, debit_short_path: bool = True
+) -> FastAPI:
     """The ASGI app over already-opened services (the caller owns the pool's lifetime).
 
-    `webhook_short_path=False` leaves Stripe deliveries to their FastAPI route, which
-    answers the same (the tests compare both paths)."""
+    `webhook_short_path=False` leaves Stripe deliveries to their FastAPI route, and
+    `debit_short_path=False` every debit to its route; they answer the same (the tests
+    compare both paths)."""
     app = FastAPI(
         title="Tollhouse",
         version=__version__,
@@ -45,6 +50,9 @@ def create_app(tollhouse: Tollhouse, *, webhook_short_path: bool = True) -> Fast
         app.add_middleware(
             WebhookShortPath, tollhouse=tollhouse, metrics=app.state.metrics, route=route
         )
+    if debit_short_path:
+        (route,) = [r for r in credits.router.routes if getattr(r, "path", "") == DEBIT_PATH]
+        app.add_middleware(DebitShortPath, tollhouse=tollhouse, route=route)
     # Added last, so outermost: it also wraps the webhook's short path.
     app.add_middleware(RequestMiddleware, metrics=app.state.metrics)
     return app

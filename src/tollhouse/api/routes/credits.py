@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, StrictInt, model_validator
 from tollhouse.api.deps import ServiceKey, TollhouseDep
 from tollhouse.api.errors import envelope, status_for
 from tollhouse.api.schemas import Strict
+from tollhouse.app import Tollhouse
 from tollhouse.credits import DebitRequest, DebitResult, rejection
 from tollhouse.credits.service import MAX_AMOUNT
 from tollhouse.errors import InvalidRequest
@@ -253,6 +254,12 @@ _DEBIT_ERRORS: dict[int | str, dict[str, Any]] = {
     summary="Debit credits for one turn (idempotent per turn_id)",
 )
 async def debit(body: DebitBody, _: ServiceKey, tollhouse: TollhouseDep) -> Response:
+    return await run_debit(tollhouse, body)
+
+
+async def run_debit(tollhouse: Tollhouse, body: DebitBody) -> Response:
+    """A validated debit body, debited, as its HTTP answer (the route's, and the short
+    path's in `tollhouse.api.debit`)."""
     result = await tollhouse.credits.debit(
         DebitRequest(
             amount=body.amount,
