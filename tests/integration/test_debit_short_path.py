@@ -44,6 +44,10 @@ async def _twin(tollhouse: Tollhouse) -> tuple[str, str]:
     return str(user.id), str(user.personal_tenant_id)
 
 
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
 def _steps(user: str, tenant: str, tag: str, key: str) -> list[tuple[Any, dict[str, str]]]:
     """The same requests for either path: `tag` ("path-a" or "path-b") goes into turn ids."""
     auth = {"Authorization": f"Bearer {key}", **JSON}
@@ -73,6 +77,9 @@ def _steps(user: str, tenant: str, tag: str, key: str) -> list[tuple[Any, dict[s
         (body(turn_id=f"{tag}-6", extra=1), auth),
         (body(turn_id=f"{tag}-6", reason="Bad Reason"), auth),
         (body(turn_id=f"{tag}-6", metadata=[1]), auth),
+        (body(turn_id=f"{tag}-6").replace("}", ', "metadata": {"x": ' + nested(70) + "}}"), auth),
+        (body(turn_id=f"{tag}-6").replace("}", ', "metadata": {"x": ' + nested(950) + "}}"), auth),
+        (body(turn_id=f"{tag}-6").replace("}", ', "metadata": {"x": ' + nested(5000) + "}}"), auth),
         (body(turn_id=""), auth),
         (body(turn_id=f"{tag}-\u0000"), auth),
         (body(turn_id=f"{tag}-6").replace("}", ', "metadata": {"x": NaN}}'), auth),
@@ -115,6 +122,7 @@ async def test_the_short_path_answers_as_the_route_does(
         assert got == expected, f"request {number}"
     statuses = [status for status, _, _ in answers[0]]
     assert statuses[:8] == [200, 200, 409, 429, 429, 404, 200, 200]
+    assert 200 not in statuses[8:-1] and statuses[-1] == 200  # "bearer" in lower case is fine
     assert set(statuses[8:]) >= {400, 401, 415, 422}
     replayed = [(b"idempotent-replayed", b"true") in headers for _, headers, _ in answers[0]]
     assert replayed[:5] == [False, True, False, False, True]
@@ -144,6 +152,36 @@ async def test_server_side_failures_answer_as_the_route_does(
         assert got == expected
         assert got[0] == status
         assert json.loads(got[2])["error"]["request_id"] == "req-debit-path"
+    monkeypatch.undo()
+
+    # The key cannot be looked up: the route answers (503), for a valid body and an invalid one.
+    async def no_keys(secret: str) -> Any:
+        raise DatabaseUnavailable("the pool is closed")
+
+    monkeypatch.setattr(tollhouse.keys, "authenticate", no_keys)
+    for sent, status in ((content, 503), ("{", 400), ('{"amount": 1}', 503)):
+        got, expected = [await exchange(app, sent, headers) for app in apps]
+        assert got == expected
+        assert got[0] == status
+
+
+async def test_mounted_under_a_root_path_routing_decides(
+    apps: tuple[FastAPI, FastAPI], tollhouse: Tollhouse, service_key: str
+) -> None:
+    """Under a root path the route's path differs from the raw one: the short path stands
+    aside, and both answer what routing answers (no debit)."""
+    user, _ = await _twin(tollhouse)
+    content = json.dumps({"user_id": user, "amount": 1, "turn_id": "mounted"})
+    headers = {**REQUEST_ID, "Authorization": f"Bearer {service_key}", **JSON}
+    answers = []
+    for app in apps:
+        transport = httpx.ASGITransport(app=app, root_path="/v1")
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            response = await http.post("/v1/credits/debit", content=content, headers=headers)
+        answers.append((response.status_code, response.headers.raw, response.content))
+    assert answers[0] == answers[1]
+    assert answers[0][0] == 404
+    assert (await tollhouse.credits.balance(user_id=uuid.UUID(user))).balance == 100
 
 
 async def test_the_short_path_skips_routing_and_dependencies(

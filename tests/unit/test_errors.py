@@ -47,3 +47,18 @@ def test_status_table_follows_the_class_tree(exc: errors.TollhouseError, status:
 
 def test_every_status_in_the_table_is_an_http_error() -> None:
     assert all(400 <= status < 600 for status in STATUS.values())
+
+
+def test_json_nested_deeper_than_the_limit_is_unstorable() -> None:
+    """A fixed depth decides, not Python's recursion limit (which depends on the stack)."""
+    from tollhouse.db.values import MAX_DEPTH, unstorable
+
+    def nested(depth: int) -> object:
+        value: object = 1
+        for n in range(depth):
+            value = [value] if n % 2 else {"k": value}
+        return value
+
+    assert unstorable(nested(MAX_DEPTH)) is None
+    assert unstorable(nested(MAX_DEPTH + 1)) == f"JSON may nest at most {MAX_DEPTH} levels deep"
+    assert unstorable(nested(5000)) is not None

@@ -56,7 +56,12 @@ class WebhookShortPath:
         self.route = route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
+        if (
+            scope["type"] != "http"
+            or scope["path"] != PATH
+            or scope["method"] != "POST"
+            or scope.get("root_path")  # mounted under a prefix: routing decides
+        ):
             await self.app(scope, receive, send)
             return
         scope["route"] = self.route
