@@ -202,3 +202,21 @@ async def test_metrics_count_webhook_batches_and_the_deliveries_in_them(
     }
     assert values["tollhouse_stripe_webhook_batched_total"] == 12
     assert 1 <= values["tollhouse_stripe_webhook_batches_total"] < 12  # some went together
+
+
+async def test_mounted_under_a_root_path_routing_decides(
+    apps: tuple[FastAPI, FastAPI],
+) -> None:
+    """Under a root path the route's path differs from the raw one: the short path stands
+    aside, and both answer what routing answers (nothing is stored)."""
+    body, headers = signed(fs.event("foo.bar", {"id": "m"}, event_id="evt_mounted"))
+    answers = []
+    for app in apps:
+        transport = httpx.ASGITransport(app=app, root_path="/v1")
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            response = await http.post(
+                "/v1/stripe/webhook", content=body, headers={**REQUEST_ID, **headers}
+            )
+        answers.append((response.status_code, response.headers.raw, response.content))
+    assert answers[0] == answers[1]
+    assert answers[0][0] == 404
