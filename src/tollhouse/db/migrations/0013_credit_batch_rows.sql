@@ -308,49 +308,49 @@ BEGIN
             i := v_order[v_pos];
             v_pos := v_pos + 1;
             IF NOT v_fresh THEN
-            -- A turn decided earlier in this batch, or before it: its first outcome again.
-            j := array_position(d_turns, p_turn_ids[i], v_first);
-            IF j IS NOT NULL THEN
-                IF d_rows[j].amount <> p_amounts[i] THEN
-                    results[i] := ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL,
-                                      p_amounts[i], NULL, false)::tollhouse.credit_debit_result;
-                ELSE
-                    results[i] := ROW(v_tenant, d_rows[j].status, d_rows[j].code,
-                                      d_rows[j].ledger_id, d_rows[j].amount,
-                                      d_rows[j].balance_after,
-                                      true)::tollhouse.credit_debit_result;
-                END IF;
-                CONTINUE;
-            END IF;
-            j := array_position(c_turns, p_turn_ids[i]);
-            v_claimed := j IS NOT NULL AND c_tenants[j] = v_tenant;
-            IF NOT v_claimed THEN
-                -- Seen before: a retry, or a turn id another tenant or a hold has.
-                SELECT * INTO prior FROM tollhouse.credit_debits d
-                WHERE d.tenant_id = v_tenant AND d.turn_id = p_turn_ids[i];
-                IF FOUND THEN
-                    IF prior.amount <> p_amounts[i] THEN
+                -- A turn decided earlier in this batch, or before it: its first outcome again.
+                j := array_position(d_turns, p_turn_ids[i], v_first);
+                IF j IS NOT NULL THEN
+                    IF d_rows[j].amount <> p_amounts[i] THEN
                         results[i] := ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL,
-                                          p_amounts[i], NULL,
-                                          false)::tollhouse.credit_debit_result;
+                                          p_amounts[i], NULL, false)::tollhouse.credit_debit_result;
                     ELSE
-                        results[i] := ROW(v_tenant, prior.status, prior.code, prior.ledger_id,
-                                          prior.amount, prior.balance_after,
+                        results[i] := ROW(v_tenant, d_rows[j].status, d_rows[j].code,
+                                          d_rows[j].ledger_id, d_rows[j].amount,
+                                          d_rows[j].balance_after,
                                           true)::tollhouse.credit_debit_result;
                     END IF;
                     CONTINUE;
                 END IF;
-                IF v_is_gone THEN
-                    results[i] := ROW(v_tenant, 'rejected', 'not_found', NULL, p_amounts[i], NULL,
-                                      false)::tollhouse.credit_debit_result;
-                    CONTINUE;
+                j := array_position(c_turns, p_turn_ids[i]);
+                v_claimed := j IS NOT NULL AND c_tenants[j] = v_tenant;
+                IF NOT v_claimed THEN
+                    -- Seen before: a retry, or a turn id another tenant or a hold has.
+                    SELECT * INTO prior FROM tollhouse.credit_debits d
+                    WHERE d.tenant_id = v_tenant AND d.turn_id = p_turn_ids[i];
+                    IF FOUND THEN
+                        IF prior.amount <> p_amounts[i] THEN
+                            results[i] := ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL,
+                                              p_amounts[i], NULL,
+                                              false)::tollhouse.credit_debit_result;
+                        ELSE
+                            results[i] := ROW(v_tenant, prior.status, prior.code, prior.ledger_id,
+                                              prior.amount, prior.balance_after,
+                                              true)::tollhouse.credit_debit_result;
+                        END IF;
+                        CONTINUE;
+                    END IF;
+                    IF v_is_gone THEN
+                        results[i] := ROW(v_tenant, 'rejected', 'not_found', NULL, p_amounts[i],
+                                          NULL, false)::tollhouse.credit_debit_result;
+                        CONTINUE;
+                    END IF;
+                    IF NOT tollhouse.credit_claim_turn_v1(p_turn_ids[i], v_tenant, false) THEN
+                        results[i] := ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL,
+                                          p_amounts[i], NULL, false)::tollhouse.credit_debit_result;
+                        CONTINUE;
+                    END IF;
                 END IF;
-                IF NOT tollhouse.credit_claim_turn_v1(p_turn_ids[i], v_tenant, false) THEN
-                    results[i] := ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL,
-                                      p_amounts[i], NULL, false)::tollhouse.credit_debit_result;
-                    CONTINUE;
-                END IF;
-            END IF;
             END IF;
 
             v_code := NULL;
