@@ -30,6 +30,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tollhouse.api.errors import domain_error
+from tollhouse.api.middleware import media_type, posted_to
 from tollhouse.api.routes.credits import DebitBody, run_debit
 from tollhouse.app import Tollhouse
 from tollhouse.errors import TollhouseError
@@ -49,12 +50,7 @@ class DebitShortPath:
         self.route = route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["path"] != PATH
-            or scope["method"] != "POST"
-            or scope.get("root_path")  # mounted under a prefix: routing decides
-        ):
+        if not posted_to(scope, PATH):
             await self.app(scope, receive, send)
             return
         authorization = content_type = None
@@ -97,10 +93,7 @@ class DebitShortPath:
 
 def _is_json(content_type: str | None) -> bool:
     """What FastAPI reads as a JSON body, narrowed to the usual spelling."""
-    if content_type is None:
-        return False
-    media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json"
+    return content_type is not None and media_type(content_type) == "application/json"
 
 
 async def _read(receive: Receive, received: list[Message]) -> bytes | None:

@@ -33,10 +33,27 @@ def _new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
+def media_type(content_type: str) -> str:
+    """The media type of a Content-Type value: lower case, without its parameters."""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
 def _is_json(content_type: str) -> bool:
-    media = content_type.split(";", 1)[0].strip().lower()
+    media = media_type(content_type)
     return media == "application/json" or (
         media.startswith("application/") and media.endswith("+json")
+    )
+
+
+def posted_to(scope: Scope, path: str) -> bool:
+    """Whether the request is a POST to `path` as routing sees it: a short path answers only
+    those, and stands aside under a root path (the app mounted below a prefix), where the
+    raw path is not the route's."""
+    return (
+        scope["type"] == "http"
+        and scope["path"] == path
+        and scope["method"] == "POST"
+        and not scope.get("root_path")
     )
 
 

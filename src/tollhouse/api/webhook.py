@@ -23,6 +23,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tollhouse.api.errors import domain_error
+from tollhouse.api.middleware import posted_to
 from tollhouse.app import Tollhouse
 from tollhouse.errors import InvalidWebhookPayload, TollhouseError
 from tollhouse.observability import Metrics
@@ -56,12 +57,7 @@ class WebhookShortPath:
         self.route = route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["path"] != PATH
-            or scope["method"] != "POST"
-            or scope.get("root_path")  # mounted under a prefix: routing decides
-        ):
+        if not posted_to(scope, PATH):
             await self.app(scope, receive, send)
             return
         scope["route"] = self.route
