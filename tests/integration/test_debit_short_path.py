@@ -13,24 +13,21 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from tests.support.asgi import Answer, post
 from tollhouse.api import create_app
 from tollhouse.api.deps import get_tollhouse
 from tollhouse.app import Tollhouse
 from tollhouse.errors import DatabaseUnavailable
 
-Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 REQUEST_ID = {"X-Request-ID": "req-debit-path"}  # the same id both ways, so headers compare
 JSON = {"Content-Type": "application/json"}
 NOBODY = "0190a000-0000-7000-8000-000000000000"
 
 
-async def exchange(app: FastAPI, content: Any, headers: dict[str, str]) -> Answer:
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-        response = await http.post(
-            "/v1/credits/debit", content=content, headers={**REQUEST_ID, **headers}
-        )
-    return response.status_code, list(response.headers.raw), response.content
+async def exchange(
+    app: FastAPI, content: Any, headers: dict[str, str], root_path: str = ""
+) -> Answer:
+    return await post(app, "/v1/credits/debit", content, {**REQUEST_ID, **headers}, root_path)
 
 
 @pytest.fixture
@@ -172,13 +169,8 @@ async def test_mounted_under_a_root_path_routing_decides(
     aside, and both answer what routing answers (no debit)."""
     user, _ = await _twin(tollhouse)
     content = json.dumps({"user_id": user, "amount": 1, "turn_id": "mounted"})
-    headers = {**REQUEST_ID, "Authorization": f"Bearer {service_key}", **JSON}
-    answers = []
-    for app in apps:
-        transport = httpx.ASGITransport(app=app, root_path="/v1")
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-            response = await http.post("/v1/credits/debit", content=content, headers=headers)
-        answers.append((response.status_code, response.headers.raw, response.content))
+    headers = {"Authorization": f"Bearer {service_key}", **JSON}
+    answers = [await exchange(app, content, headers, root_path="/v1") for app in apps]
     assert answers[0] == answers[1]
     assert answers[0][0] == 404
     assert (await tollhouse.credits.balance(user_id=uuid.UUID(user))).balance == 100

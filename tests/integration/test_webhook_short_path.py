@@ -14,23 +14,20 @@ import pytest
 from fastapi import FastAPI
 
 from tests.support import fake_stripe as fs
+from tests.support.asgi import Answer, post
 from tollhouse.api import create_app
 from tollhouse.api.deps import get_tollhouse
 from tollhouse.app import Tollhouse
 from tollhouse.billing import BillingConfig
 from tollhouse.errors import DatabaseUnavailable
 
-Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 REQUEST_ID = {"X-Request-ID": "req-short-path"}  # the same id both ways, so headers compare
 
 
-async def exchange(app: FastAPI, content: Any, headers: dict[str, str]) -> Answer:
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-        response = await http.post(
-            "/v1/stripe/webhook", content=content, headers={**REQUEST_ID, **headers}
-        )
-    return response.status_code, list(response.headers.raw), response.content
+async def exchange(
+    app: FastAPI, content: Any, headers: dict[str, str], root_path: str = ""
+) -> Answer:
+    return await post(app, "/v1/stripe/webhook", content, {**REQUEST_ID, **headers}, root_path)
 
 
 def signed(event: dict[str, Any], **sign: Any) -> tuple[str, dict[str, str]]:
@@ -210,13 +207,6 @@ async def test_mounted_under_a_root_path_routing_decides(
     """Under a root path the route's path differs from the raw one: the short path stands
     aside, and both answer what routing answers (nothing is stored)."""
     body, headers = signed(fs.event("foo.bar", {"id": "m"}, event_id="evt_mounted"))
-    answers = []
-    for app in apps:
-        transport = httpx.ASGITransport(app=app, root_path="/v1")
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-            response = await http.post(
-                "/v1/stripe/webhook", content=body, headers={**REQUEST_ID, **headers}
-            )
-        answers.append((response.status_code, response.headers.raw, response.content))
+    answers = [await exchange(app, body, headers, root_path="/v1") for app in apps]
     assert answers[0] == answers[1]
     assert answers[0][0] == 404
