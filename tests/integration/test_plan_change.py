@@ -1,0 +1,197 @@
+"""Migration 0014 rewrote the plan change and the paid invoice's allowance in fewer
+statements. Both are run here against the definitions they replaced (0004, 0006), on the
+same random states: the same answers, accounts, grants and ledger rows."""
+
+from __future__ import annotations
+
+import random
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+import tollhouse.db.migrations as migrations
+
+MIGRATIONS = Path(migrations.__file__).parent
+PLANS = ("free", "starter", "pro", "power")
+
+
+def _before(filename: str, name: str) -> str:
+    """The first definition of function `name`, renamed `name_before`."""
+    text = (MIGRATIONS / filename).read_text()
+    found = re.search(rf"CREATE FUNCTION tollhouse\.{name}\(.*?\n\$\$;\n", text, re.S)
+    assert found is not None, f"{name} is not in {filename}"
+    return found.group(0).replace(f"tollhouse.{name}(", f"tollhouse.{name}_before(", 1)
+
+
+STATE = """
+SELECT (SELECT row(plan, balance, reserved, overdraft_limit, daily_cap, daily_used,
+                   period_start, period_end, allowance_for)::text
+        FROM tollhouse.credit_accounts WHERE tenant_id = %(t)s),
+       (SELECT array_agg(row(source, regexp_replace(source_id, '^plan-change:.*', 'plan-change'),
+                             total, remaining, priority, expires_at)::text ORDER BY id)
+        FROM tollhouse.credit_grants WHERE tenant_id = %(t)s),
+       (SELECT array_agg(row(l.kind, l.reason, l.delta, l.balance_after, l.acting_user_id,
+                             (SELECT count(*) FROM tollhouse.credit_grants g
+                              WHERE g.tenant_id = l.tenant_id AND g.id <= l.grant_id))::text
+                         ORDER BY l.id)
+        FROM tollhouse.credit_ledger l WHERE l.tenant_id = %(t)s),
+       (SELECT row(allowance_granted_at IS NOT NULL, allowance_credits)::text
+        FROM tollhouse.invoices WHERE tenant_id = %(t)s AND id = %(i)s)
+"""
+
+
+def _both(conn: psycopg.Connection[Any], call: str, params: dict[str, Any]) -> tuple[Any, Any]:
+    """Runs `call` with the function before 0014 (`{fn}` = ..._before) and as it is now, on
+    the same state; returns (answer, state) of each. The current one's effects stay."""
+    conn.execute("SAVEPOINT before")
+    old = conn.execute(call.format(fn="_before"), params).fetchall()
+    old_state = conn.execute(STATE, params).fetchone()
+    conn.execute("ROLLBACK TO SAVEPOINT before")
+    new = conn.execute(call.format(fn=""), params).fetchall()
+    new_state = conn.execute(STATE, params).fetchone()
+    return (old, old_state), (new, new_state)
+
+
+def _random_walk(
+    conn: psycopg.Connection[Any],
+    rng: random.Random,
+    tenant: uuid.UUID,
+    steps: int,
+    script: list[str] | None = None,
+) -> dict[str, int]:
+    """Debits (into debt on plans with an overdraft), purchases, a period that ends, plan
+    changes and paid invoices on one tenant, comparing each change and allowance. A
+    `script` of actions (`change:PLAN`, `overdraw`) replaces the random choices."""
+    seen = {
+        "changes": 0,
+        "changed": 0,
+        "expiries": 0,
+        "debt_repaid": 0,
+        "debt_kept": 0,
+        "allowances": 0,
+    }
+    conn.execute("SELECT tollhouse.credit_account_v1(%s)", (tenant,))
+    for step in range(len(script) if script else steps):
+        action = (
+            script[step]
+            if script
+            else rng.choice(["debit", "debit", "purchase", "age", "change", "change", "invoice"])
+        )
+        params: dict[str, Any] = {"t": tenant, "i": f"in_{step}"}
+        if action.startswith("change:"):
+            action, params["plan"] = action.split(":")
+        if action in ("debit", "overdraw"):
+            # Some amount, or all that is left and a bit of the overdraft when there is one.
+            conn.execute(
+                "SELECT tollhouse.credit_debit_v1(%(t)s, NULL, CASE WHEN %(all)s"
+                " THEN greatest(1, balance + (overdraft_limit + 1) / 2) ELSE %(amount)s END,"
+                " %(turn)s, NULL, 'usage', '{}') FROM tollhouse.credit_accounts"
+                " WHERE tenant_id = %(t)s",
+                {
+                    "t": tenant,
+                    "all": action == "overdraw" or rng.random() < 0.5,
+                    "amount": rng.choice([5, 40, 300, 900]),
+                    "turn": f"{tenant}-{step}",
+                },
+            )
+        elif action == "purchase":
+            conn.execute(
+                "SELECT tollhouse.credit_apply_grant_v1(%s, %s, 'purchase', %s, 1,"
+                " now() + interval '1 year', 'grant.purchase', NULL)",
+                (tenant, rng.choice([10, 250]), f"pack-{step}"),
+            )
+        elif action == "age":
+            # The period ended a second ago, with its allowance: the next call renews it
+            # lazily (both versions alike), from a start no earlier period had.
+            conn.execute(
+                "WITH a AS (UPDATE tollhouse.credit_accounts c SET created_at = now()"
+                " - interval '1 month' - %(n)s * interval '1 minute',"
+                " period_start = now() - interval '1 month 1 second',"
+                " period_end = now() - interval '1 second' WHERE c.tenant_id = %(t)s"
+                " RETURNING c.period_end AS old_end)"
+                " UPDATE tollhouse.credit_grants g SET expires_at = now() - interval '1 second'"
+                " FROM tollhouse.credit_accounts c"
+                " WHERE g.tenant_id = %(t)s AND c.tenant_id = %(t)s"
+                " AND g.expires_at = c.period_end",
+                {"t": tenant, "n": step},
+            )
+        elif action == "change":
+            params.setdefault("plan", rng.choice(PLANS))
+            before = conn.execute(
+                "SELECT balance FROM tollhouse.credit_accounts WHERE tenant_id = %s", (tenant,)
+            ).fetchone()
+            old_rows = conn.execute(STATE, params).fetchone()
+            assert old_rows is not None
+            old_rows = old_rows[2]
+            old, new = _both(
+                conn,
+                "SELECT * FROM tollhouse.credit_change_plan_v1{fn}(%(t)s, NULL, %(plan)s)",
+                params,
+            )
+            assert new == old, (step, params["plan"])
+            seen["changes"] += 1
+            seen["changed"] += bool(new[0] and new[0][0][3])
+            seen["expiries"] += str(new[1][2]).count("plan_change") - str(old_rows).count(
+                "plan_change"
+            )
+            seen["debt_repaid"] += bool(before and before[0] < 0 and new[0] and new[0][0][3])
+            seen["debt_kept"] += bool(new[0] and new[0][0][3] and new[0][0][2] < 0)
+        else:
+            start = rng.choice(["-20 days", "-2 days", "+0 days"])
+            end = rng.choice(["+10 days", "+30 days", "-1 day"])
+            conn.execute(
+                "INSERT INTO tollhouse.invoices (tenant_id, id, customer_id, plan, paid,"
+                " period_start, period_end, stripe_at) VALUES (%s, %s, 'cus_x', %s, true,"
+                " now() + %s::interval, now() + %s::interval, now())",
+                (tenant, params["i"], rng.choice(PLANS), start, end),
+            )
+            old, new = _both(
+                conn,
+                "SELECT * FROM tollhouse.billing_invoice_allowance_v1{fn}(%(t)s, %(i)s)",
+                params,
+            )
+            assert new == old, (step, start, end)
+            seen["allowances"] += bool(new[0] and new[0][0][0])
+    return seen
+
+
+async def test_plan_changes_and_allowances_decide_as_before(dsn: str) -> None:
+    with psycopg.connect(dsn) as conn:
+        conn.execute(_before("0004_credits.sql", "credit_change_plan_v1"))
+        conn.execute(_before("0006_billing.sql", "billing_invoice_allowance_v1"))
+        conn.execute("UPDATE tollhouse.plans SET overdraft_limit = 200 WHERE name = 'starter'")
+        rng = random.Random(14)
+        totals: dict[str, int] = {}
+        for n in range(40):
+            tenant = uuid.uuid4()
+            owner = uuid.uuid4()
+            conn.execute(
+                "INSERT INTO tollhouse.tenants (id, name, owner_user_id, is_default)"
+                " VALUES (%s, %s, %s, true)",
+                (tenant, f"walk {n}", owner),
+            )
+            for key, value in _random_walk(conn, rng, tenant, 40).items():
+                totals[key] = totals.get(key, 0) + value
+        # A debt deeper than the new plan's overdraft, and no allowance left to repay it.
+        for target in PLANS:
+            tenant = uuid.uuid4()
+            conn.execute(
+                "INSERT INTO tollhouse.tenants (id, name, owner_user_id, is_default)"
+                " VALUES (%s, 'deep', %s, true)",
+                (tenant, uuid.uuid4()),
+            )
+            script = ["change:power", "overdraw", "overdraw", f"change:{target}"]
+            for key, value in _random_walk(conn, rng, tenant, 0, script).items():
+                totals[key] = totals.get(key, 0) + value
+        conn.rollback()
+    # The walks reached every branch: changes that moved and that did not, expiries of a
+    # live allowance, a debt repaid from the new allowance, a debt the new plan's overdraft
+    # must cover, invoices that granted.
+    assert totals["changes"] > totals["changed"] > 20, totals
+    assert totals["expiries"] > 10, totals
+    assert totals["debt_repaid"] > 0, totals
+    assert totals["debt_kept"] > 3, totals
+    assert totals["allowances"] > 5, totals
