@@ -18,12 +18,18 @@ each concurrency, back to back:
 - `in-process`: our `BillingService.receive` called by as many tasks, no HTTP;
 - `stripe-sync-engine`: its `processWebhook` (bench/stripe_sync_engine.cjs, `require`d from
   `--sse-dir DIR`, where `npm install @supabase/stripe-sync-engine@0.48.5` ran), in-process
-  in node, as many at once.
+  in node, as many at once (the issue's comparison);
+- `sse http`: the same call behind node's own HTTP server, reached by the same load
+  generator as `http` (how it would be deployed; the signing moves to the load generator).
+
+Before the rounds every server gets each customer's first event (a warm-up), so that no
+measured case pays for creating the customers' credit accounts.
 
 Each case reports events/s, acknowledgement p50/p99 (the acknowledgement includes the
 processing: one transaction, docs/billing.md), its rate over stripe-sync-engine's in the same
-round, the CPU time an event of the service process, of PostgreSQL (the embedded server's
-whole process tree) and of the HTTP load generator, and the deliveries per group-commit call.
+round (and over `sse http`'s), the CPU time an event of the service process, of PostgreSQL
+(the embedded server's whole process tree) and of the HTTP load generator, and the
+deliveries per group-commit call.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import os
 import subprocess
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +52,15 @@ import psycopg
 import stripe
 from psycopg.conninfo import conninfo_to_dict
 
-from loadgen import Served, cpu_seconds, post, serving_process, summarize, tree_cpu_seconds
+from loadgen import (
+    Served,
+    cpu_seconds,
+    free_port,
+    post,
+    serving_process,
+    summarize,
+    tree_cpu_seconds,
+)
 from tollhouse.app import Tollhouse
 from tollhouse.billing import BillingConfig
 from tollhouse.db import migrate
@@ -318,14 +333,11 @@ async def in_process(
     )
 
 
-def stripe_sync_engine(
-    sse_dir: str, dsn: str, bodies: list[bytes], clients: int, round_: int, pg: int | None
-) -> Row:
-    """stripe-sync-engine's `processWebhook` in a node process (bench/stripe_sync_engine.cjs),
-    signing included; PostgreSQL's CPU is counted over the whole process (its start-up and
-    migrations check too, a little more than the timed part)."""
-    events = Path(tempfile.mkdtemp()) / "events.jsonl"
-    events.write_bytes(b"\n".join(bodies) + b"\n")
+SSE_SCRIPT = Path(__file__).with_name("stripe_sync_engine.cjs")
+
+
+def sse_environment(sse_dir: str, dsn: str, **extra: str) -> dict[str, str]:
+    """The environment of bench/stripe_sync_engine.cjs over database `dsn`."""
     # node-postgres reads no key=value DSNs: pass the embedded server's socket as PG* variables.
     params = conninfo_to_dict(dsn)
     pg_env = {
@@ -335,20 +347,34 @@ def stripe_sync_engine(
     }
     if "PGDBNAME" in pg_env:
         pg_env["PGDATABASE"] = pg_env.pop("PGDBNAME")
-    env = {
+    return {
         **os.environ,
         **pg_env,
         "SSE_DIR": sse_dir,
         "DATABASE_URL": "" if "://" not in dsn else dsn,
         "WEBHOOK_SECRET": SECRET,
-        "EVENTS_FILE": str(events),
-        "CONCURRENCY": str(clients),
         "POOL": "24",
+        **extra,
     }
-    script = Path(__file__).with_name("stripe_sync_engine.cjs")
+
+
+def stripe_sync_engine(
+    sse_dir: str, dsn: str, bodies: list[bytes], clients: int, round_: int, pg: int | None
+) -> Row:
+    """stripe-sync-engine's `processWebhook` in a node process (bench/stripe_sync_engine.cjs),
+    signing included; PostgreSQL's CPU is counted over the whole process (its start-up and
+    migrations check too, a little more than the timed part)."""
+    events = Path(tempfile.mkdtemp()) / "events.jsonl"
+    events.write_bytes(b"\n".join(bodies) + b"\n")
+    env = sse_environment(sse_dir, dsn, EVENTS_FILE=str(events), CONCURRENCY=str(clients))
     with Meter(pg) as meter:
         out = subprocess.run(
-            ["node", str(script)], env=env, capture_output=True, text=True, check=True, timeout=600
+            ["node", str(SSE_SCRIPT)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=600,
         )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     outcomes: dict[str, float] = {"ok": int(result["ok"])}
@@ -367,6 +393,29 @@ def stripe_sync_engine(
     )
 
 
+@contextlib.asynccontextmanager
+async def serving_sse(sse_dir: str, dsn: str) -> AsyncIterator[Served]:
+    """stripe-sync-engine's `processWebhook` behind node's own HTTP server, on a free port
+    (bench/stripe_sync_engine.cjs with PORT): the same load generator reaches it as it
+    reaches `tollhouse serve`. Stopped on exit."""
+    port = free_port()
+    node = subprocess.Popen(
+        ["node", str(SSE_SCRIPT)],
+        env=sse_environment(sse_dir, dsn, PORT=str(port)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert node.stdout is not None
+        line = await asyncio.to_thread(node.stdout.readline)
+        if json.loads(line or b"{}").get("port") != port:
+            raise RuntimeError("stripe-sync-engine's HTTP server did not start")
+        yield Served(port, node.pid)
+    finally:
+        node.terminate()
+        node.wait(timeout=30)
+
+
 def postmaster_pid(pgdata: Path | None) -> int | None:
     """The embedded server's postmaster, whose process tree is PostgreSQL's CPU."""
     if pgdata is None:
@@ -380,23 +429,26 @@ def fmt(value: float | None) -> str:
 
 def report(rows: list[Row]) -> None:
     print(
-        f"{'case':30} {'events/s':>8} {'x sse':>6} {'p50 ms':>7} {'p99 ms':>7}"
+        f"{'case':30} {'events/s':>8} {'x sse':>6} {'x http':>6} {'p50 ms':>7} {'p99 ms':>7}"
         f" {'svc us':>7} {'pg us':>6} {'gen us':>6}  outcomes"
     )
-    for row in rows:
-        sse = next(
+
+    def ratio(row: Row, case: str) -> str:
+        rate = next(
             (
                 r.rate
                 for r in rows
-                if r.case == "stripe-sync-engine"
-                and (r.round, r.clients) == (row.round, row.clients)
+                if r.case == case and (r.round, r.clients) == (row.round, row.clients)
             ),
             None,
         )
-        ratio = f"{row.rate / sse:.2f}" if sse else "-"
+        return f"{row.rate / rate:.2f}" if rate else "-"
+
+    for row in rows:
         label = f"r{row.round} {row.clients:>2} {row.case}"
         print(
-            f"{label:30} {row.rate:8.0f} {ratio:>6} {row.p50:7.1f} {row.p99:7.1f}"
+            f"{label:30} {row.rate:8.0f} {ratio(row, 'stripe-sync-engine'):>6}"
+            f" {ratio(row, 'sse http'):>6} {row.p50:7.1f} {row.p99:7.1f}"
             f" {fmt(row.service_us):>7} {fmt(row.pg_us):>6} {fmt(row.client_us):>6}  {row.outcomes}"
         )
 
@@ -429,8 +481,13 @@ async def run(
             servers[f"http {label}"] = await stack.enter_async_context(
                 serving_process(dsn, service_dsn, {**settings, **extra})
             )
+        if args.sse_dir:
+            # stripe-sync-engine behind HTTP: measured like `http`, answered like in-process.
+            servers["sse http"] = await stack.enter_async_context(serving_sse(args.sse_dir, dsn))
+        # Warm-up: every customer once, so that no measured case pays for creating the
+        # credit accounts (a customer's first event does) and every server has its pools.
         for served in servers.values():
-            await deliver(served.port, events.next_case(300), 8)  # warm-up
+            await deliver(served.port, events.next_case(args.customers), 8)
         for round_ in range(1, args.rounds + 1):
             for clients in args.clients:
                 # Alternate the servers' order from round to round against drift.
@@ -466,9 +523,13 @@ async def run(
         f" synchronous_commit on, {args.customers} customers, {events.count} events a case;"
         f" load average {os.getloadavg()[0]:.1f}"
     )
-    print("x sse: events/s over stripe-sync-engine's in the same round at the same concurrency;")
+    print("x sse: events/s over stripe-sync-engine's (in-process) in the same round at the same")
+    print("concurrency; x http: over stripe-sync-engine behind node's HTTP server (`sse http`);")
     print("svc/pg/gen us: CPU microseconds an event of the service process (HTTP: `tollhouse")
-    print("serve`; in-process: this process; sse: node), of PostgreSQL, of the HTTP load generator")
+    print(
+        "serve`; in-process: this process; sse and sse http: node), of PostgreSQL, of the HTTP load"
+    )
+    print("generator")
     report(rows)
     print(f"stored events by status: {by_status}; invoice allowances granted: {grants}")
 

@@ -8,7 +8,7 @@
 -- what the statement does: starting its executor, reading the table's CHECK constraints again
 -- (PostgreSQL parses them once per statement that writes the table) and its foreign-key
 -- checks. A plan change ran about fourteen statements (the account updated three times, the
--- ledger written twice, three ids made by a PL/pgSQL function); now it locks and sums the
+-- ledger written twice, four ids made by a PL/pgSQL function); now it locks and sums the
 -- period's allowance in one statement and writes everything in one more.
 
 -- Moves an account to another plan mid-period, keeping the period's usage: what is left of
@@ -72,7 +72,7 @@ BEGIN
     ), granted AS (
         INSERT INTO tollhouse.credit_grants
             (tenant_id, id, source, source_id, total, remaining, priority, expires_at)
-        SELECT v_tenant, v_grant, 'plan', 'plan-change:' || tollhouse.uuid7(), v_new,
+        SELECT v_tenant, v_grant, 'plan', 'plan-change:' || v_grant, v_new,
                v_new - least(v_new, greatest(0, v_expired - a.balance)), 0, a.period_end
         WHERE v_new > 0
     ), account AS (
