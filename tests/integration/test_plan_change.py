@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import random
 import re
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -195,3 +197,60 @@ async def test_plan_changes_and_allowances_decide_as_before(dsn: str) -> None:
     assert totals["debt_repaid"] > 0, totals
     assert totals["debt_kept"] > 3, totals
     assert totals["allowances"] > 5, totals
+
+
+def test_racing_moves_end_on_the_effective_plan(dsn: str) -> None:
+    """Two transactions change one tenant's subscriptions and move its account: the one that
+    waits for the other's lock reads the effective plan after it, so the account ends on the
+    plan the committed subscriptions give (reading it before the lock ended on `free` here,
+    with a `power` subscription active)."""
+    tenant = uuid.uuid4()
+    insert = (
+        "INSERT INTO tollhouse.subscriptions (tenant_id, id, customer_id, status, plan,"
+        " stripe_at, current_period_end) VALUES (%s, %s, 'cus_race', 'active', %s, now(),"
+        " now() + %s::interval)"
+    )
+    sync = "SELECT tollhouse.billing_sync_plan_v1(%s)"
+    with psycopg.connect(dsn, autocommit=True) as setup:
+        setup.execute(
+            "INSERT INTO tollhouse.tenants (id, name, owner_user_id, is_default)"
+            " VALUES (%s, 'race', %s, true)",
+            (tenant, uuid.uuid4()),
+        )
+        setup.execute(insert, (tenant, "sub_a", "pro", "10 days"))
+        setup.execute(sync, (tenant,))
+    with psycopg.connect(dsn) as first, psycopg.connect(dsn) as second:
+        first.execute(insert, (tenant, "sub_b", "power", "30 days"))
+        first.execute(sync, (tenant,))  # holds the account's lock
+        second.execute(
+            "UPDATE tollhouse.subscriptions SET status = 'canceled'"
+            " WHERE tenant_id = %s AND id = 'sub_a'",
+            (tenant,),
+        )
+        second.execute("SET lock_timeout = '20s'")
+        waiting = threading.Thread(target=lambda: second.execute(sync, (tenant,)))
+        waiting.start()
+        _wait_for_lock(dsn, second.info.backend_pid)
+        first.commit()
+        waiting.join()
+        second.commit()
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT c.plan, tollhouse.billing_effective_plan_v1(c.tenant_id)"
+            " FROM tollhouse.credit_accounts c WHERE c.tenant_id = %s",
+            (tenant,),
+        ).fetchone()
+    assert row == ("power", "power")
+
+
+def _wait_for_lock(dsn: str, pid: int) -> None:
+    """Until backend `pid` waits for a lock (10 s at most)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for _ in range(1000):
+            waiting = conn.execute(
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s", (pid,)
+            ).fetchone()
+            if waiting and waiting[0]:
+                return
+            time.sleep(0.01)
+    raise AssertionError(f"backend {pid} never waited for a lock")

@@ -1,6 +1,6 @@
 -- A plan change and a paid invoice's allowance in a handful of statements: both functions
--- decide exactly as before (0004, 0006), and billing stops calling a plan change that has
--- nothing to change.
+-- decide exactly as before (0004, 0006). Billing's move to the effective plan reads that plan
+-- under the account's lock, and calls no plan change when there is nothing to change.
 --
 -- Measured on the webhook benchmark's mix (docs/billing.md, Performance), PostgreSQL spent
 -- two fifths of its function time in credit_change_plan_v1 (every subscription update there
@@ -208,20 +208,25 @@ BEGIN
 END
 $$;
 
--- Moves a tenant's account to its effective plan. An account already on it (locked, so a
--- concurrent move is waited for and seen) has nothing to move, and the plan change, with
--- its account upkeep, is not called.
+-- Moves a tenant's account to its effective plan. The account is locked first and the
+-- effective plan read after the lock: a concurrent move of the same tenant is waited for and
+-- what it committed is seen (0009 read the plan before the lock, so the later of two racing
+-- moves could apply a plan from before the other's change). An account already on its
+-- effective plan has nothing to move, and the plan change, with its account upkeep, is not
+-- called.
 CREATE OR REPLACE FUNCTION tollhouse.billing_sync_plan_v1(p_tenant uuid) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_plan text := tollhouse.billing_effective_plan_v1(p_tenant);
+    v_current text;
+    v_plan text;
 BEGIN
-    PERFORM 1 FROM tollhouse.credit_accounts c
-    WHERE c.tenant_id = p_tenant AND c.plan = v_plan
+    SELECT c.plan INTO v_current FROM tollhouse.credit_accounts c
+    WHERE c.tenant_id = p_tenant
     FOR UPDATE;
-    IF NOT FOUND THEN
+    v_plan := tollhouse.billing_effective_plan_v1(p_tenant);
+    IF v_current IS DISTINCT FROM v_plan THEN
         PERFORM tollhouse.credit_change_plan_v1(p_tenant, NULL, v_plan);
     END IF;
 END
