@@ -9,7 +9,72 @@
 -- (PostgreSQL parses them once per statement that writes the table) and its foreign-key
 -- checks. A plan change ran about fourteen statements (the account updated three times, the
 -- ledger written twice, four ids made by a PL/pgSQL function); now it locks and sums the
--- period's allowance in one statement and writes everything in one more.
+-- period's allowance in one statement and writes everything in one more
+-- (credit_move_allowance_v1, which the invoice's allowance shares).
+
+-- Moves the plan allowance of account `a` (locked by the caller) in one statement: the plan
+-- grants `p_ids` (with `p_left` credits left each, `p_expired` in all) expire with reason
+-- `p_reason`; a plan grant of `p_new` credits until `p_expires_at` is added (a debt is repaid
+-- from it first; source id `p_source_id`, or 'plan-change:' and the grant's id); the account
+-- takes plan `p` with its limits (the overdraft limit grows to cover a debt left) and the
+-- period `p_period_start` .. `p_period_end`, its allowance granted for `p_allowance_for`; the
+-- ledger gets the expiries, then the grant, each with the balance after it. Returns the
+-- account's balance after. Used by credit_change_plan_v1 and billing_invoice_allowance_v1.
+CREATE FUNCTION tollhouse.credit_move_allowance_v1(
+    a tollhouse.credit_accounts, p tollhouse.plans, p_ids uuid[], p_left bigint[],
+    p_expired bigint, p_new bigint, p_source_id text, p_expires_at timestamptz,
+    p_reason text, p_user uuid, p_period_start timestamptz, p_period_end timestamptz,
+    p_allowance_for timestamptz)
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+    v_grant uuid;
+BEGIN
+    IF p_new > 0 THEN
+        v_grant := tollhouse.uuid7();
+    END IF;
+    WITH expire AS (
+        UPDATE tollhouse.credit_grants cg SET remaining = 0
+        WHERE cg.tenant_id = a.tenant_id AND cg.id = ANY (p_ids)
+    ), granted AS (
+        INSERT INTO tollhouse.credit_grants
+            (tenant_id, id, source, source_id, total, remaining, priority, expires_at)
+        SELECT a.tenant_id, v_grant, 'plan', coalesce(p_source_id, 'plan-change:' || v_grant),
+               p_new, p_new - least(p_new, greatest(0, p_expired - a.balance)), 0, p_expires_at
+        WHERE p_new > 0
+    ), account AS (
+        UPDATE tollhouse.credit_accounts c
+        SET balance = c.balance - p_expired + p_new, plan = p.name, daily_cap = p.daily_cap,
+            overdraft_limit = greatest(p.overdraft_limit, p_expired - p_new - c.balance),
+            period_start = p_period_start, period_end = p_period_end,
+            allowance_for = p_allowance_for, updated_at = now()
+        WHERE c.tenant_id = a.tenant_id
+    )
+    INSERT INTO tollhouse.credit_ledger
+        (tenant_id, id, kind, reason, delta, balance_after, acting_user_id, grant_id)
+    SELECT a.tenant_id, tollhouse.uuid7(), r.kind, r.reason, r.delta, r.balance_after, p_user,
+           r.grant_id
+    FROM (SELECT 'expiry' AS kind, p_reason AS reason, -e.left_over AS delta,
+                 a.balance - (sum(e.left_over) OVER (ORDER BY e.n))::bigint AS balance_after,
+                 e.id AS grant_id, e.n
+          FROM unnest(p_ids, p_left) WITH ORDINALITY AS e (id, left_over, n)
+          UNION ALL
+          SELECT 'grant', 'grant.plan', p_new, a.balance - p_expired + p_new, v_grant,
+                 coalesce(cardinality(p_ids), 0) + 1
+          WHERE p_new > 0
+          ORDER BY n) r;
+    RETURN a.balance - p_expired + p_new;
+END
+$$;
+REVOKE ALL ON FUNCTION tollhouse.credit_move_allowance_v1(
+    tollhouse.credit_accounts, tollhouse.plans, uuid[], bigint[], bigint, bigint, text,
+    timestamptz, text, uuid, timestamptz, timestamptz, timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION tollhouse.credit_move_allowance_v1(
+    tollhouse.credit_accounts, tollhouse.plans, uuid[], bigint[], bigint, bigint, text,
+    timestamptz, text, uuid, timestamptz, timestamptz, timestamptz) TO tollhouse_service;
 
 -- Moves an account to another plan mid-period, keeping the period's usage: what is left of
 -- the old allowance expires, and the new plan grants its allowance minus what the period
@@ -29,8 +94,7 @@ DECLARE
     v_expired bigint;
     v_ids uuid[];
     v_left bigint[];
-    v_new bigint;
-    v_grant uuid;
+    v_balance bigint;
 BEGIN
     a := tollhouse.credit_payer_account_v1(p_tenant, p_user);
     v_tenant := coalesce(a.tenant_id, p_tenant);
@@ -60,42 +124,11 @@ BEGIN
     LEFT JOIN LATERAL (
         SELECT -sum(l.delta) AS expired FROM tollhouse.credit_ledger l
         WHERE l.tenant_id = v_tenant AND l.grant_id = g.id AND l.kind = 'expiry') x ON true;
-    v_new := greatest(0, p.monthly_credits - v_used);
-    IF v_new > 0 THEN
-        v_grant := tollhouse.uuid7();
-    END IF;
-    -- One statement writes it all: the expiries, the new grant, the account (its balance,
-    -- plan and limits at once) and the ledger rows, expiries first, in order.
-    WITH expire AS (
-        UPDATE tollhouse.credit_grants cg SET remaining = 0
-        WHERE cg.tenant_id = v_tenant AND cg.id = ANY (v_ids)
-    ), granted AS (
-        INSERT INTO tollhouse.credit_grants
-            (tenant_id, id, source, source_id, total, remaining, priority, expires_at)
-        SELECT v_tenant, v_grant, 'plan', 'plan-change:' || v_grant, v_new,
-               v_new - least(v_new, greatest(0, v_expired - a.balance)), 0, a.period_end
-        WHERE v_new > 0
-    ), account AS (
-        UPDATE tollhouse.credit_accounts c
-        SET balance = c.balance - v_expired + v_new, plan = p.name, daily_cap = p.daily_cap,
-            overdraft_limit = greatest(p.overdraft_limit, v_expired - v_new - c.balance),
-            updated_at = now()
-        WHERE c.tenant_id = v_tenant
-    )
-    INSERT INTO tollhouse.credit_ledger
-        (tenant_id, id, kind, reason, delta, balance_after, acting_user_id, grant_id)
-    SELECT v_tenant, tollhouse.uuid7(), r.kind, r.reason, r.delta, r.balance_after, p_user,
-           r.grant_id
-    FROM (SELECT 'expiry' AS kind, 'plan_change' AS reason, -e.left_over AS delta,
-                 a.balance - (sum(e.left_over) OVER (ORDER BY e.n))::bigint AS balance_after,
-                 e.id AS grant_id, e.n
-          FROM unnest(v_ids, v_left) WITH ORDINALITY AS e (id, left_over, n)
-          UNION ALL
-          SELECT 'grant', 'grant.plan', v_new, a.balance - v_expired + v_new, v_grant,
-                 coalesce(cardinality(v_ids), 0) + 1
-          WHERE v_new > 0
-          ORDER BY n) r;
-    RETURN QUERY SELECT v_tenant, p.name, a.balance - v_expired + v_new, true;
+    -- The new plan's allowance until the period's end; the period stays.
+    v_balance := tollhouse.credit_move_allowance_v1(
+        a, p, v_ids, v_left, v_expired, greatest(0, p.monthly_credits - v_used), NULL,
+        a.period_end, 'plan_change', p_user, a.period_start, a.period_end, a.allowance_for);
+    RETURN QUERY SELECT v_tenant, p.name, v_balance, true;
 END
 $$;
 
@@ -120,7 +153,6 @@ DECLARE
     v_ids uuid[];
     v_left bigint[];
     v_new bigint;
-    v_grant uuid;
 BEGIN
     a := tollhouse.credit_account_v1(p_tenant);  -- locks the account: one grant at a time
     IF a.tenant_id IS NULL THEN
@@ -167,43 +199,13 @@ BEGIN
           WHERE cg.tenant_id = p_tenant AND cg.source = 'plan' AND cg.remaining > 0
           FOR UPDATE) g;
     v_new := greatest(0, p.monthly_credits - v_used);
-    IF v_new > 0 THEN
-        v_grant := tollhouse.uuid7();
-    END IF;
-    -- One statement writes it all, as in credit_change_plan_v1, and marks the invoice.
-    WITH expire AS (
-        UPDATE tollhouse.credit_grants cg SET remaining = 0
-        WHERE cg.tenant_id = p_tenant AND cg.id = ANY (v_ids)
-    ), granted AS (
-        INSERT INTO tollhouse.credit_grants
-            (tenant_id, id, source, source_id, total, remaining, priority, expires_at)
-        SELECT p_tenant, v_grant, 'plan', 'stripe:invoice:' || p_invoice, v_new,
-               v_new - least(v_new, greatest(0, v_expired - a.balance)), 0, i.period_end
-        WHERE v_new > 0
-    ), account AS (
-        UPDATE tollhouse.credit_accounts c
-        SET balance = c.balance - v_expired + v_new, plan = p.name, daily_cap = p.daily_cap,
-            overdraft_limit = greatest(p.overdraft_limit, v_expired - v_new - c.balance),
-            period_start = least(i.period_start, now()), period_end = i.period_end,
-            allowance_for = least(i.period_start, now()), updated_at = now()
-        WHERE c.tenant_id = p_tenant
-    ), invoice AS (
-        UPDATE tollhouse.invoices iv
-        SET allowance_granted_at = now(), allowance_credits = v_new
-        WHERE iv.tenant_id = p_tenant AND iv.id = p_invoice
-    )
-    INSERT INTO tollhouse.credit_ledger
-        (tenant_id, id, kind, reason, delta, balance_after, grant_id)
-    SELECT p_tenant, tollhouse.uuid7(), r.kind, r.reason, r.delta, r.balance_after, r.grant_id
-    FROM (SELECT 'expiry' AS kind, 'billing_period' AS reason, -e.left_over AS delta,
-                 a.balance - (sum(e.left_over) OVER (ORDER BY e.n))::bigint AS balance_after,
-                 e.id AS grant_id, e.n
-          FROM unnest(v_ids, v_left) WITH ORDINALITY AS e (id, left_over, n)
-          UNION ALL
-          SELECT 'grant', 'grant.plan', v_new, a.balance - v_expired + v_new, v_grant,
-                 coalesce(cardinality(v_ids), 0) + 1
-          WHERE v_new > 0
-          ORDER BY n) r;
+    PERFORM tollhouse.credit_move_allowance_v1(
+        a, p, v_ids, v_left, v_expired, v_new, 'stripe:invoice:' || p_invoice, i.period_end,
+        'billing_period', NULL, least(i.period_start, now()), i.period_end,
+        least(i.period_start, now()));
+    UPDATE tollhouse.invoices iv
+    SET allowance_granted_at = now(), allowance_credits = v_new
+    WHERE iv.tenant_id = p_tenant AND iv.id = p_invoice;
     RETURN QUERY SELECT v_new, false;
 END
 $$;
