@@ -1,0 +1,139 @@
+"""A run's staged rows and report rows belong to it (migration 0015): checked once per
+statement instead of by a foreign key per row, with the same guarantees. The rows name an
+existing run, the run is locked against deletion until the writer commits, a deleted run
+takes its rows with it, and a run keeps its id."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from tollhouse.ids import uuid7
+
+STAGED = """
+INSERT INTO tollhouse.import_staging
+    (run_id, apply_no, record_no, outcome, user_id, target_user_id, email, provider, status,
+     marketing, legacy_tier, plan, credits_balance, fingerprint)
+SELECT CASE WHEN n = %(odd)s THEN %(other)s ELSE %(run_id)s END, n, n, 'created',
+       gen_random_uuid(), gen_random_uuid(),
+       'u' || n || '@example.com', 'email', 'active', true, 'free', 'free', 0, md5(n::text)
+FROM generate_series(1, %(rows)s) n
+"""
+ISSUES = """
+INSERT INTO tollhouse.import_issues
+    (run_id, record_no, seq, line_no, severity, column_name, value, code, message)
+SELECT CASE WHEN n = %(odd)s THEN %(other)s ELSE %(run_id)s END, n, 0, n + 1, 'warning',
+       'email', 'x', 'some_code', 'a message'
+FROM generate_series(1, %(rows)s) n
+"""
+#: Rows 1..rows for run_id, except row `odd`, which names `other`.
+NO_ODD = {"odd": 0, "other": None}
+COUNT = """
+SELECT (SELECT count(*) FROM tollhouse.import_staging WHERE run_id = %(run_id)s),
+       (SELECT count(*) FROM tollhouse.import_issues WHERE run_id = %(run_id)s)
+"""
+
+
+async def new_run(conn: psycopg.AsyncConnection[Any]) -> uuid.UUID:
+    run_id = uuid7()
+    await conn.execute(
+        "INSERT INTO tollhouse.import_runs"
+        " (id, file_sha256, options_sha256, file_name, options, records, counts)"
+        " VALUES (%s, %s, %s, 'users.csv', '{}', 3, '{}')",
+        (run_id, uuid.uuid4().bytes * 2, uuid.uuid4().bytes * 2),
+    )
+    return run_id
+
+
+async def rows_of(conn: psycopg.AsyncConnection[Any], run_id: uuid.UUID) -> tuple[int, int]:
+    cur = await conn.execute(COUNT, {"run_id": run_id})
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+@pytest.mark.parametrize("statement", [STAGED, ISSUES], ids=["staging", "issues"])
+async def test_rows_naming_no_run_are_refused_whole(service_dsn: str, statement: str) -> None:
+    async with await psycopg.AsyncConnection.connect(service_dsn, autocommit=True) as conn:
+        run_id = await new_run(conn)
+        stranger = uuid7()
+        # One row naming no run: the statement writes nothing.
+        with pytest.raises(psycopg.errors.ForeignKeyViolation) as caught:
+            await conn.execute(
+                statement, {"run_id": run_id, "rows": 3, "odd": 2, "other": stranger}
+            )
+        assert str(stranger) in str(caught.value.diag.message_detail)
+        assert await rows_of(conn, run_id) == (0, 0)
+        assert await rows_of(conn, stranger) == (0, 0)
+        # Rows of the run alone are written.
+        await conn.execute(statement, {"run_id": run_id, "rows": 3, **NO_ODD})
+        assert sum(await rows_of(conn, run_id)) == 3
+
+
+async def test_a_deleted_run_takes_its_rows_and_only_its_rows(service_dsn: str) -> None:
+    async with await psycopg.AsyncConnection.connect(service_dsn, autocommit=True) as conn:
+        gone, kept = await new_run(conn), await new_run(conn)
+        for run_id in (gone, kept):
+            await conn.execute(STAGED, {"run_id": run_id, "rows": 5, **NO_ODD})
+            await conn.execute(ISSUES, {"run_id": run_id, "rows": 4, **NO_ODD})
+        await conn.execute("DELETE FROM tollhouse.import_runs WHERE id = %s", (gone,))
+        assert await rows_of(conn, gone) == (0, 0)
+        assert await rows_of(conn, kept) == (5, 4)
+
+
+async def test_a_run_keeps_its_id(service_dsn: str) -> None:
+    async with await psycopg.AsyncConnection.connect(service_dsn, autocommit=True) as conn:
+        run_id = await new_run(conn)
+        await conn.execute(ISSUES, {"run_id": run_id, "rows": 2, **NO_ODD})
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            await conn.execute(
+                "UPDATE tollhouse.import_runs SET id = %s WHERE id = %s", (uuid7(), run_id)
+            )
+        # Other columns change as before.
+        await conn.execute(
+            "UPDATE tollhouse.import_runs SET status = 'done' WHERE id = %s", (run_id,)
+        )
+        assert await rows_of(conn, run_id) == (0, 2)
+
+
+async def test_a_run_being_written_cannot_be_deleted_under_the_writer(service_dsn: str) -> None:
+    """The check locks the run as a foreign key's check does: a delete of the run waits
+    for the writer, then takes the rows the writer committed (none is left behind)."""
+    async with (
+        await psycopg.AsyncConnection.connect(service_dsn, autocommit=True) as writer,
+        await psycopg.AsyncConnection.connect(service_dsn, autocommit=True) as deleter,
+    ):
+        run_id = await new_run(writer)
+        async with writer.transaction():
+            await writer.execute(STAGED, {"run_id": run_id, "rows": 3, **NO_ODD})
+            async with deleter.transaction():
+                await deleter.execute("SET LOCAL lock_timeout = '200ms'")
+                with pytest.raises(psycopg.errors.LockNotAvailable):
+                    await deleter.execute(
+                        "DELETE FROM tollhouse.import_runs WHERE id = %s", (run_id,)
+                    )
+        assert await rows_of(writer, run_id) == (3, 0)
+        await deleter.execute("DELETE FROM tollhouse.import_runs WHERE id = %s", (run_id,))
+        assert await rows_of(writer, run_id) == (0, 0)
+
+
+async def test_rows_for_a_run_deleted_meanwhile_are_refused(service_dsn: str) -> None:
+    """A writer that comes after an uncommitted delete of its run waits for it, then finds
+    no run: it writes nothing."""
+    async with (
+        await psycopg.AsyncConnection.connect(service_dsn, autocommit=True) as writer,
+        await psycopg.AsyncConnection.connect(service_dsn, autocommit=True) as deleter,
+    ):
+        run_id = await new_run(writer)
+        async with deleter.transaction():
+            await deleter.execute("DELETE FROM tollhouse.import_runs WHERE id = %s", (run_id,))
+            async with writer.transaction():
+                await writer.execute("SET LOCAL lock_timeout = '200ms'")
+                with pytest.raises(psycopg.errors.LockNotAvailable):
+                    await writer.execute(ISSUES, {"run_id": run_id, "rows": 2, **NO_ODD})
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            await writer.execute(ISSUES, {"run_id": run_id, "rows": 2, **NO_ODD})
+        assert await rows_of(writer, run_id) == (0, 0)
