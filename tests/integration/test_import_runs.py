@@ -84,6 +84,19 @@ async def test_a_deleted_run_takes_its_rows_and_only_its_rows(service_dsn: str) 
         assert await rows_of(conn, kept) == (5, 4)
 
 
+async def test_emptying_the_runs_empties_their_rows(dsn: str) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        run_id = await new_run(conn)
+        await conn.execute(STAGED, {"run_id": run_id, "rows": 2, **NO_ODD})
+        await conn.execute(ISSUES, {"run_id": run_id, "rows": 3, **NO_ODD})
+        await conn.execute("TRUNCATE tollhouse.import_runs")
+        cur = await conn.execute(
+            "SELECT (SELECT count(*) FROM tollhouse.import_staging),"
+            " (SELECT count(*) FROM tollhouse.import_issues)"
+        )
+        assert await cur.fetchone() == (0, 0)
+
+
 async def test_a_run_keeps_its_id(service_dsn: str) -> None:
     async with await psycopg.AsyncConnection.connect(service_dsn, autocommit=True) as conn:
         run_id = await new_run(conn)

@@ -7,7 +7,8 @@
 -- - every row written names an existing run, and that run is locked FOR KEY SHARE until the
 --   writer commits, so a concurrent delete of the run waits (a foreign key's check does
 --   exactly this);
--- - deleting a run deletes its rows (was ON DELETE CASCADE);
+-- - deleting a run deletes its rows (was ON DELETE CASCADE), and emptying the runs with
+--   TRUNCATE empties their rows (the foreign key refused a TRUNCATE without CASCADE);
 -- - a run's id never changes (a foreign key refused it while rows referenced the run).
 
 ALTER TABLE tollhouse.import_staging DROP CONSTRAINT import_staging_run_id_fkey;
@@ -72,6 +73,20 @@ CREATE TRIGGER import_runs_deleted AFTER DELETE ON tollhouse.import_runs
     REFERENCING OLD TABLE AS gone
     FOR EACH STATEMENT EXECUTE FUNCTION tollhouse.import_runs_deleted_v1();
 
+-- TRUNCATE of the runs takes every run's rows (as TRUNCATE ... CASCADE did).
+CREATE FUNCTION tollhouse.import_runs_truncated_v1() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    TRUNCATE tollhouse.import_staging, tollhouse.import_issues;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER import_runs_truncated AFTER TRUNCATE ON tollhouse.import_runs
+    FOR EACH STATEMENT EXECUTE FUNCTION tollhouse.import_runs_truncated_v1();
+
 -- A run keeps its id: the rows naming it would be left behind.
 CREATE FUNCTION tollhouse.import_runs_id_kept_v1() RETURNS trigger
 LANGUAGE plpgsql
@@ -94,6 +109,7 @@ BEGIN
     FOREACH f IN ARRAY ARRAY[
         'tollhouse.import_rows_run_check_v1()',
         'tollhouse.import_runs_deleted_v1()',
+        'tollhouse.import_runs_truncated_v1()',
         'tollhouse.import_runs_id_kept_v1()'
     ] LOOP
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
