@@ -88,7 +88,7 @@ class Settings(BaseSettings):
         " (sk_live_/rk_live_ or sk_test_/rk_test_), or both without a key.",
     )
     stripe_webhook_lanes: int = Field(
-        default=4,
+        default=2,
         ge=1,
         le=64,
         description="Group-commit lanes for webhook deliveries (transactions at once).",
