@@ -1,10 +1,12 @@
 """A run's staged rows and report rows belong to it (migration 0015): checked once per
 statement instead of by a foreign key per row, with the same guarantees. The rows name an
 existing run, the run is locked against deletion until the writer commits, a deleted run
-takes its rows with it, and a run keeps its id."""
+takes its rows with it (under READ COMMITTED; other levels are refused), and a run keeps
+its id."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -150,3 +152,65 @@ async def test_rows_for_a_run_deleted_meanwhile_are_refused(service_dsn: str) ->
         with pytest.raises(psycopg.errors.ForeignKeyViolation):
             await writer.execute(ISSUES, {"run_id": run_id, "rows": 2, **NO_ODD})
         assert await rows_of(writer, run_id) == (0, 0)
+
+
+@pytest.mark.parametrize("level", ["REPEATABLE READ", "SERIALIZABLE"])
+async def test_a_run_is_not_deleted_from_an_older_snapshot(service_dsn: str, level: str) -> None:
+    """Under REPEATABLE READ the cascade would not see rows committed after the deleter's
+    snapshot, and would leave them behind: such a delete is refused, nothing changes."""
+    async with (
+        await psycopg.AsyncConnection.connect(service_dsn, autocommit=True) as writer,
+        await psycopg.AsyncConnection.connect(service_dsn, autocommit=True) as deleter,
+    ):
+        run_id = await new_run(writer)
+        await deleter.execute(f"BEGIN ISOLATION LEVEL {level}")
+        await deleter.execute("SELECT 1")  # the snapshot is taken
+        await writer.execute(STAGED, {"run_id": run_id, "rows": 3, **NO_ODD})
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            await deleter.execute("DELETE FROM tollhouse.import_runs WHERE id = %s", (run_id,))
+        await deleter.execute("ROLLBACK")
+        assert await rows_of(writer, run_id) == (3, 0)
+        cur = await writer.execute(
+            "SELECT count(*) FROM tollhouse.import_runs WHERE id = %s", (run_id,)
+        )
+        assert await cur.fetchone() == (1,)
+
+
+async def test_a_run_committed_while_the_check_waits_is_not_taken_unlocked(
+    service_dsn: str,
+) -> None:
+    """The check locks the runs and finds them in one statement. Run `a` is held by another
+    transaction, so the check waits; meanwhile run `b` commits. Either the writer is refused
+    or `b` is locked by it: a delete of `b` must not go through under the writer and leave
+    its row behind."""
+    async with (
+        await psycopg.AsyncConnection.connect(service_dsn, autocommit=True) as writer,
+        await psycopg.AsyncConnection.connect(service_dsn, autocommit=True) as holder,
+        await psycopg.AsyncConnection.connect(service_dsn, autocommit=True) as creator,
+        await psycopg.AsyncConnection.connect(service_dsn, autocommit=True) as deleter,
+    ):
+        a = await new_run(writer)
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT 1 FROM tollhouse.import_runs WHERE id = %s FOR UPDATE", (a,))
+        await creator.execute("BEGIN")
+        b = await new_run(creator)
+        await writer.execute("BEGIN")
+        # Rows 1 and 3 name `a`, row 2 names `b`: the check waits for `a`'s lock.
+        write = asyncio.create_task(
+            writer.execute(STAGED, {"run_id": a, "rows": 3, "odd": 2, "other": b})
+        )
+        await asyncio.sleep(0.3)
+        assert not write.done()
+        await creator.execute("COMMIT")
+        await holder.execute("COMMIT")
+        try:
+            await write
+        except psycopg.errors.ForeignKeyViolation:
+            await writer.execute("ROLLBACK")
+        else:
+            await deleter.execute("SET lock_timeout = '200ms'")
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                await deleter.execute("DELETE FROM tollhouse.import_runs WHERE id = %s", (b,))
+            await writer.execute("COMMIT")
+        await deleter.execute("DELETE FROM tollhouse.import_runs WHERE id = %s", (b,))
+        assert await rows_of(deleter, b) == (0, 0)
