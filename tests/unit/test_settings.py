@@ -79,12 +79,13 @@ def test_the_readme_lists_every_setting() -> None:
     assert missing == []
 
 
-def test_webhook_lanes_default_to_four_and_go_into_the_billing_config(
+def test_webhook_lanes_default_to_two_and_go_into_the_billing_config(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from tollhouse.app import billing_config
+    from tollhouse.billing import BillingConfig
 
-    assert billing_config(load_settings()).lanes == 4
+    assert billing_config(load_settings()).lanes == 2 == BillingConfig().lanes
     monkeypatch.setenv("TOLLHOUSE_STRIPE_WEBHOOK_LANES", "7")
     assert billing_config(load_settings()).lanes == 7
     monkeypatch.setenv("TOLLHOUSE_STRIPE_WEBHOOK_LANES", "0")
