@@ -9,11 +9,10 @@ import re
 import uuid
 from typing import Any
 
-import httpx
 import pytest
 from fastapi import FastAPI
 
-from tests.support.asgi import Answer, post
+from tests.support.asgi import Answer, metrics_and_openapi, post
 from tollhouse.api import create_app
 from tollhouse.api.deps import get_tollhouse
 from tollhouse.app import Tollhouse
@@ -195,10 +194,7 @@ async def test_the_short_path_skips_routing_and_dependencies(
     second = json.dumps({"user_id": user, "amount": 1, "turn_id": "skips-2"})
     assert (await exchange(short, first, headers))[0] == 200
     assert (await exchange(route, second, headers))[0] == 500
-    transport = httpx.ASGITransport(app=short)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-        metrics = (await http.get("/metrics")).text
-        spec = (await http.get("/openapi.json")).json()
+    metrics, spec = await metrics_and_openapi(short)
     label = 'method="POST",route="/v1/credits/debit",status="200"'
     assert f"tollhouse_http_requests_total{{{label}}} 1.0" in metrics
     assert "post" in spec["paths"]["/v1/credits/debit"]

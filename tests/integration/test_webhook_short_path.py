@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 
 from tests.support import fake_stripe as fs
-from tests.support.asgi import Answer, post
+from tests.support.asgi import Answer, metrics_and_openapi, post
 from tollhouse.api import create_app
 from tollhouse.api.deps import get_tollhouse
 from tollhouse.app import Tollhouse
@@ -173,10 +173,7 @@ async def test_the_short_path_skips_routing_and_dependencies(tollhouse: Tollhous
     body, headers = signed(fs.event("foo.bar", {"id": "s"}))
     assert (await exchange(short, body, headers))[0] == 200
     assert (await exchange(route, body, headers))[0] == 500
-    transport = httpx.ASGITransport(app=short)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-        metrics = (await http.get("/metrics")).text
-        spec = (await http.get("/openapi.json")).json()
+    metrics, spec = await metrics_and_openapi(short)
     label = 'method="POST",route="/v1/stripe/webhook",status="200"'
     assert f"tollhouse_http_requests_total{{{label}}} 1.0" in metrics
     assert 'tollhouse_stripe_events_total{status="ignored"} 1.0' in metrics

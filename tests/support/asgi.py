@@ -20,3 +20,12 @@ async def post(
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
         response = await http.post(path, content=content, headers=headers)
     return response.status_code, list(response.headers.raw), response.content
+
+
+async def metrics_and_openapi(app: FastAPI) -> tuple[str, dict[str, Any]]:
+    """The app's `/metrics` text and its OpenAPI document."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        metrics = (await http.get("/metrics")).text
+        spec: dict[str, Any] = (await http.get("/openapi.json")).json()
+    return metrics, spec

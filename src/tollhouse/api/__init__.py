@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
+from starlette.routing import BaseRoute
 
 from tollhouse import __version__
 from tollhouse.api import errors
@@ -46,16 +47,25 @@ def create_app(
     app.include_router(orgs.router)
     app.include_router(billing.router)
     if webhook_short_path:
-        (route,) = [r for r in billing.router.routes if getattr(r, "path", "") == WEBHOOK_PATH]
         app.add_middleware(
-            WebhookShortPath, tollhouse=tollhouse, metrics=app.state.metrics, route=route
+            WebhookShortPath,
+            tollhouse=tollhouse,
+            metrics=app.state.metrics,
+            route=_route(billing.router, WEBHOOK_PATH),
         )
     if debit_short_path:
-        (route,) = [r for r in credits.router.routes if getattr(r, "path", "") == DEBIT_PATH]
-        app.add_middleware(DebitShortPath, tollhouse=tollhouse, route=route)
-    # Added last, so outermost: it also wraps the webhook's short path.
+        app.add_middleware(
+            DebitShortPath, tollhouse=tollhouse, route=_route(credits.router, DEBIT_PATH)
+        )
+    # Added last, so outermost: it also wraps both short paths.
     app.add_middleware(RequestMiddleware, metrics=app.state.metrics)
     return app
+
+
+def _route(router: APIRouter, path: str) -> BaseRoute:
+    """The one route of `router` at `path`: a short path labels its requests with it."""
+    (route,) = [r for r in router.routes if getattr(r, "path", "") == path]
+    return route
 
 
 __all__ = ["create_app"]
