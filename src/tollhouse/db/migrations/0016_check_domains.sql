@@ -1,0 +1,109 @@
+-- The single-column CHECK constraints of the tables a Stripe webhook event writes (the
+-- credits tables among them) become domains, with the same rules under the same constraint
+-- names.
+--
+-- PostgreSQL keeps a table's CHECK constraints as text and parses, plans and compiles all of
+-- them again in every statement that writes the table, then evaluates all of them for each
+-- row written, an UPDATE included, whichever columns it changes. A domain's constraints are
+-- parsed and planned once per connection (the type cache), and a value is checked when it is
+-- stored into the column: by an INSERT, or by an UPDATE that assigns the column. On the
+-- webhook benchmark's mix this was a tenth of PostgreSQL's CPU (docs/billing.md, "Checks as
+-- domains"): a subscription update writes five constrained tables in four statements.
+--
+-- What stays the same: every stored value satisfies the rule it satisfied before (a value
+-- enters the column only through its domain); a violation is SQLSTATE 23514 under the same
+-- constraint name, which is what the service maps to its errors (tollhouse.db.errors); NOT
+-- NULL stays on the columns; clients see the base types (PostgreSQL describes a domain
+-- column by its base type). What differs: the violation's message and error fields name the
+-- domain instead of the table ("value for domain tollhouse.credit_ledger_reason violates
+-- check constraint ..."), and the constraints are listed under the domains
+-- (pg_constraint.contypid). Constraints over two columns stay on their tables
+-- (credit_grants_remaining_check, credit_accounts_floor_check, credit_accounts_period_check).
+--
+-- The domains get their constraints after the columns take them: a column moved to a domain
+-- that has constraints is rewritten with all its table's indexes, one without is not (its
+-- storage is the base type's). Adding the constraints then checks the stored values, one scan
+-- of each table, under the ALTERs' ACCESS EXCLUSIVE locks. Three partial indexes whose
+-- predicates name a moved column are rebuilt (billing_events_parked_idx,
+-- credit_ledger_expiry_once_key, subscriptions_current_idx).
+
+CREATE DOMAIN tollhouse.credit_grant_source AS text;
+CREATE DOMAIN tollhouse.credit_grant_source_id AS text;
+CREATE DOMAIN tollhouse.credit_grant_total AS bigint;
+ALTER TABLE tollhouse.credit_grants
+    DROP CONSTRAINT credit_grants_source_check,
+    DROP CONSTRAINT credit_grants_source_id_check,
+    DROP CONSTRAINT credit_grants_total_check,
+    ALTER COLUMN source TYPE tollhouse.credit_grant_source,
+    ALTER COLUMN source_id TYPE tollhouse.credit_grant_source_id,
+    ALTER COLUMN total TYPE tollhouse.credit_grant_total;
+ALTER DOMAIN tollhouse.credit_grant_source ADD CONSTRAINT credit_grants_source_check
+    CHECK (VALUE IN ('plan', 'purchase', 'promo', 'adjustment', 'import', 'refund'));
+ALTER DOMAIN tollhouse.credit_grant_source_id ADD CONSTRAINT credit_grants_source_id_check
+    CHECK (char_length(VALUE) BETWEEN 1 AND 200);
+ALTER DOMAIN tollhouse.credit_grant_total ADD CONSTRAINT credit_grants_total_check
+    CHECK (VALUE > 0);
+
+CREATE DOMAIN tollhouse.credit_daily_cap AS bigint;
+CREATE DOMAIN tollhouse.credit_daily_used AS bigint;
+CREATE DOMAIN tollhouse.credit_overdraft_limit AS bigint;
+CREATE DOMAIN tollhouse.credit_reserved AS bigint;
+ALTER TABLE tollhouse.credit_accounts
+    DROP CONSTRAINT credit_accounts_daily_cap_check,
+    DROP CONSTRAINT credit_accounts_daily_used_check,
+    DROP CONSTRAINT credit_accounts_overdraft_limit_check,
+    DROP CONSTRAINT credit_accounts_reserved_check,
+    ALTER COLUMN daily_cap TYPE tollhouse.credit_daily_cap,
+    ALTER COLUMN daily_used TYPE tollhouse.credit_daily_used,
+    ALTER COLUMN overdraft_limit TYPE tollhouse.credit_overdraft_limit,
+    ALTER COLUMN reserved TYPE tollhouse.credit_reserved;
+ALTER DOMAIN tollhouse.credit_daily_cap ADD CONSTRAINT credit_accounts_daily_cap_check
+    CHECK (VALUE > 0);
+ALTER DOMAIN tollhouse.credit_daily_used ADD CONSTRAINT credit_accounts_daily_used_check
+    CHECK (VALUE >= 0);
+ALTER DOMAIN tollhouse.credit_overdraft_limit ADD CONSTRAINT credit_accounts_overdraft_limit_check
+    CHECK (VALUE >= 0);
+ALTER DOMAIN tollhouse.credit_reserved ADD CONSTRAINT credit_accounts_reserved_check
+    CHECK (VALUE >= 0);
+
+CREATE DOMAIN tollhouse.credit_ledger_kind AS text;
+CREATE DOMAIN tollhouse.credit_ledger_reason AS text;
+CREATE DOMAIN tollhouse.credit_ledger_metadata AS jsonb;
+ALTER TABLE tollhouse.credit_ledger
+    DROP CONSTRAINT credit_ledger_kind_check,
+    DROP CONSTRAINT credit_ledger_reason_check,
+    DROP CONSTRAINT credit_ledger_metadata_check,
+    ALTER COLUMN kind TYPE tollhouse.credit_ledger_kind,
+    ALTER COLUMN reason TYPE tollhouse.credit_ledger_reason,
+    ALTER COLUMN metadata TYPE tollhouse.credit_ledger_metadata;
+ALTER DOMAIN tollhouse.credit_ledger_kind ADD CONSTRAINT credit_ledger_kind_check
+    CHECK (VALUE IN ('debit', 'grant', 'expiry', 'refund'));
+ALTER DOMAIN tollhouse.credit_ledger_reason ADD CONSTRAINT credit_ledger_reason_check
+    CHECK (VALUE ~ '^[a-z][a-z0-9_.:-]*$' AND octet_length(VALUE) <= 64);
+ALTER DOMAIN tollhouse.credit_ledger_metadata ADD CONSTRAINT credit_ledger_metadata_check
+    CHECK (jsonb_typeof(VALUE) = 'object');
+
+CREATE DOMAIN tollhouse.billing_event_hash AS text;
+CREATE DOMAIN tollhouse.billing_event_source AS text;
+CREATE DOMAIN tollhouse.billing_event_status AS text;
+ALTER TABLE tollhouse.billing_events
+    DROP CONSTRAINT billing_events_payload_hash_check,
+    DROP CONSTRAINT billing_events_source_check,
+    DROP CONSTRAINT billing_events_status_check,
+    ALTER COLUMN payload_hash TYPE tollhouse.billing_event_hash,
+    ALTER COLUMN source TYPE tollhouse.billing_event_source,
+    ALTER COLUMN status TYPE tollhouse.billing_event_status;
+ALTER DOMAIN tollhouse.billing_event_hash ADD CONSTRAINT billing_events_payload_hash_check
+    CHECK (VALUE ~ '^[0-9a-f]{64}$');
+ALTER DOMAIN tollhouse.billing_event_source ADD CONSTRAINT billing_events_source_check
+    CHECK (VALUE IN ('webhook', 'api'));
+ALTER DOMAIN tollhouse.billing_event_status ADD CONSTRAINT billing_events_status_check
+    CHECK (VALUE IN ('received', 'processed', 'failed', 'ignored', 'parked'));
+
+CREATE DOMAIN tollhouse.subscription_status AS text;
+ALTER TABLE tollhouse.subscriptions
+    DROP CONSTRAINT subscriptions_status_check,
+    ALTER COLUMN status TYPE tollhouse.subscription_status;
+ALTER DOMAIN tollhouse.subscription_status ADD CONSTRAINT subscriptions_status_check
+    CHECK (VALUE IN ('incomplete', 'incomplete_expired', 'trialing', 'active', 'past_due',
+                     'canceled', 'unpaid', 'paused'));
