@@ -204,3 +204,23 @@ def test_the_columns_take_their_domains_and_keep_not_null(conn: psycopg.Connecti
         ([rule[0] for rule in RULES],),
     ).fetchone()
     assert on_tables == (0,)
+
+
+def test_no_type_takes_a_name_stripe_sync_engine_looks_up(conn: psycopg.Connection[Any]) -> None:
+    """stripe-sync-engine's migrations (0.48.5), which may run in the same database, skip
+    creating each of these enums when a type of that bare name exists in any schema, and
+    then fail to create the tables that use them."""
+    taken = conn.execute(
+        "SELECT typname FROM pg_type WHERE typnamespace = 'tollhouse'::regnamespace"
+        " AND typname = ANY (%s)",
+        (
+            [
+                "invoice_status",
+                "pricing_tiers",
+                "pricing_type",
+                "subscription_schedule_status",
+                "subscription_status",
+            ],
+        ),
+    ).fetchall()
+    assert taken == []

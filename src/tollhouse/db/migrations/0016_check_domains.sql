@@ -20,6 +20,11 @@
 -- (pg_constraint.contypid). Constraints over two columns stay on their tables
 -- (credit_grants_remaining_check, credit_accounts_floor_check, credit_accounts_period_check).
 --
+-- Each domain is named after its table and column (tollhouse.credit_ledger_reason), its
+-- constraint after the table's old one (credit_ledger_reason_check). Names such as
+-- subscription_status are taken: stripe-sync-engine's migrations, which may share the
+-- database, look their types up by bare name in every schema and skip creating them.
+--
 -- The domains get their constraints after the columns take them: a column moved to a domain
 -- that has constraints is rewritten with all its table's indexes, one without is not (its
 -- storage is the base type's). Adding the constraints then checks the stored values, one scan
@@ -27,44 +32,45 @@
 -- predicates name a moved column are rebuilt (billing_events_parked_idx,
 -- credit_ledger_expiry_once_key, subscriptions_current_idx).
 
-CREATE DOMAIN tollhouse.credit_grant_source AS text;
-CREATE DOMAIN tollhouse.credit_grant_source_id AS text;
-CREATE DOMAIN tollhouse.credit_grant_total AS bigint;
+CREATE DOMAIN tollhouse.credit_grants_source AS text;
+CREATE DOMAIN tollhouse.credit_grants_source_id AS text;
+CREATE DOMAIN tollhouse.credit_grants_total AS bigint;
 ALTER TABLE tollhouse.credit_grants
     DROP CONSTRAINT credit_grants_source_check,
     DROP CONSTRAINT credit_grants_source_id_check,
     DROP CONSTRAINT credit_grants_total_check,
-    ALTER COLUMN source TYPE tollhouse.credit_grant_source,
-    ALTER COLUMN source_id TYPE tollhouse.credit_grant_source_id,
-    ALTER COLUMN total TYPE tollhouse.credit_grant_total;
-ALTER DOMAIN tollhouse.credit_grant_source ADD CONSTRAINT credit_grants_source_check
+    ALTER COLUMN source TYPE tollhouse.credit_grants_source,
+    ALTER COLUMN source_id TYPE tollhouse.credit_grants_source_id,
+    ALTER COLUMN total TYPE tollhouse.credit_grants_total;
+ALTER DOMAIN tollhouse.credit_grants_source
+    ADD CONSTRAINT credit_grants_source_check
     CHECK (VALUE IN ('plan', 'purchase', 'promo', 'adjustment', 'import', 'refund'));
-ALTER DOMAIN tollhouse.credit_grant_source_id ADD CONSTRAINT credit_grants_source_id_check
-    CHECK (char_length(VALUE) BETWEEN 1 AND 200);
-ALTER DOMAIN tollhouse.credit_grant_total ADD CONSTRAINT credit_grants_total_check
-    CHECK (VALUE > 0);
+ALTER DOMAIN tollhouse.credit_grants_source_id
+    ADD CONSTRAINT credit_grants_source_id_check CHECK (char_length(VALUE) BETWEEN 1 AND 200);
+ALTER DOMAIN tollhouse.credit_grants_total
+    ADD CONSTRAINT credit_grants_total_check CHECK (VALUE > 0);
 
-CREATE DOMAIN tollhouse.credit_daily_cap AS bigint;
-CREATE DOMAIN tollhouse.credit_daily_used AS bigint;
-CREATE DOMAIN tollhouse.credit_overdraft_limit AS bigint;
-CREATE DOMAIN tollhouse.credit_reserved AS bigint;
+CREATE DOMAIN tollhouse.credit_accounts_daily_cap AS bigint;
+CREATE DOMAIN tollhouse.credit_accounts_daily_used AS bigint;
+CREATE DOMAIN tollhouse.credit_accounts_overdraft_limit AS bigint;
+CREATE DOMAIN tollhouse.credit_accounts_reserved AS bigint;
 ALTER TABLE tollhouse.credit_accounts
     DROP CONSTRAINT credit_accounts_daily_cap_check,
     DROP CONSTRAINT credit_accounts_daily_used_check,
     DROP CONSTRAINT credit_accounts_overdraft_limit_check,
     DROP CONSTRAINT credit_accounts_reserved_check,
-    ALTER COLUMN daily_cap TYPE tollhouse.credit_daily_cap,
-    ALTER COLUMN daily_used TYPE tollhouse.credit_daily_used,
-    ALTER COLUMN overdraft_limit TYPE tollhouse.credit_overdraft_limit,
-    ALTER COLUMN reserved TYPE tollhouse.credit_reserved;
-ALTER DOMAIN tollhouse.credit_daily_cap ADD CONSTRAINT credit_accounts_daily_cap_check
-    CHECK (VALUE > 0);
-ALTER DOMAIN tollhouse.credit_daily_used ADD CONSTRAINT credit_accounts_daily_used_check
-    CHECK (VALUE >= 0);
-ALTER DOMAIN tollhouse.credit_overdraft_limit ADD CONSTRAINT credit_accounts_overdraft_limit_check
-    CHECK (VALUE >= 0);
-ALTER DOMAIN tollhouse.credit_reserved ADD CONSTRAINT credit_accounts_reserved_check
-    CHECK (VALUE >= 0);
+    ALTER COLUMN daily_cap TYPE tollhouse.credit_accounts_daily_cap,
+    ALTER COLUMN daily_used TYPE tollhouse.credit_accounts_daily_used,
+    ALTER COLUMN overdraft_limit TYPE tollhouse.credit_accounts_overdraft_limit,
+    ALTER COLUMN reserved TYPE tollhouse.credit_accounts_reserved;
+ALTER DOMAIN tollhouse.credit_accounts_daily_cap
+    ADD CONSTRAINT credit_accounts_daily_cap_check CHECK (VALUE > 0);
+ALTER DOMAIN tollhouse.credit_accounts_daily_used
+    ADD CONSTRAINT credit_accounts_daily_used_check CHECK (VALUE >= 0);
+ALTER DOMAIN tollhouse.credit_accounts_overdraft_limit
+    ADD CONSTRAINT credit_accounts_overdraft_limit_check CHECK (VALUE >= 0);
+ALTER DOMAIN tollhouse.credit_accounts_reserved
+    ADD CONSTRAINT credit_accounts_reserved_check CHECK (VALUE >= 0);
 
 CREATE DOMAIN tollhouse.credit_ledger_kind AS text;
 CREATE DOMAIN tollhouse.credit_ledger_reason AS text;
@@ -76,34 +82,37 @@ ALTER TABLE tollhouse.credit_ledger
     ALTER COLUMN kind TYPE tollhouse.credit_ledger_kind,
     ALTER COLUMN reason TYPE tollhouse.credit_ledger_reason,
     ALTER COLUMN metadata TYPE tollhouse.credit_ledger_metadata;
-ALTER DOMAIN tollhouse.credit_ledger_kind ADD CONSTRAINT credit_ledger_kind_check
-    CHECK (VALUE IN ('debit', 'grant', 'expiry', 'refund'));
-ALTER DOMAIN tollhouse.credit_ledger_reason ADD CONSTRAINT credit_ledger_reason_check
+ALTER DOMAIN tollhouse.credit_ledger_kind
+    ADD CONSTRAINT credit_ledger_kind_check CHECK (VALUE IN ('debit', 'grant', 'expiry', 'refund'));
+ALTER DOMAIN tollhouse.credit_ledger_reason
+    ADD CONSTRAINT credit_ledger_reason_check
     CHECK (VALUE ~ '^[a-z][a-z0-9_.:-]*$' AND octet_length(VALUE) <= 64);
-ALTER DOMAIN tollhouse.credit_ledger_metadata ADD CONSTRAINT credit_ledger_metadata_check
-    CHECK (jsonb_typeof(VALUE) = 'object');
+ALTER DOMAIN tollhouse.credit_ledger_metadata
+    ADD CONSTRAINT credit_ledger_metadata_check CHECK (jsonb_typeof(VALUE) = 'object');
 
-CREATE DOMAIN tollhouse.billing_event_hash AS text;
-CREATE DOMAIN tollhouse.billing_event_source AS text;
-CREATE DOMAIN tollhouse.billing_event_status AS text;
+CREATE DOMAIN tollhouse.billing_events_payload_hash AS text;
+CREATE DOMAIN tollhouse.billing_events_source AS text;
+CREATE DOMAIN tollhouse.billing_events_status AS text;
 ALTER TABLE tollhouse.billing_events
     DROP CONSTRAINT billing_events_payload_hash_check,
     DROP CONSTRAINT billing_events_source_check,
     DROP CONSTRAINT billing_events_status_check,
-    ALTER COLUMN payload_hash TYPE tollhouse.billing_event_hash,
-    ALTER COLUMN source TYPE tollhouse.billing_event_source,
-    ALTER COLUMN status TYPE tollhouse.billing_event_status;
-ALTER DOMAIN tollhouse.billing_event_hash ADD CONSTRAINT billing_events_payload_hash_check
-    CHECK (VALUE ~ '^[0-9a-f]{64}$');
-ALTER DOMAIN tollhouse.billing_event_source ADD CONSTRAINT billing_events_source_check
-    CHECK (VALUE IN ('webhook', 'api'));
-ALTER DOMAIN tollhouse.billing_event_status ADD CONSTRAINT billing_events_status_check
+    ALTER COLUMN payload_hash TYPE tollhouse.billing_events_payload_hash,
+    ALTER COLUMN source TYPE tollhouse.billing_events_source,
+    ALTER COLUMN status TYPE tollhouse.billing_events_status;
+ALTER DOMAIN tollhouse.billing_events_payload_hash
+    ADD CONSTRAINT billing_events_payload_hash_check CHECK (VALUE ~ '^[0-9a-f]{64}$');
+ALTER DOMAIN tollhouse.billing_events_source
+    ADD CONSTRAINT billing_events_source_check CHECK (VALUE IN ('webhook', 'api'));
+ALTER DOMAIN tollhouse.billing_events_status
+    ADD CONSTRAINT billing_events_status_check
     CHECK (VALUE IN ('received', 'processed', 'failed', 'ignored', 'parked'));
 
-CREATE DOMAIN tollhouse.subscription_status AS text;
+CREATE DOMAIN tollhouse.subscriptions_status AS text;
 ALTER TABLE tollhouse.subscriptions
     DROP CONSTRAINT subscriptions_status_check,
-    ALTER COLUMN status TYPE tollhouse.subscription_status;
-ALTER DOMAIN tollhouse.subscription_status ADD CONSTRAINT subscriptions_status_check
+    ALTER COLUMN status TYPE tollhouse.subscriptions_status;
+ALTER DOMAIN tollhouse.subscriptions_status
+    ADD CONSTRAINT subscriptions_status_check
     CHECK (VALUE IN ('incomplete', 'incomplete_expired', 'trialing', 'active', 'past_due',
                      'canceled', 'unpaid', 'paused'));
