@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import signal
 import time
@@ -61,6 +63,41 @@ def test_fresh_start_serves_stops_on_sigterm_and_keeps_data_across_restarts(
     assert second.stop(signal.SIGINT) == 0
     assert "th_" not in second.stdout(), "a second bootstrap key was printed"
     assert not _postmaster_running(data_dir)
+
+
+def test_a_killed_service_does_not_keep_the_database_running_after_the_next_stop(
+    tmp_path: Path, services: list[Service]
+) -> None:
+    """A service killed with SIGKILL never tells pgserver it let go of the server; the next
+    service forgets it at start, so its own SIGTERM stops the embedded PostgreSQL."""
+    env = clean_env(tmp_path)
+    data_dir = Path(env["TOLLHOUSE_DATA_DIR"])
+    try:
+        killed = start_service(env, tmp_path)
+        services.append(killed)
+        killed.wait_ready(60)
+        assert killed.stop(signal.SIGKILL) == -signal.SIGKILL
+        assert _postmaster_running(data_dir)  # pgserver's server outlives its users
+        users = json.loads((data_dir / "pgdata" / ".handle_pids.json").read_text())
+        assert killed.process.pid in users
+
+        second = start_service(env, tmp_path)
+        services.append(second)
+        second.wait_ready(60)
+        assert second.stop(signal.SIGTERM) == 0
+        assert not _postmaster_running(data_dir), second.logs()
+    finally:
+        _stop_postmaster(data_dir)
+
+
+def _stop_postmaster(data_dir: Path) -> None:
+    """Stops an embedded server a failed test left behind (fast shutdown)."""
+    pid_file = data_dir / "pgdata" / "postmaster.pid"
+    with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+        os.kill(int(pid_file.read_text().split()[0]), signal.SIGINT)
+        deadline = time.monotonic() + 30
+        while pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def test_serve_without_migrating_an_empty_database_refuses_to_start(tmp_path: Path) -> None:

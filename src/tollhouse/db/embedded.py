@@ -3,11 +3,18 @@
 Used when no `DATABASE_URL` is set. The server lives in a data directory, listens only on
 a unix socket inside it, and keeps its data across restarts. `EmbeddedPostgres.stop` stops
 it when this process was its last user.
+
+pgserver counts the server's users in `<pgdata>/.handle_pids.json`, the pids of the processes
+that hold it, and stops it when the last one lets go. A process that was killed (SIGKILL, the
+OOM killer) never lets go, and its pid would keep the server running after every later
+clean stop; so each start first forgets the pids of processes that no longer exist.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import uuid
 import warnings
 from pathlib import Path
@@ -61,6 +68,7 @@ class EmbeddedPostgres:
     def start(self) -> str:
         """Start (or join) the server and return the DSN of the `tollhouse` database."""
         prepare_data_dir(self.pgdata.parent)
+        forget_dead_users(self.pgdata)
         try:
             self._server = pgserver_module().get_server(self.pgdata, cleanup_mode="stop")
         except Exception as exc:
@@ -99,6 +107,7 @@ class EmbeddedPostgres:
 def start_detached(pgdata: Path) -> str:
     """Start the embedded server and leave it running after this process exits."""
     prepare_data_dir(pgdata.parent)
+    forget_dead_users(pgdata)
     try:
         server = pgserver_module().get_server(pgdata, cleanup_mode=None)
         admin_dsn: str = server.get_uri()
@@ -108,6 +117,42 @@ def start_detached(pgdata: Path) -> str:
             f"the embedded PostgreSQL in {pgdata} failed to start: {exc}"
         ) from exc
     return with_dbname(admin_dsn, DATABASE_NAME)
+
+
+#: Where pgserver (0.6) lists the pids of the server's users, and the lock it takes to change it.
+USERS_FILE = ".handle_pids.json"
+
+
+def forget_dead_users(pgdata: Path) -> list[int]:
+    """Remove the pids of processes that no longer exist from pgserver's list of the server's
+    users, under pgserver's lock; returns the pids removed. Does nothing if the list is missing
+    or unreadable, or if this pgserver keeps no such list."""
+    users = pgdata / USERS_FILE
+    lock = getattr(getattr(pgserver_module(), "postgres_server", None), "PostgresServer", None)
+    lock = getattr(lock, "_lock", None)
+    if lock is None or not users.is_file():
+        return []
+    with lock:
+        try:
+            pids = json.loads(users.read_text() or "[]")
+        except (OSError, ValueError):
+            return []
+        if not isinstance(pids, list) or not all(isinstance(pid, int) and pid > 0 for pid in pids):
+            return []
+        dead = [pid for pid in pids if not _exists(pid)]
+        if dead:
+            users.write_text(json.dumps([pid for pid in pids if pid not in dead]))
+        return dead
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _ensure_database(admin_dsn: str, name: str) -> None:
