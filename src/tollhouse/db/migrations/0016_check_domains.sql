@@ -8,16 +8,19 @@
 -- parsed and planned once per connection (the type cache), and a value is checked when it is
 -- stored into the column: by an INSERT, or by an UPDATE that assigns the column. On the
 -- webhook benchmark's mix this was a tenth of PostgreSQL's CPU (docs/billing.md, "Checks as
--- domains"): a subscription update writes five constrained tables in four statements.
+-- domains"): a subscription update writes five constrained tables in about five statements.
 --
 -- What stays the same: every stored value satisfies the rule it satisfied before (a value
 -- enters the column only through its domain); a violation is SQLSTATE 23514 under the same
 -- constraint name, which is what the service maps to its errors (tollhouse.db.errors); NOT
 -- NULL stays on the columns; clients see the base types (PostgreSQL describes a domain
--- column by its base type). What differs: the violation's message and error fields name the
--- domain instead of the table ("value for domain tollhouse.credit_ledger_reason violates
--- check constraint ..."), and the constraints are listed under the domains
--- (pg_constraint.contypid). Constraints over two columns stay on their tables
+-- column by its base type). What differs (docs/decisions.md, "Some CHECK constraints are
+-- domains"): the violation's message and error fields name the domain instead of the table;
+-- the constraints are listed under the domains (pg_constraint.contypid); a domain's rule is
+-- checked before NOT NULL and the table's constraints, so a row breaking several rules may
+-- be refused under another name than before; a PL/pgSQL variable of these row types checks a
+-- field when it is assigned; RETURN QUERY of a moved column into a function's text or bigint
+-- result needs a cast. Constraints over two columns stay on their tables
 -- (credit_grants_remaining_check, credit_accounts_floor_check, credit_accounts_period_check).
 --
 -- Each domain is named after its table and column (tollhouse.credit_ledger_reason), its
@@ -25,12 +28,22 @@
 -- subscription_status are taken: stripe-sync-engine's migrations, which may share the
 -- database, look their types up by bare name in every schema and skip creating them.
 --
--- The domains get their constraints after the columns take them: a column moved to a domain
--- that has constraints is rewritten with all its table's indexes, one without is not (its
--- storage is the base type's). Adding the constraints then checks the stored values, one scan
--- of each table, under the ALTERs' ACCESS EXCLUSIVE locks. Three partial indexes whose
--- predicates name a moved column are rebuilt (billing_events_parked_idx,
--- credit_ledger_expiry_once_key, subscriptions_current_idx).
+-- Applying it: the five tables are locked first, in the order the service writes them, and
+-- stay locked until the commit. The domains get their constraints after the columns take
+-- them: a column moved to a domain that has constraints is rewritten with all its table's
+-- indexes, one without is not (its storage is the base type's). The constraints are added NOT
+-- VALID: every stored value passed the identical table constraint that this transaction
+-- dropped, under the same locks, and validating would scan each table once per rule again.
+-- Still, each ALTER TABLE scans its table once (credit_accounts and credit_grants re-check
+-- their two-column constraints) or rebuilds the partial index whose predicate names a moved
+-- column (billing_events_parked_idx, credit_ledger_expiry_once_key,
+-- subscriptions_current_idx). Changing a column's type drops its statistics: the moved
+-- columns are analyzed at the end. Running services must be restarted after it: a statement
+-- a connection prepared before returns a column whose type changed, and fails with 0A000
+-- ("cached plan must not change result type") until the connection is replaced.
+
+LOCK TABLE tollhouse.subscriptions, tollhouse.credit_accounts, tollhouse.credit_grants,
+    tollhouse.credit_ledger, tollhouse.billing_events IN ACCESS EXCLUSIVE MODE;
 
 CREATE DOMAIN tollhouse.credit_grants_source AS text;
 CREATE DOMAIN tollhouse.credit_grants_source_id AS text;
@@ -44,11 +57,12 @@ ALTER TABLE tollhouse.credit_grants
     ALTER COLUMN total TYPE tollhouse.credit_grants_total;
 ALTER DOMAIN tollhouse.credit_grants_source
     ADD CONSTRAINT credit_grants_source_check
-    CHECK (VALUE IN ('plan', 'purchase', 'promo', 'adjustment', 'import', 'refund'));
+    CHECK (VALUE IN ('plan', 'purchase', 'promo', 'adjustment', 'import', 'refund')) NOT VALID;
 ALTER DOMAIN tollhouse.credit_grants_source_id
-    ADD CONSTRAINT credit_grants_source_id_check CHECK (char_length(VALUE) BETWEEN 1 AND 200);
+    ADD CONSTRAINT credit_grants_source_id_check
+    CHECK (char_length(VALUE) BETWEEN 1 AND 200) NOT VALID;
 ALTER DOMAIN tollhouse.credit_grants_total
-    ADD CONSTRAINT credit_grants_total_check CHECK (VALUE > 0);
+    ADD CONSTRAINT credit_grants_total_check CHECK (VALUE > 0) NOT VALID;
 
 CREATE DOMAIN tollhouse.credit_accounts_daily_cap AS bigint;
 CREATE DOMAIN tollhouse.credit_accounts_daily_used AS bigint;
@@ -64,13 +78,13 @@ ALTER TABLE tollhouse.credit_accounts
     ALTER COLUMN overdraft_limit TYPE tollhouse.credit_accounts_overdraft_limit,
     ALTER COLUMN reserved TYPE tollhouse.credit_accounts_reserved;
 ALTER DOMAIN tollhouse.credit_accounts_daily_cap
-    ADD CONSTRAINT credit_accounts_daily_cap_check CHECK (VALUE > 0);
+    ADD CONSTRAINT credit_accounts_daily_cap_check CHECK (VALUE > 0) NOT VALID;
 ALTER DOMAIN tollhouse.credit_accounts_daily_used
-    ADD CONSTRAINT credit_accounts_daily_used_check CHECK (VALUE >= 0);
+    ADD CONSTRAINT credit_accounts_daily_used_check CHECK (VALUE >= 0) NOT VALID;
 ALTER DOMAIN tollhouse.credit_accounts_overdraft_limit
-    ADD CONSTRAINT credit_accounts_overdraft_limit_check CHECK (VALUE >= 0);
+    ADD CONSTRAINT credit_accounts_overdraft_limit_check CHECK (VALUE >= 0) NOT VALID;
 ALTER DOMAIN tollhouse.credit_accounts_reserved
-    ADD CONSTRAINT credit_accounts_reserved_check CHECK (VALUE >= 0);
+    ADD CONSTRAINT credit_accounts_reserved_check CHECK (VALUE >= 0) NOT VALID;
 
 CREATE DOMAIN tollhouse.credit_ledger_kind AS text;
 CREATE DOMAIN tollhouse.credit_ledger_reason AS text;
@@ -83,12 +97,13 @@ ALTER TABLE tollhouse.credit_ledger
     ALTER COLUMN reason TYPE tollhouse.credit_ledger_reason,
     ALTER COLUMN metadata TYPE tollhouse.credit_ledger_metadata;
 ALTER DOMAIN tollhouse.credit_ledger_kind
-    ADD CONSTRAINT credit_ledger_kind_check CHECK (VALUE IN ('debit', 'grant', 'expiry', 'refund'));
+    ADD CONSTRAINT credit_ledger_kind_check
+    CHECK (VALUE IN ('debit', 'grant', 'expiry', 'refund')) NOT VALID;
 ALTER DOMAIN tollhouse.credit_ledger_reason
     ADD CONSTRAINT credit_ledger_reason_check
-    CHECK (VALUE ~ '^[a-z][a-z0-9_.:-]*$' AND octet_length(VALUE) <= 64);
+    CHECK (VALUE ~ '^[a-z][a-z0-9_.:-]*$' AND octet_length(VALUE) <= 64) NOT VALID;
 ALTER DOMAIN tollhouse.credit_ledger_metadata
-    ADD CONSTRAINT credit_ledger_metadata_check CHECK (jsonb_typeof(VALUE) = 'object');
+    ADD CONSTRAINT credit_ledger_metadata_check CHECK (jsonb_typeof(VALUE) = 'object') NOT VALID;
 
 CREATE DOMAIN tollhouse.billing_events_payload_hash AS text;
 CREATE DOMAIN tollhouse.billing_events_source AS text;
@@ -101,12 +116,12 @@ ALTER TABLE tollhouse.billing_events
     ALTER COLUMN source TYPE tollhouse.billing_events_source,
     ALTER COLUMN status TYPE tollhouse.billing_events_status;
 ALTER DOMAIN tollhouse.billing_events_payload_hash
-    ADD CONSTRAINT billing_events_payload_hash_check CHECK (VALUE ~ '^[0-9a-f]{64}$');
+    ADD CONSTRAINT billing_events_payload_hash_check CHECK (VALUE ~ '^[0-9a-f]{64}$') NOT VALID;
 ALTER DOMAIN tollhouse.billing_events_source
-    ADD CONSTRAINT billing_events_source_check CHECK (VALUE IN ('webhook', 'api'));
+    ADD CONSTRAINT billing_events_source_check CHECK (VALUE IN ('webhook', 'api')) NOT VALID;
 ALTER DOMAIN tollhouse.billing_events_status
     ADD CONSTRAINT billing_events_status_check
-    CHECK (VALUE IN ('received', 'processed', 'failed', 'ignored', 'parked'));
+    CHECK (VALUE IN ('received', 'processed', 'failed', 'ignored', 'parked')) NOT VALID;
 
 CREATE DOMAIN tollhouse.subscriptions_status AS text;
 ALTER TABLE tollhouse.subscriptions
@@ -115,4 +130,10 @@ ALTER TABLE tollhouse.subscriptions
 ALTER DOMAIN tollhouse.subscriptions_status
     ADD CONSTRAINT subscriptions_status_check
     CHECK (VALUE IN ('incomplete', 'incomplete_expired', 'trialing', 'active', 'past_due',
-                     'canceled', 'unpaid', 'paused'));
+                     'canceled', 'unpaid', 'paused')) NOT VALID;
+
+ANALYZE tollhouse.credit_grants (source, source_id, total);
+ANALYZE tollhouse.credit_accounts (daily_cap, daily_used, overdraft_limit, reserved);
+ANALYZE tollhouse.credit_ledger (kind, reason, metadata);
+ANALYZE tollhouse.billing_events (payload_hash, source, status);
+ANALYZE tollhouse.subscriptions (status);
