@@ -38,9 +38,10 @@
 -- their two-column constraints) or rebuilds the partial index whose predicate names a moved
 -- column (billing_events_parked_idx, credit_ledger_expiry_once_key,
 -- subscriptions_current_idx). Changing a column's type drops its statistics: the moved
--- columns are analyzed at the end. Running services must be restarted after it: a statement
--- a connection prepared before returns a column whose type changed, and fails with 0A000
--- ("cached plan must not change result type") until the connection is replaced.
+-- columns of tables that have rows are analyzed at the end. Running services must be
+-- restarted after it: a statement a connection prepared before returns a column whose type
+-- changed, and fails with 0A000 ("cached plan must not change result type") until the
+-- connection is replaced.
 
 LOCK TABLE tollhouse.subscriptions, tollhouse.credit_accounts, tollhouse.credit_grants,
     tollhouse.credit_ledger, tollhouse.billing_events IN ACCESS EXCLUSIVE MODE;
@@ -132,8 +133,27 @@ ALTER DOMAIN tollhouse.subscriptions_status
     CHECK (VALUE IN ('incomplete', 'incomplete_expired', 'trialing', 'active', 'past_due',
                      'canceled', 'unpaid', 'paused')) NOT VALID;
 
-ANALYZE tollhouse.credit_grants (source, source_id, total);
-ANALYZE tollhouse.credit_accounts (daily_cap, daily_used, overdraft_limit, reserved);
-ANALYZE tollhouse.credit_ledger (kind, reason, metadata);
-ANALYZE tollhouse.billing_events (payload_hash, source, status);
-ANALYZE tollhouse.subscriptions (status);
+-- A type change drops the columns' statistics: gather them again where there are rows. An
+-- empty table (a fresh install) stays never analyzed: analyzed empty, the planner would plan
+-- for an empty table until autovacuum analyzes it again.
+DO $$
+DECLARE
+    v_table text;
+    v_columns text;
+    v_rows boolean;
+BEGIN
+    FOR v_table, v_columns IN
+        SELECT * FROM (VALUES
+            ('credit_grants', 'source, source_id, total'),
+            ('credit_accounts', 'daily_cap, daily_used, overdraft_limit, reserved'),
+            ('credit_ledger', 'kind, reason, metadata'),
+            ('billing_events', 'payload_hash, source, status'),
+            ('subscriptions', 'status')) AS m (t, c)
+    LOOP
+        EXECUTE format('SELECT EXISTS (SELECT FROM tollhouse.%I)', v_table) INTO v_rows;
+        IF v_rows THEN
+            EXECUTE format('ANALYZE tollhouse.%I (%s)', v_table, v_columns);
+        END IF;
+    END LOOP;
+END
+$$;
