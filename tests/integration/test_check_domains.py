@@ -12,6 +12,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from tollhouse.db import migrate
+
 TENANT = uuid.UUID("00000000-0000-7000-8000-000000000016")
 
 #: A valid row of each table, as SQL expressions; a case replaces one column's.
@@ -224,3 +226,53 @@ def test_no_type_takes_a_name_stripe_sync_engine_looks_up(conn: psycopg.Connecti
         ),
     ).fetchall()
     assert taken == []
+
+
+async def test_0016_keeps_the_stored_rows_and_their_statistics(empty_dsn: str) -> None:
+    """On a database at 0015 with billing events stored: 0016 keeps the rows and the table's
+    storage (no rewrite), gathers the moved columns' statistics again, leaves empty tables
+    never analyzed (analyzed empty, they were planned as empty), and the rules hold."""
+    migrations = migrate.load_migrations()
+    (at,) = [n for n, m in enumerate(migrations) if m.filename == "0016_check_domains.sql"]
+    await migrate.migrate(empty_dsn, migrations[:at])
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO tollhouse.billing_events"
+            " (stripe_event_id, type, payload_hash, payload, event_created, status)"
+            " SELECT 'evt_' || n, 'customer.updated', md5(n::text) || md5(n::text), '{}',"
+            "        now(), CASE WHEN n % 3 = 0 THEN 'processed' ELSE 'ignored' END"
+            " FROM generate_series(1, 300) n"
+        )
+        storage = conn.execute(
+            "SELECT relfilenode FROM pg_class WHERE oid = 'tollhouse.billing_events'::regclass"
+        ).fetchone()
+    await migrate.migrate(empty_dsn, migrations[: at + 1])
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        assert (
+            conn.execute(
+                "SELECT relfilenode FROM pg_class WHERE oid = 'tollhouse.billing_events'::regclass"
+            ).fetchone()
+            == storage
+        )
+        assert conn.execute(
+            "SELECT status, count(*) FROM tollhouse.billing_events GROUP BY 1 ORDER BY 1"
+        ).fetchall() == [("ignored", 200), ("processed", 100)]
+        analyzed = conn.execute(
+            "SELECT tablename, attname FROM pg_stats WHERE schemaname = 'tollhouse'"
+            " AND tablename = ANY (%s) ORDER BY 1, 2",
+            ([table for table in ROWS],),
+        ).fetchall()
+        assert analyzed == [
+            ("billing_events", "payload_hash"),
+            ("billing_events", "source"),
+            ("billing_events", "status"),
+        ]
+        never = conn.execute(
+            "SELECT relname FROM pg_class WHERE relnamespace = 'tollhouse'::regnamespace"
+            " AND relname = ANY (%s) AND reltuples < 0 ORDER BY 1",
+            ([table for table in ROWS],),
+        ).fetchall()
+        assert never == [(t,) for t in sorted(ROWS) if t != "billing_events"]
+        with pytest.raises(psycopg.errors.CheckViolation) as refused:
+            conn.execute("UPDATE tollhouse.billing_events SET status = 'done'")
+        assert refused.value.diag.constraint_name == "billing_events_status_check"

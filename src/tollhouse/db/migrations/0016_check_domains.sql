@@ -133,26 +133,27 @@ ALTER DOMAIN tollhouse.subscriptions_status
     CHECK (VALUE IN ('incomplete', 'incomplete_expired', 'trialing', 'active', 'past_due',
                      'canceled', 'unpaid', 'paused')) NOT VALID;
 
--- A type change drops the columns' statistics: gather them again where there are rows. An
--- empty table (a fresh install) stays never analyzed: analyzed empty, the planner would plan
--- for an empty table until autovacuum analyzes it again.
+-- A type change drops the columns' statistics: gather them again, for the columns that now
+-- have a domain, where there are rows. An empty table (a fresh install) stays never analyzed:
+-- analyzed empty, the planner would plan for an empty table until autovacuum analyzes it again.
 DO $$
 DECLARE
-    v_table text;
-    v_columns text;
+    r record;
     v_rows boolean;
 BEGIN
-    FOR v_table, v_columns IN
-        SELECT * FROM (VALUES
-            ('credit_grants', 'source, source_id, total'),
-            ('credit_accounts', 'daily_cap, daily_used, overdraft_limit, reserved'),
-            ('credit_ledger', 'kind, reason, metadata'),
-            ('billing_events', 'payload_hash, source, status'),
-            ('subscriptions', 'status')) AS m (t, c)
+    FOR r IN
+        SELECT format('tollhouse.%I', c.relname) AS table_name,
+               string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) AS columns
+        FROM pg_attribute a
+        JOIN pg_class c ON c.oid = a.attrelid AND c.relkind = 'r'
+        JOIN pg_type t ON t.oid = a.atttypid AND t.typtype = 'd'
+        WHERE c.relnamespace = 'tollhouse'::regnamespace
+          AND t.typnamespace = 'tollhouse'::regnamespace AND NOT a.attisdropped
+        GROUP BY c.relname
     LOOP
-        EXECUTE format('SELECT EXISTS (SELECT FROM tollhouse.%I)', v_table) INTO v_rows;
+        EXECUTE format('SELECT EXISTS (SELECT FROM %s)', r.table_name) INTO v_rows;
         IF v_rows THEN
-            EXECUTE format('ANALYZE tollhouse.%I (%s)', v_table, v_columns);
+            EXECUTE format('ANALYZE %s (%s)', r.table_name, r.columns);
         END IF;
     END LOOP;
 END
