@@ -119,7 +119,8 @@ def start_detached(pgdata: Path) -> str:
     return with_dbname(admin_dsn, DATABASE_NAME)
 
 
-#: Where pgserver (0.6) lists the pids of the server's users, and the lock it takes to change it.
+#: Where pgserver (0.6) lists the pids of the server's users (changed under its
+#: `PostgresServer._lock`).
 USERS_FILE = ".handle_pids.json"
 
 
@@ -128,8 +129,8 @@ def forget_dead_users(pgdata: Path) -> list[int]:
     users, under pgserver's lock; returns the pids removed. Does nothing if the list is missing
     or unreadable, or if this pgserver keeps no such list."""
     users = pgdata / USERS_FILE
-    lock = getattr(getattr(pgserver_module(), "postgres_server", None), "PostgresServer", None)
-    lock = getattr(lock, "_lock", None)
+    server_module = getattr(pgserver_module(), "postgres_server", None)
+    lock = getattr(getattr(server_module, "PostgresServer", None), "_lock", None)
     if lock is None or not users.is_file():
         return []
     with lock:
