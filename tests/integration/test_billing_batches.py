@@ -52,6 +52,23 @@ SELECT (SELECT row(plan, balance, reserved, overdraft_limit, daily_cap, daily_us
 """
 
 
+LAPSED_PERIOD = """
+UPDATE tollhouse.credit_grants SET expires_at = now() - interval '10 days'
+WHERE tenant_id = %(t)s AND source = 'plan' AND remaining > 0;
+UPDATE tollhouse.credit_accounts
+SET created_at = now() - interval '40 days', period_start = now() - interval '40 days',
+    period_end = now() - interval '10 days', allowance_for = now() - interval '40 days'
+WHERE tenant_id = %(t)s;
+"""
+
+LAPSED_PROMO = """
+SELECT tollhouse.credit_apply_grant_v1(%(t)s, 30, 'promo', %(id)s, 1, now() + interval '1 day',
+                                       'grant.promo', NULL);
+UPDATE tollhouse.credit_grants SET expires_at = now() - interval '1 hour'
+WHERE tenant_id = %(t)s AND source_id = %(id)s;
+"""
+
+
 def receive(conn: psycopg.Connection[Any], events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     """One `billing_receive_v1` call, as the service makes it."""
     bodies = [json.dumps(e) for e in events]
@@ -178,6 +195,14 @@ async def test_batches_end_in_the_state_of_one_delivery_per_call(
             ([t.tenant_id for t in found],),
         ).fetchone() or (0,)
         assert debts > 0
+        # Accounts with upkeep due at the move: a period that ended (its plan grants due), a
+        # promotion past its expiry. A plan change makes the upkeep first.
+        conn.execute("RESET ROLE")
+        for n, t in enumerate(found):
+            lapsed = LAPSED_PERIOD if n % 3 == 1 else LAPSED_PROMO if n % 3 == 2 else ""
+            for statement in filter(str.strip, lapsed.split(";")):
+                conn.execute(statement, {"t": t.tenant_id, "id": f"promo-{seed}-{n}"})
+        conn.execute("SET LOCAL ROLE tollhouse_service")
         conn.execute("SAVEPOINT before")
         alone = [receive(conn, [e])[0] for e in events]
         states_alone = [conn.execute(STATE, {"t": t.tenant_id}).fetchone() for t in found]
@@ -302,7 +327,8 @@ async def test_a_failing_deferred_move_fails_the_call_and_alone_each_gets_its_ou
 async def test_the_setting_is_cleared_when_the_call_returns(
     client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse, dsn: str
 ) -> None:
-    """Later work in the same transaction (the unparking, done in Python) moves at once."""
+    """Later work in the same transaction (the unparking, done in Python), or in the
+    connection's next one, moves at once."""
     (t,) = await tenants(client, auth, tollhouse, 1)
     start, end = b.period()
     obj = fs.subscription("sub_clear", t.customers[0], b.PRICES[b.PRO], start=start, end=end)
@@ -310,14 +336,26 @@ async def test_the_setting_is_cleared_when_the_call_returns(
         fs.event("customer.subscription.created", obj),
         fs.event("customer.updated", fs.shape("customer", id=t.customers[0], metadata={})),
     ]
+    read = "SELECT current_setting('tollhouse.deferred_plan_syncs', true)"
     with psycopg.connect(dsn) as conn:
         conn.execute("SET LOCAL ROLE tollhouse_service")
         receive(conn, events)
-        setting = conn.execute(
-            "SELECT current_setting('tollhouse.deferred_plan_syncs', true)"
-        ).fetchone()
+        setting = conn.execute(read).fetchone()
+        conn.commit()
+        after = conn.execute(read).fetchone()  # the connection's next transaction
+        conn.rollback()
+        # A subtransaction that listed a tenant and then failed takes it off the list.
+        conn.execute("SELECT set_config('tollhouse.deferred_plan_syncs', ',', true)")
+        conn.execute("SAVEPOINT event")
+        conn.execute("SELECT tollhouse.billing_sync_plan_v1(%s)", (t.tenant_id,))
+        listed = conn.execute(read).fetchone()
+        conn.execute("ROLLBACK TO SAVEPOINT event")
+        unlisted = conn.execute(read).fetchone()
         conn.rollback()
     assert setting == ("",)
+    assert after in {("",), (None,)}
+    assert listed == (f",{t.tenant_id},",)
+    assert unlisted == (",",)
 
 
 async def test_concurrent_batches_and_debits_keep_plans_and_conservation(
@@ -378,18 +416,27 @@ async def test_concurrent_batches_and_debits_keep_plans_and_conservation(
 
 
 @pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("first_account", [True, False])
 async def test_a_move_reads_the_effective_plan_after_the_lock(
     client: httpx.AsyncClient,
     auth: dict[str, str],
     tollhouse: Tollhouse,
     dsn: str,
     batched: bool,
+    first_account: bool,
 ) -> None:
     """Two calls move one tenant (two customers, one subscription each) at once, in batches
     (the deferred move) or alone (billing_sync_plan_v1). The second waits for the first's
-    lock on the account, here the first one ever made; it must then see the first's newer
-    subscription, so the tenant stays on the newer subscription's plan."""
+    lock on the account (an account made before, or the first one ever made); it must then
+    see the first's newer subscription, so the tenant stays on the newer one's plan."""
     (t,) = await tenants(client, auth, tollhouse, 1)
+    async with tollhouse.db.connection() as conn:
+        if not first_account:
+            await conn.execute("SELECT tollhouse.credit_account_v1(%s)", (t.tenant_id,))
+        cur = await conn.execute(
+            "SELECT count(*) FROM tollhouse.credit_accounts WHERE tenant_id = %s", (t.tenant_id,)
+        )
+        assert await cur.fetchone() == (0 if first_account else 1,)
     first, second = t.customers
     start, end = b.period()
     now = int(time.time())

@@ -12,21 +12,23 @@
 -- `tollhouse.deferred_plan_syncs` to ','; while it is set, billing_sync_plan_v1 lists its
 -- tenant ('<uuid>,') instead of moving it. The event's subtransaction owns that change: a
 -- failing event's rollback takes its tenant off the list again. Before a delivery whose
--- customer belongs to a listed tenant is applied, and after the batch's last delivery,
--- billing_sync_deferred_v1 moves every listed tenant (billing_sync_plans_v1) and empties the
--- list; billing_receive_v1 clears the setting before it returns.
+-- customer belongs to a listed tenant is applied, billing_sync_deferred_v1 moves that tenant
+-- and takes it off the list; after the batch's last delivery it moves every listed tenant
+-- (billing_sync_plans_v1) and empties the list; billing_receive_v1 clears the setting before
+-- it returns.
 --
 -- What stays the same: every tenant ends on its effective plan with the credits, limits,
 -- grants and ledger entries that billing_sync_plan_v1 called per event gives, in the same
 -- order for each tenant: a tenant's later event in the batch sees its earlier moves made.
 -- What differs: the moves of different tenants are written in one statement after their
--- events, with the accounts locked in tenant order (as debit batches lock them) instead of
--- arrival order; a failure of that move fails the whole call, and group commit then sends
+-- events, the accounts locked in tenant order (those without an account yet: after the
+-- others, in tenant order too) where each event locked its own when it came; a failure of
+-- that move fails the whole call, and group commit then sends
 -- each delivery again alone (tollhouse.db.group_commit), where nothing is deferred: a call of
 -- one delivery, replays, retries and the Python handlers move at once, as before.
 
 -- Moves each of `p_tenants` (in tenant order, each once) to its effective plan: what calling
--- billing_sync_plan_v1 for each of them in tenant order does, in five statements whatever
+-- billing_sync_plan_v1 for each of them in tenant order does, in six statements whatever
 -- their number. The accounts are locked first, and the effective plans read after the locks
 -- (a concurrent move of one of these tenants is waited for and seen). Then, for the accounts
 -- not on their effective plan: their upkeep (credit_account_v1: due grants expire, a new
@@ -41,6 +43,7 @@ SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
+    v_locked uuid[];
     v_tenants uuid[];
     v_plans text[];
     -- The accounts that move: tenant, balance after upkeep, period end, target plan.
@@ -59,29 +62,30 @@ DECLARE
     x_tenant uuid[];
     x_id uuid[];
 BEGIN
-    PERFORM 1 FROM tollhouse.credit_accounts c
-    WHERE c.tenant_id = ANY (p_tenants)
-    ORDER BY c.tenant_id
-    FOR UPDATE;
-    -- A tenant without an account gets one now, locked (a concurrent making of it is waited
-    -- for), so that its effective plan too is read after its lock.
+    SELECT array_agg(l.tenant_id) INTO v_locked
+    FROM (SELECT c.tenant_id FROM tollhouse.credit_accounts c
+          WHERE c.tenant_id = ANY (p_tenants)
+          ORDER BY c.tenant_id
+          FOR UPDATE) l;
+    -- A tenant whose account was not locked above (it had none; one may have been made
+    -- since) gets it from credit_account_v1, which makes or finds it and locks it, waiting
+    -- for a concurrent making: every effective plan below is read after its account's lock.
     PERFORM tollhouse.credit_account_v1(t.tenant_id)
     FROM (SELECT DISTINCT x AS tenant_id FROM unnest(p_tenants) AS x) t
-    WHERE t.tenant_id IS NOT NULL
-      AND (SELECT c.tenant_id FROM tollhouse.credit_accounts c
-           WHERE c.tenant_id = t.tenant_id) IS NULL
+    WHERE t.tenant_id IS NOT NULL AND t.tenant_id <> ALL (coalesce(v_locked, '{}'))
     ORDER BY t.tenant_id;
-    -- Read after the locks: the tenants whose account is not on its effective plan (or who
-    -- have none: a deleted tenant, left to credit_account_v1 below). Each account is read by
-    -- a subquery of its own (here and below), so that no plan depends on the tables'
-    -- statistics: a fresh install's tables are planned as empty.
+    -- The tenants whose account is not on its effective plan (or who have none: a deleted
+    -- tenant, left to credit_account_v1 below). Each account is read by a subquery of its own
+    -- (here and below), so that no plan depends on the tables' statistics: a fresh install's
+    -- tables are planned as empty. OFFSET 0: the effective plan is computed once a tenant.
     SELECT array_agg(u.tenant_id ORDER BY u.tenant_id), array_agg(u.plan ORDER BY u.tenant_id)
     INTO v_tenants, v_plans
     FROM (SELECT t.tenant_id, tollhouse.billing_effective_plan_v1(t.tenant_id) AS plan,
                  (SELECT c.plan FROM tollhouse.credit_accounts c
                   WHERE c.tenant_id = t.tenant_id) AS current
           FROM (SELECT DISTINCT x AS tenant_id FROM unnest(p_tenants) AS x
-                WHERE x IS NOT NULL) t) u
+                WHERE x IS NOT NULL) t
+          OFFSET 0) u
     WHERE u.current IS DISTINCT FROM u.plan;
     IF v_tenants IS NULL THEN
         RETURN;
@@ -177,17 +181,22 @@ END
 $$;
 
 -- Moves the tenants listed in `tollhouse.deferred_plan_syncs` to their effective plans and
--- empties the list (a no-op when nothing is listed or nothing is deferred).
-CREATE FUNCTION tollhouse.billing_sync_deferred_v1() RETURNS void
+-- takes them off the list: all of them, or only `p_tenant` (a no-op when it is not listed or
+-- nothing is deferred).
+CREATE FUNCTION tollhouse.billing_sync_deferred_v1(p_tenant uuid DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_listed text := current_setting('tollhouse.deferred_plan_syncs', true);
 BEGIN
-    IF v_listed LIKE ',_%' THEN
+    IF p_tenant IS NULL AND v_listed LIKE ',_%' THEN
         PERFORM tollhouse.billing_sync_plans_v1(string_to_array(btrim(v_listed, ','), ',')::uuid[]);
         PERFORM set_config('tollhouse.deferred_plan_syncs', ',', true);
+    ELSIF strpos(v_listed, ',' || p_tenant || ',') > 0 THEN
+        PERFORM tollhouse.billing_sync_plans_v1(ARRAY[p_tenant]);
+        PERFORM set_config('tollhouse.deferred_plan_syncs',
+                           replace(v_listed, ',' || p_tenant || ',', ','), true);
     END IF;
 END
 $$;
@@ -226,6 +235,9 @@ END
 $$;
 
 -- As in 0009, deferring the plan moves of a batch of more than one delivery (above).
+-- `p_customers[i]` is the customer the delivery's handler routes (Python's
+-- handlers.event_customer): a listed tenant's move is made before a delivery of a customer
+-- of that tenant.
 CREATE OR REPLACE FUNCTION tollhouse.billing_receive_v1(
     p_events jsonb, p_hashes text[], p_customers text[], p_unpark boolean, p_source text)
 RETURNS TABLE (stripe_event_id text, type text, status text, error text, tenant_id uuid,
@@ -276,10 +288,9 @@ BEGIN
         END IF;
         v_created := tollhouse.billing_ts_v1(ev -> 'created');
         -- A tenant's deferred move is made before another of its events is applied.
-        IF v_defer AND current_setting('tollhouse.deferred_plan_syncs') <> ','
-           AND strpos(current_setting('tollhouse.deferred_plan_syncs'),
-                      ',' || tollhouse.billing_route_v1(p_customers[i]) || ',') > 0 THEN
-            PERFORM tollhouse.billing_sync_deferred_v1();
+        IF v_defer AND current_setting('tollhouse.deferred_plan_syncs') <> ',' THEN
+            PERFORM tollhouse.billing_sync_deferred_v1(
+                tollhouse.billing_route_v1(p_customers[i]));
         END IF;
         SELECT * INTO r FROM tollhouse.billing_try_apply_v1(
             type, ev #> '{data,object}', coalesce(v_created, now()), p_customers[i]);
@@ -316,7 +327,7 @@ DECLARE
 BEGIN
     FOREACH f IN ARRAY ARRAY[
         'tollhouse.billing_sync_plans_v1(uuid[])',
-        'tollhouse.billing_sync_deferred_v1()'
+        'tollhouse.billing_sync_deferred_v1(uuid)'
     ] LOOP
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO tollhouse_service', f);
