@@ -22,6 +22,7 @@ import pytest
 
 from tests.support import billing as b
 from tests.support import fake_stripe as fs
+from tests.support.credit_state import CREDIT_STATE
 from tollhouse.app import Tollhouse
 from tollhouse.billing import handlers
 from tollhouse.billing.service import Incoming
@@ -32,24 +33,17 @@ RECEIVE = (
     " FROM tollhouse.billing_receive_v1(%s::jsonb, %s, %s, true, 'webhook')"
 )
 
-STATE = """
-SELECT (SELECT row(plan, balance, reserved, overdraft_limit, daily_cap, daily_used,
-                   period_start, period_end, allowance_for)::text
-        FROM tollhouse.credit_accounts WHERE tenant_id = %(t)s),
-       (SELECT array_agg(row(source, regexp_replace(source_id, '^plan-change:.*', 'plan-change'),
-                             total, remaining, priority, expires_at)::text ORDER BY id)
-        FROM tollhouse.credit_grants WHERE tenant_id = %(t)s),
-       (SELECT array_agg(row(l.kind, l.reason, l.delta, l.balance_after, l.acting_user_id,
-                             (SELECT count(*) FROM tollhouse.credit_grants g
-                              WHERE g.tenant_id = l.tenant_id AND g.id <= l.grant_id))::text
-                         ORDER BY l.id)
-        FROM tollhouse.credit_ledger l WHERE l.tenant_id = %(t)s),
+STATE = (
+    "SELECT"
+    + CREDIT_STATE
+    + """,
        (SELECT array_agg(row(id, status, plan, current_period_end, stripe_at)::text ORDER BY id)
         FROM tollhouse.subscriptions WHERE tenant_id = %(t)s),
        (SELECT array_agg(row(id, status, plan, paid, allowance_granted_at IS NOT NULL,
                              allowance_credits)::text ORDER BY id)
         FROM tollhouse.invoices WHERE tenant_id = %(t)s)
 """
+)
 
 
 LAPSED_PERIOD = """

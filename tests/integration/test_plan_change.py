@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 
 import tollhouse.db.migrations as migrations
+from tests.support.credit_state import CREDIT_STATE
 
 MIGRATIONS = Path(migrations.__file__).parent
 PLANS = ("free", "starter", "pro", "power")
@@ -28,21 +29,14 @@ def _before(filename: str, name: str) -> str:
     return found.group(0).replace(f"tollhouse.{name}(", f"tollhouse.{name}_before(", 1)
 
 
-STATE = """
-SELECT (SELECT row(plan, balance, reserved, overdraft_limit, daily_cap, daily_used,
-                   period_start, period_end, allowance_for)::text
-        FROM tollhouse.credit_accounts WHERE tenant_id = %(t)s),
-       (SELECT array_agg(row(source, regexp_replace(source_id, '^plan-change:.*', 'plan-change'),
-                             total, remaining, priority, expires_at)::text ORDER BY id)
-        FROM tollhouse.credit_grants WHERE tenant_id = %(t)s),
-       (SELECT array_agg(row(l.kind, l.reason, l.delta, l.balance_after, l.acting_user_id,
-                             (SELECT count(*) FROM tollhouse.credit_grants g
-                              WHERE g.tenant_id = l.tenant_id AND g.id <= l.grant_id))::text
-                         ORDER BY l.id)
-        FROM tollhouse.credit_ledger l WHERE l.tenant_id = %(t)s),
+STATE = (
+    "SELECT"
+    + CREDIT_STATE
+    + """,
        (SELECT row(allowance_granted_at IS NOT NULL, allowance_credits)::text
         FROM tollhouse.invoices WHERE tenant_id = %(t)s AND id = %(i)s)
 """
+)
 
 
 def _both(conn: psycopg.Connection[Any], call: str, params: dict[str, Any]) -> tuple[Any, Any]:
