@@ -487,3 +487,39 @@ async def test_a_move_reads_the_effective_plan_after_the_lock(
         )
         assert await cur.fetchone() == ("pro", "pro")
         assert await conservation_problems(conn, t.tenant_id) == []
+
+
+async def test_deliveries_of_no_listed_tenant_leave_the_moves_to_the_end(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse, dsn: str
+) -> None:
+    """Between two tenants' plan changes, an event of no customer, one of an unknown
+    customer (parked) and one of a third tenant: the two moves are made once, together."""
+    one, two, three = await tenants(client, auth, tollhouse, 3)
+    start, end = b.period()
+
+    def moving(t: Tenant) -> dict[str, Any]:
+        customer = t.customers[0]
+        obj = fs.subscription(f"sub_{customer}", customer, b.PRICES[b.PRO], start=start, end=end)
+        return fs.event("customer.subscription.created", obj)
+
+    unknown = fs.subscription("sub_nobody", "cus_nobody", b.PRICES[b.PRO], start=start, end=end)
+    events = [
+        moving(one),
+        fs.event("tollhouse.test.ignored", {"id": "x"}),
+        fs.event("customer.subscription.created", unknown),
+        fs.event("customer.updated", fs.shape("customer", id=three.customers[0], metadata={})),
+        moving(two),
+    ]
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SET LOCAL track_functions = 'all'")
+        conn.execute("SET LOCAL ROLE tollhouse_service")
+        statuses = [status for _, status, _ in receive(conn, events)]
+        calls = function_calls(conn)
+        plans = conn.execute(
+            "SELECT plan FROM tollhouse.credit_accounts WHERE tenant_id = ANY (%s)",
+            ([one.tenant_id, two.tenant_id],),
+        ).fetchall()
+        conn.rollback()
+    assert statuses == ["processed", "ignored", "parked", "processed", "processed"]
+    assert calls.get("billing_sync_plans_v1") == 1
+    assert plans == [("pro",), ("pro",)]

@@ -255,6 +255,7 @@ DECLARE
     r record;
     v_unparking boolean := false;
     v_defer boolean := coalesce(array_length(p_hashes, 1), 0) > 1;
+    v_routed uuid;
 BEGIN
     IF v_defer THEN
         PERFORM set_config('tollhouse.deferred_plan_syncs', ',', true);
@@ -289,8 +290,10 @@ BEGIN
         v_created := tollhouse.billing_ts_v1(ev -> 'created');
         -- A tenant's deferred move is made before another of its events is applied.
         IF v_defer AND current_setting('tollhouse.deferred_plan_syncs') <> ',' THEN
-            PERFORM tollhouse.billing_sync_deferred_v1(
-                tollhouse.billing_route_v1(p_customers[i]));
+            v_routed := tollhouse.billing_route_v1(p_customers[i]);
+            IF v_routed IS NOT NULL THEN
+                PERFORM tollhouse.billing_sync_deferred_v1(v_routed);
+            END IF;
         END IF;
         SELECT * INTO r FROM tollhouse.billing_try_apply_v1(
             type, ev #> '{data,object}', coalesce(v_created, now()), p_customers[i]);
