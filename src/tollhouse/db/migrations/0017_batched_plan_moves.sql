@@ -23,12 +23,12 @@
 -- What differs: the moves of different tenants are written in one statement after their
 -- events, the accounts locked in tenant order (those without an account yet: after the
 -- others, in tenant order too) where each event locked its own when it came; a failure of
--- that move fails the whole call, and group commit then sends
--- each delivery again alone (tollhouse.db.group_commit), where nothing is deferred: a call of
--- one delivery, replays, retries and the Python handlers move at once, as before.
+-- that move fails the whole call, and group commit then sends each delivery again alone
+-- (tollhouse.db.group_commit), where nothing is deferred: a call of one delivery, replays,
+-- retries and the Python handlers move at once, as before.
 
 -- Moves each of `p_tenants` (in tenant order, each once) to its effective plan: what calling
--- billing_sync_plan_v1 for each of them in tenant order does, in six statements whatever
+-- billing_sync_plan_v1 for each of them in tenant order does, in seven statements whatever
 -- their number. The accounts are locked first, and the effective plans read after the locks
 -- (a concurrent move of one of these tenants is waited for and seen). Then, for the accounts
 -- not on their effective plan: their upkeep (credit_account_v1: due grants expire, a new
@@ -43,6 +43,9 @@ SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
+    -- Each tenant once, in tenant order.
+    v_all uuid[] := ARRAY(SELECT DISTINCT x FROM unnest(p_tenants) AS x
+                          WHERE x IS NOT NULL ORDER BY x);
     v_locked uuid[];
     v_tenants uuid[];
     v_plans text[];
@@ -64,16 +67,16 @@ DECLARE
 BEGIN
     SELECT array_agg(l.tenant_id) INTO v_locked
     FROM (SELECT c.tenant_id FROM tollhouse.credit_accounts c
-          WHERE c.tenant_id = ANY (p_tenants)
+          WHERE c.tenant_id = ANY (v_all)
           ORDER BY c.tenant_id
           FOR UPDATE) l;
     -- A tenant whose account was not locked above (it had none; one may have been made
     -- since) gets it from credit_account_v1, which makes or finds it and locks it, waiting
     -- for a concurrent making: every effective plan below is read after its account's lock.
     PERFORM tollhouse.credit_account_v1(t.tenant_id)
-    FROM (SELECT DISTINCT x AS tenant_id FROM unnest(p_tenants) AS x) t
-    WHERE t.tenant_id IS NOT NULL AND t.tenant_id <> ALL (coalesce(v_locked, '{}'))
-    ORDER BY t.tenant_id;
+    FROM unnest(v_all) WITH ORDINALITY AS t (tenant_id, n)
+    WHERE t.tenant_id <> ALL (coalesce(v_locked, '{}'))
+    ORDER BY t.n;
     -- The tenants whose account is not on its effective plan (or who have none: a deleted
     -- tenant, left to credit_account_v1 below). Each account is read by a subquery of its own
     -- (here and below), so that no plan depends on the tables' statistics: a fresh install's
@@ -83,8 +86,7 @@ BEGIN
     FROM (SELECT t.tenant_id, tollhouse.billing_effective_plan_v1(t.tenant_id) AS plan,
                  (SELECT c.plan FROM tollhouse.credit_accounts c
                   WHERE c.tenant_id = t.tenant_id) AS current
-          FROM (SELECT DISTINCT x AS tenant_id FROM unnest(p_tenants) AS x
-                WHERE x IS NOT NULL) t
+          FROM unnest(v_all) AS t (tenant_id)
           OFFSET 0) u
     WHERE u.current IS DISTINCT FROM u.plan;
     IF v_tenants IS NULL THEN
@@ -108,7 +110,8 @@ BEGIN
         RETURN;
     END IF;
     -- The period's allowance (from the old plan), locked, with what expired of each grant.
-    SELECT array_agg(g.tenant_id ORDER BY g.tenant_id, g.id), array_agg(g.id ORDER BY g.tenant_id, g.id),
+    SELECT array_agg(g.tenant_id ORDER BY g.tenant_id, g.id),
+           array_agg(g.id ORDER BY g.tenant_id, g.id),
            array_agg(g.total ORDER BY g.tenant_id, g.id),
            array_agg(g.remaining ORDER BY g.tenant_id, g.id),
            array_agg(coalesce(x.expired, 0) ORDER BY g.tenant_id, g.id),
@@ -143,7 +146,8 @@ BEGIN
         LEFT JOIN (SELECT g.tenant_id, sum(g.total - g.remaining - g.expired)::bigint AS used,
                           sum(g.remaining)::bigint AS expired
                    FROM g GROUP BY g.tenant_id) s ON s.tenant_id = a.tenant_id
-        CROSS JOIN LATERAL (SELECT greatest(0, p.monthly_credits - coalesce(s.used, 0)) AS credits) c
+        CROSS JOIN LATERAL (
+            SELECT greatest(0, p.monthly_credits - coalesce(s.used, 0)) AS credits) c
     ), expire AS (
         UPDATE tollhouse.credit_grants cg SET remaining = 0
         FROM g
@@ -191,7 +195,8 @@ DECLARE
     v_listed text := current_setting('tollhouse.deferred_plan_syncs', true);
 BEGIN
     IF p_tenant IS NULL AND v_listed LIKE ',_%' THEN
-        PERFORM tollhouse.billing_sync_plans_v1(string_to_array(btrim(v_listed, ','), ',')::uuid[]);
+        PERFORM tollhouse.billing_sync_plans_v1(
+            string_to_array(btrim(v_listed, ','), ',')::uuid[]);
         PERFORM set_config('tollhouse.deferred_plan_syncs', ',', true);
     ELSIF strpos(v_listed, ',' || p_tenant || ',') > 0 THEN
         PERFORM tollhouse.billing_sync_plans_v1(ARRAY[p_tenant]);
@@ -214,7 +219,8 @@ DECLARE
 BEGIN
     IF v_deferred LIKE ',%' AND p_tenant IS NOT NULL THEN
         IF strpos(v_deferred, ',' || p_tenant || ',') = 0 THEN
-            PERFORM set_config('tollhouse.deferred_plan_syncs', v_deferred || p_tenant || ',', true);
+            PERFORM set_config('tollhouse.deferred_plan_syncs', v_deferred || p_tenant || ',',
+                               true);
         END IF;
         RETURN;
     END IF;
