@@ -86,21 +86,47 @@ def function_calls(conn: psycopg.Connection[Any]) -> dict[str, int]:
 @dataclass
 class Tenant:
     tenant_id: uuid.UUID
+    user_id: uuid.UUID
     customers: list[str]
 
 
 async def tenants(
-    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse, n: int
+    client: httpx.AsyncClient,
+    auth: dict[str, str],
+    tollhouse: Tollhouse,
+    n: int,
+    *,
+    all_with_two: bool = False,
 ) -> list[Tenant]:
-    """`n` linked tenants; the last one has a second customer."""
+    """`n` linked tenants; the last one (or, `all_with_two`, each) has a second customer."""
     await b.load_prices(client)
     made = [await b.linked_customer(client, auth) for _ in range(n)]
-    second = fs.new_id("cus")
+    found = [Tenant(c.tenant_id, c.user_id, [c.customer_id]) for c in made]
     async with tollhouse.db.connection() as conn:
-        await conn.execute("SELECT tollhouse.billing_link_v1(%s, %s)", (second, made[-1].tenant_id))
-    found = [Tenant(c.tenant_id, [c.customer_id]) for c in made]
-    found[-1].customers.append(second)
+        for t in found if all_with_two else found[-1:]:
+            t.customers.append(fs.new_id("cus"))
+            await conn.execute(
+                "SELECT tollhouse.billing_link_v1(%s, %s)", (t.customers[1], t.tenant_id)
+            )
     return found
+
+
+def subscribed(
+    customer: str,
+    period: tuple[int, int],
+    price: str = b.PRO,
+    *,
+    sub_id: str | None = None,
+    created: int | None = None,
+    type_: str = "customer.subscription.created",
+) -> dict[str, Any]:
+    """A delivery of `customer`'s active subscription (`sub_id`, else sub_<customer>) to
+    `price` for `period` (one period for a whole test: the newest period end wins)."""
+    start, end = period
+    obj = fs.subscription(
+        sub_id or f"sub_{customer}", customer, b.PRICES[price], start=start, end=end
+    )
+    return fs.event(type_, obj, created=created)
 
 
 def scenario(
@@ -172,8 +198,9 @@ async def test_batches_end_in_the_state_of_one_delivery_per_call(
         for n, (t, s) in enumerate(zip(found, subs, strict=True)):
             customer = t.customers[0]
             if n % 2 == 0:
-                pro = fs.subscription(s[customer], customer, b.PRICES[b.PRO], start=start, end=end)
-                receive(conn, [fs.event("customer.subscription.created", pro, created=t0 - 100)])
+                receive(
+                    conn, [subscribed(customer, (start, end), sub_id=s[customer], created=t0 - 100)]
+                )
             (balance,) = conn.execute(
                 "SELECT balance FROM tollhouse.credit_accounts WHERE tenant_id = %s",
                 (t.tenant_id,),
@@ -227,12 +254,11 @@ async def test_a_tenants_later_event_sees_its_deferred_move(
     (t,) = [x for x in await tenants(client, auth, tollhouse, 1)]
     customer = t.customers[0]
     start, end = b.period()
-    pro = fs.subscription("sub_later", customer, b.PRICES[b.PRO], start=start, end=end)
     starter = b.PRICES[b.STARTER]
     invoice = fs.invoice("in_later", customer, "sub_later", starter, start=start, end=end)
     now = int(time.time())
     events = [
-        fs.event("customer.subscription.created", pro, created=now - 10),
+        subscribed(customer, (start, end), sub_id="sub_later", created=now - 10),
         fs.event("invoice.paid", invoice, created=now - 5),
     ]
     with psycopg.connect(dsn) as conn:
@@ -267,14 +293,11 @@ async def test_a_failing_deferred_move_fails_the_call_and_alone_each_gets_its_ou
     client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse, dsn: str
 ) -> None:
     bad, good = await tenants(client, auth, tollhouse, 2)
-    start, end = b.period()
-
-    def moving(t: Tenant, n: int) -> dict[str, Any]:
-        customer = t.customers[0]
-        obj = fs.subscription(f"sub_fail_{n}", customer, b.PRICES[b.PRO], start=start, end=end)
-        return fs.event("customer.subscription.created", obj)
-
-    events = [moving(good, 0), moving(bad, 1), moving(good, 2)]
+    period = b.period()
+    events = [
+        subscribed(t.customers[0], period, sub_id=f"sub_fail_{n}")
+        for n, t in enumerate([good, bad, good])
+    ]
     with psycopg.connect(dsn, autocommit=True) as admin:
         admin.execute(BREAK_MOVES.format(tenant=bad.tenant_id))
 
@@ -324,10 +347,8 @@ async def test_the_setting_is_cleared_when_the_call_returns(
     """Later work in the same transaction (the unparking, done in Python), or in the
     connection's next one, moves at once."""
     (t,) = await tenants(client, auth, tollhouse, 1)
-    start, end = b.period()
-    obj = fs.subscription("sub_clear", t.customers[0], b.PRICES[b.PRO], start=start, end=end)
     events = [
-        fs.event("customer.subscription.created", obj),
+        subscribed(t.customers[0], b.period(), sub_id="sub_clear"),
         fs.event("customer.updated", fs.shape("customer", id=t.customers[0], metadata={})),
     ]
     read = "SELECT current_setting('tollhouse.deferred_plan_syncs', true)"
@@ -359,20 +380,15 @@ async def test_concurrent_batches_and_debits_keep_plans_and_conservation(
     both customers at once (group commit may put them in two concurrent calls), while debits
     of the same tenants run: every account ends on its effective plan, and every balance is
     its ledger and its grants."""
-    await b.load_prices(client)
-    made = [await b.linked_customer(client, auth) for _ in range(6)]
-    seconds = [fs.new_id("cus") for _ in made]
-    async with tollhouse.db.connection() as conn:
-        for c, second in zip(made, seconds, strict=True):
-            await conn.execute("SELECT tollhouse.billing_link_v1(%s, %s)", (second, c.tenant_id))
-    start, end = b.period()
+    made = await tenants(client, auth, tollhouse, 6, all_with_two=True)
+    period = b.period()
     rng = random.Random(7)
     t0 = int(time.time()) - 1000
 
     def change(customer: str, n: int) -> dict[str, Any]:
-        price = b.PRICES[rng.choice([b.PRO, b.STARTER])]
-        obj = fs.subscription(f"sub_{customer}", customer, price, start=start, end=end)
-        return fs.event("customer.subscription.updated", obj, created=t0 + n)
+        price = rng.choice([b.PRO, b.STARTER])
+        updated = "customer.subscription.updated"
+        return subscribed(customer, period, price, created=t0 + n, type_=updated)
 
     async def debits() -> None:
         for _ in range(20):
@@ -387,8 +403,8 @@ async def test_concurrent_batches_and_debits_keep_plans_and_conservation(
 
     async def webhooks() -> None:
         for n in range(10):
-            events = [change(c.customer_id, 2 * n) for c in made]
-            events += [change(s, 2 * n + rng.randint(0, 1)) for s in seconds]
+            events = [change(t.customers[0], 2 * n) for t in made]
+            events += [change(t.customers[1], 2 * n + rng.randint(0, 1)) for t in made]
             rng.shuffle(events)
             answers = await asyncio.gather(*(b.ok(client, e) for e in events))
             assert {a["status"] for a in answers} == {"processed"}
@@ -432,12 +448,11 @@ async def test_a_move_reads_the_effective_plan_after_the_lock(
         )
         assert await cur.fetchone() == (0 if first_account else 1,)
     first, second = t.customers
-    start, end = b.period()
+    period = b.period()
     now = int(time.time())
 
     def batch(customer: str, price: str, created: int) -> list[dict[str, Any]]:
-        obj = fs.subscription(f"sub_{customer}", customer, b.PRICES[price], start=start, end=end)
-        events = [fs.event("customer.subscription.created", obj, created=created)]
+        events = [subscribed(customer, period, price, created=created)]
         if batched:  # a batch: more than one delivery
             events.append(fs.event("tollhouse.test.ignored", {"id": "x"}))
         return events
@@ -495,20 +510,13 @@ async def test_deliveries_of_no_listed_tenant_leave_the_moves_to_the_end(
     """Between two tenants' plan changes, an event of no customer, one of an unknown
     customer (parked) and one of a third tenant: the two moves are made once, together."""
     one, two, three = await tenants(client, auth, tollhouse, 3)
-    start, end = b.period()
-
-    def moving(t: Tenant) -> dict[str, Any]:
-        customer = t.customers[0]
-        obj = fs.subscription(f"sub_{customer}", customer, b.PRICES[b.PRO], start=start, end=end)
-        return fs.event("customer.subscription.created", obj)
-
-    unknown = fs.subscription("sub_nobody", "cus_nobody", b.PRICES[b.PRO], start=start, end=end)
+    period = b.period()
     events = [
-        moving(one),
+        subscribed(one.customers[0], period),
         fs.event("tollhouse.test.ignored", {"id": "x"}),
-        fs.event("customer.subscription.created", unknown),
+        subscribed("cus_nobody", period),
         fs.event("customer.updated", fs.shape("customer", id=three.customers[0], metadata={})),
-        moving(two),
+        subscribed(two.customers[0], period),
     ]
     with psycopg.connect(dsn) as conn:
         conn.execute("SET LOCAL track_functions = 'all'")
