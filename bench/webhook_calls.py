@@ -14,12 +14,15 @@ customer's first event.
 
 Each side runs on a throwaway embedded PostgreSQL of its own (durable settings): `this`, with
 this checkout's migrations, and with `--baseline-src DIR` (a directory holding another
-version of the `tollhouse` package, e.g. `git archive <commit> src | tar -x -C /tmp/base`,
-then /tmp/base/src) `base`, migrated by that version. The cases alternate between the sides
-and sizes, in a rotating order, so that the host's changes of speed fall on all of them.
-A measurement is the backend's CPU time (Linux: /proc/<pid>/schedstat) over the case's
-events. Reported: the mean over the cases, the range, and with a baseline the ratio and in
-how many cases this side used less.
+version of the `tollhouse` package, e.g. `mkdir -p /tmp/base && git archive <commit> src |
+tar -x -C /tmp/base`, then /tmp/base/src) `base`, migrated by that version; both sides are
+sent this checkout's `receive` statement. Both are warmed up, then analysed, before the first
+case. The cases go through every side and size in turn, each case in another order (with
+`--cases` a multiple of sides x sizes, each takes every place once), so that the host's
+changes of speed fall on all of them. A measurement is the backend's CPU time (Linux:
+/proc/<pid>/schedstat) over the case's events; the server's other processes (WAL writer,
+checkpointer, autovacuum) are not counted. Reported: the mean over the cases, the range, and
+with a baseline the ratio and in how many cases this side used less.
 """
 
 from __future__ import annotations
@@ -83,12 +86,14 @@ def database(scratch: Path, name: str, source: Path | None) -> Iterator[str]:
 
 
 def call_params(bodies: list[bytes]) -> dict[str, object]:
-    """The `receive` query's parameters for a batch, as `BillingService._receive` makes them."""
+    """The `receive` query's parameters for a batch, as `BillingService._receive` makes them
+    (the benchmark's customers are all linked: nothing is parked, so `unpark` never asks for
+    a second call)."""
     return {
         "events": "[" + ",".join(b.decode() for b in bodies) + "]",
         "hashes": [hashlib.sha256(b).hexdigest() for b in bodies],
         "customers": [handlers.event_customer(parse_event(b)) for b in bodies],
-        "unpark": True,
+        "unpark": False,
         "source": "webhook",
     }
 
@@ -106,11 +111,21 @@ def prepare(dsn: str, name: str, args: argparse.Namespace) -> Side:
         for statement in filter(str.strip, SETUP.split(";")):
             admin.execute(statement, {"customers": args.customers} if "%(" in statement else None)
     conn = psycopg.connect(as_user(dsn, "tollhouse_service"), autocommit=True)
-    row = conn.execute("SELECT pg_backend_pid()").fetchone()
-    assert row is not None
-    side = Side(name, conn, int(str(row[0])), Events(args.events, args.customers))
-    send(side, side.events.next_case(args.customers), max(args.sizes))  # the warm-up
+    try:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None
+        side = Side(name, conn, int(str(row[0])), Events(args.events, args.customers))
+        send(side, side.events.next_case(args.customers), max(args.sizes))  # the warm-up
+    except BaseException:
+        conn.close()
+        raise
     return side
+
+
+def analyse(dsn: str) -> None:
+    """After both warm-ups, so that no side is measured before or after autoanalyze."""
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("ANALYZE")
 
 
 def measure(sides: list[Side], sizes: list[int], cases: int) -> None:
@@ -118,7 +133,7 @@ def measure(sides: list[Side], sizes: list[int], cases: int) -> None:
     for case in range(cases):
         shift = case % len(runs)
         order = runs[shift:] + runs[:shift]
-        if case % 2:
+        if (case // len(runs)) % 2:
             order.reverse()
         line = []
         for side, size in order:
@@ -162,6 +177,8 @@ def main() -> None:
     parser.add_argument("--baseline-src", type=Path, help="another `tollhouse` package's dir")
     args = parser.parse_args()
     args.sizes = [int(size) for size in args.sizes.split(",")]
+    if args.cases < 1 or min(args.sizes) < 1:
+        parser.error("--cases and every size must be at least 1")
     scratch = Path(tempfile.mkdtemp(prefix="tollhouse-bench-"))
     started = time.perf_counter()
     try:
@@ -169,11 +186,14 @@ def main() -> None:
             sides = [prepare(this_dsn, "this", args)]
             try:
                 if args.baseline_src is None:
+                    analyse(this_dsn)
                     measure(sides, args.sizes, args.cases)
                 else:
                     with database(scratch, "base", args.baseline_src.resolve()) as base_dsn:
                         sides.append(prepare(base_dsn, "base", args))
                         try:
+                            analyse(this_dsn)
+                            analyse(base_dsn)
                             measure(sides, args.sizes, args.cases)
                         finally:
                             sides[1].conn.close()
