@@ -17,7 +17,7 @@ class BillingConfig:
     api_base: str | None = None
     tolerance_seconds: int = 300
     #: Group-commit lanes for webhook deliveries: transactions in flight at once (2: one per
-    #: core of the measured machine; see docs/billing.md, "Two lanes").
+    #: core of the measured machine; see docs/billing.md, Performance).
     lanes: int = 2
     #: Share the waiting deliveries among the free lanes (calls side by side) rather than
     #: send them all in the next call.
