@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import os
 import shutil
 import statistics
@@ -45,8 +44,7 @@ from pathlib import Path
 import psycopg
 
 from loadgen import cpu_seconds
-from tollhouse.billing import handlers
-from tollhouse.billing.service import parse_event, queries
+from tollhouse.billing.service import Incoming, queries, receive_params
 from tollhouse.db import migrate
 from tollhouse.db.dsn import as_user
 from tollhouse.db.embedded import EmbeddedPostgres
@@ -89,13 +87,7 @@ def call_params(bodies: list[bytes]) -> dict[str, object]:
     """The `receive` query's parameters for a batch, as `BillingService._receive` makes them
     (the benchmark's customers are all linked: nothing is parked, so `unpark` never asks for
     a second call)."""
-    return {
-        "events": "[" + ",".join(b.decode() for b in bodies) + "]",
-        "hashes": [hashlib.sha256(b).hexdigest() for b in bodies],
-        "customers": [handlers.event_customer(parse_event(b)) for b in bodies],
-        "unpark": False,
-        "source": "webhook",
-    }
+    return {**receive_params([Incoming.read(body) for body in bodies]), "unpark": False}
 
 
 def send(side: Side, bodies: list[bytes], size: int) -> None:

@@ -7,7 +7,6 @@ call, and the deliveries sent again alone give each its own outcome."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import random
 import threading
@@ -24,13 +23,12 @@ from tests.support import billing as b
 from tests.support import fake_stripe as fs
 from tests.support.credit_state import CREDIT_STATE
 from tollhouse.app import Tollhouse
-from tollhouse.billing import handlers
-from tollhouse.billing.service import Incoming
+from tollhouse.billing.service import Incoming, receive_params
 from tollhouse.credits import DebitRequest, conservation_problems
 
 RECEIVE = (
-    "SELECT stripe_event_id, status, error"
-    " FROM tollhouse.billing_receive_v1(%s::jsonb, %s, %s, true, 'webhook')"
+    "SELECT stripe_event_id, status, error FROM tollhouse.billing_receive_v1("
+    "%(events)s::jsonb, %(hashes)s, %(customers)s, true, %(source)s)"
 )
 
 STATE = (
@@ -65,15 +63,11 @@ WHERE tenant_id = %(t)s AND source_id = %(id)s;
 
 def receive(conn: psycopg.Connection[Any], events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     """One `billing_receive_v1` call, as the service makes it."""
-    bodies = [json.dumps(e) for e in events]
-    return conn.execute(
-        RECEIVE,
-        (
-            "[" + ",".join(bodies) + "]",
-            [hashlib.sha256(body.encode()).hexdigest() for body in bodies],
-            [handlers.event_customer(e) for e in events],
-        ),
-    ).fetchall()
+    return conn.execute(RECEIVE, receive_params(incoming(events))).fetchall()
+
+
+def incoming(events: list[dict[str, Any]]) -> list[Incoming]:
+    return [Incoming.read(json.dumps(e).encode()) for e in events]
 
 
 def function_calls(conn: psycopg.Connection[Any]) -> dict[str, int]:
@@ -319,16 +313,9 @@ async def test_a_failing_deferred_move_fails_the_call_and_alone_each_gets_its_ou
     assert await stored() == 0
 
     # Through the service: group commit sends the deliveries again alone.
-    incoming = [
-        Incoming(
-            e,
-            json.dumps(e),
-            hashlib.sha256(json.dumps(e).encode()).hexdigest(),
-            handlers.event_customer(e),
-        )
-        for e in events
-    ]
-    delivered = await asyncio.gather(*(tollhouse.billing.receiver.submit(i) for i in incoming))
+    delivered = await asyncio.gather(
+        *(tollhouse.billing.receiver.submit(i) for i in incoming(events))
+    )
     assert [d.status for d in delivered] == ["processed", "failed", "processed"]
     assert "refused" in (delivered[1].error or "")
     async with tollhouse.db.connection() as conn:

@@ -58,6 +58,30 @@ class Incoming:
     #: `webhook`, or `api` for an event read from Stripe's API by `sync`.
     source: str = "webhook"
 
+    @classmethod
+    def read(cls, raw: bytes, source: str = "webhook") -> Incoming:
+        """A verified body as the receiver takes it: its event (or `InvalidWebhookPayload`),
+        the body, its SHA-256 and the customer the event concerns."""
+        event = parse_event(raw)
+        return cls(
+            event,
+            raw.decode(),
+            hashlib.sha256(raw).hexdigest(),
+            handlers.event_customer(event),
+            source,
+        )
+
+
+def receive_params(batch: Sequence[Incoming]) -> dict[str, Any]:
+    """The `receive` query's parameters for a batch, but `unpark`: the raw bodies as one JSON
+    array (never serialised again in Python), their digests and customers, and the source."""
+    return {
+        "events": "[" + ",".join(i.body for i in batch) + "]",
+        "hashes": [i.digest for i in batch],
+        "customers": [i.customer_id for i in batch],
+        "source": batch[0].source,  # one source a batch: `ingest` sends its events alone
+    }
+
 
 def parse_event(body: bytes) -> Obj:
     """The event in a verified body, or `InvalidWebhookPayload`."""
@@ -129,11 +153,7 @@ class BillingService:
             now=time.time(),
             tolerance=self.config.tolerance_seconds,
         )
-        event = parse_event(body)
-        incoming = Incoming(
-            event, body.decode(), hashlib.sha256(body).hexdigest(), handlers.event_customer(event)
-        )
-        return await self._take(incoming)
+        return await self._take(Incoming.read(body))
 
     async def _take(self, incoming: Incoming) -> Delivery:
         """Store and apply a delivery (or an event read from the API). Checkout Sessions,
@@ -158,12 +178,7 @@ class BillingService:
         """Store and apply a batch of deliveries: one `billing_receive_v1` call that is its
         own transaction (one round trip). A batch that links a customer with parked events
         is sent again in a transaction that also applies those, oldest first."""
-        params = {
-            "events": "[" + ",".join(i.body for i in batch) + "]",
-            "hashes": [i.digest for i in batch],
-            "customers": [i.customer_id for i in batch],
-            "source": batch[0].source,  # one source a batch: `ingest` sends its events alone
-        }
+        params = receive_params(batch)
 
         async def alone(conn: Conn) -> list[Any] | None:
             try:
@@ -539,16 +554,7 @@ class BillingService:
         a delivery would be, marked `source = 'api'`: an id stored before, or delivered
         later, is a duplicate by its id (its body is our serialisation, not Stripe's)."""
         body = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
-        raw = body.encode()
-        event = parse_event(raw)
-        incoming = Incoming(
-            event,
-            body,
-            hashlib.sha256(raw).hexdigest(),
-            handlers.event_customer(event),
-            source="api",
-        )
-        return await self._take(incoming)
+        return await self._take(Incoming.read(body.encode(), source="api"))
 
     async def _apply_fetched(self, type_: str, obj: Obj, at: datetime) -> None:
         async def work(conn: Conn) -> None:
