@@ -148,3 +148,12 @@ class Metrics:
             self.registry.register(_LanesPoolCollector(lanes_stats))
         if webhook_batches is not None:
             self.registry.register(_WebhookBatchCollector(webhook_batches))
+        self._stripe_outcomes: dict[str, Any] = {}
+
+    def count_stripe_event(self, status: str) -> None:
+        """One more delivery with this outcome. The labelled child is kept: a lookup takes
+        the metric's lock and validates the labels, on every delivery."""
+        child = self._stripe_outcomes.get(status)
+        if child is None:
+            child = self._stripe_outcomes[status] = self.stripe_events.labels(status=status)
+        child.inc()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import socket
 import sys
@@ -239,6 +240,10 @@ async def _serve(
         )
         server = _Server(config)
         server.should_exit = stop.requested
+        # What start-up made (the app, the SDKs, the pools) lives as long as the process: frozen,
+        # the collector stops scanning it again and again while requests allocate.
+        gc.collect()
+        gc.freeze()
         host, port = sock.getsockname()[:2]
         announce(f"Tollhouse is listening on http://{host}:{port} (API docs at /docs)")
         sys.stdout.flush()

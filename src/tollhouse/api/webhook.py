@@ -75,7 +75,7 @@ class WebhookShortPath:
         except TollhouseError as exc:
             status, content, headers = domain_error(exc)
         else:
-            self.metrics.stripe_events.labels(status=delivery.status).inc()
+            self.metrics.count_stripe_event(delivery.status)
             status = 200
             content = {
                 "id": delivery.event_id,

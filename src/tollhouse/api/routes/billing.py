@@ -140,7 +140,7 @@ async def webhook(
     # What answers when the short path (`tollhouse.api.webhook`) is off; the same steps.
     body = await bounded_body(request.receive, request.headers.get("content-length"))
     delivery = await tollhouse.billing.receive(body, stripe_signature)
-    request.app.state.metrics.stripe_events.labels(status=delivery.status).inc()
+    request.app.state.metrics.count_stripe_event(delivery.status)
     return DeliveryOut.of(delivery)
 
 
