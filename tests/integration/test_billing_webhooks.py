@@ -112,6 +112,9 @@ async def test_w02_bad_signatures_are_400_store_nothing_and_parse_nothing(
         (body, {"Stripe-Signature": "t=abc," + good.split(",")[1]}),
         (body, {"Stripe-Signature": t + ",v0=" + good.split("v1=")[1]}),
         (body, {"Stripe-Signature": t + ",v1="}),
+        # Digits that are not ASCII ones (a superscript two in Latin-1), and too many.
+        (body, {"Stripe-Signature": b"t=\xb2," + good.split(",")[1].encode()}),
+        (body, {"Stripe-Signature": "t=" + "9" * 5000 + "," + good.split(",")[1]}),
     ]
     for content, headers in cases:
         headers = {**headers, "Content-Type": "application/json"}
@@ -178,7 +181,18 @@ async def test_signed_bodies_that_are_not_events_are_400_and_stored_nowhere(
     nul = json.dumps(fs.event("foo.bar", {"id": "x\u0000"}))
     response = await client.post("/v1/stripe/webhook", content=nul, headers=fs.sign(nul))
     assert response.json()["error"]["code"] == "invalid_payload"
+    # Half of a UTF-16 pair, in a value or a key, is no text for PostgreSQL either; a whole
+    # pair is.
+    for lone in ({"id": "x\ud800"}, {"id": "x", "metadata": {"\udc00": "k"}}):
+        body = json.dumps(fs.event("foo.bar", lone))
+        response = await client.post("/v1/stripe/webhook", content=body, headers=fs.sign(body))
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["code"] == "invalid_payload"
     assert await event_rows(tollhouse) == 0
+    pair = json.dumps(fs.event("foo.bar", {"id": "x\U0001f600"}))
+    response = await client.post("/v1/stripe/webhook", content=pair, headers=fs.sign(pair))
+    assert response.status_code == 200, response.text
+    assert await event_rows(tollhouse) == 1
 
 
 # --- W-04, W-05: duplicates -------------------------------------------------------------------

@@ -100,7 +100,28 @@ def parse_event(body: bytes) -> Obj:
         raise e.InvalidWebhookPayload("the body is not a Stripe event (id, type, created, data)")
     if b"\\u0000" in body or b"\x00" in body:  # PostgreSQL's jsonb stores no NUL
         raise e.InvalidWebhookPayload("the event contains NUL characters")
+    if b"\\u" in body and _lone_surrogate(event):  # nor half of a UTF-16 pair
+        raise e.InvalidWebhookPayload("the event contains an unpaired UTF-16 surrogate")
     return event
+
+
+def _lone_surrogate(value: Any) -> bool:
+    """Whether a string in `value` (keys included) holds a surrogate: `json` joins the
+    escaped pairs into one character, so what is left is half of one, which is no text."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                return True
+    return False
 
 
 class BillingService:

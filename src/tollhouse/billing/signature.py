@@ -9,8 +9,13 @@ from tollhouse.errors import InvalidWebhookSignature
 
 def _timestamp(header: str) -> int:
     """The `t=` of the header; the SDK would fail on a malformed one with a ValueError."""
-    stamps = [item[2:] for item in header.split(",") if item.strip().startswith("t=")]
-    if len(stamps) != 1 or not stamps[0].strip().isdigit():
+    stamps = [item[2:].strip() for item in header.split(",") if item.strip().startswith("t=")]
+    # At most 15 ASCII digits: str.isdigit() also takes other scripts' digits and
+    # superscripts, which int() refuses or reads as another number, and int() refuses a
+    # number of more than 4,300 digits.
+    if len(stamps) != 1 or not (
+        stamps[0].isascii() and stamps[0].isdigit() and len(stamps[0]) <= 15
+    ):
         raise InvalidWebhookSignature("the Stripe-Signature header has no valid t= timestamp")
     return int(stamps[0])
 
