@@ -50,8 +50,28 @@ async def test_checkout_creates_the_customer_once_and_answers_a_url(
     first = await client.post(f"/v1/users/{user_id}/checkout", json=body, headers=auth)
     assert first.status_code == 200, first.text
     assert first.json()["url"].startswith("https://checkout.stripe.test/")
+    # A second purchase of the same price is a new session, not the first one replayed.
     again = await client.post(f"/v1/users/{user_id}/checkout", json=body, headers=auth)
-    assert again.json() == first.json()  # same idempotency key: Stripe replays the session
+    assert again.status_code == 200, again.text
+    assert again.json()["url"] != first.json()["url"]
+    # A caller's retry with its Idempotency-Key gets the same session; another key (or the
+    # same key for another price) a new one.
+    keyed = {**auth, "Idempotency-Key": "order-42"}
+    retried = [
+        (await client.post(f"/v1/users/{user_id}/checkout", json=body, headers=keyed)).json()
+        for _ in range(2)
+    ]
+    assert retried[0] == retried[1]
+    assert retried[0]["url"] not in (first.json()["url"], again.json()["url"])
+    other = {**auth, "Idempotency-Key": "order-43"}
+    assert (
+        await client.post(f"/v1/users/{user_id}/checkout", json=body, headers=other)
+    ).json() != retried[0]
+    for bad in ("", "a" * 256, "with space"):
+        refused = await client.post(
+            f"/v1/users/{user_id}/checkout", json=body, headers={**auth, "Idempotency-Key": bad}
+        )
+        assert refused.status_code == 422, (bad, refused.text)
     assert len(stripe_api.objects["customers"]) == customers_before + 1
     (customer,) = [
         c
@@ -73,6 +93,20 @@ async def test_checkout_creates_the_customer_once_and_answers_a_url(
     )
     assert portal.status_code == 200 and portal.json()["url"].startswith("https://billing.")
     assert stripe_api.requests[-1][2]["customer"] == customer["id"]
+
+    # The customer deleted at Stripe: the next checkout makes a new one, under a key of its
+    # own (Stripe would replay the deleted customer for the first key).
+    await b.ok(client, fs.event("customer.deleted", customer))
+    after = await client.post(f"/v1/users/{user_id}/checkout", json=body, headers=auth)
+    assert after.status_code == 200, after.text
+    creations = [r for r in stripe_api.requests if r[:2] == ("POST", "/v1/customers")]
+    assert [r[3] for r in creations] == [
+        f"tollhouse-customer-{tenant_id}",
+        f"tollhouse-customer-{tenant_id}-1",
+    ]
+    assert len(stripe_api.objects["customers"]) == customers_before + 2
+    billing = (await client.get(f"/v1/users/{user_id}/billing", headers=auth)).json()
+    assert billing["customer_id"] not in (None, customer["id"])
 
 
 async def test_checkout_refusals(

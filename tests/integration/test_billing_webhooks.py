@@ -112,15 +112,21 @@ async def test_w02_bad_signatures_are_400_store_nothing_and_parse_nothing(
         (body, {"Stripe-Signature": "t=abc," + good.split(",")[1]}),
         (body, {"Stripe-Signature": t + ",v0=" + good.split("v1=")[1]}),
         (body, {"Stripe-Signature": t + ",v1="}),
-        # Digits that are not ASCII ones (a superscript two in Latin-1), and too many.
-        (body, {"Stripe-Signature": b"t=\xb2," + good.split(",")[1].encode()}),
-        (body, {"Stripe-Signature": "t=" + "9" * 5000 + "," + good.split(",")[1]}),
+        (body, {"Stripe-Signature": "t=" + "9" * 5000 + "," + good.split(",")[1]}),  # too long
     ]
     for content, headers in cases:
         headers = {**headers, "Content-Type": "application/json"}
         response = await client.post("/v1/stripe/webhook", content=content, headers=headers)
         assert response.status_code == 400, (headers, response.text)
         assert response.json()["error"]["code"] == "invalid_signature"
+    # Digits that are not ASCII ones: a superscript two, in Latin-1.
+    superscript = {
+        b"Stripe-Signature": b"t=\xb2," + good.split(",")[1].encode(),
+        b"Content-Type": b"application/json",
+    }
+    response = await client.post("/v1/stripe/webhook", content=body, headers=superscript)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_signature"
     assert await event_rows(tollhouse) == 0
     assert parsed == []
 

@@ -131,9 +131,12 @@ WHERE tenant_id = %(tenant_id)s AND id = %(id)s
 SELECT tollhouse.credit_personal_tenant_v1(%(user_id)s)
 
 -- name: customer_of_tenant
-SELECT customer_id FROM tollhouse.billing_customers
-WHERE tenant_id = %(tenant_id)s AND provider = 'stripe' AND NOT deleted
-ORDER BY created_at DESC LIMIT 1
+-- The tenant's live customer (or NULL), and how many of its customers were deleted.
+SELECT (SELECT c.customer_id FROM tollhouse.billing_customers c
+        WHERE c.tenant_id = %(tenant_id)s AND c.provider = 'stripe' AND NOT c.deleted
+        ORDER BY c.created_at DESC LIMIT 1),
+       (SELECT count(*) FROM tollhouse.billing_customers c
+        WHERE c.tenant_id = %(tenant_id)s AND c.provider = 'stripe' AND c.deleted)
 
 -- name: summary
 SELECT tollhouse.billing_effective_plan_v1(%(tenant_id)s) AS plan,

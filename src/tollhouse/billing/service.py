@@ -444,16 +444,21 @@ class BillingService:
 
     async def customer_for(self, tenant_id: uuid.UUID) -> str:
         """The tenant's Stripe customer, created on first use. The idempotency key is the
-        tenant, so two racing calls create one customer at Stripe."""
+        tenant and how many of its customers were deleted, so two racing calls create one
+        customer at Stripe, and a customer made after a deletion is a new one (not Stripe's
+        replay of the deleted one, for 24 hours)."""
         async with self._db.connection() as conn:
             cur = await conn.execute(queries["customer_of_tenant"], {"tenant_id": tenant_id})
             row = await cur.fetchone()
-        if row is not None:
-            return str(row[0])
+        assert row is not None
+        customer, deleted = row
+        if customer is not None:
+            return str(customer)
+        key = f"tollhouse-customer-{tenant_id}" + (f"-{deleted}" if deleted else "")
         created = await self._call(
             self.client.v1.customers.create,
             params={"metadata": {"tollhouse_tenant_id": str(tenant_id)}},
-            options={"idempotency_key": f"tollhouse-customer-{tenant_id}"},
+            options={"idempotency_key": key},
         )
 
         async def work(conn: Conn) -> None:
@@ -482,7 +487,14 @@ class BillingService:
             raise e.PriceNotFound(price_id=price_id)
         customer = await self.customer_for(tenant_id)
         mode = "subscription" if type_ == "recurring" else "payment"
-        key = operation_id or f"{tenant_id}:{price_id}:{success_url}:{cancel_url}"
+        # One purchase attempt a call: a second purchase of the same price must get a new
+        # session, not Stripe's replay of the first one, completed or expired. A caller that
+        # retries passes its own key (`Idempotency-Key`), scoped by what it asks for.
+        key = (
+            f"{tenant_id}:{price_id}:{success_url}:{cancel_url}:{operation_id}"
+            if operation_id
+            else str(uuid.uuid4())
+        )
         session = await self._call(
             self.client.v1.checkout.sessions.create,
             params={
@@ -515,7 +527,8 @@ class BillingService:
             self.client.v1.billing_portal.sessions.create,
             params=params,
             options={
-                "idempotency_key": "tollhouse-portal-" + _digest(operation_id or str(uuid.uuid4()))
+                "idempotency_key": "tollhouse-portal-"
+                + _digest(f"{tenant_id}:{operation_id}" if operation_id else str(uuid.uuid4()))
             },
         )
         return str(session.url)

@@ -90,6 +90,20 @@ class UrlOut(BaseModel):
     url: str
 
 
+#: A caller's key for one purchase or portal visit: the same key again (a retried request)
+#: gets the same session; without one, every request is a new session.
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Retries with the same key get the same session (for 24 hours).",
+    ),
+]
+
+
 class EventOut(BaseModel):
     id: str
     type: str
@@ -167,11 +181,19 @@ async def user_billing(user_id: uuid.UUID, _: ServiceKey, tollhouse: TollhouseDe
     },
 )
 async def checkout(
-    user_id: uuid.UUID, body: CheckoutBody, _: ServiceKey, tollhouse: TollhouseDep
+    user_id: uuid.UUID,
+    body: CheckoutBody,
+    _: ServiceKey,
+    tollhouse: TollhouseDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> UrlOut:
     tenant = await tollhouse.billing.personal_tenant(user_id)
     url = await tollhouse.billing.checkout(
-        tenant, price_id=body.price_id, success_url=body.success_url, cancel_url=body.cancel_url
+        tenant,
+        price_id=body.price_id,
+        success_url=body.success_url,
+        cancel_url=body.cancel_url,
+        operation_id=idempotency_key,
     )
     return UrlOut(url=url)
 
@@ -187,10 +209,16 @@ async def checkout(
     },
 )
 async def portal(
-    user_id: uuid.UUID, _: ServiceKey, tollhouse: TollhouseDep, body: PortalBody | None = None
+    user_id: uuid.UUID,
+    _: ServiceKey,
+    tollhouse: TollhouseDep,
+    body: PortalBody | None = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> UrlOut:
     tenant = await tollhouse.billing.personal_tenant(user_id)
-    url = await tollhouse.billing.portal(tenant, return_url=body.return_url if body else None)
+    url = await tollhouse.billing.portal(
+        tenant, return_url=body.return_url if body else None, operation_id=idempotency_key
+    )
     return UrlOut(url=url)
 
 

@@ -11,7 +11,13 @@ from fastapi import APIRouter, Response, status
 from pydantic import BaseModel, Field, StrictInt
 
 from tollhouse.api.deps import Caller, CallerDep, TollhouseDep
-from tollhouse.api.routes.billing import BillingOut, CheckoutBody, PortalBody, UrlOut
+from tollhouse.api.routes.billing import (
+    BillingOut,
+    CheckoutBody,
+    IdempotencyKey,
+    PortalBody,
+    UrlOut,
+)
 from tollhouse.api.schemas import Strict
 from tollhouse.app import Tollhouse
 from tollhouse.errors import Forbidden, InvalidRequest, OrganisationPermissionDenied
@@ -404,11 +410,19 @@ async def org_billing(
     summary="A Stripe Checkout Session for the organisation (owners and admins)",
 )
 async def org_checkout(
-    tenant_id: uuid.UUID, body: CheckoutBody, caller: CallerDep, tollhouse: TollhouseDep
+    tenant_id: uuid.UUID,
+    body: CheckoutBody,
+    caller: CallerDep,
+    tollhouse: TollhouseDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> UrlOut:
     tenant = await _billable(tollhouse, tenant_id, caller)
     url = await tollhouse.billing.checkout(
-        tenant, price_id=body.price_id, success_url=body.success_url, cancel_url=body.cancel_url
+        tenant,
+        price_id=body.price_id,
+        success_url=body.success_url,
+        cancel_url=body.cancel_url,
+        operation_id=idempotency_key,
     )
     return UrlOut(url=url)
 
@@ -423,7 +437,10 @@ async def org_portal(
     caller: CallerDep,
     tollhouse: TollhouseDep,
     body: PortalBody | None = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> UrlOut:
     tenant = await _billable(tollhouse, tenant_id, caller)
-    url = await tollhouse.billing.portal(tenant, return_url=body.return_url if body else None)
+    url = await tollhouse.billing.portal(
+        tenant, return_url=body.return_url if body else None, operation_id=idempotency_key
+    )
     return UrlOut(url=url)
