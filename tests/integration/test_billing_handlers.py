@@ -388,6 +388,100 @@ async def test_same_second_states_end_alike_in_either_order(
     assert rows == [("active",)]
 
 
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+async def test_same_second_customers_products_prices_and_invoices_end_alike(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse, order: tuple[int, int]
+) -> None:
+    """A `created` and an `updated` (an invoice's `finalized` and `paid`) of one second: the
+    later kind of event wins in either arrival order (migration 0018)."""
+    await b.load_prices(client)
+    c = await b.linked_customer(client, auth)
+    second = int(time.time()) - 10
+    price_id = "price_tie_" + uuid.uuid4().hex[:6]
+    product_id = "prod_tie_" + uuid.uuid4().hex[:6]
+    start, end = b.period()
+    sub_id = "sub_tie_" + uuid.uuid4().hex[:6]
+    await b.ok(
+        client,
+        fs.event(
+            "customer.subscription.created",
+            fs.subscription(sub_id, c.customer_id, b.PRICES[b.PRO], start=start, end=end),
+            created=second - 5,
+        ),
+    )
+    invoice = fs.invoice(
+        "in_tie_" + uuid.uuid4().hex[:6],
+        c.customer_id,
+        sub_id,
+        b.PRICES[b.PRO],
+        start=start,
+        end=end,
+    )
+    pairs = [
+        (
+            fs.event("price.created", fs.price(price_id), created=second),
+            fs.event("price.updated", fs.price(price_id, tollhouse_plan="pro"), created=second),
+        ),
+        (
+            fs.event(
+                "product.created", fs.shape("product", id=product_id, name="Old"), created=second
+            ),
+            fs.event(
+                "product.updated", fs.shape("product", id=product_id, name="New"), created=second
+            ),
+        ),
+        (
+            fs.event(
+                "customer.created",
+                fs.shape("customer", id=c.customer_id, email="old@example.com", metadata={}),
+                created=second,
+            ),
+            fs.event(
+                "customer.updated",
+                fs.shape("customer", id=c.customer_id, email="new@example.com", metadata={}),
+                created=second,
+            ),
+        ),
+        (
+            fs.event("invoice.finalized", {**invoice, "status": "open"}, created=second),
+            fs.event("invoice.paid", invoice, created=second),
+        ),
+    ]
+    for pair in pairs:
+        for index in order:
+            assert (await b.ok(client, pair[index]))["status"] == "processed"
+    assert await _rows(
+        tollhouse, "SELECT plan FROM tollhouse.billing_prices WHERE id = %s", price_id
+    ) == [("pro",)]
+    assert await _rows(
+        tollhouse, "SELECT name FROM tollhouse.billing_products WHERE id = %s", product_id
+    ) == [("New",)]
+    assert await _rows(
+        tollhouse,
+        "SELECT email FROM tollhouse.billing_customers WHERE customer_id = %s",
+        c.customer_id,
+    ) == [("new@example.com",)]
+    assert await _rows(
+        tollhouse, "SELECT status, paid FROM tollhouse.invoices WHERE id = %s", invoice["id"]
+    ) == [("paid", True)]
+
+
+async def test_an_older_deletion_of_a_customer_deletes_it_and_keeps_the_newer_fields(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
+) -> None:
+    c = await b.linked_customer(client, auth)
+    second = int(time.time()) - 10
+    newer = fs.shape("customer", id=c.customer_id, email="newer@example.com", metadata={})
+    older = fs.shape("customer", id=c.customer_id, email="older@example.com", metadata={})
+    await b.ok(client, fs.event("customer.updated", newer, created=second))
+    await b.ok(client, fs.event("customer.deleted", older, created=second - 5))
+    assert await _rows(
+        tollhouse,
+        "SELECT email, deleted FROM tollhouse.billing_customers WHERE customer_id = %s",
+        c.customer_id,
+    ) == [("newer@example.com", True)]
+
+
 async def test_an_unreadable_signed_object_is_failed_not_500(
     client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
 ) -> None:
