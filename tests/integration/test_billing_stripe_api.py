@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -184,6 +185,47 @@ async def test_sync_reconciles_what_never_arrived_and_later_deliveries_change_no
     await tollhouse.billing.sync()
     balance = (await client.get(f"/v1/credits/balance?user_id={user_id}", headers=auth)).json()
     assert balance["balance"] == 20000
+
+
+async def test_sync_takes_canceled_subscriptions_and_since_skips_older_objects(
+    client: httpx.AsyncClient,
+    auth: dict[str, str],
+    tollhouse: Tollhouse,
+    stripe_api: fs.FakeStripe,
+) -> None:
+    """Sync asks for every subscription (`status=all`: Stripe leaves canceled ones out by
+    default), and `since` asks only for objects created since then."""
+    _, tenant_id = await b.new_user(client, auth)
+    customer, the_price, sub, _ = _subscriber(tenant_id, "pro")
+    ended = int(time.time()) - 3600
+    canceled = {**sub, "status": "canceled", "canceled_at": ended, "ended_at": ended}
+    _, other_tenant = await b.new_user(client, auth)
+    old_customer, old_price, old_sub, _ = _subscriber(other_tenant, "power")
+    for obj in (customer, the_price, canceled):
+        obj["created"] = ended - 3600
+    for obj in (old_customer, old_price, old_sub):
+        obj["created"] = 1_600_000_000  # September 2020
+    for kind, obj in (
+        ("customers", customer),
+        ("prices", the_price),
+        ("subscriptions", canceled),
+        ("customers", old_customer),
+        ("prices", old_price),
+        ("subscriptions", old_sub),
+    ):
+        stripe_api.put(kind, obj)
+    report = await tollhouse.billing.sync(since=datetime.now(UTC) - timedelta(days=1))
+    assert report.failures == [], report.failures
+    query = "SELECT id, status FROM tollhouse.subscriptions WHERE id = ANY(%s)"
+    async with tollhouse.db.connection() as conn:
+        cur = await conn.execute(query, ([canceled["id"], old_sub["id"]],))
+        assert await cur.fetchall() == [(canceled["id"], "canceled")]
+    asked = [r[2] for r in stripe_api.requests if r[:2] == ("GET", "/v1/subscriptions")]
+    assert asked and all(params.get("status") == "all" for params in asked)
+    await tollhouse.billing.sync()  # without since: the older objects too
+    async with tollhouse.db.connection() as conn:
+        cur = await conn.execute(query, ([old_sub["id"]],))
+        assert await cur.fetchall() == [(old_sub["id"], "active")]
 
 
 async def test_sync_never_overwrites_an_event_newer_than_its_page(

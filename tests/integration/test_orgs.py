@@ -822,3 +822,48 @@ async def test_an_organisation_subscribes_like_a_user(
     assert pool.plan == "pro"
     personal = await tollhouse.credits.balance(user_id=boss_in.user.id)
     assert personal.plan == "free"  # the owner's own plan is untouched
+
+
+async def test_a_checkout_naming_the_organisation_links_its_customer_to_the_organisation(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
+) -> None:
+    """A Checkout Session made elsewhere (a payment link, the dashboard) whose
+    client_reference_id is the organisation's tenant id: its customer is the organisation's,
+    and the subscription moves the organisation's pool, not its owner's account."""
+    from tests.support import billing as b
+    from tests.support import fake_stripe as fs
+    from tests.support.flows import verified_account
+
+    await b.load_prices(client)
+    boss_in, _ = await verified_account(tollhouse, f"boss-{uuid.uuid4().hex[:6]}@example.com")
+    org = await tollhouse.orgs.create("Linked", f"linked-{uuid.uuid4().hex[:6]}", boss_in.user.id)
+    customer = fs.new_id("cus")
+    session = b.subscription_session(
+        customer, str(org.id), payment_status="paid", status="complete"
+    )
+    assert (await b.ok(client, fs.event("checkout.session.completed", session)))["status"] == (
+        "processed"
+    )
+    start, end = b.period()
+    sub = fs.subscription(
+        "sub_orgref_" + uuid.uuid4().hex[:6], customer, b.PRICES[b.PRO], start=start, end=end
+    )
+    await b.ok(client, fs.event("customer.subscription.created", sub))
+    billing = (await client.get(f"/v1/orgs/{org.id}/billing", headers=auth)).json()
+    assert (billing["customer_id"], billing["plan"]) == (customer, "pro")
+    assert (await tollhouse.credits.balance(tenant_id=org.id)).plan == "pro"
+    assert (await tollhouse.credits.balance(user_id=boss_in.user.id)).plan == "free"
+    # Row-level security: a member reads the organisation's subscription; only owners and
+    # admins read its customer (the payer's personal data).
+    hand_in, _ = await verified_account(tollhouse, f"hand-{uuid.uuid4().hex[:6]}@example.com")
+    await tollhouse.orgs.add_member(org.id, hand_in.user.id)
+    seen = {}
+    for who in (hand_in.user.id, boss_in.user.id):
+        async with tollhouse.db.as_end_user(who) as conn:
+            subs = await (await conn.execute("SELECT id FROM tollhouse.subscriptions")).fetchall()
+            customers = await (
+                await conn.execute("SELECT customer_id FROM tollhouse.billing_customers")
+            ).fetchall()
+            seen[who] = (subs, customers)
+    assert seen[hand_in.user.id] == ([(sub["id"],)], [])
+    assert seen[boss_in.user.id] == ([(sub["id"],)], [(customer,)])

@@ -223,6 +223,13 @@ class FakeStripe:
             return 200, _page(self.line_items.get(parts[2], []), {}, "/v1/x")
         if method == "GET" and len(parts) == 1 and parts[0] in _KINDS:
             items = sorted(self.objects[parts[0]].values(), key=lambda o: o["id"])
+            # As Stripe lists: subscriptions without canceled ones unless `status=all`, and
+            # `created[gte]` when given.
+            if parts[0] == "subscriptions" and params.get("status") != "all":
+                items = [o for o in items if o.get("status") != "canceled"]
+            since = (params.get("created") or {}).get("gte")
+            if since is not None:
+                items = [o for o in items if int(o.get("created") or 0) >= int(since)]
             return 200, _page(items, params, f"/v1/{parts[0]}")
         if method == "GET" and len(parts) == 2 and parts[0] in _KINDS:
             found = self.objects[parts[0]].get(parts[1])
