@@ -436,8 +436,11 @@ async def test_w09_acknowledgement_latency_p99_under_500ms(
         latencies.append(time.perf_counter() - began)
         assert response.status_code == 200
 
-    for batch in range(20):
+    # 1,000 deliveries, as W-09 says, 10 at a time. Processing happens before the answer
+    # here (docs/billing.md, "Receiving a webhook"), so this bounds both.
+    for batch in range(100):
         await asyncio.gather(*(one(batch * 10 + i) for i in range(10)))
+    assert len(latencies) == 1000
     latencies.sort()
     assert latencies[int(len(latencies) * 0.99) - 1] < 0.5
 
