@@ -274,6 +274,31 @@ async def test_a_changed_record_updates_its_user_but_not_its_balance(
     assert ("4", "balance_not_reimported") in [(r[0], r[4]) for r in report]
 
 
+async def test_a_record_with_several_classification_notes_reports_each_once(
+    tollhouse: Tollhouse, tmp_path: Path
+) -> None:
+    """An updated record whose balance changed and whose customer another record owns has
+    two classification notes: each is its own report row (they shared a key and the whole
+    import failed)."""
+    rows = list(legacy_rows(2))
+    for row in rows:
+        row.update(
+            plan_tier="pro",
+            stripe_customer_id="cus_same",
+            stripe_subscription_id="",
+            billing_status="",
+        )
+    await run(tollhouse, write(tmp_path, render(rows)))
+    rows[1].update(display_name="Renamed", credits_balance="1", credits_remaining="1")
+    summary, report = await run(tollhouse, write(tmp_path, render(rows), "v2.csv"))
+    assert (summary.updated, summary.unchanged) == (1, 1)
+    assert [(r[0], r[4]) for r in report if r[0] == "3"] == [
+        ("3", "plan_override"),
+        ("3", "balance_not_reimported"),
+        ("3", "customer_linked_elsewhere"),
+    ]
+
+
 async def test_a_user_this_import_did_not_create_is_never_touched(
     tollhouse: Tollhouse, tmp_path: Path
 ) -> None:

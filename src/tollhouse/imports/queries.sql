@@ -233,37 +233,41 @@ CROSS JOIN (SELECT tollhouse.uuid7() AS base) b
 ORDER BY c.apply_no
 
 -- name: record_issues
--- The report of the run: the parser's and validator's issues, then the classification's.
+-- The report of the run: the parser's and validator's issues (seq from 0), then the
+-- classification's. A record may have several of these (an update whose balance changed and
+-- whose customer is linked elsewhere, say): each code has its own seq from 1000, which keeps
+-- the key (run_id, record_no, seq) unique and the report's order fixed.
 -- Shown values follow report.shown(): e-mails masked, at most 64 characters.
 INSERT INTO tollhouse.import_issues
     (run_id, record_no, seq, line_no, severity, column_name, value, code, message)
 SELECT %(run_id)s, record_no, seq, line_no, severity, column_name, value, code, message
 FROM import_incoming_issues
 UNION ALL
-SELECT %(run_id)s, c.record_no, 1000, c.line_no, x.severity, x.column_name,
+SELECT %(run_id)s, c.record_no, x.seq, c.line_no, x.severity, x.column_name,
        CASE WHEN char_length(x.value) > 64 THEN left(x.value, 63) || '…' ELSE x.value END,
        x.code, x.message
 FROM import_classified c
 LEFT JOIN import_billing cb ON cb.record_no = c.record_no
 CROSS JOIN LATERAL (
-    SELECT 'error' AS severity, 'user_id' AS column_name, c.user_id::text AS value,
+    SELECT 1000 AS seq, 'error' AS severity, 'user_id' AS column_name, c.user_id::text AS value,
            'duplicate_user_id' AS code,
            'user_id already on record ' || c.id_first || '; record not imported' AS message
     WHERE c.outcome = 'failed:duplicate_user_id'
     UNION ALL
-    SELECT 'error', 'provider_user_id', c.subject, 'duplicate_provider_user_id',
+    SELECT 1001, 'error', 'provider_user_id', c.subject, 'duplicate_provider_user_id',
            'this ' || c.provider || ' id belongs to an earlier record with another e-mail'
     WHERE c.outcome = 'failed:duplicate_provider_user_id'
     UNION ALL
-    SELECT 'info', 'email', regexp_replace(c.email, '^(.)[^@]*@', '\1***@'), 'existing_user',
+    SELECT 1002, 'info', 'email', regexp_replace(c.email, '^(.)[^@]*@', '\1***@'),
+           'existing_user',
            'skipped: this user_id or e-mail belongs to a user this import did not create'
     WHERE c.outcome = 'skipped:existing_user'
     UNION ALL
-    SELECT 'info', 'provider_user_id', c.subject, 'existing_identity',
+    SELECT 1003, 'info', 'provider_user_id', c.subject, 'existing_identity',
            'skipped: this ' || c.provider || ' id belongs to a user this import did not create'
     WHERE c.outcome = 'skipped:existing_identity'
     UNION ALL
-    SELECT 'info', 'email', regexp_replace(c.email, '^(.)[^@]*@', '\1***@'),
+    SELECT 1004, 'info', 'email', regexp_replace(c.email, '^(.)[^@]*@', '\1***@'),
            'duplicate_of_record:' || c.email_first,
            CASE
                WHEN c.outcome = 'skipped:duplicate'
@@ -282,13 +286,15 @@ CROSS JOIN LATERAL (
            END
     WHERE c.outcome IN ('merged', 'skipped:duplicate')
     UNION ALL
-    SELECT 'warning', 'credits_balance', c.credits_balance::text, 'balance_not_reimported',
+    SELECT 1005, 'warning', 'credits_balance', c.credits_balance::text,
+           'balance_not_reimported',
            'the opening balance ' || c.credits_balance_before || ' was imported before and'
            || ' is not changed by a rerun; use a credits grant or debit'
     WHERE c.outcome IN ('updated', 'unchanged') AND c.record_no = c.email_first
       AND c.credits_balance <> c.credits_balance_before
     UNION ALL
-    SELECT 'warning', 'stripe_customer_id', c.stripe_customer_id, 'customer_linked_elsewhere',
+    SELECT 1006, 'warning', 'stripe_customer_id', c.stripe_customer_id,
+           'customer_linked_elsewhere',
            CASE WHEN cb.customer_tenant IS NULL
                 THEN 'this Stripe customer is named by record ' || cb.customer_first
                 ELSE 'this Stripe customer belongs to another account'
