@@ -310,6 +310,26 @@ async def test_a_user_this_import_did_not_create_is_never_touched(
     assert (await tollhouse.users.get(other.id)).display_name == "Mine"
 
 
+async def test_c01_an_invalid_byte_in_a_user_id_or_a_ragged_row_fails_only_its_record(
+    tollhouse: Tollhouse, tmp_path: Path
+) -> None:
+    """The byte reaches the report's value (it crashed the import writing the issues)."""
+    rows = list(legacy_rows(1001))  # one undecodable record in 1,000 is still a record error
+    rows[0]["user_id"] = "BAD"
+    rows[1]["auth_provider"] = "BAD"
+    lines = render(rows).split("\r\n")
+    lines[2] += ",extra"
+    path = write(tmp_path, "\r\n".join(lines).encode().replace(b"BAD", b"\xff"))
+    summary, report = await run(tollhouse, path)
+    assert (summary.created, summary.failed) == (999, 2)
+    errors = [(r[0], r[3][:8], r[4]) for r in report if r[4] != "plan_override"]
+    assert errors == [
+        ("2", "\\xff,U**", "invalid_encoding"),
+        ("3", rows[1]["user_id"][:8], "wrong_field_count"),
+    ]
+    assert "\\xff" in next(r[3] for r in report if r[0] == "3")
+
+
 async def test_c01_a_latin1_file_is_refused_and_reads_with_its_encoding(
     tollhouse: Tollhouse, dsn: str, tmp_path: Path
 ) -> None:

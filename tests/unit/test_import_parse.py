@@ -12,6 +12,7 @@ import pytest
 
 from tests.support.legacy_csv import legacy_rows, render
 from tollhouse.errors import ImportFileRejected
+from tollhouse.imports.feed import issue_line
 from tollhouse.imports.parse import COLUMNS, FIELD_LIMIT, CsvFile, Header, RawRecord
 from tollhouse.imports.report import Issue, neutralise, shown, write_report
 from tollhouse.imports.validate import PLAN_MAP_V1, DateRules, Staged, Validator, parse_plan_map
@@ -96,6 +97,37 @@ def test_c01_one_invalid_byte_fails_only_its_record(tmp_path: Path) -> None:
         (5000, "invalid_encoding")
     ]
     assert len(items) == 6000 and csv_file.undecodable_records == 1
+
+
+def test_c01_an_invalid_byte_anywhere_in_a_record_is_reported_as_utf8_text(
+    tmp_path: Path,
+) -> None:
+    """Near the start of a record (user_id, e-mail) or in a ragged row, the invalid byte
+    reaches the report's value: it is shown escaped, never as the surrogate that cannot be
+    written as UTF-8."""
+    rows = list(legacy_rows(4))
+    rows[0]["user_id"] = "BAD1"
+    rows[1]["email"] = "BAD2@example.com"
+    rows[2]["auth_provider"] = "BAD3"
+    lines = render(rows).split("\r\n")
+    lines[3] += ",extra"  # record 4 is ragged too
+    data = "\r\n".join(lines).encode()
+    for marker in (b"BAD1", b"BAD2", b"BAD3"):
+        data = data.replace(marker, b"x\xff" + marker)
+    header, records = read(write(tmp_path, data))
+    validator = Validator(header, dict(PLAN_MAP_V1), NOW)
+    found = [issue for r in records for issue in validator.check(r)[1]]
+    issues = [i for i in found if i.code != "plan_override"]
+    assert [(i.record_no, i.code) for i in issues] == [
+        (2, "invalid_encoding"),
+        (3, "invalid_encoding"),
+        (4, "wrong_field_count"),
+    ]
+    for issue in found:
+        issue_line(issue, 0).encode("utf-8")  # raised UnicodeEncodeError
+    assert issues[0].value.startswith("x\\xffBAD1,U***@Example0.com,google")
+    assert ",x***@example" in issues[1].value
+    assert ",x\\xffBAD" in issues[2].value
 
 
 def test_c01_latin1_reads_with_an_explicit_encoding(tmp_path: Path) -> None:
@@ -417,6 +449,7 @@ def test_c13_formula_cells_are_neutralised_and_values_masked() -> None:
     ]
     assert shown("Bob.Smith@example.com") == "B***@example.com"
     assert len(shown("x" * 500)) == 64
+    assert shown("x\udcff\ud800") == "x\\xff\\ud800"  # what surrogateescape reads
     out = io.StringIO()
     write_report(out, [Issue(2, 3, "display_name", "=1+2", "code", "-msg")])
     assert out.getvalue() == (

@@ -1,8 +1,9 @@
 """The report: one CSV row per problem or note, safe to open in a spreadsheet.
 
-Values are shortened to 64 characters, e-mail addresses are masked (`b***@x.com`), and a
-cell that a spreadsheet would run as a formula (starting with `=`, `+`, `-`, `@`, TAB or
-CR) is prefixed with `'` (OWASP CSV injection).
+Values are shortened to 64 characters, e-mail addresses are masked (`b***@x.com`), NUL and
+bytes that were not UTF-8 are written as escapes (`\\0`, `\\xff`), and a cell that a
+spreadsheet would run as a formula (starting with `=`, `+`, `-`, `@`, TAB or CR) is prefixed
+with `'` (OWASP CSV injection).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ VALUE_LIMIT = 64
 
 _EMAIL = re.compile(r"([^\s@,;<>\"']+)@([^\s@,;<>\"']+)")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+#: Surrogates: what surrogateescape makes of a byte that is not UTF-8 (U+DC80-U+DCFF for
+#: 0x80-0xff), or any other that no UTF-8 text may hold.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -38,11 +42,20 @@ def _mask_address(match: re.Match[str]) -> str:
     return f"{local[:1]}***@{match.group(2)}"
 
 
+def _escape_surrogate(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+
 def shown(value: str) -> str:
-    """A value as the report may show it: e-mails masked, at most 64 characters, no NUL."""
+    """A value as the report may show it: e-mails masked, at most 64 characters, NUL as
+    `\\0`, and a byte that was not UTF-8 (read with surrogateescape) as `\\xff`: whatever the
+    file held, the result is text that UTF-8 and PostgreSQL take."""
     if "@" in value:
         value = _EMAIL.sub(_mask_address, value)
     value = value.replace("\x00", "\\0")
+    if not value.isascii():
+        value = _SURROGATE.sub(_escape_surrogate, value)
     if len(value) > VALUE_LIMIT:
         value = value[: VALUE_LIMIT - 1] + "…"
     return value
