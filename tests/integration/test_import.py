@@ -330,6 +330,22 @@ async def test_c01_an_invalid_byte_in_a_user_id_or_a_ragged_row_fails_only_its_r
     assert "\\xff" in next(r[3] for r in report if r[0] == "3")
 
 
+async def test_c14_unknown_column_names_are_shown_like_values(
+    tollhouse: Tollhouse, tmp_path: Path
+) -> None:
+    """A NUL in an unknown column's name failed the COPY of the issues; an address there was
+    neither masked nor cut."""
+    address = "secret.person@example.com " + "y" * 200
+    lines = render(list(legacy_rows(2))).split("\r\n")
+    lines = [lines[0] + ",x\x00y," + address] + [line + ",a,b" for line in lines[1:-1]] + [""]
+    summary, report = await run(tollhouse, write(tmp_path, "\r\n".join(lines)))
+    assert summary.created == 2
+    unknown = [(r[0], r[2], r[3], r[4]) for r in report if r[4] == "unknown_column"]
+    assert unknown[0] == ("1", "x\\0y", "x\\0y", "unknown_column")
+    assert unknown[1][1] == unknown[1][2] == "s***@example.com " + "y" * 46 + "…"
+    assert not any("secret" in cell or "\x00" in cell for row in report for cell in row)
+
+
 async def test_c01_a_latin1_file_is_refused_and_reads_with_its_encoding(
     tollhouse: Tollhouse, dsn: str, tmp_path: Path
 ) -> None:

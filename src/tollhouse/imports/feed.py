@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tollhouse.errors import ImportFileRejected
 from tollhouse.imports.parse import CsvFile, Header
-from tollhouse.imports.report import Issue
+from tollhouse.imports.report import Issue, shown
 from tollhouse.imports.validate import DateRules, Validator
 
 #: Records per message (and per COPY write); bounds the memory of the staging phase.
@@ -103,9 +103,13 @@ def read_file(
     records = csv_file.records()
     header = next(records)
     assert isinstance(header, Header)
+    # A column's name is the file's text like any value: shown, never raw (a NUL in it
+    # failed the COPY; an address in it was neither masked nor cut).
     yield Issues(
         "".join(
-            issue_line(Issue(1, 1, h.column, h.column, h.code, h.message, "warning"), seq)
+            issue_line(
+                Issue(1, 1, shown(h.column), shown(h.column), h.code, h.message, "warning"), seq
+            )
             for seq, h in enumerate(header.issues)
         )
     )

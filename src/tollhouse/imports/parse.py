@@ -99,7 +99,7 @@ def check_header(names: list[str]) -> Header:
             columns=missing,
         )
     issues = [
-        HeaderIssue(name, "unknown_column", f"column {name!r} is not in the legacy format; ignored")
+        HeaderIssue(name, "unknown_column", "this column is not in the legacy format; ignored")
         for name in cleaned
         if name not in COLUMNS
     ]
