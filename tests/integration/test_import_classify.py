@@ -11,10 +11,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 from tests.support.legacy_csv import legacy_rows, render
 from tollhouse.app import Tollhouse
+from tollhouse.billing import BillingConfig
 from tollhouse.credits import conservation_problems
+from tollhouse.identity import IdentityConfig
 from tollhouse.imports import ImportSummary
 from tollhouse.imports.service import queries
 
@@ -134,6 +137,40 @@ async def test_every_outcome_is_classified_the_same_on_a_rerun(
     check(report, "its google id is linked to that user already")
     assert (again.created, again.updated, again.unchanged) == (0, 0, 3)
     assert (again.merged, again.failed, again.skipped, again.identities_linked) == (3, 2, 2, 0)
+
+
+async def test_a_rerun_under_another_time_zone_and_date_style_finds_every_record_unchanged(
+    tollhouse: Tollhouse,
+    dsn: str,
+    service_dsn: str,
+    identity_config: IdentityConfig,
+    billing_config: BillingConfig,
+    tmp_path: Path,
+) -> None:
+    """The fingerprint hashes the text of timestamps, which follows the session's TimeZone
+    and DateStyle: a database (or PGTZ) set to another zone made a rerun update every
+    record. It is made in UTC and ISO, as the fingerprints of earlier runs were by default."""
+    rows = list(legacy_rows(5))
+    rows[0]["last_login_at"] = "2024-03-31T01:30:00.25+01:00"  # fractional seconds too
+    path = tmp_path / "users.csv"
+    path.write_text(render(rows))
+    first, _ = await run(tollhouse, path)
+    assert first.created == 5
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute("SELECT current_database()")
+        name = sql.Identifier(str((await cur.fetchone() or [""])[0]))
+        await conn.execute(
+            sql.SQL("ALTER DATABASE {} SET timezone TO 'Pacific/Chatham'").format(name)
+        )
+        await conn.execute(sql.SQL("ALTER DATABASE {} SET datestyle TO 'SQL, DMY'").format(name))
+    async with Tollhouse.open(
+        service_dsn, min_size=1, max_size=2, identity=identity_config, billing=billing_config
+    ) as elsewhere:
+        async with elsewhere.db.connection() as conn:
+            cur = await conn.execute("SELECT current_setting('TimeZone')")
+            assert await cur.fetchone() == ("Pacific/Chatham",)
+        again, _ = await run(elsewhere, path)
+    assert (again.unchanged, again.updated) == (5, 0)
 
 
 async def test_opening_accounts_write_what_the_credits_function_writes(

@@ -31,6 +31,14 @@ SELECT set_config('enable_nestloop', 'off', true)
 WHERE %(records)s::bigint * 10 >= (SELECT greatest(c.reltuples, 0) FROM pg_class c
                                    WHERE c.oid = 'tollhouse.users'::regclass)
 
+-- name: fingerprint_settings
+-- The fingerprint (classify) hashes the text of the record's timestamps, and that text
+-- follows the session's TimeZone and DateStyle: a rerun under PGTZ or ALTER DATABASE ... SET
+-- timezone found every record changed. Fixed for the rest of the staging transaction to what
+-- the fingerprints of earlier runs were made under by default (UTC, ISO), so those still
+-- match.
+SELECT set_config('TimeZone', 'UTC', true), set_config('DateStyle', 'ISO, MDY', true)
+
 -- name: create_incoming
 -- Records and issues arrive by COPY here (COPY cannot write into a table under RLS).
 CREATE TEMPORARY TABLE import_incoming (
