@@ -365,6 +365,34 @@ def test_c08_plan_tiers(tmp_path: Path) -> None:
         parse_plan_map(["enterprise=business"], frozenset({"free", "pro"}))
 
 
+def test_c10_messages_never_repeat_a_raw_value(tmp_path: Path) -> None:
+    """The value cell masks addresses and cuts at 64 characters; a message that repeated the
+    value undid both."""
+    secret = "alice.secret@example.com" + "q" * 300
+    rows = [
+        base_row(created_at=secret),
+        base_row(last_login_at="2099-01-01T00:00:00Z " + secret),
+        base_row(credits_last_reset="03/04/2021 " + secret),
+        base_row(plan_tier="bob.secret@example.com"),
+    ]
+    results = checked(rows, tmp_path)
+    assert [codes(r) for r in results] == [
+        [("created_at", "invalid_date")],
+        [("last_login_at", "invalid_date")],
+        [("credits_last_reset", "ambiguous_date")],
+        [("plan_tier", "unknown_plan")],
+    ]
+    for _, issues in results:
+        for issue in issues:
+            assert "secret" not in issue.message and "qqqq" not in issue.message, issue
+    assert results[3][1][0].message.startswith("unknown_plan:b***@example.com ")
+    future = checked([base_row(created_at="2031-01-01"), base_row(created_at="3/4/21")], tmp_path)
+    assert [(i.code, i.message) for _, issues in future for i in issues] == [
+        ("future_date", "a date in the future"),
+        ("ambiguous_date", "could be dd/mm or mm/dd; use ISO 8601 or declare --date-format"),
+    ]
+
+
 def test_c08_a_paid_tier_without_subscription_becomes_plan_override(tmp_path: Path) -> None:
     (result,) = checked([base_row(plan_tier="starter")], tmp_path)
     assert result[0] is not None and result[0][11] == "starter"

@@ -353,7 +353,10 @@ class Validator:
                 raise _Bad(
                     "missing_value", "plan_tier is empty and the mapping declares no default"
                 )
-            raise _Bad("unknown_plan", f"unknown_plan:{tier} (map it with --plan-map {tier}=PLAN)")
+            named = shown(tier)
+            raise _Bad(
+                "unknown_plan", f"unknown_plan:{named} (map it with --plan-map {named}=PLAN)"
+            )
         return plan
 
     def _stamp(self, value: str, past: bool) -> str | None:
@@ -362,16 +365,16 @@ class Validator:
             try:
                 when = datetime.fromisoformat(value)
             except ValueError:
-                raise _Bad("invalid_date", f"not a valid date: {value}") from None
+                raise _Bad("invalid_date", "not a valid date") from None
             if past and when > self._now:
-                raise _Bad("future_date", f"{value} is in the future")
+                raise _Bad("future_date", "a date in the future")
             return value
         return _iso(self._past_date(value) if past else self._date(value))
 
     def _past_date(self, value: str) -> datetime | None:
         when = self._date(value)
         if when is not None and when > self._now:
-            raise _Bad("future_date", f"{value.strip()} is in the future")
+            raise _Bad("future_date", "a date in the future")
         return when
 
     def _date(self, value: str) -> datetime | None:
@@ -389,7 +392,7 @@ class Validator:
             try:
                 return datetime.fromtimestamp(int(text), UTC)
             except (OverflowError, OSError, ValueError):
-                raise _Bad("invalid_date", f"{text} is out of range as epoch seconds") from None
+                raise _Bad("invalid_date", "out of range as epoch seconds") from None
         slashed = _SLASH_DATE_TIME.fullmatch(text)
         if slashed and rules.order != "iso":
             first, second, year, hour, minute, sec, frac = slashed.groups()
@@ -408,27 +411,25 @@ class Validator:
                 raise _Bad("invalid_date", f"not a valid {rules.order} date: {exc}") from None
         elif _SLASH_DATE.fullmatch(text.split(" ")[0]) or slashed:
             if rules.order != "iso":
-                raise _Bad("invalid_date", f"{text} is not {rules.order} with a 4-digit year")
+                raise _Bad("invalid_date", f"not {rules.order} with a 4-digit year")
             raise _Bad(
                 "ambiguous_date",
-                f"{text} could be dd/mm or mm/dd; use ISO 8601 or declare --date-format",
+                "could be dd/mm or mm/dd; use ISO 8601 or declare --date-format",
             )
         else:
             try:
                 when = datetime.fromisoformat(text)
-            except ValueError as exc:
-                raise _Bad("invalid_date", f"not an ISO 8601 date: {exc}") from None
+            except ValueError:
+                raise _Bad("invalid_date", "not an ISO 8601 date") from None
             if when.tzinfo is not None:
                 return when
-        return self._localise(when, text)
+        return self._localise(when)
 
-    def _localise(self, naive: datetime, text: str) -> datetime:
+    def _localise(self, naive: datetime) -> datetime:
         zone = self._zone
         when = naive.replace(tzinfo=zone)
         if zone is not UTC and when.astimezone(UTC).astimezone(zone).replace(tzinfo=None) != naive:
-            raise _Bad(
-                "invalid_date", f"{text} does not exist in {self._dates.time_zone} (a DST gap)"
-            )
+            raise _Bad("invalid_date", f"does not exist in {self._dates.time_zone} (a DST gap)")
         return when
 
 
