@@ -177,6 +177,30 @@ async def test_repeated_user_id_and_shared_provider_id_fail_the_later_record(
     ]
 
 
+async def test_c06_a_user_id_is_held_by_its_first_record_even_one_that_failed(
+    tollhouse: Tollhouse, tmp_path: Path
+) -> None:
+    """The second occurrence of an id is the error, whatever became of the first (the later
+    record was imported, and on a rerun with the first record fixed it would have been
+    this one that failed). A ragged record's fields may be shifted: it holds no id."""
+    rows = list(legacy_rows(6))
+    rows[0]["email"] = "not an address"
+    rows[2]["user_id"] = rows[0]["user_id"].upper()
+    rows[3]["user_id"] = rows[1]["user_id"]
+    rows[4]["user_id"] = rows[1]["user_id"]
+    lines = render(rows).split("\r\n")
+    lines[2] += ",extra"  # record 3 (rows[1]) is ragged
+    summary, report = await run(tollhouse, write(tmp_path, "\r\n".join(lines)))
+    assert (summary.created, summary.failed) == (2, 4)
+    assert [(r[0], r[4], r[5]) for r in report if r[2] in ("user_id", "email", "")] == [
+        ("2", "invalid_email", "not a valid e-mail address"),
+        ("3", "wrong_field_count", "20 fields where the header has 19"),
+        ("4", "duplicate_user_id", "user_id already on record 2; record not imported"),
+        ("6", "duplicate_user_id", "user_id already on record 5; record not imported"),
+    ]
+    assert await tollhouse.users.find_by_email(rows[2]["email"]) is None
+
+
 async def test_c09_accepted_credits_are_import_grants_that_conserve(
     tollhouse: Tollhouse, dsn: str, tmp_path: Path
 ) -> None:

@@ -36,6 +36,7 @@ async def test_the_classification_joins_by_hash_not_by_loops_of_probes(dsn: str)
     async with await psycopg.AsyncConnection.connect(dsn) as conn, conn.transaction():
         await conn.execute(queries["staging_memory"])
         await conn.execute(queries["create_incoming"])
+        await conn.execute(queries["create_incoming_issues"])
         await conn.execute(queries["analyze_incoming"])
         await conn.execute(queries["classify_joins"], {"records": 1_000_000})
         for name in ("classify", "classify_billing"):

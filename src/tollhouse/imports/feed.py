@@ -49,7 +49,8 @@ class Rows:
 
 @dataclass(frozen=True)
 class Issues:
-    """COPY lines of issues (record_no, seq, line_no, severity, column, value, code, message)."""
+    """COPY lines of issues (record_no, seq, line_no, severity, column, value, code, message,
+    user_id)."""
 
     text: str
 
@@ -76,8 +77,9 @@ def copy_line(values: Sequence[str | None]) -> str:
     return "\t".join(cells) + "\n"
 
 
-def issue_line(issue: Issue, seq: int) -> str:
-    """An issue as a line of COPY text."""
+def issue_line(issue: Issue, seq: int, user_id: str | None = None) -> str:
+    """An issue as a line of COPY text; `user_id` is the id a failed record holds (on its
+    first issue)."""
     return (
         "\t".join(
             [
@@ -89,6 +91,7 @@ def issue_line(issue: Issue, seq: int) -> str:
                 issue.value.translate(_ESCAPE),
                 issue.code.translate(_ESCAPE),
                 issue.message.translate(_ESCAPE),
+                "\\N" if user_id is None else user_id,
             ]
         )
         + "\n"
@@ -120,12 +123,14 @@ def read_file(
     for record in records:
         assert not isinstance(record, Header)
         staged, found = validator.check(record)
+        held = None
         if staged is None:
             failed += 1
+            held = validator.held_user_id(record)
         else:
             rows.append(copy_line(staged))
         for seq, issue in enumerate(found):
-            issues.append(issue_line(issue, seq))
+            issues.append(issue_line(issue, seq, held if seq == 0 else None))
         if len(rows) >= CHUNK:
             yield Rows("".join(rows), csv_file.records_read)
             rows.clear()

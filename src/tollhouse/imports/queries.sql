@@ -68,6 +68,8 @@ CREATE TEMPORARY TABLE import_incoming (
 ) ON COMMIT DROP
 
 -- name: create_incoming_issues
+-- user_id: on the first issue of a failed record whose user_id is a UUID, that id (the
+-- record still holds it: a later record with the same id fails as duplicate_user_id).
 CREATE TEMPORARY TABLE import_incoming_issues (
     record_no integer NOT NULL,
     seq integer NOT NULL,
@@ -76,7 +78,8 @@ CREATE TEMPORARY TABLE import_incoming_issues (
     column_name text NOT NULL,
     value text NOT NULL,
     code text NOT NULL,
-    message text NOT NULL
+    message text NOT NULL,
+    user_id uuid
 ) ON COMMIT DROP
 
 -- name: copy_incoming
@@ -88,12 +91,13 @@ COPY import_incoming (
 ) FROM STDIN
 
 -- name: copy_incoming_issues
-COPY import_incoming_issues (record_no, seq, line_no, severity, column_name, value, code, message)
+COPY import_incoming_issues
+    (record_no, seq, line_no, severity, column_name, value, code, message, user_id)
 FROM STDIN
 
 -- name: analyze_incoming
 -- Row counts for the planner: without them it nests loops over the whole file.
-ANALYZE import_incoming
+ANALYZE import_incoming, import_incoming_issues
 
 -- name: create_run
 INSERT INTO tollhouse.import_runs
@@ -103,7 +107,8 @@ VALUES (%(id)s, %(file_sha256)s, %(options_sha256)s, %(file_name)s, %(options)s,
 
 -- name: classify
 -- Every valid record's outcome, decided once for the whole file against the database as it
--- is now: a repeated user_id fails; records sharing an e-mail merge into the first one; the
+-- is now: a repeated user_id fails (the first record of an id may be one that failed: see
+-- create_incoming_issues); records sharing an e-mail merge into the first one; the
 -- first one is created, updated, unchanged, or skipped when its id, e-mail or identity
 -- belongs to a user this import did not create.
 CREATE TEMPORARY TABLE import_classified ON COMMIT DROP AS
@@ -114,9 +119,11 @@ WITH ranked AS (
                    i.credits_balance, i.daily_cap, i.last_daily_reset, i.period_end,
                    i.marketing, i.status, i.stripe_customer_id, i.stripe_subscription_id,
                    i.billing_status)::text) AS fingerprint,
-           min(i.record_no) OVER (PARTITION BY i.user_id) AS id_first,
+           least(min(i.record_no) OVER (PARTITION BY i.user_id), fi.record_no) AS id_first,
            ir.user_id AS identity_owner
     FROM import_incoming i
+    LEFT JOIN (SELECT user_id, min(record_no) AS record_no FROM import_incoming_issues
+               WHERE user_id IS NOT NULL GROUP BY user_id) fi ON fi.user_id = i.user_id
     -- The one lookup of each record's Google / Apple id: who owns it already decides both
     -- a first record's skip (existing_identity) and a later record's link.
     LEFT JOIN tollhouse.identity_routes ir

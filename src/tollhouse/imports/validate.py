@@ -176,6 +176,17 @@ class Validator:
             # Rare: check every field on its own, so the report names all of them.
             return None, self._errors(record, values)
 
+    def held_user_id(self, record: RawRecord) -> str | None:
+        """The user_id a failed record holds: its own when it is a UUID and the record's
+        fields are where the header says (not a ragged or unreadable record). A later record
+        with that id fails as `duplicate_user_id`, as if this one had been imported."""
+        if record.error is not None and record.error[0] != "invalid_encoding":
+            return None
+        try:
+            return _user_id_text(self._pick([*record.fields, ""])[0])
+        except _Bad:
+            return None
+
     def _checks(self) -> tuple[Callable[[str], object], ...]:
         return (
             _user_id,
