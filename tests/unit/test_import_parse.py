@@ -208,6 +208,44 @@ def test_c03_ragged_rows_are_record_errors(tmp_path: Path) -> None:
     ]
 
 
+def test_c03_a_ragged_record_over_two_lines_is_one_record(tmp_path: Path) -> None:
+    """A quoted line break in a record of the wrong width: one wrong_field_count, and the
+    records after it keep their numbers (its second line was read again as a record)."""
+    rows = list(legacy_rows(4))
+    rows[1]["display_name"] = "two\nlines"
+    lines = render(rows, newline="\n").split("\n")
+    lines[3] += ",extra"  # the second line of record 3
+    _, records = read(write(tmp_path, "\n".join(lines)))
+    assert [(r.record_no, r.line_no, r.error[0] if r.error else None) for r in records] == [
+        (2, 2, None),
+        (3, 3, "wrong_field_count"),
+        (4, 5, None),
+        (5, 6, None),
+    ]
+    assert records[1].fields[COLUMNS.index("display_name")] == "two\nlines"
+
+
+def test_c03_a_quote_left_open_that_closes_on_a_later_line_eats_no_record(
+    tmp_path: Path,
+) -> None:
+    """The open quote of record 3 ends at a quote that ends record 4's line: record 3 is
+    malformed on its first line, and record 4 is read again on its own."""
+    rows = list(legacy_rows(4))
+    rows[1]["display_name"] = "Open"
+    rows[2]["billing_status"] = "x"
+    lines = render(rows).split("\r\n")
+    lines[2] = lines[2].replace(",Open,", ',"Open,')
+    lines[3] += '"'
+    _, records = read(write(tmp_path, "\r\n".join(lines)))
+    assert [(r.record_no, r.line_no, r.error[0] if r.error else None) for r in records] == [
+        (2, 2, None),
+        (3, 3, "malformed_csv"),
+        (4, 4, None),
+        (5, 5, None),
+    ]
+    assert records[2].fields[COLUMNS.index("billing_status")] == 'x"'
+
+
 # --- C-04 header ---------------------------------------------------------------------------------
 
 

@@ -4,7 +4,8 @@
 starts on (a quoted field may hold line breaks, so the two differ). A record the CSV reader
 cannot take (an unterminated quote, a field over the size limit) is reported on the line it
 starts and reading resumes on the next physical line, so one bad quote never swallows the
-records after it.
+records after it. A record of the wrong width over several lines is such a quote when one of
+its later lines reads alone as a whole record; otherwise it is one ragged record.
 """
 
 from __future__ import annotations
@@ -143,6 +144,19 @@ def _not_utf8(name: str) -> ImportFileRejected:
     )
 
 
+def _holds_a_record(lines: list[str], width: int) -> bool:
+    """Whether one of these lines, read alone, is a record of `width` fields. The lines a
+    quote left open ran into are; those a ragged record's quoted line break continues on
+    are not (one record then, reported as `wrong_field_count`)."""
+    for line in lines:
+        try:
+            if len(next(csv.reader([line], strict=True), ())) == width:
+                return True
+        except csv.Error:
+            continue
+    return False
+
+
 class _Lines:
     """The file's physical lines, with the ones a failed record took put back in front.
     `taken` holds the lines handed out since it was last cleared."""
@@ -221,9 +235,13 @@ class CsvFile:
                     line_no += len(taken)
                     continue
                 record_no += 1
-                if len(row) != header.width and len(taken) > 1:
-                    # Most likely a quote left open that ran into the next lines: report
-                    # the first line and read the others again as records.
+                if (
+                    len(row) != header.width
+                    and len(taken) > 1
+                    and _holds_a_record(taken[1:], header.width)
+                ):
+                    # A quote left open that ran into the next lines (records of their
+                    # own): report the first line and read the others again as records.
                     line_no += 1
                     lines.put_back(taken[1:])
                     reader = csv.reader(lines.lines, strict=True)
