@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import uuid
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import psycopg
@@ -62,7 +63,7 @@ async def test_a_created_user_has_every_row_a_new_user_has(
         credits_balance="1234",
         credits_remaining="1234",
         daily_credit_limit="300",
-        credits_last_reset="2025-06-01T00:00:00Z",
+        credits_last_reset="2025-06-01T23:30:00-02:00",  # 2 June in UTC
         monthly_reset_at="2030-07-15T00:00:00Z",
         newsletter_opt_in="false",
         account_status="suspended",
@@ -77,6 +78,8 @@ async def test_a_created_user_has_every_row_a_new_user_has(
     user_id = uuid.UUID(row["user_id"])
     user = await tollhouse.users.get(user_id, include_deleted=True)
     assert user.display_name == "Ada" and user.status == "suspended"
+    assert user.created_at == datetime.fromisoformat(row["created_at"])
+    assert user.last_seen_at == datetime.fromisoformat(row["last_login_at"])
     assert user.plan_override == "power" and user.roles == ["user"]
     (email,) = user.emails
     assert (email.email, email.is_primary, email.verified, email.via) == (
@@ -94,6 +97,12 @@ async def test_a_created_user_has_every_row_a_new_user_has(
     balance = await tollhouse.credits.balance(user_id=user_id)
     assert (balance.balance, balance.plan, balance.daily_cap) == (1234, "power", 300)
     assert balance.period_end.isoformat() == "2030-07-15T00:00:00+00:00"
+    with psycopg.connect(dsn) as conn:
+        day_start = conn.execute(
+            "SELECT a.day_start FROM tollhouse.credit_accounts a WHERE a.tenant_id = %s",
+            [user.personal_tenant_id],
+        ).fetchone()
+    assert day_start == (date(2025, 6, 2),)  # the UTC day of credits_last_reset
     assert [(g.source, g.source_id, g.remaining) for g in balance.grants] == [
         ("import", f"import:{user_id}", 1234)
     ]
@@ -288,11 +297,13 @@ async def test_a_changed_record_updates_its_user_but_not_its_balance(
     await run(tollhouse, write(tmp_path, render(rows)))
     ledger = counts(dsn)["credit_ledger"]
     rows[2].update(display_name="Renamed", newsletter_opt_in="false", credits_balance="7")
-    rows[2]["credits_remaining"] = "7"
+    rows[2].update(credits_remaining="7", last_login_at="2025-02-03T04:05:06Z")
     summary, report = await run(tollhouse, write(tmp_path, render(rows), "v2.csv"))
     assert (summary.updated, summary.unchanged) == (1, 4)
     user_id = uuid.UUID(rows[2]["user_id"])
-    assert (await tollhouse.users.get(user_id)).display_name == "Renamed"
+    user = await tollhouse.users.get(user_id)
+    assert user.display_name == "Renamed"
+    assert user.last_seen_at == datetime(2025, 2, 3, 4, 5, 6, tzinfo=UTC)
     assert not (await tollhouse.users.preferences(user_id)).marketing
     assert counts(dsn)["credit_ledger"] == ledger
     assert ("4", "balance_not_reimported") in [(r[0], r[4]) for r in report]
