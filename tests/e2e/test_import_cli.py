@@ -58,6 +58,8 @@ def test_c11_sigkill_half_way_then_rerun_equals_an_uninterrupted_run(
     )
     assert reference.returncode == 0, reference.stderr
     assert json.loads(reference.stdout)["created"] == RECORDS
+    billing = counts(other_dsn)
+    assert billing["billing_customers"] > 0 and billing["subscriptions"] > 0  # compared below
 
     env = clean_env(tmp_path, DATABASE_URL=dsn)
     process = subprocess.Popen(

@@ -1,6 +1,7 @@
 """What an import leaves in the database, read as the owner: row counts of every table
-it writes, and a checksum of the users, identities, accounts and ledger that ignores
-generated ids and wall-clock times (so two runs on two databases compare equal)."""
+it writes, and a checksum of the users, identities, accounts, ledger and billing state
+(customers, their routes, subscriptions) that ignores generated ids and wall-clock times (so
+two runs on two databases compare equal)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ TABLES = (
     "credit_grants",
     "credit_ledger",
     "import_users",
+    "billing_customers",
+    "billing_customer_routes",
+    "subscriptions",
 )
 
 CHECKSUM = """
@@ -45,6 +49,20 @@ SELECT md5(string_agg(line, E'\\n' ORDER BY line)) FROM (
     UNION ALL
     SELECT 'g|' || t.owner_user_id || '|' || g.source || '|' || g.source_id || '|' || g.total
     FROM tollhouse.credit_grants g JOIN tollhouse.tenants t ON t.id = g.tenant_id
+    UNION ALL
+    SELECT 'c|' || t.owner_user_id || '|' || c.provider || '|' || c.customer_id || '|'
+           || coalesce(c.email, '') || '|' || coalesce(c.name, '') || '|' || c.deleted || '|'
+           || coalesce(c.stripe_at::text, '')
+    FROM tollhouse.billing_customers c JOIN tollhouse.tenants t ON t.id = c.tenant_id
+    UNION ALL
+    SELECT 'r|' || r.provider || '|' || r.customer_id || '|' || t.owner_user_id
+    FROM tollhouse.billing_customer_routes r JOIN tollhouse.tenants t ON t.id = r.tenant_id
+    UNION ALL
+    SELECT 's|' || t.owner_user_id || '|' || s.id || '|' || s.provider || '|' || s.customer_id
+           || '|' || s.status || '|' || coalesce(s.plan, '') || '|'
+           || coalesce(s.current_period_end::text, '') || '|' || s.cancel_at_period_end || '|'
+           || s.metadata::text || '|' || s.stripe_at
+    FROM tollhouse.subscriptions s JOIN tollhouse.tenants t ON t.id = s.tenant_id
 ) lines
 """
 
