@@ -170,6 +170,27 @@ async def test_service_connections_act_as_the_service_role(tollhouse: Tollhouse)
         assert await _whoami(conn) == ("tollhouse_service", None)
 
 
+async def test_service_connections_count_in_utc_whatever_the_servers_zone(
+    service_dsn: str,
+) -> None:
+    """A login whose zone is another (an operator's PGTZ, ALTER ROLE/DATABASE SET timezone)
+    still counts months and days and writes timestamps in UTC."""
+    elsewhere = psycopg.conninfo.make_conninfo(service_dsn, options="-c TimeZone=Pacific/Chatham")
+    db = Database(elsewhere, min_size=1)
+    await db.open()
+    try:
+        async with db.connection() as conn:
+            row = await (
+                await conn.execute(
+                    "SELECT current_setting('TimeZone'),"
+                    " ('2026-03-31 23:30:00+00'::timestamptz + interval '1 month')::text"
+                )
+            ).fetchone()
+        assert row == ("UTC", "2026-04-30 23:30:00+00")
+    finally:
+        await db.close()
+
+
 async def test_lanes_have_their_own_few_connections_opened_on_use(service_dsn: str) -> None:
     db = Database(service_dsn, min_size=1, max_size=4)
     await db.open()
@@ -351,7 +372,10 @@ def test_no_session_level_settings_outside_the_pool_setup() -> None:
         for text in _sql_texts(path)
         for match in pattern.finditer(text)
     ]
-    assert offenders == ["db/pool.py: set_config('role', %s, false)"]
+    assert offenders == [
+        "db/pool.py: set_config('TimeZone', 'UTC', false)",
+        "db/pool.py: set_config('role', %s, false)",
+    ]
 
 
 NASTY_TEXT = [

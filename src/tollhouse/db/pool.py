@@ -109,9 +109,14 @@ async def configure_connection(conn: Conn) -> None:
     The service never acts as the owner of the tables (owners and superusers bypass RLS).
     Logged in as `tollhouse_service` there is nothing to do; logged in as another role it
     switches with `SET ROLE`. Before migration 0001 (no role, no schema): refused.
+
+    Its time zone is UTC, whatever the server's default: dates and months are counted
+    (`interval '1 month'`, `::date`) and timestamps written as text the same way on every
+    server and for every operator's `PGTZ`.
     """
     cur = await conn.execute(
-        "SELECT current_user = %s, to_regrole(%s) IS NOT NULL AND to_regnamespace(%s) IS NOT NULL",
+        "SELECT current_user = %s, to_regrole(%s) IS NOT NULL AND to_regnamespace(%s) IS NOT NULL,"
+        " set_config('TimeZone', 'UTC', false)",
         (SERVICE_ROLE, SERVICE_ROLE, SCHEMA),
     )
     row = await cur.fetchone()
