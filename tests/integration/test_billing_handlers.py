@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
+from psycopg.types.json import Jsonb
 
 from tests.support import billing as b
 from tests.support import fake_stripe as fs
@@ -464,6 +466,50 @@ async def test_same_second_customers_products_prices_and_invoices_end_alike(
     assert await _rows(
         tollhouse, "SELECT status, paid FROM tollhouse.invoices WHERE id = %s", invoice["id"]
     ) == [("paid", True)]
+
+
+async def test_two_same_second_states_of_one_kind_end_alike_in_either_order(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
+) -> None:
+    """Two updates of one second cannot be told apart: the payloads' MD5 picks one, the same
+    one in either arrival order (a price's, an invoice's)."""
+    await b.load_prices(client)
+    c = await b.linked_customer(client, auth)
+    start, end = b.period()
+    price_id = "price_md5_" + uuid.uuid4().hex[:6]
+    prices = [fs.price(price_id, tollhouse_plan=plan) for plan in ("pro", "starter")]
+    invoice = fs.invoice(
+        "in_md5_" + uuid.uuid4().hex[:6],
+        c.customer_id,
+        "sub_md5",
+        b.PRICES[b.PRO],
+        start=start,
+        end=end,
+    )
+    invoices = [{**invoice, "status": "open", "amount_due": due} for due in (1000, 2000)]
+    at = datetime.now(UTC).replace(microsecond=0)
+    ends: list[tuple[Any, ...]] = []
+    async with tollhouse.db.connection() as conn:
+        for order in ((0, 1), (1, 0)):
+            await conn.execute("BEGIN")
+            for index in order:
+                await conn.execute(
+                    "SELECT tollhouse.billing_apply_price_v1('price.updated', %s, %s)",
+                    (Jsonb(prices[index]), at),
+                )
+                await conn.execute(
+                    "SELECT tollhouse.billing_apply_invoice_v1('invoice.updated', %s, %s)",
+                    (Jsonb(invoices[index]), at),
+                )
+            cur = await conn.execute(
+                "SELECT (SELECT plan FROM tollhouse.billing_prices WHERE id = %s),"
+                " (SELECT raw_data ->> 'amount_due' FROM tollhouse.invoices WHERE id = %s)",
+                (price_id, invoice["id"]),
+            )
+            ends.append(tuple(await cur.fetchone() or ()))
+            await conn.execute("ROLLBACK")
+    assert ends[0] == ends[1]
+    assert ends[0][0] in ("pro", "starter") and ends[0][1] in ("1000", "2000")
 
 
 async def test_an_older_deletion_of_a_customer_deletes_it_and_keeps_the_newer_fields(

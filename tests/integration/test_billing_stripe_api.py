@@ -68,6 +68,13 @@ async def test_checkout_creates_the_customer_once_and_answers_a_url(
     assert (
         await client.post(f"/v1/users/{user_id}/checkout", json=body, headers=other)
     ).json() != retried[0]
+    # Were Stripe to hold the key for other parameters, that is the caller's conflict (409),
+    # not Stripe failing (502, which a client would retry forever).
+    used = stripe_api.requests[-1][3]
+    assert used is not None
+    stripe_api.idempotency[used] = ("other parameters", *stripe_api.idempotency[used][1:])
+    clash = await client.post(f"/v1/users/{user_id}/checkout", json=body, headers=other)
+    assert (clash.status_code, clash.json()["error"]["code"]) == (409, "idempotency_conflict")
     for bad in ("", "a" * 256, "with space"):
         refused = await client.post(
             f"/v1/users/{user_id}/checkout", json=body, headers={**auth, "Idempotency-Key": bad}
@@ -147,7 +154,7 @@ async def test_idempotency_key_reused_with_other_parameters_is_an_error(
     first = client.v1.customers.create(params={"email": "a@example.com"}, options=key)
     again = client.v1.customers.create(params={"email": "a@example.com"}, options=key)
     assert first.id == again.id
-    with pytest.raises(stripe.InvalidRequestError, match="same parameters"):
+    with pytest.raises(stripe.IdempotencyError, match="same parameters"):
         client.v1.customers.create(params={"email": "b@example.com"}, options=key)
 
 

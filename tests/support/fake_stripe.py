@@ -188,6 +188,7 @@ class FakeStripe:
                             "idempotency_error",
                             "Keys for idempotent requests"
                             " can only be used with the same parameters",
+                            kind="idempotency_error",
                         )
                     return status, body
                 status, body = self._route(method, path, params)
@@ -239,8 +240,8 @@ class FakeStripe:
         return 404, _error("resource_missing", f"Unrecognized request URL ({method} {path})")
 
 
-def _error(code: str, message: str) -> Obj:
-    return {"error": {"type": "invalid_request_error", "code": code, "message": message}}
+def _error(code: str, message: str, kind: str = "invalid_request_error") -> Obj:
+    return {"error": {"type": kind, "code": code, "message": message}}
 
 
 def _page(items: list[Obj], params: dict[str, Any], url: str) -> Obj:

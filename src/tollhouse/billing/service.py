@@ -435,6 +435,11 @@ class BillingService:
         `InvalidRequest` for what Stripe refused)."""
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
+        except stripe.IdempotencyError as exc:
+            # A caller's Idempotency-Key sent again with another request: not Stripe failing.
+            raise e.IdempotencyConflict(
+                "this Idempotency-Key was used for another request (another price or URLs)"
+            ) from exc
         except stripe.InvalidRequestError as exc:
             raise e.InvalidRequest(
                 f"Stripe refused the request: {exc.user_message or exc}"
@@ -491,7 +496,7 @@ class BillingService:
         # session, not Stripe's replay of the first one, completed or expired. A caller that
         # retries passes its own key (`Idempotency-Key`), scoped by what it asks for.
         key = (
-            f"{tenant_id}:{price_id}:{success_url}:{cancel_url}:{operation_id}"
+            f"{tenant_id}:{customer}:{price_id}:{success_url}:{cancel_url}:{operation_id}"
             if operation_id
             else str(uuid.uuid4())
         )
@@ -518,7 +523,8 @@ class BillingService:
         operation_id: str | None = None,
     ) -> str:
         """A customer-portal session's URL. The key covers the SDK's own retries of this call
-        (a new call is a new session, as Stripe's sessions are short-lived)."""
+        (a new call is a new session, as Stripe's sessions are short-lived); `operation_id`
+        makes it the caller's, for a library caller that retries within those minutes."""
         customer = await self.customer_for(tenant_id)
         params: dict[str, Any] = {"customer": customer}
         if return_url:
@@ -588,7 +594,13 @@ class BillingService:
         a delivery would be, marked `source = 'api'`: an id stored before, or delivered
         later, is a duplicate by its id (its body is our serialisation, not Stripe's)."""
         body = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
-        return await self._take(Incoming.read(body.encode(), source="api"))
+        try:
+            raw = body.encode()
+        except UnicodeEncodeError as exc:  # half of a surrogate pair, as a delivery's would be
+            raise e.InvalidWebhookPayload(
+                "the event contains an unpaired UTF-16 surrogate"
+            ) from exc
+        return await self._take(Incoming.read(raw, source="api"))
 
     async def _apply_fetched(self, type_: str, obj: Obj, at: datetime) -> None:
         async def work(conn: Conn) -> None:

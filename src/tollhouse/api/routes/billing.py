@@ -90,8 +90,8 @@ class UrlOut(BaseModel):
     url: str
 
 
-#: A caller's key for one purchase or portal visit: the same key again (a retried request)
-#: gets the same session; without one, every request is a new session.
+#: A caller's key for one purchase: the same key again (a retried request) gets the same
+#: Checkout Session; without one, every request is a new session.
 IdempotencyKey = Annotated[
     str | None,
     Header(
@@ -99,7 +99,8 @@ IdempotencyKey = Annotated[
         min_length=1,
         max_length=255,
         pattern=r"^[\x21-\x7e]+$",
-        description="Retries with the same key get the same session (for 24 hours).",
+        description="Retries with the same key get the same Checkout Session (for 24 hours);"
+        " the same key with another price or URLs is 409 idempotency_conflict.",
     ),
 ]
 
@@ -175,6 +176,7 @@ async def user_billing(user_id: uuid.UUID, _: ServiceKey, tollhouse: TollhouseDe
     summary="A Stripe Checkout Session for one price (creates the customer on first use)",
     responses={
         404: {"description": "user_not_found"},
+        409: {"description": "idempotency_conflict"},
         422: {"description": "unknown_price"},
         502: {"description": "stripe_unavailable"},
         503: {"description": "stripe_not_configured"},
@@ -213,12 +215,9 @@ async def portal(
     _: ServiceKey,
     tollhouse: TollhouseDep,
     body: PortalBody | None = None,
-    idempotency_key: IdempotencyKey = None,
 ) -> UrlOut:
     tenant = await tollhouse.billing.personal_tenant(user_id)
-    url = await tollhouse.billing.portal(
-        tenant, return_url=body.return_url if body else None, operation_id=idempotency_key
-    )
+    url = await tollhouse.billing.portal(tenant, return_url=body.return_url if body else None)
     return UrlOut(url=url)
 
 

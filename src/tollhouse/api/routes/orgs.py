@@ -437,10 +437,7 @@ async def org_portal(
     caller: CallerDep,
     tollhouse: TollhouseDep,
     body: PortalBody | None = None,
-    idempotency_key: IdempotencyKey = None,
 ) -> UrlOut:
     tenant = await _billable(tollhouse, tenant_id, caller)
-    url = await tollhouse.billing.portal(
-        tenant, return_url=body.return_url if body else None, operation_id=idempotency_key
-    )
+    url = await tollhouse.billing.portal(tenant, return_url=body.return_url if body else None)
     return UrlOut(url=url)

@@ -8,7 +8,8 @@
 -- from: 0 `*.created`, 1 `*.updated` (and `stripe sync`'s fetches, which it applies as
 -- updates), 2 `*.deleted`. At the same second the later kind wins, then the greater MD5 of
 -- the payload (a fixed order: two updates in one second cannot be told apart, but every
--- arrival order keeps the same one). Rows stored before this migration count as updates.
+-- arrival order keeps the same one). Rows stored before this migration count as updates,
+-- deleted customers as deletions.
 -- Invoices order their states by status (draft, open, uncollectible, paid, void), then by the
 -- payload's MD5. What an older state never does stays: overwrite a newer one (a greater
 -- second); and `deleted`, `paid` and `payment_failed` still only ever turn on.
@@ -22,6 +23,9 @@ ALTER TABLE tollhouse.billing_products
 ALTER TABLE tollhouse.billing_prices
     ADD COLUMN stripe_order smallint NOT NULL DEFAULT 1,
     ADD CONSTRAINT billing_prices_stripe_order_check CHECK (stripe_order BETWEEN 0 AND 2);
+-- A deleted customer's state came from its deletion. (An inactive product or price may be
+-- archived rather than deleted: they stay updates.)
+UPDATE tollhouse.billing_customers SET stripe_order = 2 WHERE deleted;
 
 -- The rank of an event type's state at equal Stripe seconds (above).
 CREATE FUNCTION tollhouse.billing_stripe_order_v1(p_type text) RETURNS smallint
