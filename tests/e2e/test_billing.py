@@ -3,9 +3,11 @@ webhook (W-10), and the `tollhouse stripe` commands against the fake Stripe."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -104,23 +106,51 @@ def test_w10_an_acknowledged_event_survives_sigkill_and_a_retry_applies_once(
     third = start_service(env, tmp_path)
     services.append(third)
     third.wait_ready(60)
-    for _ in range(2):  # Stripe's retries
-        retry = _post(third.url, paid)
+    # Stripe's retries: the delivery cut short was never stored, so its first retry applies
+    # it, once.
+    assert [_post(third.url, paid).json()["status"] for _ in range(2)] == [
+        "processed",
+        "duplicate",
+    ]
+    grants = "SELECT count(*) FROM tollhouse.credit_grants WHERE source_id = %s"
+    assert _count(dsn, grants, "stripe:invoice:in_kill") == 1
+
+    # Killed while a delivery is being applied: the event's lock, held here, keeps the
+    # service's call waiting inside PostgreSQL when the service dies. Its transaction then
+    # commits or not (whether its COMMIT had reached the server); no 2xx was sent either way.
+    renewal = fs.event(
+        "invoice.paid",
+        fs.invoice("in_kill2", customer, "sub_kill", pro, start=end, end=end + 30 * 86400),
+    )
+    lock = f"tollhouse.stripe_event:{renewal['id']}"
+    with psycopg.connect(dsn, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (lock,))
+        sender = threading.Thread(target=_try_post, args=(third.url, renewal), daemon=True)
+        sender.start()
+        waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        deadline = time.monotonic() + 30
+        while _count(dsn, waiting) == 0:
+            assert time.monotonic() < deadline, "the delivery never reached its lock"
+            time.sleep(0.05)
+        third.process.send_signal(signal.SIGKILL)
+        third.process.wait(10)
+        holder.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (lock,))
+    sender.join(10)
+
+    fourth = start_service(env, tmp_path)
+    services.append(fourth)
+    fourth.wait_ready(60)
+    # Stripe's retries: the one killed while applied is applied now or was then, once.
+    for _ in range(2):
+        retry = _post(fourth.url, renewal)
         assert retry.status_code == 200
         assert retry.json()["status"] in ("processed", "duplicate")
-    assert (
-        _count(
-            dsn,
-            "SELECT count(*) FROM tollhouse.credit_grants"
-            " WHERE source_id = 'stripe:invoice:in_kill'",
-        )
-        == 1
-    )
-    assert _post(third.url, created).json()["status"] == "duplicate"
+    assert _count(dsn, grants, "stripe:invoice:in_kill2") == 1
+    assert _post(fourth.url, created).json()["status"] == "duplicate"
     mystery = fs.subscription("sub_m", customer, fs.price("price_m"), start=start, end=end)
     failing = fs.event("customer.subscription.created", mystery)
-    assert _post(third.url, failing).json()["status"] == "failed"
-    third.stop(signal.SIGTERM)
+    assert _post(fourth.url, failing).json()["status"] == "failed"
+    fourth.stop(signal.SIGTERM)
 
     listed = run_cli(["stripe", "events", "--status", "failed"], env)
     assert failing["id"] in listed.stdout and "unknown price price_m" in listed.stdout
@@ -129,6 +159,12 @@ def test_w10_an_acknowledged_event_survives_sigkill_and_a_retry_applies_once(
     assert f"{failing['id']}" in replayed.stdout and "1 event(s) replayed" in replayed.stdout
     everything = run_cli(["stripe", "events"], env).stdout
     assert created["id"] in everything and paid["id"] in everything
+
+
+def _try_post(url: str, event: dict[str, Any]) -> None:
+    """A delivery whose service may die before it answers."""
+    with contextlib.suppress(httpx.HTTPError):
+        _post(url, event)
 
 
 def test_stripe_commands(tmp_path: Path, dsn: str) -> None:
