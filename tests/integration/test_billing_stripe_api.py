@@ -318,6 +318,36 @@ async def test_w12_events_that_never_arrived_are_ingested_and_later_deliveries_a
     assert after["balance"] == 20000
 
 
+async def test_sync_reports_an_event_holding_half_a_surrogate_pair_and_goes_on(
+    client: httpx.AsyncClient,
+    auth: dict[str, str],
+    tollhouse: Tollhouse,
+    stripe_api: fs.FakeStripe,
+) -> None:
+    """An event of Stripe's API that PostgreSQL cannot store (a lone UTF-16 surrogate, which
+    JSON allows) is one failure of the sync, as its delivery would be a 400; the others are
+    ingested."""
+    _, tenant_id = await b.new_user(client, auth)
+    customer, *_ = _subscriber(tenant_id, "pro")
+    at = int(time.time()) - 60
+    bad = fs.event("customer.updated", {**customer, "name": "half \ud800"}, created=at)
+    good = fs.event("customer.updated", {**customer, "name": "whole"}, created=at + 1)
+    for event in (bad, good):
+        stripe_api.put("events", event)
+    try:
+        report = await tollhouse.billing.sync()
+    finally:
+        del stripe_api.objects["events"][bad["id"]]  # the fake serves every test
+    assert [(f["kind"], f["id"]) for f in report.failures] == [("events", bad["id"])]
+    assert "surrogate" in report.failures[0]["error"]
+    async with tollhouse.db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT stripe_event_id FROM tollhouse.billing_events WHERE stripe_event_id = ANY(%s)",
+            ([bad["id"], good["id"]],),
+        )
+        assert await cur.fetchall() == [(good["id"],)]
+
+
 async def test_an_api_copy_of_an_event_delivered_before_is_known_not_a_conflict(
     client: httpx.AsyncClient, tollhouse: Tollhouse
 ) -> None:
