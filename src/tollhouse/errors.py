@@ -619,6 +619,12 @@ class BillingEventNotFound(NotFound):
     code = "billing_event_not_found"
 
 
+class AlreadySubscribed(Conflict):
+    """The tenant already has a current subscription: its plan changes in the portal."""
+
+    code = "already_subscribed"
+
+
 class PriceNotFound(InvalidRequest):
     """No such price, or it sells nothing Tollhouse knows (no tollhouse_* metadata)."""
 

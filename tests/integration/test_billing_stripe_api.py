@@ -117,6 +117,32 @@ async def test_checkout_creates_the_customer_once_and_answers_a_url(
     assert billing["customer_id"] not in (None, customer["id"])
 
 
+async def test_a_subscribed_tenant_changes_plan_in_the_portal_not_in_a_second_checkout(
+    client: httpx.AsyncClient, auth: dict[str, str], stripe_api: fs.FakeStripe
+) -> None:
+    await b.load_prices(client)
+    c = await b.linked_customer(client, auth)
+    start, end = b.period()
+    sub = fs.subscription(fs.new_id("sub"), c.customer_id, b.PRICES[b.PRO], start=start, end=end)
+    await b.ok(client, fs.event("customer.subscription.created", sub))
+    urls = {"success_url": "https://app.example/ok", "cancel_url": "https://app.example/no"}
+    path = f"/v1/users/{c.user_id}/checkout"
+    sessions_before = stripe_api.created("/v1/checkout/sessions")
+    for price in (b.STARTER, b.PRO):
+        refused = await client.post(path, json={"price_id": price, **urls}, headers=auth)
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["error"]["code"] == "already_subscribed"
+        assert sub["id"] in refused.json()["error"]["message"]
+    assert stripe_api.created("/v1/checkout/sessions") == sessions_before
+    # One-time purchases go on; so does a subscription once the current one is canceled.
+    pack = await client.post(path, json={"price_id": b.PACK, **urls}, headers=auth)
+    assert pack.status_code == 200, pack.text
+    canceled = {**sub, "status": "canceled"}
+    await b.ok(client, fs.event("customer.subscription.deleted", canceled))
+    again = await client.post(path, json={"price_id": b.STARTER, **urls}, headers=auth)
+    assert again.status_code == 200, again.text
+
+
 async def test_checkout_refusals(
     client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
 ) -> None:

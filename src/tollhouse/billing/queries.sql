@@ -93,6 +93,12 @@ FROM tollhouse.billing_events WHERE stripe_event_id = %(id)s
 SELECT id, plan, credits, lifetime, type, active FROM tollhouse.billing_prices
 WHERE id = %(id)s
 
+-- name: current_subscription
+-- A subscription of the tenant that makes its plan now (as billing_effective_plan_v1 counts).
+SELECT id FROM tollhouse.subscriptions
+WHERE tenant_id = %(tenant_id)s AND status IN ('active', 'trialing', 'past_due')
+ORDER BY current_period_end DESC NULLS LAST LIMIT 1
+
 -- name: credit_pack
 SELECT grant_id, replayed FROM tollhouse.billing_credit_pack_v1(
     %(tenant_id)s, %(session)s, %(price_id)s, %(payment_intent)s, %(credits)s, %(amount)s)

@@ -485,11 +485,20 @@ class BillingService:
         async with self._db.connection() as conn:
             cur = await conn.execute(queries["price"], {"id": price_id})
             price = await cur.fetchone()
+            cur = await conn.execute(queries["current_subscription"], {"tenant_id": tenant_id})
+            current = await cur.fetchone()
         if price is None or not price[5]:
             raise e.PriceNotFound(price_id=price_id)
         _id, plan, credits, _lifetime, type_, _active = price
         if plan is None and credits is None:
             raise e.PriceNotFound(price_id=price_id)
+        if type_ == "recurring" and current is not None:
+            # A second subscription would pay twice for one plan: a plan changes in the portal.
+            raise e.AlreadySubscribed(
+                f"the tenant is already subscribed ({current[0]}): change its plan in the"
+                " customer portal (POST .../portal)",
+                subscription_id=str(current[0]),
+            )
         customer = await self.customer_for(tenant_id)
         mode = "subscription" if type_ == "recurring" else "payment"
         # One purchase attempt a call: a second purchase of the same price must get a new

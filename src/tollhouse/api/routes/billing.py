@@ -176,7 +176,7 @@ async def user_billing(user_id: uuid.UUID, _: ServiceKey, tollhouse: TollhouseDe
     summary="A Stripe Checkout Session for one price (creates the customer on first use)",
     responses={
         404: {"description": "user_not_found"},
-        409: {"description": "idempotency_conflict"},
+        409: {"description": "already_subscribed, idempotency_conflict"},
         422: {"description": "unknown_price"},
         502: {"description": "stripe_unavailable"},
         503: {"description": "stripe_not_configured"},

@@ -408,6 +408,7 @@ async def org_billing(
     "/v1/orgs/{tenant_id}/checkout",
     response_model=UrlOut,
     summary="A Stripe Checkout Session for the organisation (owners and admins)",
+    responses={409: {"description": "already_subscribed, idempotency_conflict"}},
 )
 async def org_checkout(
     tenant_id: uuid.UUID,
