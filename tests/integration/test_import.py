@@ -171,6 +171,157 @@ async def test_c05_later_google_and_apple_ids_join_the_first_user(
     assert "brings nothing" in next(r[5] for r in report if r[0] == "5" and r[2] == "email")
 
 
+def apple(row: dict[str, str], subject: str, email: str = "") -> dict[str, str]:
+    """`row` as an Apple record, without an e-mail unless one is given."""
+    row.update(auth_provider="apple", provider_user_id=subject, email=email)
+    return row
+
+
+def address_rows(dsn: str, user_id: uuid.UUID) -> tuple[object, ...]:
+    """A user's e-mails and e-mail routes, and its identities with their e-mails."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT (SELECT count(*) FROM tollhouse.user_emails WHERE user_id = %(u)s),"
+            " (SELECT count(*) FROM tollhouse.email_routes WHERE user_id = %(u)s),"
+            " (SELECT array_agg(provider || ':' || subject || ':' || coalesce(email, '-')"
+            "  ORDER BY subject) FROM tollhouse.user_identities WHERE user_id = %(u)s)",
+            {"u": user_id},
+        ).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+async def test_an_apple_record_without_an_email_is_a_user_with_its_identity_only(
+    tollhouse: Tollhouse, dsn: str, tmp_path: Path
+) -> None:
+    """Seed 001: Apple may give the address on the first login only. The user is created
+    with every row a new user has except an e-mail (as UserService.create without one)."""
+    row = apple(next(legacy_rows(1)), "a-ann")
+    row.update(credits_balance="42", credits_remaining="42")
+    before = counts(dsn)
+    summary, report = await run(tollhouse, write(tmp_path, render([row])))
+    assert (summary.created, summary.failed) == (1, 0) and report == []
+    added = {table: n - before[table] for table, n in counts(dsn).items()}
+    assert added["user_emails"] == added["email_routes"] == 0
+    assert added["users"] == added["user_identities"] == added["identity_routes"] == 1
+    for table in ("user_roles", "user_email_preferences", "tenants", "tenant_members"):
+        assert added[table] == 1, table
+    assert added["credit_accounts"] == added["credit_ledger"] == added["import_users"] == 1
+    user_id = uuid.UUID(row["user_id"])
+    assert address_rows(dsn, user_id) == (0, 0, ["apple:a-ann:-"])
+    assert (await tollhouse.users.find_by_identity("apple", "a-ann")) == (
+        await tollhouse.users.get(user_id)
+    )
+    assert (await tollhouse.credits.balance(user_id=user_id)).balance == 42
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        assert await conservation_problems(conn) == []
+
+
+async def test_a_record_without_an_email_merges_into_the_first_holding_its_id(
+    tollhouse: Tollhouse, dsn: str, tmp_path: Path
+) -> None:
+    """Without an e-mail the provider id matches: the earlier record of the file holding it
+    is the user (with or without an e-mail), and the later one brings nothing. A record with
+    an e-mail keeps the e-mail rules: an id held by an earlier record of another user (one
+    without an e-mail) fails it."""
+    rows = list(legacy_rows(5))
+    apple(rows[0], "a-ann").update(credits_balance="10", credits_remaining="10")
+    apple(rows[1], "a-ann").update(credits_balance="500", credits_remaining="500")
+    apple(rows[2], "a-bob", "Bob@Example.com")
+    apple(rows[3], "a-bob")
+    apple(rows[4], "a-ann", "ann@example.com")
+    summary, report = await run(tollhouse, write(tmp_path, render(rows)))
+    assert (summary.created, summary.merged, summary.failed) == (2, 2, 1)
+    assert summary.identities_linked == 0
+    assert [(r[0], r[2], r[3], r[4]) for r in report if r[4] != "plan_override"] == [
+        ("3", "provider_user_id", "a-ann", "duplicate_of_record:2"),
+        ("5", "provider_user_id", "a-bob", "duplicate_of_record:4"),
+        ("6", "provider_user_id", "a-ann", "duplicate_provider_user_id"),
+    ]
+    assert "brings nothing" in next(r[5] for r in report if r[0] == "3")
+    ann, bob = uuid.UUID(rows[0]["user_id"]), uuid.UUID(rows[2]["user_id"])
+    assert address_rows(dsn, ann) == (0, 0, ["apple:a-ann:-"])
+    assert address_rows(dsn, bob) == (1, 1, ["apple:a-bob:bob@example.com"])
+    assert (await tollhouse.credits.balance(user_id=ann)).balance == 10  # not 510
+    for other in (rows[1], rows[3], rows[4]):
+        with pytest.raises(Exception, match="no user"):
+            await tollhouse.users.get(uuid.UUID(other["user_id"]))
+
+
+async def test_a_record_without_an_email_whose_id_a_user_holds_already_is_that_user(
+    tollhouse: Tollhouse, dsn: str, tmp_path: Path
+) -> None:
+    """A user of an earlier import holds the Apple id: a record without an e-mail and with
+    that user's user_id updates it (its e-mail stays); with another user_id it is skipped
+    as existing_identity, as a record whose e-mail a user holds already is existing_user."""
+    row = apple(next(legacy_rows(1)), "a-ann", "ann@example.com")
+    await run(tollhouse, write(tmp_path, render([row])))
+    ann = uuid.UUID(row["user_id"])
+    state = counts(dsn)
+
+    other = apple(list(legacy_rows(2))[1], "a-ann")
+    summary, report = await run(tollhouse, write(tmp_path, render([other]), "other.csv"))
+    assert (summary.skipped, summary.created, summary.merged) == (1, 0, 0)
+    assert [(r[0], r[2], r[3], r[4]) for r in report] == [
+        ("2", "provider_user_id", "a-ann", "existing_identity")
+    ]
+    assert "no e-mail" in report[0][5]
+    assert counts(dsn) == state
+
+    apple(row, "a-ann").update(display_name="Ann without her address")
+    summary, _ = await run(tollhouse, write(tmp_path, render([row]), "v2.csv"))
+    assert (summary.updated, summary.created) == (1, 0)
+    assert (await tollhouse.users.get(ann)).display_name == "Ann without her address"
+    assert address_rows(dsn, ann) == (1, 1, ["apple:a-ann:ann@example.com"])
+    assert counts(dsn) == state
+
+
+async def test_only_google_and_apple_records_with_their_id_go_without_an_email(
+    tollhouse: Tollhouse, dsn: str, tmp_path: Path
+) -> None:
+    rows = list(legacy_rows(3))
+    rows[0].update(auth_provider="email", provider_user_id="", email="")
+    apple(rows[1], "")
+    apple(rows[2], "a-ann")
+    summary, report = await run(tollhouse, write(tmp_path, render(rows)))
+    assert (summary.created, summary.failed) == (1, 2)
+    assert [(r[0], r[2], r[4]) for r in report] == [
+        ("2", "email", "missing_value"),
+        ("3", "provider_user_id", "missing_value"),
+    ]
+    with pytest.raises(Exception, match="no user"):
+        await tollhouse.users.get(uuid.UUID(rows[0]["user_id"]))
+
+
+async def test_records_without_an_email_rerun_unchanged_and_dry_run_alike(
+    tollhouse: Tollhouse, dsn: str, tmp_path: Path
+) -> None:
+    rows = list(legacy_rows(6))
+    apple(rows[0], "a-ann")
+    apple(rows[1], "a-ann")
+    apple(rows[2], "a-bob", "bob@example.com")
+    apple(rows[3], "a-bob")
+    rows[4].update(auth_provider="google", provider_user_id="g-cat", email="")
+    path = write(tmp_path, render(rows))
+    before = counts(dsn)
+    dry, dry_report = await run(tollhouse, path, dry_run=True)
+    assert counts(dsn) == before
+    first, report = await run(tollhouse, path)
+    assert report == dry_report
+    assert (first.created, first.merged) == (dry.created, dry.merged) == (4, 2)
+    state = counts(dsn), checksum(dsn)
+    second, again = await run(tollhouse, write(tmp_path, render(rows), "again.csv"))
+    assert (second.created, second.updated, second.unchanged, second.merged) == (0, 0, 4, 2)
+    assert second.identities_linked == 0
+    assert (counts(dsn), checksum(dsn)) == state
+    merged = [(r[0], r[2], r[4]) for r in report if r[4].startswith("duplicate_of")]
+    assert merged == [(r[0], r[2], r[4]) for r in again if r[4].startswith("duplicate_of")]
+    assert merged == [
+        ("3", "provider_user_id", "duplicate_of_record:2"),
+        ("5", "provider_user_id", "duplicate_of_record:4"),
+    ]
+
+
 async def test_repeated_user_id_and_shared_provider_id_fail_the_later_record(
     tollhouse: Tollhouse, tmp_path: Path
 ) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from tests.support.legacy_csv import legacy_rows, render
 from tollhouse.errors import ImportFileRejected
-from tollhouse.imports.feed import issue_line
+from tollhouse.imports.feed import copy_line, issue_line
 from tollhouse.imports.parse import COLUMNS, FIELD_LIMIT, CsvFile, Header, RawRecord
 from tollhouse.imports.report import Issue, neutralise, shown, write_report
 from tollhouse.imports.validate import PLAN_MAP_V1, DateRules, Staged, Validator, parse_plan_map
@@ -481,6 +481,32 @@ def test_every_error_of_a_record_is_reported(tmp_path: Path) -> None:
         ("stripe_customer_id", "invalid_stripe_id"),
         ("billing_status", "unknown_billing_status"),
     ]
+
+
+def test_only_a_google_or_apple_record_with_its_id_may_go_without_an_email(
+    tmp_path: Path,
+) -> None:
+    """Apple may give the address on the first login only (seed 001): such a record is
+    matched by its provider id. Any other record still needs an e-mail."""
+    results = checked(
+        [
+            base_row(email="", auth_provider="apple", provider_user_id="a-1"),
+            base_row(email="  ", auth_provider="Google", provider_user_id="g-1"),
+            base_row(email="", auth_provider="email", provider_user_id=""),
+            base_row(email="", auth_provider="apple", provider_user_id=""),
+            base_row(email="", auth_provider="myspace"),
+        ],
+        tmp_path,
+    )
+    apple, google, plain, no_id, unknown = results
+    for (staged, issues), provider, subject in ((apple, "apple", "a-1"), (google, "google", "g-1")):
+        assert staged is not None and issues == []
+        assert (staged[3], staged[4], staged[5]) == (None, provider, subject)
+        assert copy_line(staged).split("\t")[3] == "\\N"  # NULL in the COPY
+    assert plain[0] is None and codes(plain) == [("email", "missing_value")]
+    assert "email is required" in plain[1][0].message
+    assert no_id[0] is None and codes(no_id) == [("provider_user_id", "missing_value")]
+    assert codes(unknown) == [("auth_provider", "unknown_provider"), ("email", "missing_value")]
 
 
 def test_stripe_ids_are_checked(tmp_path: Path) -> None:

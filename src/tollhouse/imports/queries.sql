@@ -41,11 +41,12 @@ SELECT set_config('TimeZone', 'UTC', true), set_config('DateStyle', 'ISO, MDY', 
 
 -- name: create_incoming
 -- Records and issues arrive by COPY here (COPY cannot write into a table under RLS).
+-- email is NULL only for a Google or Apple record without one (the validator's rule).
 CREATE TEMPORARY TABLE import_incoming (
     record_no integer NOT NULL,
     line_no integer NOT NULL,
     user_id uuid NOT NULL,
-    email text NOT NULL,
+    email text,
     provider text NOT NULL,
     subject text,
     display_name text,
@@ -108,9 +109,11 @@ VALUES (%(id)s, %(file_sha256)s, %(options_sha256)s, %(file_name)s, %(options)s,
 -- name: classify
 -- Every valid record's outcome, decided once for the whole file against the database as it
 -- is now: a repeated user_id fails (the first record of an id may be one that failed: see
--- create_incoming_issues); records sharing an e-mail merge into the first one; the
--- first one is created, updated, unchanged, or skipped when its id, e-mail or identity
--- belongs to a user this import did not create.
+-- create_incoming_issues); records sharing an e-mail merge into the first one, and a
+-- record without an e-mail into the first record holding its Google / Apple id (seed 001:
+-- the provider id matches when there is no e-mail); the first one is created, updated,
+-- unchanged, or skipped when its id, e-mail or identity belongs to a user this import did
+-- not create.
 CREATE TEMPORARY TABLE import_classified ON COMMIT DROP AS
 WITH ranked AS (
     SELECT i.*,
@@ -128,11 +131,10 @@ WITH ranked AS (
     -- a first record's skip (existing_identity) and a later record's link.
     LEFT JOIN tollhouse.identity_routes ir
         ON ir.provider = i.provider AND ir.subject = i.subject
-), unique_ids AS (
+), identities AS (
     -- Only what the outcomes need: these rows are sorted twice (a third of the width).
     SELECT r.record_no, r.user_id, r.email, r.provider, r.subject, r.fingerprint,
            r.identity_owner,
-           min(r.record_no) OVER (PARTITION BY r.email) AS email_first,
            CASE WHEN r.subject IS NOT NULL
                 THEN min(r.record_no) OVER (PARTITION BY r.provider, r.subject) END
                AS identity_first,
@@ -140,10 +142,23 @@ WITH ranked AS (
                AS identity_first_email
     FROM ranked r
     WHERE r.record_no = r.id_first
+), unique_ids AS (
+    -- email_first: the first record of the merge group. The group is the e-mail; a record
+    -- without one (always a Google / Apple record with its id) joins the group of the
+    -- first record holding its id: that record's e-mail, or that record itself when it
+    -- has none either.
+    SELECT i.*,
+           min(i.record_no) OVER (PARTITION BY i.merge_key,
+                                  CASE WHEN i.merge_key IS NULL THEN i.provider END,
+                                  CASE WHEN i.merge_key IS NULL THEN i.subject END)
+               AS email_first
+    FROM (SELECT *, coalesce(email, identity_first_email) AS merge_key FROM identities) i
 ), firsts AS (
     SELECT f.record_no,
            CASE
-               WHEN f.identity_first <> f.record_no AND f.identity_first_email <> f.email
+               -- (An earlier holder without an e-mail is another user too.)
+               WHEN f.identity_first <> f.record_no
+                    AND f.identity_first_email IS DISTINCT FROM f.email
                    THEN 'failed:duplicate_provider_user_id'
                WHEN u.id IS NOT NULL AND iu.user_id IS NULL THEN 'skipped:existing_user'
                WHEN u.id IS NOT NULL AND iu.fingerprint = f.fingerprint THEN 'unchanged'
@@ -219,6 +234,8 @@ ANALYZE import_classified, import_billing
 -- The records that change something, numbered in the order they are applied (users by
 -- user_id, then merged identities: see migration 0010), with the personal tenant of each
 -- user: a new id for a new user (ascending with the order), the existing one otherwise.
+-- A record without an e-mail is staged with '' (import_staging.email is NOT NULL, and no
+-- address is empty): the apply steps write no address for it.
 INSERT INTO tollhouse.import_staging
     (run_id, apply_no, record_no, outcome, user_id, target_user_id, tenant_id, email,
      provider, subject, link_identity, display_name, created_at, last_seen_at, status,
@@ -235,10 +252,11 @@ SELECT %(run_id)s, c.apply_no, c.record_no, c.outcome, c.user_id, c.target_user_
             WHEN c.outcome = 'updated'
             THEN (SELECT t.id FROM tollhouse.tenants t
                   WHERE t.owner_user_id = c.user_id AND t.is_default) END,
-       c.email, c.provider, c.subject, c.link_identity, c.display_name, c.created_at,
-       c.last_seen_at, c.status, c.marketing, c.legacy_tier, c.plan, c.plan_override,
-       c.credits_total, c.credits_balance, c.daily_cap, c.last_daily_reset, c.period_end,
-       c.stripe_customer_id, c.stripe_subscription_id, c.billing_status, c.fingerprint,
+       coalesce(c.email, ''), c.provider, c.subject, c.link_identity, c.display_name,
+       c.created_at, c.last_seen_at, c.status, c.marketing, c.legacy_tier, c.plan,
+       c.plan_override, c.credits_total, c.credits_balance, c.daily_cap, c.last_daily_reset,
+       c.period_end, c.stripe_customer_id, c.stripe_subscription_id, c.billing_status,
+       c.fingerprint,
        coalesce(cb.customer_owner, true)
 FROM (SELECT *, row_number() OVER (ORDER BY outcome = 'merged', user_id) AS apply_no
       FROM import_classified
@@ -273,20 +291,33 @@ CROSS JOIN LATERAL (
            'this ' || c.provider || ' id belongs to an earlier record with another e-mail'
     WHERE c.outcome = 'failed:duplicate_provider_user_id'
     UNION ALL
-    SELECT 1002, 'info', 'email', regexp_replace(c.email, '^(.)[^@]*@', '\1***@'),
+    SELECT 1002, 'info', CASE WHEN c.email IS NULL THEN 'user_id' ELSE 'email' END,
+           coalesce(regexp_replace(c.email, '^(.)[^@]*@', '\1***@'), c.user_id::text),
            'existing_user',
            'skipped: this user_id or e-mail belongs to a user this import did not create'
     WHERE c.outcome = 'skipped:existing_user'
     UNION ALL
     SELECT 1003, 'info', 'provider_user_id', c.subject, 'existing_identity',
-           'skipped: this ' || c.provider || ' id belongs to a user this import did not create'
+           CASE WHEN c.email IS NULL
+                THEN 'skipped: no e-mail, and this ' || c.provider || ' id belongs to a user'
+                     || ' already in the database with another user_id: that user is not'
+                     || ' changed'
+                ELSE 'skipped: this ' || c.provider
+                     || ' id belongs to a user this import did not create'
+           END
     WHERE c.outcome = 'skipped:existing_identity'
     UNION ALL
-    SELECT 1004, 'info', 'email', regexp_replace(c.email, '^(.)[^@]*@', '\1***@'),
+    -- A record without an e-mail was matched by its provider id: that is the column shown.
+    SELECT 1004, 'info', CASE WHEN c.email IS NULL THEN 'provider_user_id' ELSE 'email' END,
+           coalesce(regexp_replace(c.email, '^(.)[^@]*@', '\1***@'), c.subject),
            'duplicate_of_record:' || c.email_first,
            CASE
                WHEN c.outcome = 'skipped:duplicate'
                    THEN 'skipped: record ' || c.email_first || ' was not imported'
+               WHEN c.email IS NULL
+                   THEN 'merged into the user of record ' || c.email_first || ', which holds'
+                        || ' its ' || c.provider || ' id; a record without an e-mail brings'
+                        || ' nothing'
                WHEN c.link_identity
                    THEN 'merged into the user of record ' || c.email_first || '; its '
                         || c.provider || ' id is linked to that user'
@@ -356,7 +387,9 @@ SELECT count(*) FROM tollhouse.import_staging WHERE run_id = %(run_id)s AND outc
 -- name: apply_created
 -- New users: exactly the rows identity.create_user writes (user, primary e-mail and its
 -- route, preferences, role, personal tenant and membership), plus the identity of the record
--- and the import's provenance row. E-mails are unverified (RELIABILITY 7.2 rule 6).
+-- and the import's provenance row. E-mails are unverified (RELIABILITY 7.2 rule 6). A
+-- record staged without an e-mail ('') makes a user without one, as UserService.create
+-- does (no user_emails or email_routes row; its identity's e-mail NULL).
 WITH s AS (
     SELECT * FROM tollhouse.import_staging
     WHERE run_id = %(run_id)s AND apply_no > %(after)s AND apply_no <= %(through)s
@@ -368,10 +401,11 @@ WITH s AS (
            last_seen_at
     FROM s
 ), route AS (
-    INSERT INTO tollhouse.email_routes (email, user_id) SELECT email, user_id FROM s
+    INSERT INTO tollhouse.email_routes (email, user_id)
+    SELECT email, user_id FROM s WHERE email <> ''
 ), email AS (
     INSERT INTO tollhouse.user_emails (user_id, email, is_primary, verified, via)
-    SELECT user_id, email, true, false, 'import' FROM s
+    SELECT user_id, email, true, false, 'import' FROM s WHERE email <> ''
 ), prefs AS (
     INSERT INTO tollhouse.user_email_preferences (user_id, marketing)
     SELECT user_id, marketing FROM s
@@ -385,7 +419,7 @@ WITH s AS (
     SELECT tenant_id, user_id, 'owner' FROM s
 ), ident AS (
     INSERT INTO tollhouse.user_identities (user_id, provider, subject, email)
-    SELECT user_id, provider, subject, email FROM s WHERE subject IS NOT NULL
+    SELECT user_id, provider, subject, nullif(email, '') FROM s WHERE subject IS NOT NULL
 ), ident_route AS (
     INSERT INTO tollhouse.identity_routes (provider, subject, user_id)
     SELECT provider, subject, user_id FROM s WHERE subject IS NOT NULL
@@ -533,7 +567,7 @@ ON CONFLICT (provider, customer_id) DO NOTHING
 
 -- name: billing_customers
 INSERT INTO tollhouse.billing_customers (tenant_id, customer_id, email)
-SELECT s.tenant_id, s.stripe_customer_id, s.email
+SELECT s.tenant_id, s.stripe_customer_id, nullif(s.email, '')
 FROM tollhouse.import_staging s
 JOIN tollhouse.billing_customer_routes r
   ON r.provider = 'stripe' AND r.customer_id = s.stripe_customer_id

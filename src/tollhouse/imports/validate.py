@@ -235,11 +235,20 @@ class Validator:
 
     @staticmethod
     def _cross_checks(r: Mapping[str, object]) -> None:
-        if r.get("auth_provider") in ("google", "apple") and r.get("provider_user_id") is None:
+        if r.get("auth_provider") in ("google", "apple"):
+            if r.get("provider_user_id") is None:
+                raise _Bad(
+                    "missing_value",
+                    f"a {r['auth_provider']} account needs its provider_user_id",
+                    "provider_user_id",
+                )
+        elif "email" in r and r["email"] is None:
+            # Only Google and Apple accounts go without an address (Apple gives it on the
+            # first login only, seed 001): their provider id is what matches them then.
             raise _Bad(
                 "missing_value",
-                f"a {r['auth_provider']} account needs its provider_user_id",
-                "provider_user_id",
+                "email is required (only a google or apple account may go without one)",
+                "email",
             )
         if r.get("stripe_subscription_id") is not None:
             if r.get("stripe_customer_id") is None:
@@ -279,6 +288,7 @@ class Validator:
         ) = values
         stamp = self._stamp
         results = {
+            "email": _email(email),
             "auth_provider": _provider(provider),
             "provider_user_id": _text_255(subject),
             "stripe_customer_id": _stripe_customer(stripe_customer_id),
@@ -295,7 +305,7 @@ class Validator:
             str(record.record_no),
             str(record.line_no),
             _user_id_text(user_id),
-            _email(email),
+            results["email"],
             str(results["auth_provider"]),
             None if results["auth_provider"] == "email" else _opt(results["provider_user_id"]),
             _display_name(display_name),
@@ -481,9 +491,11 @@ def _user_id(value: str) -> uuid.UUID:
         raise _Bad("invalid_uuid", "user_id is not a UUID") from None
 
 
-def _email(value: str) -> str:
+def _email(value: str) -> str | None:
+    """The normalised address; None when empty (which only some records may be: see
+    `Validator._cross_checks`)."""
     if not value.strip():
-        raise _Bad("missing_value", "email is required")
+        return None
     try:
         return normalise_email(value)
     except InvalidEmail:
