@@ -145,14 +145,13 @@ WITH ranked AS (
 ), unique_ids AS (
     -- email_first: the first record of the merge group. The group is the e-mail; a record
     -- without one (always a Google / Apple record with its id) joins the group of the
-    -- first record holding its id: that record's e-mail, or that record itself when it
-    -- has none either.
+    -- first record holding its id: that record's e-mail, or else the id itself (written
+    -- with a space, which no address holds). One key: a sort on one column.
     SELECT i.*,
-           min(i.record_no) OVER (PARTITION BY i.merge_key,
-                                  CASE WHEN i.merge_key IS NULL THEN i.provider END,
-                                  CASE WHEN i.merge_key IS NULL THEN i.subject END)
+           min(i.record_no) OVER (PARTITION BY coalesce(i.email, i.identity_first_email,
+                                                        i.provider || ' ' || i.subject))
                AS email_first
-    FROM (SELECT *, coalesce(email, identity_first_email) AS merge_key FROM identities) i
+    FROM identities i
 ), firsts AS (
     SELECT f.record_no,
            CASE
