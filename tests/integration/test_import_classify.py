@@ -112,8 +112,8 @@ async def test_every_outcome_is_classified_the_same_on_a_rerun(
         "5": ("email", "duplicate_of_record:2", "belongs to another user and is not linked"),
         "7": ("user_id", "duplicate_user_id", "already on record 6"),
         "9": ("provider_user_id", "duplicate_provider_user_id", "another e-mail"),
-        "10": ("email", "existing_user", "did not create"),
-        "11": ("provider_user_id", "existing_identity", "did not create"),
+        "10": ("email", "existing_user", "already in the database"),
+        "11": ("provider_user_id", "existing_identity", "another user already in the database"),
     }
     codes = {code for _, code, _ in outcomes.values()}
 

@@ -293,7 +293,8 @@ CROSS JOIN LATERAL (
     SELECT 1002, 'info', CASE WHEN c.email IS NULL THEN 'user_id' ELSE 'email' END,
            coalesce(regexp_replace(c.email, '^(.)[^@]*@', '\1***@'), c.user_id::text),
            'existing_user',
-           'skipped: this user_id or e-mail belongs to a user this import did not create'
+           'skipped: this user_id, or this e-mail under another user_id, belongs to a user'
+           || ' already in the database (not one an import of this user_id made): not changed'
     WHERE c.outcome = 'skipped:existing_user'
     UNION ALL
     SELECT 1003, 'info', 'provider_user_id', c.subject, 'existing_identity',
@@ -302,7 +303,7 @@ CROSS JOIN LATERAL (
                      || ' already in the database with another user_id: that user is not'
                      || ' changed'
                 ELSE 'skipped: this ' || c.provider
-                     || ' id belongs to a user this import did not create'
+                     || ' id belongs to another user already in the database: not linked'
            END
     WHERE c.outcome = 'skipped:existing_identity'
     UNION ALL
