@@ -246,6 +246,29 @@ def test_c03_a_quote_left_open_that_closes_on_a_later_line_eats_no_record(
     assert records[2].fields[COLUMNS.index("billing_status")] == 'x"'
 
 
+def test_c03_a_quote_left_open_that_closes_in_the_next_records_line_break_eats_no_record(
+    tmp_path: Path,
+) -> None:
+    """Record 3's open quote ends at the quote that opens record 4's display name, which
+    starts with a line break: record 4 is whole only across its two lines, and is read again
+    as itself (not taken into record 3 as one ragged record, its second line a phantom)."""
+    rows = list(legacy_rows(5))
+    rows[1]["display_name"] = "Open"
+    rows[2]["display_name"] = "\nBob"
+    lines = render(rows, newline="\n").split("\n")
+    lines[2] = lines[2].replace(",Open,", ',"Open,')
+    _, records = read(write(tmp_path, "\n".join(lines)))
+    assert [(r.record_no, r.line_no, r.error[0] if r.error else None) for r in records] == [
+        (2, 2, None),
+        (3, 3, "malformed_csv"),
+        (4, 4, None),
+        (5, 6, None),
+        (6, 7, None),
+    ]
+    assert records[2].fields[COLUMNS.index("display_name")] == "\nBob"
+    assert records[2].fields[COLUMNS.index("user_id")] == rows[2]["user_id"]
+
+
 # --- C-04 header ---------------------------------------------------------------------------------
 
 

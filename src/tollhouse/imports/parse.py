@@ -157,6 +157,35 @@ def _holds_a_record(lines: list[str], width: int) -> bool:
     return False
 
 
+#: How far past a record's lines the parser looks to tell an open quote from a ragged record.
+LOOKAHEAD_LINES = 100
+
+
+def _starts_a_record(lines: _Lines, rest: list[str], width: int) -> bool:
+    """Whether `rest`, the lines after a record's first, read again as records begin with one
+    of `width` fields, reading on into the file as far as that record goes (the lines read
+    ahead are put back). A quote left open can close inside the next record's own quoted
+    line break: that record is then whole only across its lines, not on any line alone."""
+    probe = list(rest)
+    kept = len(lines.taken)
+    ahead: list[str] = []
+    try:
+        while True:
+            try:
+                return len(next(csv.reader(iter(probe), strict=True), ())) == width
+            except csv.Error as exc:
+                if "unexpected end of data" not in str(exc) or len(ahead) >= LOOKAHEAD_LINES:
+                    return False
+            line = next(lines.lines, None)
+            if line is None:
+                return False
+            ahead.append(line)
+            probe.append(line)
+    finally:
+        del lines.taken[kept:]
+        lines.put_back(ahead)
+
+
 class _Lines:
     """The file's physical lines, with the ones a failed record took put back in front.
     `taken` holds the lines handed out since it was last cleared."""
@@ -238,7 +267,10 @@ class CsvFile:
                 if (
                     len(row) != header.width
                     and len(taken) > 1
-                    and _holds_a_record(taken[1:], header.width)
+                    and (
+                        _holds_a_record(taken[1:], header.width)
+                        or _starts_a_record(lines, taken[1:], header.width)
+                    )
                 ):
                     # A quote left open that ran into the next lines (records of their
                     # own): report the first line and read the others again as records.
