@@ -248,6 +248,20 @@ async def test_a_record_without_an_email_merges_into_the_first_holding_its_id(
             await tollhouse.users.get(uuid.UUID(other["user_id"]))
 
 
+async def test_an_address_as_a_provider_id_is_masked_in_the_report(
+    tollhouse: Tollhouse, tmp_path: Path
+) -> None:
+    """The classification's report rows show a provider id as report.shown would: an
+    address in it masked (C-10)."""
+    rows = list(legacy_rows(2))
+    for row in rows:
+        apple(row, "ann.secret@example.com")
+    _, report = await run(tollhouse, write(tmp_path, render(rows)))
+    merged = [r for r in report if r[4] == "duplicate_of_record:2"]
+    assert [(r[2], r[3]) for r in merged] == [("provider_user_id", "a***@example.com")]
+    assert not any("ann.secret" in cell for r in report for cell in r)
+
+
 async def test_a_record_without_an_email_whose_id_a_user_holds_already_is_that_user(
     tollhouse: Tollhouse, dsn: str, tmp_path: Path
 ) -> None:

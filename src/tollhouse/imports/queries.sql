@@ -276,7 +276,8 @@ SELECT %(run_id)s, record_no, seq, line_no, severity, column_name, value, code, 
 FROM import_incoming_issues
 UNION ALL
 SELECT %(run_id)s, c.record_no, x.seq, c.line_no, x.severity, x.column_name,
-       CASE WHEN char_length(x.value) > 64 THEN left(x.value, 63) || '…' ELSE x.value END,
+       (SELECT CASE WHEN char_length(m.v) > 64 THEN left(m.v, 63) || '…' ELSE m.v END
+        FROM (SELECT regexp_replace(x.value, '^(.)[^@]*@', '\1***@') AS v) m),
        x.code, x.message
 FROM import_classified c
 LEFT JOIN import_billing cb ON cb.record_no = c.record_no
