@@ -217,35 +217,79 @@ async def test_an_apple_record_without_an_email_is_a_user_with_its_identity_only
         assert await conservation_problems(conn) == []
 
 
-async def test_a_record_without_an_email_merges_into_the_first_holding_its_id(
+async def test_a_record_without_an_email_merges_into_the_record_holding_its_id(
     tollhouse: Tollhouse, dsn: str, tmp_path: Path
 ) -> None:
-    """Without an e-mail the provider id matches: the earlier record of the file holding it
-    is the user (with or without an e-mail), and the later one brings nothing. A record with
-    an e-mail keeps the e-mail rules: an id held by an earlier record of another user (one
-    without an e-mail) fails it."""
+    """Without an e-mail the provider id matches: the record of the file holding it (the
+    first with an e-mail, else the first) is the user, and the others bring nothing."""
     rows = list(legacy_rows(5))
     apple(rows[0], "a-ann").update(credits_balance="10", credits_remaining="10")
     apple(rows[1], "a-ann").update(credits_balance="500", credits_remaining="500")
     apple(rows[2], "a-bob", "Bob@Example.com")
     apple(rows[3], "a-bob")
-    apple(rows[4], "a-ann", "ann@example.com")
+    apple(rows[4], "a-ann", "ann@example.com").update(credits_balance="7", credits_remaining="7")
     summary, report = await run(tollhouse, write(tmp_path, render(rows)))
-    assert (summary.created, summary.merged, summary.failed) == (2, 2, 1)
+    assert (summary.created, summary.merged, summary.failed) == (2, 3, 0)
     assert summary.identities_linked == 0
     assert [(r[0], r[2], r[3], r[4]) for r in report if r[4] != "plan_override"] == [
-        ("3", "provider_user_id", "a-ann", "duplicate_of_record:2"),
+        ("2", "provider_user_id", "a-ann", "duplicate_of_record:6"),
+        ("3", "provider_user_id", "a-ann", "duplicate_of_record:6"),
         ("5", "provider_user_id", "a-bob", "duplicate_of_record:4"),
-        ("6", "provider_user_id", "a-ann", "duplicate_provider_user_id"),
     ]
-    assert "brings nothing" in next(r[5] for r in report if r[0] == "3")
-    ann, bob = uuid.UUID(rows[0]["user_id"]), uuid.UUID(rows[2]["user_id"])
-    assert address_rows(dsn, ann) == (0, 0, ["apple:a-ann:-"])
+    assert "brings nothing" in next(r[5] for r in report if r[0] == "2")
+    ann, bob = uuid.UUID(rows[4]["user_id"]), uuid.UUID(rows[2]["user_id"])
+    assert address_rows(dsn, ann) == (1, 1, ["apple:a-ann:ann@example.com"])
     assert address_rows(dsn, bob) == (1, 1, ["apple:a-bob:bob@example.com"])
-    assert (await tollhouse.credits.balance(user_id=ann)).balance == 10  # not 510
-    for other in (rows[1], rows[3], rows[4]):
+    assert (await tollhouse.credits.balance(user_id=ann)).balance == 7  # not 10 or 510
+    for other in (rows[0], rows[1], rows[3]):
         with pytest.raises(Exception, match="no user"):
             await tollhouse.users.get(uuid.UUID(other["user_id"]))
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+async def test_records_with_and_without_an_email_of_one_id_end_alike_in_either_order(
+    tollhouse: Tollhouse, dsn: str, tmp_path: Path, order: tuple[int, int]
+) -> None:
+    """Apple gives the address on the first login only: a record with it and one without,
+    of the same Apple id, are one user with that address, whichever comes first."""
+    pair = list(legacy_rows(2))
+    subject = "a-" + uuid.uuid4().hex[:8]
+    apple(pair[0], subject, "first@example.com")
+    apple(pair[1], subject)
+    rows = [pair[i] for i in order]
+    summary, report = await run(tollhouse, write(tmp_path, render(rows)))
+    assert (summary.created, summary.merged, summary.failed) == (1, 1, 0)
+    holder = rows.index(pair[0]) + 2
+    merged = [r for r in report if r[4].startswith("duplicate_of_record")]
+    assert [(r[0], r[4]) for r in merged] == [
+        (str(rows.index(pair[1]) + 2), f"duplicate_of_record:{holder}")
+    ]
+    user = uuid.UUID(pair[0]["user_id"])
+    assert address_rows(dsn, user) == (1, 1, [f"apple:{subject}:first@example.com"])
+    again, _ = await run(tollhouse, write(tmp_path, render(rows)))
+    assert (again.unchanged, again.merged, again.created) == (1, 1, 0)
+
+
+async def test_a_record_without_an_email_is_not_merged_into_a_user_its_id_is_not(
+    tollhouse: Tollhouse, dsn: str, tmp_path: Path
+) -> None:
+    """A user in the database holds the Apple id; the file's records with that id merge by
+    e-mail into another user, which cannot take it. The one without an e-mail is the
+    database user's, so it is skipped as existing_identity, not reported as merged into a
+    user that does not hold the id."""
+    holder = apple(next(legacy_rows(1)), "a-held", "holder@example.com")
+    await run(tollhouse, write(tmp_path, render([holder])))
+    rows = list(legacy_rows(4))[1:]
+    rows[0].update(email="zed@example.com", auth_provider="email", provider_user_id="")
+    apple(rows[1], "a-held", "zed@example.com")
+    apple(rows[2], "a-held")
+    summary, report = await run(tollhouse, write(tmp_path, render(rows)))
+    assert (summary.created, summary.merged, summary.skipped) == (1, 1, 1)
+    found = {r[0]: (r[4], r[5]) for r in report if r[4] != "plan_override"}
+    assert found["3"][0] == "duplicate_of_record:2" and "not linked" in found["3"][1]
+    assert found["4"][0] == "existing_identity"
+    owner = uuid.UUID(holder["user_id"])
+    assert address_rows(dsn, owner) == (1, 1, ["apple:a-held:holder@example.com"])
 
 
 async def test_an_address_as_a_provider_id_is_masked_in_the_report(

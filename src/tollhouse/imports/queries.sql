@@ -135,22 +135,24 @@ WITH ranked AS (
     -- Only what the outcomes need: these rows are sorted twice (a third of the width).
     SELECT r.record_no, r.user_id, r.email, r.provider, r.subject, r.fingerprint,
            r.identity_owner,
+           -- The record that holds a Google / Apple id: the first with an e-mail, else the
+           -- first (a record without an e-mail is the same person, in whatever order).
            CASE WHEN r.subject IS NOT NULL
-                THEN min(r.record_no) OVER (PARTITION BY r.provider, r.subject) END
-               AS identity_first,
-           first_value(r.email) OVER (PARTITION BY r.provider, r.subject ORDER BY r.record_no)
-               AS identity_first_email
+                THEN first_value(r.record_no) OVER holders END AS identity_first,
+           first_value(r.email) OVER holders AS identity_first_email
     FROM ranked r
     WHERE r.record_no = r.id_first
+    WINDOW holders AS (PARTITION BY r.provider, r.subject ORDER BY r.email IS NULL, r.record_no)
 ), unique_ids AS (
-    -- email_first: the first record of the merge group. The group is the e-mail; a record
-    -- without one (always a Google / Apple record with its id) joins the group of the
-    -- first record holding its id: that record's e-mail, or else the id itself (written
-    -- with a space, which no address holds). One key: a sort on one column.
+    -- email_first: the record the merge group is (its first with an e-mail, else its
+    -- first). The group is the e-mail; a record without one (always a Google / Apple
+    -- record with its id) joins the group of the record holding its id: that record's
+    -- e-mail, or else the id itself (written with a space, which no address holds).
     SELECT i.*,
-           min(i.record_no) OVER (PARTITION BY coalesce(i.email, i.identity_first_email,
-                                                        i.provider || ' ' || i.subject))
-               AS email_first
+           first_value(i.record_no) OVER (
+               PARTITION BY coalesce(i.email, i.identity_first_email,
+                                     i.provider || ' ' || i.subject)
+               ORDER BY i.email IS NULL, i.record_no) AS email_first
     FROM identities i
 ), firsts AS (
     SELECT f.record_no,
@@ -183,6 +185,9 @@ SELECT r.record_no, r.line_no, r.user_id, r.email, r.provider, r.subject, r.disp
        CASE
            WHEN r.record_no <> r.id_first THEN 'failed:duplicate_user_id'
            WHEN r.record_no = uid.email_first THEN f.outcome
+           -- Without an e-mail, an id another user in the database holds is that user's.
+           WHEN r.email IS NULL AND r.identity_owner IS DISTINCT FROM p.user_id
+                AND r.identity_owner IS NOT NULL THEN 'skipped:existing_identity'
            WHEN f.outcome IN ('created', 'updated', 'unchanged') THEN 'merged'
            ELSE 'skipped:duplicate'
        END AS outcome,
