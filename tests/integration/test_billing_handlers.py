@@ -528,6 +528,52 @@ async def test_an_older_deletion_of_a_customer_deletes_it_and_keeps_the_newer_fi
     ) == [("newer@example.com", True)]
 
 
+async def test_events_failed_on_a_price_apply_once_the_price_sells_a_plan(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
+) -> None:
+    """A subscription to a price without tollhouse_plan fails; the operator adds the
+    metadata and Stripe sends price.updated: the failed event is applied then, not left for
+    a replay. So is a paid invoice (2025-03-31 shape: a price id only) that came before its
+    price and its subscription."""
+    await b.load_prices(client)
+    c = await b.linked_customer(client, auth)
+    start, end = b.period()
+    price_id = "price_late_" + uuid.uuid4().hex[:6]
+    sub = fs.subscription(
+        "sub_late_" + uuid.uuid4().hex[:6], c.customer_id, fs.price(price_id), start=start, end=end
+    )
+    created = fs.event("customer.subscription.created", sub)
+    failed = await b.ok(client, created)
+    assert failed["status"] == "failed" and f"unknown price {price_id}:" in failed["error"]
+    fixed = await b.ok(client, fs.event("price.updated", fs.price(price_id, tollhouse_plan="pro")))
+    assert fixed["status"] == "processed"
+    stored = (await client.get(f"/v1/stripe/events/{created['id']}", headers=auth)).json()
+    assert stored["status"] == "processed"
+    billing = (await client.get(f"/v1/users/{c.user_id}/billing", headers=auth)).json()
+    assert billing["plan"] == "pro" and billing["subscription"]["id"] == sub["id"]
+
+    other = await b.linked_customer(client, auth)
+    new_price = "price_new_" + uuid.uuid4().hex[:6]
+    invoice = fs.invoice(
+        "in_late_" + uuid.uuid4().hex[:6],
+        other.customer_id,
+        "sub_unseen",
+        fs.price(new_price),
+        start=start,
+        end=end,
+    )
+    line = invoice["lines"]["data"][0]
+    line["price"] = None
+    line["pricing"] = {"type": "price_details", "price_details": {"price": new_price}}
+    paid = fs.event("invoice.paid", invoice)
+    assert (await b.ok(client, paid))["status"] == "failed"
+    await b.ok(client, fs.event("price.created", fs.price(new_price, tollhouse_plan="starter")))
+    stored = (await client.get(f"/v1/stripe/events/{paid['id']}", headers=auth)).json()
+    assert stored["status"] == "processed"
+    billing = (await client.get(f"/v1/users/{other.user_id}/billing", headers=auth)).json()
+    assert [i["id"] for i in billing["invoices"] if i["allowance_credits"]] == [invoice["id"]]
+
+
 async def test_an_unreadable_signed_object_is_failed_not_500(
     client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
 ) -> None:

@@ -84,6 +84,13 @@ LIMIT %(limit)s
 SELECT stripe_event_id FROM tollhouse.billing_events
 WHERE status = %(status)s ORDER BY event_created, stripe_event_id
 
+-- name: failed_on_price
+-- The failed events that named this price while it was unknown here or sold nothing (their
+-- error begins 'unknown price <id>:'), oldest first.
+SELECT stripe_event_id FROM tollhouse.billing_events
+WHERE status = 'failed' AND starts_with(last_error, 'unknown price ' || %(price_id)s || ':')
+ORDER BY event_created, stripe_event_id
+
 -- name: event
 SELECT stripe_event_id, type, status, tenant_id, user_id, customer_id, attempts, last_error,
        event_created, received_at, processed_at

@@ -8,7 +8,7 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -222,7 +222,29 @@ class BillingService:
         rows = await on.retrying(alone)
         if rows is None:
             rows = await on.transaction(unparking)
+        priced = [row[0] for row in rows if row[2] == "processed" and row[1].startswith("price.")]
+        if priced:
+            objects = {i.event["id"]: i.event["data"]["object"].get("id") for i in batch}
+            await self._retry_waiting_on(objects[event_id] for event_id in priced)
         return [self._delivered(row[0], row[1], row[2], row[3]) for row in rows]
+
+    async def _retry_waiting_on(self, price_ids: Iterable[Any]) -> None:
+        """Retry the failed events that named one of these prices while it was unknown here
+        or sold nothing: now that it is stored (its metadata perhaps fixed), they may apply,
+        in whatever order Stripe sent the price and them. One that still cannot apply fails
+        again with its reason. (Prices change rarely: this costs a call of a price event.)"""
+        for price_id in dict.fromkeys(p for p in price_ids if isinstance(p, str)):
+            async with self._db.connection() as conn:
+                cur = await conn.execute(queries["failed_on_price"], {"price_id": price_id})
+                waiting = [row[0] for row in await cur.fetchall()]
+            for event_id in waiting:
+                retried = await self.retry(event_id)
+                log.info(
+                    "stripe_event_retried",
+                    event_id=event_id,
+                    price_id=price_id,
+                    status=retried.status,
+                )
 
     @staticmethod
     def _delivered(event_id: str, type_: str, status: str, error: str | None) -> Delivery:
@@ -618,6 +640,8 @@ class BillingService:
                 await self._unpark(conn, applied.customer_id)
 
         await self._db.transaction(work)
+        if type_.startswith("price."):
+            await self._retry_waiting_on([obj.get("id")])
 
     async def _pages(
         self, list_fn: Callable[..., Any], params: dict[str, Any]
