@@ -16,7 +16,7 @@ from tests.support import billing as b
 from tests.support import fake_stripe as fs
 from tollhouse.app import Tollhouse
 from tollhouse.billing.service import Incoming
-from tollhouse.errors import TollhouseError
+from tollhouse.errors import DatabaseUnavailable, TollhouseError
 
 
 async def rows(tollhouse: Tollhouse, sql: Any, *params: Any) -> list[tuple[Any, ...]]:
@@ -572,6 +572,32 @@ async def test_events_failed_on_a_price_apply_once_the_price_sells_a_plan(
     assert stored["status"] == "processed"
     billing = (await client.get(f"/v1/users/{other.user_id}/billing", headers=auth)).json()
     assert [i["id"] for i in billing["invoices"] if i["allowance_credits"]] == [invoice["id"]]
+
+
+async def test_a_price_is_answered_2xx_even_when_retrying_what_failed_on_it_fails(
+    client: httpx.AsyncClient,
+    auth: dict[str, str],
+    tollhouse: Tollhouse,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await b.load_prices(client)
+    c = await b.linked_customer(client, auth)
+    start, end = b.period()
+    price_id = "price_boom_" + uuid.uuid4().hex[:6]
+    sub = fs.subscription(
+        "sub_boom_" + uuid.uuid4().hex[:6], c.customer_id, fs.price(price_id), start=start, end=end
+    )
+    created = fs.event("customer.subscription.created", sub)
+    assert (await b.ok(client, created))["status"] == "failed"
+
+    async def unavailable(event_id: str) -> None:
+        raise DatabaseUnavailable("the database went away")
+
+    monkeypatch.setattr(tollhouse.billing, "retry", unavailable)
+    price = fs.event("price.updated", fs.price(price_id, tollhouse_plan="pro"))
+    assert (await b.ok(client, price))["status"] == "processed"
+    stored = (await client.get(f"/v1/stripe/events/{created['id']}", headers=auth)).json()
+    assert stored["status"] == "failed"  # left for a replay
 
 
 async def test_an_unreadable_signed_object_is_failed_not_500(
