@@ -545,6 +545,9 @@ async def test_events_failed_on_a_price_apply_once_the_price_sells_a_plan(
     created = fs.event("customer.subscription.created", sub)
     failed = await b.ok(client, created)
     assert failed["status"] == "failed" and f"unknown price {price_id}:" in failed["error"]
+    # The price stored, still selling nothing: nothing can heal, nothing is retried.
+    await b.ok(client, fs.event("price.created", fs.price(price_id)))
+    assert (await tollhouse.billing.event(created["id"])).attempts == 1
     fixed = await b.ok(client, fs.event("price.updated", fs.price(price_id, tollhouse_plan="pro")))
     assert fixed["status"] == "processed"
     stored = (await client.get(f"/v1/stripe/events/{created['id']}", headers=auth)).json()

@@ -261,6 +261,56 @@ async def test_sync_takes_canceled_subscriptions_and_since_skips_older_objects(
         assert await cur.fetchall() == [(old_sub["id"], "active")]
 
 
+async def test_sync_applies_what_failed_on_a_price_it_brings(
+    client: httpx.AsyncClient,
+    auth: dict[str, str],
+    tollhouse: Tollhouse,
+    stripe_api: fs.FakeStripe,
+) -> None:
+    """A subscription failed on a price without metadata; the price is fixed at Stripe and
+    its event never arrives: `stripe sync` stores the price and applies the subscription."""
+    await b.load_prices(client)
+    c = await b.linked_customer(client, auth)
+    start, end = b.period()
+    price_id = "price_synced_" + uuid.uuid4().hex[:6]
+    sub = fs.subscription(fs.new_id("sub"), c.customer_id, fs.price(price_id), start=start, end=end)
+    created = fs.event("customer.subscription.created", sub)
+    assert (await b.ok(client, created))["status"] == "failed"
+    stripe_api.put("prices", fs.price(price_id, tollhouse_plan="pro"))
+    report = await tollhouse.billing.sync()
+    assert report.failures == [], report.failures
+    assert (await tollhouse.billing.event(created["id"])).status == "processed"
+    billing = (await client.get(f"/v1/users/{c.user_id}/billing", headers=auth)).json()
+    assert billing["plan"] == "pro"
+
+
+async def test_a_replayed_price_applies_what_failed_on_it(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
+) -> None:
+    """A price naming a plan not set up yet fails, and an invoice naming only that price
+    fails after it. The operator sets up the plan and replays: the invoice, older, fails
+    again first; the price then applies, and the invoice with it."""
+    c = await b.linked_customer(client, auth)
+    start, end = b.period()
+    plan = "team_" + uuid.uuid4().hex[:6]
+    price_id = "price_team_" + uuid.uuid4().hex[:6]
+    invoice = fs.invoice(
+        fs.new_id("in"), c.customer_id, "sub_unseen", fs.price(price_id), start=start, end=end
+    )
+    line = invoice["lines"]["data"][0]
+    line["price"] = None
+    line["pricing"] = {"type": "price_details", "price_details": {"price": price_id}}
+    now = int(time.time())
+    paid = fs.event("invoice.paid", invoice, created=now - 20)
+    price = fs.event("price.created", fs.price(price_id, tollhouse_plan=plan), created=now - 10)
+    assert (await b.ok(client, price))["status"] == "failed"
+    assert (await b.ok(client, paid))["status"] == "failed"
+    await tollhouse.credits.set_plan(plan, monthly_credits=3000, daily_cap=None, overdraft_limit=0)
+    await tollhouse.billing.replay("failed")
+    assert (await tollhouse.billing.event(price["id"])).status == "processed"
+    assert (await tollhouse.billing.event(paid["id"])).status == "processed"
+
+
 async def test_sync_never_overwrites_an_event_newer_than_its_page(
     client: httpx.AsyncClient,
     auth: dict[str, str],

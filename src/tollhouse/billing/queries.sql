@@ -86,10 +86,13 @@ WHERE status = %(status)s ORDER BY event_created, stripe_event_id
 
 -- name: failed_on_price
 -- The failed events that named this price while it was unknown here or sold nothing (their
--- error begins 'unknown price <id>:'), oldest first.
-SELECT stripe_event_id FROM tollhouse.billing_events
-WHERE status = 'failed' AND starts_with(last_error, 'unknown price ' || %(price_id)s || ':')
-ORDER BY event_created, stripe_event_id
+-- error begins 'unknown price <id>:'), oldest first; none while it still sells nothing.
+SELECT e.stripe_event_id FROM tollhouse.billing_events e
+WHERE e.status = 'failed'
+  AND starts_with(e.last_error, 'unknown price ' || %(price_id)s || ':')
+  AND EXISTS (SELECT 1 FROM tollhouse.billing_prices p
+              WHERE p.id = %(price_id)s AND (p.plan IS NOT NULL OR p.credits IS NOT NULL))
+ORDER BY e.event_created, e.stripe_event_id
 
 -- name: event
 SELECT stripe_event_id, type, status, tenant_id, user_id, customer_id, attempts, last_error,

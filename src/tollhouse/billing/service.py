@@ -230,26 +230,37 @@ class BillingService:
 
     async def _retry_waiting_on(self, price_ids: Iterable[Any]) -> None:
         """Retry the failed events that named one of these prices while it was unknown here
-        or sold nothing: now that it is stored (its metadata perhaps fixed), they may apply,
-        in whatever order Stripe sent the price and them. One that still cannot apply fails
-        again with its reason. (Prices change rarely: this costs a call of a price event.)"""
+        or sold nothing, once it sells a plan or credits: they may apply now, in whatever
+        order Stripe sent the price and them. (A price that sells nothing heals nothing, so
+        its edits retry nothing.) Each is retried on its own; what fails again keeps its
+        reason. Prices change rarely: this costs a price's delivery, not the others'."""
         for price_id in dict.fromkeys(p for p in price_ids if isinstance(p, str)):
             try:
                 async with self._db.connection() as conn:
                     cur = await conn.execute(queries["failed_on_price"], {"price_id": price_id})
                     waiting = [row[0] for row in await cur.fetchall()]
-                for event_id in waiting:
+            except (e.TollhouseError, psycopg.Error) as exc:
+                log.warning("stripe_price_retries_failed", price_id=price_id, error=str(exc))
+                continue
+            for event_id in waiting:
+                try:
                     retried = await self.retry(event_id)
-                    log.info(
-                        "stripe_event_retried",
+                except Exception as exc:
+                    # The price's delivery is committed and must be answered 2xx: this event
+                    # stays failed, for `stripe replay`.
+                    log.warning(
+                        "stripe_event_retry_failed",
                         event_id=event_id,
                         price_id=price_id,
-                        status=retried.status,
+                        error=str(exc),
                     )
-            except (e.TollhouseError, psycopg.Error) as exc:
-                # The price's own delivery is committed and must be answered 2xx; what was
-                # not retried stays failed, for `stripe replay`.
-                log.warning("stripe_price_retries_failed", price_id=price_id, error=str(exc))
+                    continue
+                log.info(
+                    "stripe_event_retried",
+                    event_id=event_id,
+                    price_id=price_id,
+                    status=retried.status,
+                )
 
     @staticmethod
     def _delivered(event_id: str, type_: str, status: str, error: str | None) -> Delivery:
@@ -375,7 +386,10 @@ class BillingService:
         """Apply a stored event again (failed, parked or received ones; a processed or
         ignored one is left as it is)."""
 
+        price: list[Any] = []
+
         async def work(conn: Conn) -> Delivery:
+            price.clear()
             cur = await conn.execute(queries["lock_event"], {"id": event_id})
             row = await cur.fetchone()
             if row is None:
@@ -383,9 +397,14 @@ class BillingService:
             _id, type_, status, payload = row
             if status in ("processed", "ignored"):
                 return Delivery(event_id, type_, status)
+            if type_.startswith("price."):
+                price.append(((payload.get("data") or {}).get("object") or {}).get("id"))
             return await self._process(conn, payload)
 
-        return await self._db.transaction(work)
+        delivery = await self._db.transaction(work)
+        if price and delivery.status == "processed":  # a replayed price heals what waits on it
+            await self._retry_waiting_on(price)
+        return delivery
 
     async def replay(self, status: str = "failed") -> list[Delivery]:
         """Retry every stored event of a status (`failed`, `received` or `parked`)."""
