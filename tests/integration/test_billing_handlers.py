@@ -537,14 +537,8 @@ async def test_events_failed_on_a_price_apply_once_the_price_sells_a_plan(
     price and its subscription."""
     await b.load_prices(client)
     c = await b.linked_customer(client, auth)
-    start, end = b.period()
-    price_id = "price_late_" + uuid.uuid4().hex[:6]
-    sub = fs.subscription(
-        "sub_late_" + uuid.uuid4().hex[:6], c.customer_id, fs.price(price_id), start=start, end=end
-    )
-    created = fs.event("customer.subscription.created", sub)
-    failed = await b.ok(client, created)
-    assert failed["status"] == "failed" and f"unknown price {price_id}:" in failed["error"]
+    price_id, created = await b.failed_on_bare_price(client, c.customer_id)
+    sub = created["data"]["object"]
     # The price stored, still selling nothing: nothing can heal, nothing is retried.
     await b.ok(client, fs.event("price.created", fs.price(price_id)))
     assert (await tollhouse.billing.event(created["id"])).attempts == 1
@@ -556,18 +550,18 @@ async def test_events_failed_on_a_price_apply_once_the_price_sells_a_plan(
     assert billing["plan"] == "pro" and billing["subscription"]["id"] == sub["id"]
 
     other = await b.linked_customer(client, auth)
-    new_price = "price_new_" + uuid.uuid4().hex[:6]
-    invoice = fs.invoice(
-        "in_late_" + uuid.uuid4().hex[:6],
-        other.customer_id,
-        "sub_unseen",
-        fs.price(new_price),
-        start=start,
-        end=end,
+    new_price = fs.new_id("price")
+    start, end = b.period()
+    invoice = b.priced_by_id(
+        fs.invoice(
+            fs.new_id("in"),
+            other.customer_id,
+            "sub_unseen",
+            fs.price(new_price),
+            start=start,
+            end=end,
+        )
     )
-    line = invoice["lines"]["data"][0]
-    line["price"] = None
-    line["pricing"] = {"type": "price_details", "price_details": {"price": new_price}}
     paid = fs.event("invoice.paid", invoice)
     assert (await b.ok(client, paid))["status"] == "failed"
     await b.ok(client, fs.event("price.created", fs.price(new_price, tollhouse_plan="starter")))
@@ -585,13 +579,7 @@ async def test_a_price_is_answered_2xx_even_when_retrying_what_failed_on_it_fail
 ) -> None:
     await b.load_prices(client)
     c = await b.linked_customer(client, auth)
-    start, end = b.period()
-    price_id = "price_boom_" + uuid.uuid4().hex[:6]
-    sub = fs.subscription(
-        "sub_boom_" + uuid.uuid4().hex[:6], c.customer_id, fs.price(price_id), start=start, end=end
-    )
-    created = fs.event("customer.subscription.created", sub)
-    assert (await b.ok(client, created))["status"] == "failed"
+    price_id, created = await b.failed_on_bare_price(client, c.customer_id)
 
     async def unavailable(event_id: str) -> None:
         raise DatabaseUnavailable("the database went away")

@@ -271,11 +271,7 @@ async def test_sync_applies_what_failed_on_a_price_it_brings(
     its event never arrives: `stripe sync` stores the price and applies the subscription."""
     await b.load_prices(client)
     c = await b.linked_customer(client, auth)
-    start, end = b.period()
-    price_id = "price_synced_" + uuid.uuid4().hex[:6]
-    sub = fs.subscription(fs.new_id("sub"), c.customer_id, fs.price(price_id), start=start, end=end)
-    created = fs.event("customer.subscription.created", sub)
-    assert (await b.ok(client, created))["status"] == "failed"
+    price_id, created = await b.failed_on_bare_price(client, c.customer_id)
     stripe_api.put("prices", fs.price(price_id, tollhouse_plan="pro"))
     report = await tollhouse.billing.sync()
     assert report.failures == [], report.failures
@@ -294,12 +290,11 @@ async def test_a_replayed_price_applies_what_failed_on_it(
     start, end = b.period()
     plan = "team_" + uuid.uuid4().hex[:6]
     price_id = "price_team_" + uuid.uuid4().hex[:6]
-    invoice = fs.invoice(
-        fs.new_id("in"), c.customer_id, "sub_unseen", fs.price(price_id), start=start, end=end
+    invoice = b.priced_by_id(
+        fs.invoice(
+            fs.new_id("in"), c.customer_id, "sub_unseen", fs.price(price_id), start=start, end=end
+        )
     )
-    line = invoice["lines"]["data"][0]
-    line["price"] = None
-    line["pricing"] = {"type": "price_details", "price_details": {"price": price_id}}
     now = int(time.time())
     paid = fs.event("invoice.paid", invoice, created=now - 20)
     price = fs.event("price.created", fs.price(price_id, tollhouse_plan=plan), created=now - 10)

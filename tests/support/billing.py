@@ -99,3 +99,26 @@ async def linked_customer(client: httpx.AsyncClient, auth: dict[str, str]) -> Cu
 def period(days: int = 30) -> tuple[int, int]:
     now = int(time.time())
     return now - 60, now + days * 86400
+
+
+def priced_by_id(invoice: dict[str, Any]) -> dict[str, Any]:
+    """The invoice in the 2025-03-31 shape: its line names its price by id only."""
+    line = invoice["lines"]["data"][0]
+    price_id = line["price"]["id"]
+    line["price"] = None
+    line["pricing"] = {"type": "price_details", "price_details": {"price": price_id}}
+    return invoice
+
+
+async def failed_on_bare_price(
+    client: httpx.AsyncClient, customer_id: str
+) -> tuple[str, dict[str, Any]]:
+    """A new price without tollhouse_* metadata and a subscription to it, delivered: the
+    event fails on the price. Its price id and the event."""
+    start, end = period()
+    price_id = fs.new_id("price")
+    sub = fs.subscription(fs.new_id("sub"), customer_id, fs.price(price_id), start=start, end=end)
+    event = fs.event("customer.subscription.created", sub)
+    answer = await ok(client, event)
+    assert answer["status"] == "failed" and f"unknown price {price_id}:" in answer["error"]
+    return price_id, event
