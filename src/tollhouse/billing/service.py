@@ -224,17 +224,17 @@ class BillingService:
             rows = await on.transaction(unparking)
         priced = [row[0] for row in rows if row[2] == "processed" and row[1].startswith("price.")]
         if priced:
-            objects = {i.event["id"]: i.event["data"]["object"].get("id") for i in batch}
+            objects = {i.event["id"]: ref(i.event["data"]["object"]) for i in batch}
             await self._retry_waiting_on(objects[event_id] for event_id in priced)
         return [self._delivered(row[0], row[1], row[2], row[3]) for row in rows]
 
-    async def _retry_waiting_on(self, price_ids: Iterable[Any]) -> None:
+    async def _retry_waiting_on(self, price_ids: Iterable[str | None]) -> None:
         """Retry the failed events that named one of these prices while it was unknown here
         or sold nothing, once it sells a plan or credits: they may apply now, in whatever
         order Stripe sent the price and them. (A price that sells nothing heals nothing, so
         its edits retry nothing.) Each is retried on its own; what fails again keeps its
         reason. Prices change rarely: this costs a price's delivery, not the others'."""
-        for price_id in dict.fromkeys(p for p in price_ids if isinstance(p, str)):
+        for price_id in dict.fromkeys(p for p in price_ids if p):
             try:
                 async with self._db.connection() as conn:
                     cur = await conn.execute(queries["failed_on_price"], {"price_id": price_id})
@@ -386,24 +386,23 @@ class BillingService:
         """Apply a stored event again (failed, parked or received ones; a processed or
         ignored one is left as it is)."""
 
-        price: list[Any] = []
-
-        async def work(conn: Conn) -> Delivery:
-            price.clear()
+        async def work(conn: Conn) -> tuple[Delivery, Obj | None]:
             cur = await conn.execute(queries["lock_event"], {"id": event_id})
             row = await cur.fetchone()
             if row is None:
                 raise e.BillingEventNotFound(event_id=event_id)
             _id, type_, status, payload = row
             if status in ("processed", "ignored"):
-                return Delivery(event_id, type_, status)
-            if type_.startswith("price."):
-                price.append(((payload.get("data") or {}).get("object") or {}).get("id"))
-            return await self._process(conn, payload)
+                return Delivery(event_id, type_, status), None
+            return await self._process(conn, payload), payload
 
-        delivery = await self._db.transaction(work)
-        if price and delivery.status == "processed":  # a replayed price heals what waits on it
-            await self._retry_waiting_on(price)
+        delivery, applied = await self._db.transaction(work)
+        if (
+            applied is not None
+            and delivery.status == "processed"
+            and delivery.type.startswith("price.")
+        ):  # a replayed price heals what waits on it
+            await self._retry_waiting_on([ref(applied["data"]["object"])])
         return delivery
 
     async def replay(self, status: str = "failed") -> list[Delivery]:
@@ -528,17 +527,19 @@ class BillingService:
         operation_id: str | None = None,
     ) -> str:
         """A Checkout Session's URL for one price (subscription or one-time)."""
+        current = None
         async with self._db.connection() as conn:
             cur = await conn.execute(queries["price"], {"id": price_id})
             price = await cur.fetchone()
-            cur = await conn.execute(queries["current_subscription"], {"tenant_id": tenant_id})
-            current = await cur.fetchone()
+            if price is not None and price[4] == "recurring":
+                cur = await conn.execute(queries["current_subscription"], {"tenant_id": tenant_id})
+                current = await cur.fetchone()
         if price is None or not price[5]:
             raise e.PriceNotFound(price_id=price_id)
         _id, plan, credits, _lifetime, type_, _active = price
         if plan is None and credits is None:
             raise e.PriceNotFound(price_id=price_id)
-        if type_ == "recurring" and current is not None:
+        if current is not None:
             # A second subscription would pay twice for one plan: a plan changes in the portal.
             raise e.AlreadySubscribed(
                 f"the tenant is already subscribed ({current[0]}): change its plan in the"
@@ -665,7 +666,7 @@ class BillingService:
 
         await self._db.transaction(work)
         if type_.startswith("price."):
-            await self._retry_waiting_on([obj.get("id")])
+            await self._retry_waiting_on([ref(obj)])
 
     async def _pages(
         self, list_fn: Callable[..., Any], params: dict[str, Any]
