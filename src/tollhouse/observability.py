@@ -148,12 +148,17 @@ class Metrics:
             self.registry.register(_LanesPoolCollector(lanes_stats))
         if webhook_batches is not None:
             self.registry.register(_WebhookBatchCollector(webhook_batches))
-        self._stripe_outcomes: dict[str, Any] = {}
+        self._children: dict[tuple[Counter | Histogram, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """The metric's child for these label values, kept: `labels()` takes the metric's
+        lock and checks the values, and requests and deliveries count on every call."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def count_stripe_event(self, status: str) -> None:
-        """One more delivery with this outcome. The labelled child is kept: a lookup takes
-        the metric's lock and validates the labels, on every delivery."""
-        child = self._stripe_outcomes.get(status)
-        if child is None:
-            child = self._stripe_outcomes[status] = self.stripe_events.labels(status=status)
-        child.inc()
+        """One more delivery with this outcome."""
+        self.child(self.stripe_events, status).inc()

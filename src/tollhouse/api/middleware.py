@@ -9,7 +9,6 @@ import json
 import re
 import secrets
 import time
-from typing import Any
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -60,24 +59,17 @@ def posted_to(scope: Scope, path: str) -> bool:
 class RequestMiddleware:
     """Pure ASGI middleware, so it also sees errors raised by other middleware. It runs on
     every request: the headers are read in one pass, and the metrics' labelled children are
-    kept rather than looked up (each lookup takes the metric's lock)."""
+    kept rather than looked up (`Metrics.child`)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, json_prefix: str = "/v1/") -> None:
         self.app = app
         self.metrics = metrics
         self.json_prefix = json_prefix
-        self._counted: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def _record(self, method: str, route: str, status: int, elapsed: float) -> None:
-        children = self._counted.get((method, route, status))
-        if children is None:
-            children = (
-                self.metrics.requests.labels(method, route, str(status)),
-                self.metrics.latency.labels(method, route),
-            )
-            self._counted[(method, route, status)] = children
-        children[0].inc()
-        children[1].observe(elapsed)
+        metrics = self.metrics
+        metrics.child(metrics.requests, method, route, str(status)).inc()
+        metrics.child(metrics.latency, method, route).observe(elapsed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
