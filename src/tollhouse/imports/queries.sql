@@ -110,10 +110,10 @@ VALUES (%(id)s, %(file_sha256)s, %(options_sha256)s, %(file_name)s, %(options)s,
 -- Every valid record's outcome, decided once for the whole file against the database as it
 -- is now: a repeated user_id fails (the first record of an id may be one that failed: see
 -- create_incoming_issues); records sharing an e-mail merge into the first one, and a
--- record without an e-mail into the first record holding its Google / Apple id (seed 001:
--- the provider id matches when there is no e-mail); the first one is created, updated,
--- unchanged, or skipped when its id, e-mail or identity belongs to a user this import did
--- not create.
+-- record without an e-mail into the record holding its Google / Apple id, the first with an
+-- e-mail if any (seed 001: the provider id matches when there is no e-mail); that record is
+-- created, updated, unchanged, or skipped when its id, e-mail or identity belongs to
+-- another user already in the database.
 CREATE TEMPORARY TABLE import_classified ON COMMIT DROP AS
 WITH ranked AS (
     SELECT i.*,
@@ -274,7 +274,8 @@ ORDER BY c.apply_no
 -- classification's. A record may have several of these (an update whose balance changed and
 -- whose customer is linked elsewhere, say): each code has its own seq from 1000, which keeps
 -- the key (run_id, record_no, seq) unique and the report's order fixed.
--- Shown values follow report.shown(): e-mails masked, at most 64 characters.
+-- Shown values follow report.shown(), in one place below: an address masked, at most 64
+-- characters.
 INSERT INTO tollhouse.import_issues
     (run_id, record_no, seq, line_no, severity, column_name, value, code, message)
 SELECT %(run_id)s, record_no, seq, line_no, severity, column_name, value, code, message
@@ -297,7 +298,7 @@ CROSS JOIN LATERAL (
     WHERE c.outcome = 'failed:duplicate_provider_user_id'
     UNION ALL
     SELECT 1002, 'info', CASE WHEN c.email IS NULL THEN 'user_id' ELSE 'email' END,
-           coalesce(regexp_replace(c.email, '^(.)[^@]*@', '\1***@'), c.user_id::text),
+           coalesce(c.email, c.user_id::text),
            'existing_user',
            'skipped: this user_id, or this e-mail under another user_id, belongs to a user'
            || ' already in the database (not one an import of this user_id made): not changed'
@@ -315,7 +316,7 @@ CROSS JOIN LATERAL (
     UNION ALL
     -- A record without an e-mail was matched by its provider id: that is the column shown.
     SELECT 1004, 'info', CASE WHEN c.email IS NULL THEN 'provider_user_id' ELSE 'email' END,
-           coalesce(regexp_replace(c.email, '^(.)[^@]*@', '\1***@'), c.subject),
+           coalesce(c.email, c.subject),
            'duplicate_of_record:' || c.email_first,
            CASE
                WHEN c.outcome = 'skipped:duplicate'
