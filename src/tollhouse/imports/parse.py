@@ -5,7 +5,8 @@ starts on (a quoted field may hold line breaks, so the two differ). A record the
 cannot take (an unterminated quote, a field over the size limit) is reported on the line it
 starts and reading resumes on the next physical line, so one bad quote never swallows the
 records after it. A record of the wrong width over several lines is such a quote when one of
-its later lines reads alone as a whole record; otherwise it is one ragged record.
+its later lines reads alone as a whole record, or when they start one read on across lines;
+otherwise it is one ragged record.
 """
 
 from __future__ import annotations
@@ -161,12 +162,13 @@ def _holds_a_record(lines: list[str], width: int) -> bool:
 LOOKAHEAD_LINES = 100
 
 
-def _starts_a_record(lines: _Lines, rest: list[str], width: int) -> bool:
-    """Whether `rest`, the lines after a record's first, read again as records begin with one
-    of `width` fields, reading on into the file as far as that record goes (the lines read
-    ahead are put back). A quote left open can close inside the next record's own quoted
-    line break: that record is then whole only across its lines, not on any line alone."""
-    probe = list(rest)
+def _starts_a_record(lines: _Lines, width: int) -> bool:
+    """Whether the lines the last record took after its first, read again as records, begin
+    with one of `width` fields, reading on into the file as far as that record goes (the
+    lines read ahead are put back). A quote left open can close inside the next record's own
+    quoted line break: that record is then whole only across its lines, not on any line
+    alone."""
+    probe = lines.taken[1:]
     kept = len(lines.taken)
     ahead: list[str] = []
     try:
@@ -269,7 +271,7 @@ class CsvFile:
                     and len(taken) > 1
                     and (
                         _holds_a_record(taken[1:], header.width)
-                        or _starts_a_record(lines, taken[1:], header.width)
+                        or _starts_a_record(lines, header.width)
                     )
                 ):
                     # A quote left open that ran into the next lines (records of their
