@@ -136,8 +136,38 @@ async def test_every_outcome_is_classified_the_same_on_a_rerun(
 
     again, report = await run(tollhouse, path)
     check(report, "its google id is linked to that user already")
-    assert (again.created, again.updated, again.unchanged) == (0, 0, 3)
-    assert (again.merged, again.failed, again.skipped, again.identities_linked) == (3, 2, 2, 0)
+    # The merged records bring nothing the second time: unchanged, as C-11 asks of a rerun,
+    # and the report still says whose duplicates they are.
+    assert (again.created, again.updated, again.unchanged) == (0, 0, 6)
+    assert (again.merged, again.failed, again.skipped, again.identities_linked) == (0, 2, 2, 0)
+
+
+async def test_a_duplicate_added_later_is_merged_only_when_it_brings_an_identity(
+    tollhouse: Tollhouse, tmp_path: Path
+) -> None:
+    """Against a user an earlier run made, unchanged since: a new duplicate with a Google id
+    to link is merged (it changes the user), a new e-mail-provider one changes nothing and is
+    unchanged, with the report naming the record it duplicates."""
+    rows = list(legacy_rows(3))
+    rows[0].update(auth_provider="email", provider_user_id="")
+    path = tmp_path / "users.csv"
+    path.write_text(render(rows[:1]))
+    first, _ = await run(tollhouse, path)
+    assert first.created == 1
+    rows[1].update(email=rows[0]["email"], auth_provider="google", provider_user_id="g-late")
+    rows[2].update(email=rows[0]["email"], auth_provider="email", provider_user_id="")
+    path.write_text(render(rows))
+    second, report = await run(tollhouse, path)
+    assert (second.created, second.updated, second.unchanged) == (0, 0, 2)
+    assert (second.merged, second.identities_linked) == (1, 1)
+    user = await tollhouse.users.get(uuid.UUID(rows[0]["user_id"]))
+    assert [(i.provider, i.subject) for i in user.identities] == [("google", "g-late")]
+    assert [(r[0], r[2]) for r in report if r[2].startswith("duplicate_of")] == [
+        ("3", "duplicate_of_record:2"),
+        ("4", "duplicate_of_record:2"),
+    ]
+    third, _ = await run(tollhouse, path)
+    assert (third.unchanged, third.merged, third.identities_linked) == (3, 0, 0)
 
 
 async def test_a_rerun_under_another_time_zone_and_date_style_finds_every_record_unchanged(

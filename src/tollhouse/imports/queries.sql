@@ -188,18 +188,13 @@ SELECT r.record_no, r.line_no, r.user_id, r.email, r.provider, r.subject, r.disp
            -- Without an e-mail, an id another user in the database holds is that user's.
            WHEN r.email IS NULL AND r.identity_owner IS DISTINCT FROM p.user_id
                 AND r.identity_owner IS NOT NULL THEN 'skipped:existing_identity'
+           -- A duplicate of an unchanged user that has no identity to link brings nothing
+           -- this run: unchanged too (RELIABILITY C-11: a rerun finds every record so).
+           WHEN f.outcome = 'unchanged' AND NOT l.link_identity THEN 'unchanged'
            WHEN f.outcome IN ('created', 'updated', 'unchanged') THEN 'merged'
            ELSE 'skipped:duplicate'
        END AS outcome,
-       -- A later record's Google or Apple id joins the first record's user (that provider
-       -- verified the address); an e-mail-provider duplicate brings nothing.
-       (r.record_no <> uid.email_first AND r.record_no = r.id_first
-        AND r.provider IN ('google', 'apple') AND r.subject IS NOT NULL
-        AND f.outcome IN ('created', 'updated', 'unchanged')
-        AND r.record_no = uid.identity_first
-        AND NOT (r.provider = p.provider AND r.subject IS NOT DISTINCT FROM p.subject)
-        AND r.identity_owner IS NULL)
-           AS link_identity,
+       l.link_identity,
        r.identity_owner,
        f.credits_balance_before,
        r.credits_remaining
@@ -207,6 +202,15 @@ FROM ranked r
 LEFT JOIN unique_ids uid ON uid.record_no = r.record_no
 LEFT JOIN unique_ids p ON p.record_no = uid.email_first
 LEFT JOIN firsts f ON f.record_no = uid.email_first
+-- A later record's Google or Apple id joins the first record's user (that provider verified
+-- the address); an e-mail-provider duplicate brings nothing.
+CROSS JOIN LATERAL (
+    SELECT coalesce(r.record_no <> uid.email_first AND r.record_no = r.id_first
+                    AND r.provider IN ('google', 'apple') AND r.subject IS NOT NULL
+                    AND f.outcome IN ('created', 'updated', 'unchanged')
+                    AND r.record_no = uid.identity_first
+                    AND NOT (r.provider = p.provider AND r.subject IS NOT DISTINCT FROM p.subject)
+                    AND r.identity_owner IS NULL, false) AS link_identity) l
 
 -- name: classify_billing
 -- A Stripe customer goes to one tenant: the one it is routed to already, else the user of
@@ -338,6 +342,7 @@ CROSS JOIN LATERAL (
                     || c.provider || ' id belongs to another user and is not linked'
            END
     WHERE c.outcome IN ('merged', 'skipped:duplicate')
+       OR (c.outcome = 'unchanged' AND c.record_no <> c.email_first)
     UNION ALL
     SELECT 1005, 'warning', 'credits_balance', c.credits_balance::text,
            'balance_not_reimported',
