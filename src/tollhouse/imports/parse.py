@@ -256,6 +256,7 @@ class CsvFile:
                     record_no += 1
                     taken = list(lines.taken)
                     line_no += 1
+                    self.undecodable_records += _SURROGATE.search(taken[0]) is not None
                     lines.put_back(taken[1:])
                     reader = csv.reader(lines.lines, strict=True)
                     code = "field_too_large" if "field larger" in str(exc) else "malformed_csv"
@@ -297,6 +298,10 @@ class CsvFile:
 
     def _check(self, record: RawRecord, header: Header) -> RawRecord:
         row = record.fields
+        joined = "".join(row)
+        undecodable = not joined.isascii() and _SURROGATE.search(joined) is not None
+        # A ragged record's bad bytes count towards the file's refusal too.
+        self.undecodable_records += undecodable
         if len(row) != header.width:
             return RawRecord(
                 record.record_no,
@@ -304,9 +309,7 @@ class CsvFile:
                 row,
                 ("wrong_field_count", f"{len(row)} fields where the header has {header.width}"),
             )
-        joined = "".join(row)
-        if not joined.isascii() and _SURROGATE.search(joined):
-            self.undecodable_records += 1
+        if undecodable:
             return RawRecord(
                 record.record_no,
                 record.line_no,
