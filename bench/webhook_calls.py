@@ -15,8 +15,9 @@ customer's first event.
 Each side runs on a throwaway embedded PostgreSQL of its own (durable settings): `this`, with
 this checkout's migrations, and with `--baseline-src DIR` (a directory holding another
 version of the `tollhouse` package, e.g. `mkdir -p /tmp/base && git archive <commit> src |
-tar -x -C /tmp/base`, then /tmp/base/src) `base`, migrated by that version; both sides are
-sent this checkout's `receive` statement. Both are warmed up, then analysed, before the first
+tar -x -C /tmp/base`, then /tmp/base/src) `base`, migrated by that version; each side is
+sent its own version's `receive` statement (billing/queries.sql), so a change to either
+shows. Both are warmed up, then analysed, before the first
 case. The cases go through every side and size in turn, each case in another order (with
 `--cases` a multiple of sides x sizes, each takes every place once), so that the host's
 changes of speed fall on all of them. A measurement is the backend's CPU time (Linux:
@@ -40,6 +41,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import LiteralString
 
 import psycopg
 
@@ -48,6 +50,7 @@ from tollhouse.billing.service import Incoming, queries, receive_params
 from tollhouse.db import migrate
 from tollhouse.db.dsn import as_user
 from tollhouse.db.embedded import EmbeddedPostgres
+from tollhouse.db.queries import parse_queries
 from webhooks import SETUP, Events
 
 #: Run by the baseline's Python path: that version's migrations.
@@ -63,6 +66,8 @@ class Side:
     conn: psycopg.Connection[tuple[object, ...]]
     pid: int
     events: Events
+    #: The `receive` statement of the side's version.
+    receive: LiteralString
     #: Backend CPU microseconds an event, by call size, one entry a case.
     used: dict[int, list[float]] = field(default_factory=dict)
 
@@ -93,12 +98,21 @@ def call_params(bodies: list[bytes]) -> dict[str, object]:
 def send(side: Side, bodies: list[bytes], size: int) -> None:
     for start in range(0, len(bodies), size):
         rows = side.conn.execute(
-            queries["receive"], call_params(bodies[start : start + size])
+            side.receive,
+            call_params(bodies[start : start + size]),
         ).fetchall()
         assert all(row[2] in ("processed", "ignored") for row in rows), rows
 
 
-def prepare(dsn: str, name: str, args: argparse.Namespace) -> Side:
+def receive_statement(source: Path | None) -> LiteralString:
+    """The `receive` statement of this checkout, or of the package in `source`."""
+    if source is None:
+        return queries["receive"]
+    path = source / "tollhouse" / "billing" / "queries.sql"
+    return parse_queries(path.read_text("utf-8"), str(path))["receive"]
+
+
+def prepare(dsn: str, name: str, args: argparse.Namespace, receive: LiteralString) -> Side:
     with psycopg.connect(dsn, autocommit=True) as admin:
         for statement in filter(str.strip, SETUP.split(";")):
             admin.execute(statement, {"customers": args.customers} if "%(" in statement else None)
@@ -106,7 +120,7 @@ def prepare(dsn: str, name: str, args: argparse.Namespace) -> Side:
     try:
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
         assert row is not None
-        side = Side(name, conn, int(str(row[0])), Events(args.events, args.customers))
+        side = Side(name, conn, int(str(row[0])), Events(args.events, args.customers), receive)
         send(side, side.events.next_case(args.customers), max(args.sizes))  # the warm-up
     except BaseException:
         conn.close()
@@ -175,14 +189,15 @@ def main() -> None:
     started = time.perf_counter()
     try:
         with database(scratch, "this", None) as this_dsn:
-            sides = [prepare(this_dsn, "this", args)]
+            sides = [prepare(this_dsn, "this", args, receive_statement(None))]
             try:
                 if args.baseline_src is None:
                     analyse(this_dsn)
                     measure(sides, args.sizes, args.cases)
                 else:
                     with database(scratch, "base", args.baseline_src.resolve()) as base_dsn:
-                        sides.append(prepare(base_dsn, "base", args))
+                        receive = receive_statement(args.baseline_src.resolve())
+                        sides.append(prepare(base_dsn, "base", args, receive))
                         try:
                             analyse(this_dsn)
                             analyse(base_dsn)

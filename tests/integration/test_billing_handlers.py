@@ -3,6 +3,7 @@ stored with their reason and replayed, the effective plan's order of precedence,
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from datetime import UTC, datetime
@@ -569,6 +570,57 @@ async def test_events_failed_on_a_price_apply_once_the_price_sells_a_plan(
     assert stored["status"] == "processed"
     billing = (await client.get(f"/v1/users/{other.user_id}/billing", headers=auth)).json()
     assert [i["id"] for i in billing["invoices"] if i["allowance_credits"]] == [invoice["id"]]
+
+
+def _invoice_before_its_subscription(
+    customer_id: str,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A paid invoice in the 2025-03-31 shape naming a price never stored here, and the
+    created event of its subscription, whose price (embedded) sells `starter`."""
+    start, end = b.period()
+    price = fs.price(fs.new_id("price"), tollhouse_plan="starter")
+    sub = fs.subscription(fs.new_id("sub"), customer_id, price, start=start, end=end)
+    invoice = b.priced_by_id(
+        fs.invoice(fs.new_id("in"), customer_id, sub["id"], price, start=start, end=end)
+    )
+    return (
+        invoice,
+        fs.event("invoice.paid", invoice),
+        fs.event("customer.subscription.created", sub),
+    )
+
+
+async def test_an_invoice_failed_before_its_subscription_applies_when_the_subscription_comes(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
+) -> None:
+    """Its plan cannot be told until the subscription is stored (the price is known only by
+    id): it fails, and is applied when the subscription arrives, in a later delivery or in
+    the same receive call, not left for a replay."""
+    await b.load_prices(client)
+    c = await b.linked_customer(client, auth)
+    invoice, paid, created = _invoice_before_its_subscription(c.customer_id)
+    failed = await b.ok(client, paid)
+    assert failed["status"] == "failed" and failed["error"].startswith("unknown price ")
+    assert (await b.ok(client, created))["status"] == "processed"
+    assert (await tollhouse.billing.event(paid["id"])).status == "processed"
+    billing = (await client.get(f"/v1/users/{c.user_id}/billing", headers=auth)).json()
+    assert billing["plan"] == "starter"
+    assert [i["id"] for i in billing["invoices"] if i["allowance_credits"]] == [invoice["id"]]
+
+    other = await b.linked_customer(client, auth)
+    invoice, paid, created = _invoice_before_its_subscription(other.customer_id)
+    batch = [Incoming.read(json.dumps(event).encode()) for event in (paid, created)]
+    delivered = await tollhouse.billing._receive(batch)
+    assert [d.status for d in delivered] == ["failed", "processed"]  # as applied in the call
+    assert (await tollhouse.billing.event(paid["id"])).status == "processed"
+    billing = (await client.get(f"/v1/users/{other.user_id}/billing", headers=auth)).json()
+    assert [i["id"] for i in billing["invoices"] if i["allowance_credits"]] == [invoice["id"]]
+
+    # A later subscription event of a customer with nothing waiting retries nothing.
+    event = await tollhouse.billing.event(paid["id"])
+    updated = fs.event("customer.subscription.updated", created["data"]["object"])
+    assert (await b.ok(client, updated))["status"] == "processed"
+    assert (await tollhouse.billing.event(paid["id"])).attempts == event.attempts
 
 
 async def test_a_price_is_answered_2xx_even_when_retrying_what_failed_on_it_fails(

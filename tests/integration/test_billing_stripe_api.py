@@ -280,6 +280,33 @@ async def test_sync_applies_what_failed_on_a_price_it_brings(
     assert billing["plan"] == "pro"
 
 
+async def test_sync_applies_an_invoice_that_failed_before_the_subscription_it_brings(
+    client: httpx.AsyncClient,
+    auth: dict[str, str],
+    tollhouse: Tollhouse,
+    stripe_api: fs.FakeStripe,
+) -> None:
+    """A paid invoice naming only a price id unknown here failed: its subscription's events
+    never arrived. `stripe sync` stores the subscription and applies the invoice's event."""
+    await b.load_prices(client)
+    c = await b.linked_customer(client, auth)
+    start, end = b.period()
+    price = fs.price(fs.new_id("price"), tollhouse_plan="starter")
+    sub = fs.subscription(fs.new_id("sub"), c.customer_id, price, start=start, end=end)
+    invoice = b.priced_by_id(
+        fs.invoice(fs.new_id("in"), c.customer_id, sub["id"], price, start=start, end=end)
+    )
+    paid = fs.event("invoice.paid", invoice)
+    assert (await b.ok(client, paid))["status"] == "failed"
+    stripe_api.put("subscriptions", sub)
+    report = await tollhouse.billing.sync()
+    assert report.failures == [], report.failures
+    assert (await tollhouse.billing.event(paid["id"])).status == "processed"
+    billing = (await client.get(f"/v1/users/{c.user_id}/billing", headers=auth)).json()
+    assert billing["plan"] == "starter"
+    assert [i["id"] for i in billing["invoices"] if i["allowance_credits"]] == [invoice["id"]]
+
+
 async def test_a_replayed_price_applies_what_failed_on_it(
     client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
 ) -> None:
@@ -303,6 +330,32 @@ async def test_a_replayed_price_applies_what_failed_on_it(
     await tollhouse.credits.set_plan(plan, monthly_credits=3000, daily_cap=None, overdraft_limit=0)
     await tollhouse.billing.replay("failed")
     assert (await tollhouse.billing.event(price["id"])).status == "processed"
+    assert (await tollhouse.billing.event(paid["id"])).status == "processed"
+
+
+async def test_a_replayed_subscription_applies_the_invoice_that_failed_before_it(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
+) -> None:
+    """A subscription to a plan not set up yet fails, and a paid invoice naming only its
+    price (never stored here) fails after it. The operator sets up the plan and replays: the
+    invoice, older, fails again first; the subscription then applies, and the invoice with
+    it."""
+    c = await b.linked_customer(client, auth)
+    start, end = b.period()
+    plan = "team_" + uuid.uuid4().hex[:6]
+    price = fs.price(fs.new_id("price"), tollhouse_plan=plan)
+    sub = fs.subscription(fs.new_id("sub"), c.customer_id, price, start=start, end=end)
+    invoice = b.priced_by_id(
+        fs.invoice(fs.new_id("in"), c.customer_id, sub["id"], price, start=start, end=end)
+    )
+    now = int(time.time())
+    paid = fs.event("invoice.paid", invoice, created=now - 20)
+    created = fs.event("customer.subscription.created", sub, created=now - 10)
+    assert (await b.ok(client, created))["status"] == "failed"
+    assert (await b.ok(client, paid))["status"] == "failed"
+    await tollhouse.credits.set_plan(plan, monthly_credits=3000, daily_cap=None, overdraft_limit=0)
+    await tollhouse.billing.replay("failed")
+    assert (await tollhouse.billing.event(created["id"])).status == "processed"
     assert (await tollhouse.billing.event(paid["id"])).status == "processed"
 
 

@@ -14,10 +14,17 @@ RETURNING stripe_event_id
 
 -- name: receive
 -- A batch of verified deliveries (or events read from the API: source 'api') stored and
--- applied, one row each, in order (migration 0009).
-SELECT stripe_event_id, type, status, error, tenant_id, customer_id, unpark
+-- applied, one row each, in order (migration 0009). `heals`: a subscription applied for a
+-- customer with invoices that failed before this call because their plan could not be told
+-- (failed_on_subscription; an index probe, migration 0019).
+SELECT r.stripe_event_id, r.type, r.status, r.error, r.tenant_id, r.customer_id, r.unpark,
+       (r.status = 'processed' AND starts_with(r.type, 'customer.subscription.')
+        AND EXISTS (SELECT 1 FROM tollhouse.billing_events f
+                    WHERE f.status = 'failed' AND f.customer_id = r.customer_id
+                      AND starts_with(f.type, 'invoice.')
+                      AND starts_with(f.last_error, 'unknown price '))) AS heals
 FROM tollhouse.billing_receive_v1(%(events)s::jsonb, %(hashes)s, %(customers)s, %(unpark)s,
-                                  %(source)s)
+                                  %(source)s) r
 
 -- name: process
 -- A stored event applied by billing_apply_v1 and its outcome recorded.
@@ -92,6 +99,17 @@ WHERE e.status = 'failed'
   AND starts_with(e.last_error, 'unknown price ' || %(price_id)s || ':')
   AND EXISTS (SELECT 1 FROM tollhouse.billing_prices p
               WHERE p.id = %(price_id)s AND (p.plan IS NOT NULL OR p.credits IS NOT NULL))
+ORDER BY e.event_created, e.stripe_event_id
+
+-- name: failed_on_subscription
+-- The customer's invoices that failed because their plan could not be told (a price id
+-- unknown here, no subscription stored), once a subscription of the customer has a plan;
+-- oldest first.
+SELECT e.stripe_event_id FROM tollhouse.billing_events e
+WHERE e.status = 'failed' AND e.customer_id = %(customer_id)s
+  AND starts_with(e.type, 'invoice.') AND starts_with(e.last_error, 'unknown price ')
+  AND EXISTS (SELECT 1 FROM tollhouse.subscriptions s
+              WHERE s.customer_id = e.customer_id AND s.plan IS NOT NULL)
 ORDER BY e.event_created, e.stripe_event_id
 
 -- name: event

@@ -213,7 +213,7 @@ class BillingService:
         async def unparking(conn: Conn) -> list[Any]:
             cur = await conn.execute(queries["receive"], {**params, "unpark": True})
             rows = await cur.fetchall()
-            for _id, _type, _status, _error, _tenant, customer, unpark in rows:
+            for _id, _type, _status, _error, _tenant, customer, unpark, _heals in rows:
                 if unpark:
                     await self._unpark(conn, customer)
             return rows
@@ -225,41 +225,48 @@ class BillingService:
         priced = [row[0] for row in rows if row[2] == "processed" and row[1].startswith("price.")]
         if priced:
             objects = {i.event["id"]: ref(i.event["data"]["object"]) for i in batch}
-            await self._retry_waiting_on(objects[event_id] for event_id in priced)
+            await self._retry_waiting_on("price_id", (objects[event_id] for event_id in priced))
+        subscribed = _healing_customers(rows)
+        if subscribed:
+            await self._retry_waiting_on("customer_id", subscribed)
         return [self._delivered(row[0], row[1], row[2], row[3]) for row in rows]
 
-    async def _retry_waiting_on(self, price_ids: Iterable[str | None]) -> None:
-        """Retry the failed events that named one of these prices while it was unknown here
-        or sold nothing, once it sells a plan or credits: they may apply now, in whatever
-        order Stripe sent the price and them. (A price that sells nothing heals nothing, so
-        its edits retry nothing.) Each is retried on its own; what fails again keeps its
-        reason. Prices change rarely: this costs a price's delivery, not the others'."""
-        for price_id in dict.fromkeys(p for p in price_ids if p):
+    async def _retry_waiting_on(self, kind: str, keys: Iterable[str | None]) -> None:
+        """Retry the failed events that can apply now that a price or a subscription is
+        stored, in whatever order Stripe sent them and it:
+
+        - `price_id`: the events that named the price while it was unknown here or sold
+          nothing, once it sells a plan or credits (a price that sells nothing heals nothing,
+          so its edits retry nothing);
+        - `customer_id`: the customer's paid invoices whose plan could not be told (a price
+          id unknown here and no subscription), once a subscription of the customer has one.
+
+        Each is retried on its own; what fails again keeps its reason. Prices change rarely,
+        and invoices fail so rarely: this costs those deliveries, not the others."""
+        query = queries["failed_on_price" if kind == "price_id" else "failed_on_subscription"]
+        for key in dict.fromkeys(k for k in keys if k):
             try:
                 async with self._db.connection() as conn:
-                    cur = await conn.execute(queries["failed_on_price"], {"price_id": price_id})
+                    cur = await conn.execute(query, {kind: key})
                     waiting = [row[0] for row in await cur.fetchall()]
             except (e.TollhouseError, psycopg.Error) as exc:
-                log.warning("stripe_price_retries_failed", price_id=price_id, error=str(exc))
+                log.warning("stripe_event_retries_failed", **{kind: key}, error=str(exc))
                 continue
             for event_id in waiting:
                 try:
                     retried = await self.retry(event_id)
                 except Exception as exc:
-                    # The price's delivery is committed and must be answered 2xx: this event
-                    # stays failed, for `stripe replay`.
+                    # The delivery that healed it is committed and must be answered 2xx:
+                    # this event stays failed, for `stripe replay`.
                     log.warning(
                         "stripe_event_retry_failed",
                         event_id=event_id,
-                        price_id=price_id,
+                        **{kind: key},
                         error=str(exc),
                     )
                     continue
                 log.info(
-                    "stripe_event_retried",
-                    event_id=event_id,
-                    price_id=price_id,
-                    status=retried.status,
+                    "stripe_event_retried", event_id=event_id, **{kind: key}, status=retried.status
                 )
 
     @staticmethod
@@ -397,12 +404,13 @@ class BillingService:
             return await self._process(conn, payload), payload
 
         delivery, applied = await self._db.transaction(work)
-        if (
-            applied is not None
-            and delivery.status == "processed"
-            and delivery.type.startswith("price.")
-        ):  # a replayed price heals what waits on it
-            await self._retry_waiting_on([ref(applied["data"]["object"])])
+        if applied is not None and delivery.status == "processed":
+            # A replayed price or subscription heals what waits on it.
+            obj = applied["data"]["object"]
+            if delivery.type.startswith("price."):
+                await self._retry_waiting_on("price_id", [ref(obj)])
+            elif delivery.type.startswith("customer.subscription."):
+                await self._retry_waiting_on("customer_id", [ref(obj.get("customer"))])
         return delivery
 
     async def replay(self, status: str = "failed") -> list[Delivery]:
@@ -666,7 +674,9 @@ class BillingService:
 
         await self._db.transaction(work)
         if type_.startswith("price."):
-            await self._retry_waiting_on([ref(obj)])
+            await self._retry_waiting_on("price_id", [ref(obj)])
+        elif type_.startswith("customer.subscription."):
+            await self._retry_waiting_on("customer_id", [ref(obj.get("customer"))])
 
     async def _pages(
         self, list_fn: Callable[..., Any], params: dict[str, Any]
@@ -686,6 +696,22 @@ class BillingService:
             if not raw.get("has_more") or not raw.get("data"):
                 return
             after = raw["data"][-1]["id"]
+
+
+def _healing_customers(rows: Sequence[Any]) -> list[str]:
+    """The customers of a receive call's rows whose invoices failed because their plan
+    could not be told, and a subscription of whom the call applied: earlier failures are
+    flagged by the query (`heals`), this call's own by their error, when a subscription of
+    the customer came after them."""
+    customers: list[str] = [row[5] for row in rows if row[7]]
+    waiting: set[str] = set()
+    for _id, type_, status, error, _tenant, customer, _unpark, _heals in rows:
+        unknown_plan = (error or "").startswith("unknown price ")
+        if status == "failed" and type_.startswith("invoice.") and unknown_plan:
+            waiting.add(customer)
+        elif status == "processed" and type_.startswith("customer.subscription."):
+            customers += [customer] if customer in waiting else []
+    return customers
 
 
 def _raw(obj: Any) -> Obj:
