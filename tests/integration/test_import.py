@@ -559,14 +559,15 @@ async def test_c01_an_invalid_byte_in_a_user_id_or_a_ragged_row_fails_only_its_r
     tollhouse: Tollhouse, tmp_path: Path
 ) -> None:
     """The byte reaches the report's value (it crashed the import writing the issues)."""
-    rows = list(legacy_rows(1001))  # one undecodable record in 1,000 is still a record error
+    # Two undecodable records (the ragged one counts too) in 2,001: still record errors.
+    rows = list(legacy_rows(2001))
     rows[0]["user_id"] = "BAD"
     rows[1]["auth_provider"] = "BAD"
     lines = render(rows).split("\r\n")
     lines[2] += ",extra"
     path = write(tmp_path, "\r\n".join(lines).encode().replace(b"BAD", b"\xff"))
     summary, report = await run(tollhouse, path)
-    assert (summary.created, summary.failed) == (999, 2)
+    assert (summary.created, summary.failed) == (1999, 2)
     errors = [(r[0], r[3][:8], r[4]) for r in report if r[4] != "plan_override"]
     assert errors == [
         ("2", "\\xff,U**", "invalid_encoding"),

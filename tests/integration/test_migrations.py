@@ -121,3 +121,34 @@ async def test_migrations_run_on_a_second_database_of_the_same_cluster(empty_dsn
     await migrate.migrate(empty_dsn)
     statuses = await migrate.status(empty_dsn)
     assert {s.state for s in statuses} == {"applied"}
+
+
+async def test_0020_makes_a_blank_staged_email_null(empty_dsn: str) -> None:
+    """A run staged before 0020 (a record without an e-mail as '') and resumed after it must
+    write no address for that record: the migration makes its '' NULL."""
+    migrations = migrate.load_migrations()
+    at = next(i for i, m in enumerate(migrations) if m.version == 20)
+    await migrate.migrate(empty_dsn, migrations[:at])
+    with psycopg.connect(empty_dsn) as conn:
+        row = conn.execute(
+            "INSERT INTO tollhouse.import_runs"
+            " (id, file_sha256, options_sha256, file_name, options, records, counts)"
+            " VALUES (gen_random_uuid(), sha256(''), sha256(''), 'users.csv', '{}', 2, '{}')"
+            " RETURNING id"
+        ).fetchone()
+        assert row is not None
+        for record_no, email in ((2, ""), (3, "a@example.com")):
+            conn.execute(
+                "INSERT INTO tollhouse.import_staging (run_id, apply_no, record_no, outcome,"
+                " user_id, target_user_id, email, provider, subject, status, marketing,"
+                " legacy_tier, plan, credits_balance, fingerprint)"
+                " VALUES (%s, %s, %s, 'created', gen_random_uuid(), gen_random_uuid(), %s,"
+                " 'apple', 'a-1', 'active', true, 'free', 'free', 0, 'x')",
+                (row[0], record_no, record_no, email),
+            )
+    await migrate.migrate(empty_dsn)
+    with psycopg.connect(empty_dsn) as conn:
+        staged = conn.execute(
+            "SELECT record_no, email FROM tollhouse.import_staging ORDER BY record_no"
+        ).fetchall()
+    assert staged == [(2, None), (3, "a@example.com")]

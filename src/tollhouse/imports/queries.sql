@@ -242,8 +242,8 @@ ANALYZE import_classified, import_billing
 -- The records that change something, numbered in the order they are applied (users by
 -- user_id, then merged identities: see migration 0010), with the personal tenant of each
 -- user: a new id for a new user (ascending with the order), the existing one otherwise.
--- A record without an e-mail is staged with '' (import_staging.email is NOT NULL, and no
--- address is empty): the apply steps write no address for it.
+-- A record without an e-mail is staged without one (migration 0020): the apply steps write
+-- no address for it.
 INSERT INTO tollhouse.import_staging
     (run_id, apply_no, record_no, outcome, user_id, target_user_id, tenant_id, email,
      provider, subject, link_identity, display_name, created_at, last_seen_at, status,
@@ -260,7 +260,7 @@ SELECT %(run_id)s, c.apply_no, c.record_no, c.outcome, c.user_id, c.target_user_
             WHEN c.outcome = 'updated'
             THEN (SELECT t.id FROM tollhouse.tenants t
                   WHERE t.owner_user_id = c.user_id AND t.is_default) END,
-       coalesce(c.email, ''), c.provider, c.subject, c.link_identity, c.display_name,
+       c.email, c.provider, c.subject, c.link_identity, c.display_name,
        c.created_at, c.last_seen_at, c.status, c.marketing, c.legacy_tier, c.plan,
        c.plan_override, c.credits_total, c.credits_balance, c.daily_cap, c.last_daily_reset,
        c.period_end, c.stripe_customer_id, c.stripe_subscription_id, c.billing_status,
@@ -400,7 +400,7 @@ SELECT count(*) FROM tollhouse.import_staging WHERE run_id = %(run_id)s AND outc
 -- New users: exactly the rows identity.create_user writes (user, primary e-mail and its
 -- route, preferences, role, personal tenant and membership), plus the identity of the record
 -- and the import's provenance row. E-mails are unverified (RELIABILITY 7.2 rule 6). A
--- record staged without an e-mail ('') makes a user without one, as UserService.create
+-- record staged without an e-mail makes a user without one, as UserService.create
 -- does (no user_emails or email_routes row; its identity's e-mail NULL).
 WITH s AS (
     SELECT * FROM tollhouse.import_staging
@@ -414,10 +414,10 @@ WITH s AS (
     FROM s
 ), route AS (
     INSERT INTO tollhouse.email_routes (email, user_id)
-    SELECT email, user_id FROM s WHERE email <> ''
+    SELECT email, user_id FROM s WHERE email IS NOT NULL
 ), email AS (
     INSERT INTO tollhouse.user_emails (user_id, email, is_primary, verified, via)
-    SELECT user_id, email, true, false, 'import' FROM s WHERE email <> ''
+    SELECT user_id, email, true, false, 'import' FROM s WHERE email IS NOT NULL
 ), prefs AS (
     INSERT INTO tollhouse.user_email_preferences (user_id, marketing)
     SELECT user_id, marketing FROM s
@@ -431,7 +431,7 @@ WITH s AS (
     SELECT tenant_id, user_id, 'owner' FROM s
 ), ident AS (
     INSERT INTO tollhouse.user_identities (user_id, provider, subject, email)
-    SELECT user_id, provider, subject, nullif(email, '') FROM s WHERE subject IS NOT NULL
+    SELECT user_id, provider, subject, email FROM s WHERE subject IS NOT NULL
 ), ident_route AS (
     INSERT INTO tollhouse.identity_routes (provider, subject, user_id)
     SELECT provider, subject, user_id FROM s WHERE subject IS NOT NULL
@@ -579,7 +579,7 @@ ON CONFLICT (provider, customer_id) DO NOTHING
 
 -- name: billing_customers
 INSERT INTO tollhouse.billing_customers (tenant_id, customer_id, email)
-SELECT s.tenant_id, s.stripe_customer_id, nullif(s.email, '')
+SELECT s.tenant_id, s.stripe_customer_id, s.email
 FROM tollhouse.import_staging s
 JOIN tollhouse.billing_customer_routes r
   ON r.provider = 'stripe' AND r.customer_id = s.stripe_customer_id
