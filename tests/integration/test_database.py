@@ -8,6 +8,7 @@ import os
 import re
 import uuid
 from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,37 @@ async def test_service_connections_count_in_utc_whatever_the_servers_zone(
                 )
             ).fetchone()
         assert row == ("UTC", "2026-04-30 23:30:00+00")
+    finally:
+        await db.close()
+
+
+async def test_service_connections_read_timestamps_whatever_the_servers_date_style(
+    service_dsn: str,
+) -> None:
+    """psycopg reads dates and times only in the ISO DateStyle, and intervals only in the
+    `postgres` IntervalStyle: a login set to others (ALTER DATABASE/ROLE SET datestyle)
+    made every read of a timestamp fail. The pool's connections set both."""
+    elsewhere = psycopg.conninfo.make_conninfo(
+        service_dsn, options="-c DateStyle=SQL,DMY -c IntervalStyle=sql_standard"
+    )
+    db = Database(elsewhere, min_size=1)
+    await db.open()
+    try:
+        async with db.connection() as conn:
+            row = await (
+                await conn.execute(
+                    "SELECT current_setting('DateStyle'), current_setting('IntervalStyle'),"
+                    " '2026-03-31 23:30:00+00'::timestamptz, date '2026-03-31',"
+                    " interval '1 month 2 days'"
+                )
+            ).fetchone()
+        assert row == (
+            "ISO, MDY",
+            "postgres",
+            datetime(2026, 3, 31, 23, 30, tzinfo=UTC),
+            date(2026, 3, 31),
+            timedelta(days=32),
+        )
     finally:
         await db.close()
 
@@ -374,6 +406,8 @@ def test_no_session_level_settings_outside_the_pool_setup() -> None:
     ]
     assert offenders == [
         "db/pool.py: set_config('TimeZone', 'UTC', false)",
+        "db/pool.py: set_config('DateStyle', 'ISO, MDY', false)",
+        "db/pool.py: set_config('IntervalStyle', 'postgres', false)",
         "db/pool.py: set_config('role', %s, false)",
     ]
 

@@ -180,7 +180,8 @@ async def test_a_rerun_under_another_time_zone_and_date_style_finds_every_record
 ) -> None:
     """The fingerprint hashes the text of timestamps, which follows the session's TimeZone
     and DateStyle: a database (or PGTZ) set to another zone made a rerun update every
-    record. It is made in UTC and ISO, as the fingerprints of earlier runs were by default."""
+    record. The pool's connections count in UTC and write ISO whatever the database says
+    (tollhouse.db.pool), as the fingerprints of earlier runs were made by default."""
     rows = list(legacy_rows(5))
     rows[0]["last_login_at"] = "2024-03-31T01:30:00.25+01:00"  # fractional seconds too
     path = tmp_path / "users.csv"
@@ -198,12 +199,10 @@ async def test_a_rerun_under_another_time_zone_and_date_style_finds_every_record
         service_dsn, min_size=1, max_size=2, identity=identity_config, billing=billing_config
     ) as elsewhere:
         async with elsewhere.db.connection() as conn:
-            # The pool counts in UTC whatever the database says (tollhouse.db.pool); the
-            # date style is the database's.
             cur = await conn.execute(
                 "SELECT current_setting('TimeZone'), current_setting('DateStyle')"
             )
-            assert await cur.fetchone() == ("UTC", "SQL, DMY")
+            assert await cur.fetchone() == ("UTC", "ISO, MDY")
         again, _ = await run(elsewhere, path)
     assert (again.unchanged, again.updated) == (5, 0)
 

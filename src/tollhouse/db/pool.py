@@ -112,11 +112,14 @@ async def configure_connection(conn: Conn) -> None:
 
     Its time zone is UTC, whatever the server's default: dates and months are counted
     (`interval '1 month'`, `::date`) and timestamps written as text the same way on every
-    server and for every operator's `PGTZ`.
+    server and for every operator's `PGTZ`. Its DateStyle is ISO and its IntervalStyle
+    `postgres` (PostgreSQL's defaults), the only ones psycopg reads dates, times and
+    intervals in: a server or role set to others made every such read fail.
     """
     cur = await conn.execute(
         "SELECT current_user = %s, to_regrole(%s) IS NOT NULL AND to_regnamespace(%s) IS NOT NULL,"
-        " set_config('TimeZone', 'UTC', false)",
+        " set_config('TimeZone', 'UTC', false), set_config('DateStyle', 'ISO, MDY', false),"
+        " set_config('IntervalStyle', 'postgres', false)",
         (SERVICE_ROLE, SERVICE_ROLE, SCHEMA),
     )
     row = await cur.fetchone()

@@ -31,14 +31,6 @@ SELECT set_config('enable_nestloop', 'off', true)
 WHERE %(records)s::bigint * 10 >= (SELECT greatest(c.reltuples, 0) FROM pg_class c
                                    WHERE c.oid = 'tollhouse.users'::regclass)
 
--- name: fingerprint_settings
--- The fingerprint (classify) hashes the text of the record's timestamps, and that text
--- follows the session's TimeZone and DateStyle: a rerun under PGTZ or ALTER DATABASE ... SET
--- timezone found every record changed. Fixed for the rest of the staging transaction to what
--- the fingerprints of earlier runs were made under by default (UTC, ISO), so those still
--- match.
-SELECT set_config('TimeZone', 'UTC', true), set_config('DateStyle', 'ISO, MDY', true)
-
 -- name: create_incoming
 -- Records and issues arrive by COPY here (COPY cannot write into a table under RLS).
 -- email is NULL only for a Google or Apple record without one (the validator's rule).
@@ -113,7 +105,10 @@ VALUES (%(id)s, %(file_sha256)s, %(options_sha256)s, %(file_name)s, %(options)s,
 -- record without an e-mail into the record holding its Google / Apple id, the first with an
 -- e-mail if any (seed 001: the provider id matches when there is no e-mail); that record is
 -- created, updated, unchanged, or skipped when its id, e-mail or identity belongs to
--- another user already in the database.
+-- another user already in the database. The fingerprint hashes the text of the record's
+-- timestamps, which follows TimeZone and DateStyle: the pool's connections fix both (UTC,
+-- ISO: tollhouse.db.pool.configure_connection), so a rerun under another PGTZ or database
+-- setting finds the same fingerprints.
 CREATE TEMPORARY TABLE import_classified ON COMMIT DROP AS
 WITH ranked AS (
     SELECT i.*,

@@ -277,7 +277,6 @@ class ImportService:
         )
         await conn.execute(queries["analyze_incoming"])
         await conn.execute(queries["classify_joins"], {"records": read})
-        await conn.execute(queries["fingerprint_settings"])
         await conn.execute(queries["classify"])
         await conn.execute(queries["classify_billing"])
         await conn.execute(queries["analyze_classified"])
