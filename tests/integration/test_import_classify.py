@@ -166,8 +166,19 @@ async def test_a_duplicate_added_later_is_merged_only_when_it_brings_an_identity
         ("3", "duplicate_of_record:2"),
         ("4", "duplicate_of_record:2"),
     ]
-    third, _ = await run(tollhouse, path)
+    third, report = await run(tollhouse, path)
     assert (third.unchanged, third.merged, third.identities_linked) == (3, 0, 0)
+    assert [(r[0], r[3]) for r in report if r[2].startswith("duplicate_of")] == [
+        (
+            "3",
+            "already merged into the user of record 2; its google id is linked to that user"
+            " already",
+        ),
+        (
+            "4",
+            "already merged into the user of record 2; an e-mail-provider duplicate brings nothing",
+        ),
+    ]
 
 
 async def test_a_rerun_under_another_time_zone_and_date_style_finds_every_record_unchanged(

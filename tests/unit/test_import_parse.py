@@ -134,25 +134,31 @@ def test_c01_bad_bytes_in_ragged_and_unclosed_records_count_towards_the_refusal(
     tmp_path: Path,
 ) -> None:
     """The 1-in-1,000 refusal counts every record with bytes that are not UTF-8, whatever
-    else is wrong with it: a ragged row, or the first line of an unclosed quote."""
-    rows = list(legacy_rows(4))
-    rows[0]["display_name"] = "BAD1"
-    rows[1]["display_name"] = "BAD2"
-    rows[2]["display_name"] = "BAD3"
+    else is wrong with it: a ragged row, the first line of a quote left open that closes on
+    a later record's line, or of one never closed."""
+    rows = list(legacy_rows(7))
+    for i, name in enumerate(("BAD1", "BAD2", "BAD3", "", "", "BAD4")):
+        rows[i]["display_name"] = name or "Fine"
+    rows[3]["billing_status"] = "x"
     lines = render(rows).split("\r\n")
     lines[2] += ",extra"  # record 3 is ragged
-    lines[3] = lines[3].replace("BAD3", '"BAD3 open')  # record 4: a quote never closed
+    lines[3] = lines[3].replace(",BAD3,", ',"BAD3,')  # record 4's quote ends on record 5's line
+    lines[4] += '"'
+    lines[6] = lines[6].replace("BAD4", '"BAD4 open')  # record 7: a quote never closed
     data = "\r\n".join(lines).encode()
-    for marker in (b"BAD1", b"BAD2", b"BAD3"):
+    for marker in (b"BAD1", b"BAD2", b"BAD3", b"BAD4"):
         data = data.replace(marker, b"x\xff" + marker)
     csv_file = CsvFile(write(tmp_path, data))
     records = [r for r in csv_file.records() if isinstance(r, RawRecord)]
-    assert [(r.record_no, r.error[0] if r.error else "") for r in records][:3] == [
+    assert [(r.record_no, r.error[0] if r.error else "") for r in records][:6] == [
         (2, "invalid_encoding"),
         (3, "wrong_field_count"),
         (4, "malformed_csv"),
+        (5, ""),
+        (6, ""),
+        (7, "malformed_csv"),
     ]
-    assert csv_file.undecodable_records == 3
+    assert csv_file.undecodable_records == 4
 
 
 def test_c01_latin1_reads_with_an_explicit_encoding(tmp_path: Path) -> None:

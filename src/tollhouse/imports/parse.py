@@ -278,6 +278,7 @@ class CsvFile:
                     # A quote left open that ran into the next lines (records of their
                     # own): report the first line and read the others again as records.
                     line_no += 1
+                    self.undecodable_records += _SURROGATE.search(taken[0]) is not None
                     lines.put_back(taken[1:])
                     reader = csv.reader(lines.lines, strict=True)
                     yield self._counted(

@@ -317,7 +317,8 @@ CROSS JOIN LATERAL (
     SELECT 1004, 'info', CASE WHEN c.email IS NULL THEN 'provider_user_id' ELSE 'email' END,
            coalesce(c.email, c.subject),
            'duplicate_of_record:' || c.email_first,
-           CASE
+           -- (A later record of an unchanged user that brings nothing is unchanged itself.)
+           CASE WHEN c.outcome = 'unchanged' THEN 'already ' ELSE '' END || CASE
                WHEN c.outcome = 'skipped:duplicate'
                    THEN 'skipped: record ' || c.email_first || ' was not imported'
                WHEN c.email IS NULL
