@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 
 import tollhouse as tollhouse_package
 from tollhouse.app import Tollhouse
+from tollhouse.db import migrate
 from tollhouse.db.arrays import int_array, jsonb_array, text_array, uuid_array
 from tollhouse.db.pool import Conn, Database, check_server
 from tollhouse.errors import (
@@ -195,9 +196,10 @@ async def test_service_connections_count_in_utc_whatever_the_servers_zone(
 async def test_service_connections_read_timestamps_whatever_the_servers_date_style(
     service_dsn: str,
 ) -> None:
-    """psycopg reads dates and times only in the ISO DateStyle, and intervals only in the
-    `postgres` IntervalStyle: a login set to others (ALTER DATABASE/ROLE SET datestyle)
-    made every read of a timestamp fail. The pool's connections set both."""
+    """psycopg reads timestamps with a time zone only in the ISO DateStyle, and intervals
+    only in the `postgres` IntervalStyle: a login set to others (ALTER DATABASE/ROLE SET
+    datestyle) made every such read fail, in the service and in `migrate`, `serve`'s start
+    and `doctor` (their own connections). Every connection of ours sets both."""
     elsewhere = psycopg.conninfo.make_conninfo(
         service_dsn, options="-c DateStyle=SQL,DMY -c IntervalStyle=sql_standard"
     )
@@ -221,6 +223,7 @@ async def test_service_connections_read_timestamps_whatever_the_servers_date_sty
         )
     finally:
         await db.close()
+    assert {s.state for s in await migrate.verify(elsewhere)} == {"applied"}
 
 
 async def test_lanes_have_their_own_few_connections_opened_on_use(service_dsn: str) -> None:
@@ -405,7 +408,7 @@ def test_no_session_level_settings_outside_the_pool_setup() -> None:
         for match in pattern.finditer(text)
     ]
     assert offenders == [
-        "db/pool.py: set_config('TimeZone', 'UTC', false)",
+        "db/pool.py: set_config('TimeZone', 'UTC', false)",  # SESSION_SETTINGS
         "db/pool.py: set_config('DateStyle', 'ISO, MDY', false)",
         "db/pool.py: set_config('IntervalStyle', 'postgres', false)",
         "db/pool.py: set_config('role', %s, false)",

@@ -51,10 +51,20 @@ class ServerInfo:
     synchronous_commit: str
 
 
+#: The session settings every connection of ours sets when it opens (docs/decisions.md):
+#: counting in UTC whatever the server's zone, and the only DateStyle and IntervalStyle
+#: psycopg reads timestamps and intervals in (PostgreSQL's defaults).
+SESSION_SETTINGS = (
+    "set_config('TimeZone', 'UTC', false), set_config('DateStyle', 'ISO, MDY', false),"
+    " set_config('IntervalStyle', 'postgres', false)"
+)
+
+
 async def connect(dsn: str, *, timeout: float = 10.0) -> Conn:
-    """One autocommit connection, with a one-line error when the server is unreachable."""
+    """One autocommit connection with our session settings (`SESSION_SETTINGS`), with a
+    one-line error when the server is unreachable."""
     try:
-        return await AsyncConnection.connect(
+        conn = await AsyncConnection.connect(
             dsn, autocommit=True, connect_timeout=max(1, int(timeout))
         )
     except psycopg.OperationalError as exc:
@@ -62,6 +72,12 @@ async def connect(dsn: str, *, timeout: float = 10.0) -> Conn:
         raise DatabaseUnavailable(
             f"cannot connect to PostgreSQL at {describe(dsn)}: {reason}"
         ) from exc
+    try:
+        await conn.execute("SELECT " + SESSION_SETTINGS)
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
 
 
 def _connect_reason(exc: BaseException) -> str:
@@ -110,16 +126,16 @@ async def configure_connection(conn: Conn) -> None:
     Logged in as `tollhouse_service` there is nothing to do; logged in as another role it
     switches with `SET ROLE`. Before migration 0001 (no role, no schema): refused.
 
-    Its time zone is UTC, whatever the server's default: dates and months are counted
-    (`interval '1 month'`, `::date`) and timestamps written as text the same way on every
-    server and for every operator's `PGTZ`. Its DateStyle is ISO and its IntervalStyle
-    `postgres` (PostgreSQL's defaults), the only ones psycopg reads dates, times and
-    intervals in: a server or role set to others made every such read fail.
+    It takes `SESSION_SETTINGS` in the same statement: its time zone is UTC, whatever the
+    server's default, so dates and months are counted (`interval '1 month'`, `::date`) and
+    timestamps written as text the same way on every server and for every operator's
+    `PGTZ`; its DateStyle is ISO and its IntervalStyle `postgres` (PostgreSQL's defaults),
+    the only ones psycopg reads timestamps with a time zone and intervals in: a server or
+    role set to others made every such read fail.
     """
     cur = await conn.execute(
-        "SELECT current_user = %s, to_regrole(%s) IS NOT NULL AND to_regnamespace(%s) IS NOT NULL,"
-        " set_config('TimeZone', 'UTC', false), set_config('DateStyle', 'ISO, MDY', false),"
-        " set_config('IntervalStyle', 'postgres', false)",
+        "SELECT current_user = %s, to_regrole(%s) IS NOT NULL AND to_regnamespace(%s) IS NOT NULL, "
+        + SESSION_SETTINGS,
         (SERVICE_ROLE, SERVICE_ROLE, SCHEMA),
     )
     row = await cur.fetchone()
