@@ -616,11 +616,45 @@ async def test_an_invoice_failed_before_its_subscription_applies_when_the_subscr
     billing = (await client.get(f"/v1/users/{other.user_id}/billing", headers=auth)).json()
     assert [i["id"] for i in billing["invoices"] if i["allowance_credits"]] == [invoice["id"]]
 
-    # A later subscription event of a customer with nothing waiting retries nothing.
-    event = await tollhouse.billing.event(paid["id"])
+    # An invoice of a subscription never stored is not retried by another subscription of
+    # its customer: it waits for its own.
+    _, orphan_paid, _ = _invoice_before_its_subscription(other.customer_id)
+    assert (await b.ok(client, orphan_paid))["status"] == "failed"
     updated = fs.event("customer.subscription.updated", created["data"]["object"])
     assert (await b.ok(client, updated))["status"] == "processed"
-    assert (await tollhouse.billing.event(paid["id"])).attempts == event.attempts
+    assert (await tollhouse.billing.event(orphan_paid["id"])).attempts == 1
+
+
+async def test_a_parked_invoice_applies_after_its_parked_subscription_once_linked(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
+) -> None:
+    """Both parked (the customer is not linked yet), in one second, the invoice first by
+    its id: when the link applies them, the invoice fails on its plan, then its subscription
+    applies, and the invoice is applied again in the same transaction."""
+    await b.load_prices(client)
+    user_id, _ = await b.new_user(client, auth)
+    customer_id = fs.new_id("cus")
+    invoice, paid, created = _invoice_before_its_subscription(customer_id)
+    second = int(time.time()) - 30
+    paid = fs.event("invoice.paid", invoice, created=second, event_id="evt_a" + fs.new_id("x"))
+    created = fs.event(
+        "customer.subscription.created",
+        created["data"]["object"],
+        created=second,
+        event_id="evt_b" + fs.new_id("x"),
+    )
+    assert (await b.ok(client, paid))["status"] == "parked"
+    assert (await b.ok(client, created))["status"] == "parked"
+    session = b.subscription_session(
+        customer_id, str(user_id), payment_status="paid", status="complete"
+    )
+    assert (await b.ok(client, fs.event("checkout.session.completed", session)))["status"] == (
+        "processed"
+    )
+    assert (await tollhouse.billing.event(created["id"])).status == "processed"
+    assert (await tollhouse.billing.event(paid["id"])).status == "processed"
+    billing = (await client.get(f"/v1/users/{user_id}/billing", headers=auth)).json()
+    assert [i["id"] for i in billing["invoices"] if i["allowance_credits"]] == [invoice["id"]]
 
 
 async def test_a_price_is_answered_2xx_even_when_retrying_what_failed_on_it_fails(

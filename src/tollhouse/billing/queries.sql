@@ -16,7 +16,7 @@ RETURNING stripe_event_id
 -- A batch of verified deliveries (or events read from the API: source 'api') stored and
 -- applied, one row each, in order (migration 0009). `heals`: a subscription applied for a
 -- customer with invoices that failed before this call because their plan could not be told
--- (failed_on_subscription; an index probe, migration 0019).
+-- (then failed_on_subscription finds those it heals; an index probe, migration 0019).
 SELECT r.stripe_event_id, r.type, r.status, r.error, r.tenant_id, r.customer_id, r.unpark,
        (r.status = 'processed' AND starts_with(r.type, 'customer.subscription.')
         AND EXISTS (SELECT 1 FROM tollhouse.billing_events f
@@ -103,14 +103,27 @@ ORDER BY e.event_created, e.stripe_event_id
 
 -- name: failed_on_subscription
 -- The customer's invoices that failed because their plan could not be told (a price id
--- unknown here, no subscription stored), once a subscription of the customer has a plan;
--- oldest first.
-SELECT e.stripe_event_id FROM tollhouse.billing_events e
+-- unknown here, their subscription not stored), once their subscription is stored with a
+-- plan (read where billing_apply_invoice_v1 reads it); oldest first. Locked when run in a
+-- transaction (a customer's unparking), as lock_event locks one.
+SELECT e.stripe_event_id, e.type, e.status, e.payload FROM tollhouse.billing_events e
 WHERE e.status = 'failed' AND e.customer_id = %(customer_id)s
   AND starts_with(e.type, 'invoice.') AND starts_with(e.last_error, 'unknown price ')
-  AND EXISTS (SELECT 1 FROM tollhouse.subscriptions s
-              WHERE s.customer_id = e.customer_id AND s.plan IS NOT NULL)
+  AND EXISTS (
+      SELECT 1 FROM tollhouse.subscriptions s
+      WHERE s.customer_id = e.customer_id AND s.plan IS NOT NULL
+        AND s.id IN (
+            SELECT tollhouse.billing_ref_v1(e.payload #> '{data,object,subscription}')
+            UNION ALL
+            SELECT tollhouse.billing_ref_v1(
+                e.payload #> '{data,object,parent,subscription_details,subscription}')
+            UNION ALL
+            SELECT tollhouse.billing_ref_v1(l -> 'subscription')
+            FROM jsonb_array_elements(
+                CASE WHEN jsonb_typeof(e.payload #> '{data,object,lines,data}') = 'array'
+                     THEN e.payload #> '{data,object,lines,data}' ELSE '[]' END) l))
 ORDER BY e.event_created, e.stripe_event_id
+FOR UPDATE OF e
 
 -- name: event
 SELECT stripe_event_id, type, status, tenant_id, user_id, customer_id, attempts, last_error,

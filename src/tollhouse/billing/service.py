@@ -226,9 +226,9 @@ class BillingService:
         if priced:
             objects = {i.event["id"]: ref(i.event["data"]["object"]) for i in batch}
             await self._retry_waiting_on("price_id", (objects[event_id] for event_id in priced))
-        subscribed = _healing_customers(rows)
-        if subscribed:
-            await self._retry_waiting_on("customer_id", subscribed)
+        healing = _healing_customers(rows)
+        if healing:
+            await self._retry_waiting_on("customer_id", healing)
         return [self._delivered(row[0], row[1], row[2], row[3]) for row in rows]
 
     async def _retry_waiting_on(self, kind: str, keys: Iterable[str | None]) -> None:
@@ -239,7 +239,8 @@ class BillingService:
           nothing, once it sells a plan or credits (a price that sells nothing heals nothing,
           so its edits retry nothing);
         - `customer_id`: the customer's paid invoices whose plan could not be told (a price
-          id unknown here and no subscription), once a subscription of the customer has one.
+          id unknown here and their subscription not stored), once their subscription is
+          stored with one.
 
         Each is retried on its own; what fails again keeps its reason. Prices change rarely,
         and invoices fail so rarely: this costs those deliveries, not the others."""
@@ -384,8 +385,12 @@ class BillingService:
         return status, error, tenant, customer
 
     async def _unpark(self, conn: Conn, customer_id: str | None) -> None:
-        """Apply the events parked for a customer that is now linked, oldest first."""
+        """Apply the events parked for a customer that is now linked, oldest first; then
+        again its invoices that failed because their subscription came after them."""
         cur = await conn.execute(queries["parked_events"], {"customer_id": customer_id})
+        for _id, _type, _status, payload in await cur.fetchall():
+            await self._process(conn, payload, unpark=False)
+        cur = await conn.execute(queries["failed_on_subscription"], {"customer_id": customer_id})
         for _id, _type, _status, payload in await cur.fetchall():
             await self._process(conn, payload, unpark=False)
 
@@ -699,19 +704,22 @@ class BillingService:
 
 
 def _healing_customers(rows: Sequence[Any]) -> list[str]:
-    """The customers of a receive call's rows whose invoices failed because their plan
-    could not be told, and a subscription of whom the call applied: earlier failures are
-    flagged by the query (`heals`), this call's own by their error, when a subscription of
-    the customer came after them."""
-    customers: list[str] = [row[5] for row in rows if row[7]]
-    waiting: set[str] = set()
-    for _id, type_, status, error, _tenant, customer, _unpark, _heals in rows:
-        unknown_plan = (error or "").startswith("unknown price ")
-        if status == "failed" and type_.startswith("invoice.") and unknown_plan:
-            waiting.add(customer)
-        elif status == "processed" and type_.startswith("customer.subscription."):
-            customers += [customer] if customer in waiting else []
-    return customers
+    """The customers of a receive call's rows that may have an invoice to retry: one a
+    subscription was applied for while invoices of theirs failed before the call because
+    their plan could not be told (flagged by the query: `heals`), and one with an invoice
+    that failed so in this call (its subscription may have come later in the call, or been
+    committed by another process meanwhile). `failed_on_subscription` then finds the
+    invoices whose subscription is stored; usually none."""
+    return [
+        customer
+        for _id, type_, status, error, _tenant, customer, _unpark, heals in rows
+        if heals
+        or (
+            status == "failed"
+            and type_.startswith("invoice.")
+            and (error or "").startswith("unknown price ")
+        )
+    ]
 
 
 def _raw(obj: Any) -> Obj:
