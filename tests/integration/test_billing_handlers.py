@@ -3,6 +3,7 @@ stored with their reason and replayed, the effective plan's order of precedence,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -10,13 +11,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
 from tests.support import billing as b
 from tests.support import fake_stripe as fs
 from tollhouse.app import Tollhouse
-from tollhouse.billing.service import Incoming
+from tollhouse.billing.service import Incoming, queries, receive_params
 from tollhouse.errors import DatabaseUnavailable, TollhouseError
 
 
@@ -573,16 +575,22 @@ async def test_events_failed_on_a_price_apply_once_the_price_sells_a_plan(
 
 
 def _invoice_before_its_subscription(
-    customer_id: str,
+    customer_id: str, names_it: str = "parent"
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """A paid invoice in the 2025-03-31 shape naming a price never stored here, and the
-    created event of its subscription, whose price (embedded) sells `starter`."""
+    created event of its subscription, whose price (embedded) sells `starter`. The invoice
+    names its subscription where `names_it` says: in its `parent` only (as Stripe's
+    2025-03-31 invoices do), or in its `line` only (older ones)."""
     start, end = b.period()
     price = fs.price(fs.new_id("price"), tollhouse_plan="starter")
     sub = fs.subscription(fs.new_id("sub"), customer_id, price, start=start, end=end)
     invoice = b.priced_by_id(
         fs.invoice(fs.new_id("in"), customer_id, sub["id"], price, start=start, end=end)
     )
+    if names_it == "parent":
+        del invoice["lines"]["data"][0]["subscription"]
+    else:
+        invoice["parent"] = None
     return (
         invoice,
         fs.event("invoice.paid", invoice),
@@ -608,7 +616,7 @@ async def test_an_invoice_failed_before_its_subscription_applies_when_the_subscr
     assert [i["id"] for i in billing["invoices"] if i["allowance_credits"]] == [invoice["id"]]
 
     other = await b.linked_customer(client, auth)
-    invoice, paid, created = _invoice_before_its_subscription(other.customer_id)
+    invoice, paid, created = _invoice_before_its_subscription(other.customer_id, "line")
     batch = [Incoming.read(json.dumps(event).encode()) for event in (paid, created)]
     delivered = await tollhouse.billing._receive(batch)
     assert [d.status for d in delivered] == ["failed", "processed"]  # as applied in the call
@@ -634,7 +642,7 @@ async def test_a_parked_invoice_applies_after_its_parked_subscription_once_linke
     await b.load_prices(client)
     user_id, _ = await b.new_user(client, auth)
     customer_id = fs.new_id("cus")
-    invoice, paid, created = _invoice_before_its_subscription(customer_id)
+    invoice, paid, created = _invoice_before_its_subscription(customer_id, "line")
     second = int(time.time()) - 30
     paid = fs.event("invoice.paid", invoice, created=second, event_id="evt_a" + fs.new_id("x"))
     created = fs.event(
@@ -655,6 +663,39 @@ async def test_a_parked_invoice_applies_after_its_parked_subscription_once_linke
     assert (await tollhouse.billing.event(paid["id"])).status == "processed"
     billing = (await client.get(f"/v1/users/{user_id}/billing", headers=auth)).json()
     assert [i["id"] for i in billing["invoices"] if i["allowance_credits"]] == [invoice["id"]]
+
+
+async def test_an_invoice_failure_committed_while_its_subscription_waits_is_seen(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse, dsn: str
+) -> None:
+    """Another transaction (another process's call, or a Checkout unparking the invoice)
+    failed the invoice and holds the customer's lock to its commit; the subscription's call
+    has begun and waits for that lock. Its statement's snapshot is older than the failure,
+    but the question whether invoices wait is asked with a snapshot of its own, after the
+    wait: the invoice is applied once the subscription is."""
+    await b.load_prices(client)
+    c = await b.linked_customer(client, auth)
+    _, paid, created = _invoice_before_its_subscription(c.customer_id)
+    async with await psycopg.AsyncConnection.connect(dsn) as other:
+        params = receive_params([Incoming.read(json.dumps(paid).encode())])
+        cur = await other.execute(queries["receive"], {**params, "unpark": False})
+        assert [(r[2], r[7]) for r in await cur.fetchall()] == [("failed", True)]
+        # Not committed yet: the customer's lock is held.
+        waiting = asyncio.create_task(
+            tollhouse.billing._receive([Incoming.read(json.dumps(created).encode())])
+        )
+        for _ in range(500):
+            cur = await other.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            )
+            if (await cur.fetchone() or (0,))[0]:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the subscription's call never waited for the lock")
+        await other.commit()
+        assert [d.status for d in await waiting] == ["processed"]
+    assert (await tollhouse.billing.event(paid["id"])).status == "processed"
 
 
 async def test_a_price_is_answered_2xx_even_when_retrying_what_failed_on_it_fails(

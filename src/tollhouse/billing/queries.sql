@@ -14,15 +14,15 @@ RETURNING stripe_event_id
 
 -- name: receive
 -- A batch of verified deliveries (or events read from the API: source 'api') stored and
--- applied, one row each, in order (migration 0009). `heals`: a subscription applied for a
--- customer with invoices that failed before this call because their plan could not be told
--- (then failed_on_subscription finds those it heals; an index probe, migration 0019).
+-- applied, one row each, in order (migration 0009). `heals`: an invoice that failed
+-- because its plan could not be told, or a subscription applied for a customer with such
+-- invoices: after the commit, failed_on_subscription finds those that apply now (migration
+-- 0019; the function is called for those two kinds of rows only).
 SELECT r.stripe_event_id, r.type, r.status, r.error, r.tenant_id, r.customer_id, r.unpark,
-       (r.status = 'processed' AND starts_with(r.type, 'customer.subscription.')
-        AND EXISTS (SELECT 1 FROM tollhouse.billing_events f
-                    WHERE f.status = 'failed' AND f.customer_id = r.customer_id
-                      AND starts_with(f.type, 'invoice.')
-                      AND starts_with(f.last_error, 'unknown price '))) AS heals
+       CASE WHEN (r.status = 'failed' AND starts_with(r.type, 'invoice.'))
+                 OR (r.status = 'processed' AND starts_with(r.type, 'customer.subscription.'))
+            THEN tollhouse.billing_heals_v1(r.type, r.status, r.error, r.customer_id)
+            ELSE false END AS heals
 FROM tollhouse.billing_receive_v1(%(events)s::jsonb, %(hashes)s, %(customers)s, %(unpark)s,
                                   %(source)s) r
 
@@ -102,28 +102,36 @@ WHERE e.status = 'failed'
 ORDER BY e.event_created, e.stripe_event_id
 
 -- name: failed_on_subscription
--- The customer's invoices that failed because their plan could not be told (a price id
--- unknown here, their subscription not stored), once their subscription is stored with a
--- plan (read where billing_apply_invoice_v1 reads it); oldest first. Locked when run in a
--- transaction (a customer's unparking), as lock_event locks one.
-SELECT e.stripe_event_id, e.type, e.status, e.payload FROM tollhouse.billing_events e
+-- The customer's invoices that failed because their plan could not be told (a price
+-- unknown here or selling nothing, their subscription not stored), once their subscription
+-- is stored with a plan: read as billing_apply_invoice_v1 reads it (the invoice's, else its
+-- parent's, else its subscription line's or first line's) and found by its key (the
+-- customer's tenant and its id); oldest first. Locked when run in a transaction (a
+-- customer's unparking); a row another transaction holds is skipped: that one applies the
+-- invoice after it gets the customer's lock, so it sees the subscription.
+SELECT e.stripe_event_id, e.type, e.status, e.payload
+FROM tollhouse.billing_events e
+CROSS JOIN LATERAL (SELECT e.payload -> 'data' -> 'object' AS o) x
 WHERE e.status = 'failed' AND e.customer_id = %(customer_id)s
   AND starts_with(e.type, 'invoice.') AND starts_with(e.last_error, 'unknown price ')
   AND EXISTS (
-      SELECT 1 FROM tollhouse.subscriptions s
-      WHERE s.customer_id = e.customer_id AND s.plan IS NOT NULL
-        AND s.id IN (
-            SELECT tollhouse.billing_ref_v1(e.payload #> '{data,object,subscription}')
-            UNION ALL
-            SELECT tollhouse.billing_ref_v1(
-                e.payload #> '{data,object,parent,subscription_details,subscription}')
-            UNION ALL
-            SELECT tollhouse.billing_ref_v1(l -> 'subscription')
-            FROM jsonb_array_elements(
-                CASE WHEN jsonb_typeof(e.payload #> '{data,object,lines,data}') = 'array'
-                     THEN e.payload #> '{data,object,lines,data}' ELSE '[]' END) l))
+      SELECT 1
+      FROM tollhouse.billing_customer_routes r
+      JOIN tollhouse.subscriptions s ON s.tenant_id = r.tenant_id
+      WHERE r.provider = 'stripe' AND r.customer_id = e.customer_id AND s.plan IS NOT NULL
+        AND s.id = coalesce(
+            tollhouse.billing_ref_v1(x.o -> 'subscription'),
+            tollhouse.billing_ref_v1(x.o -> 'parent' -> 'subscription_details' -> 'subscription'),
+            (SELECT tollhouse.billing_ref_v1(l -> 'subscription')
+             FROM jsonb_array_elements(
+                 CASE WHEN jsonb_typeof(x.o -> 'lines' -> 'data') = 'array'
+                      THEN x.o -> 'lines' -> 'data' ELSE '[]' END) WITH ORDINALITY AS y (l, n)
+             ORDER BY (l ->> 'type' = 'subscription'
+                       OR l -> 'parent' ->> 'type' = 'subscription_item_details') IS TRUE DESC,
+                      n
+             LIMIT 1)))
 ORDER BY e.event_created, e.stripe_event_id
-FOR UPDATE OF e
+FOR UPDATE OF e SKIP LOCKED
 
 -- name: event
 SELECT stripe_event_id, type, status, tenant_id, user_id, customer_id, attempts, last_error,

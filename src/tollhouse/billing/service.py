@@ -213,9 +213,8 @@ class BillingService:
         async def unparking(conn: Conn) -> list[Any]:
             cur = await conn.execute(queries["receive"], {**params, "unpark": True})
             rows = await cur.fetchall()
-            for _id, _type, _status, _error, _tenant, customer, unpark, _heals in rows:
-                if unpark:
-                    await self._unpark(conn, customer)
+            for customer in dict.fromkeys(row[5] for row in rows if row[6]):
+                await self._unpark(conn, customer)
             return rows
 
         on = db or self.lane_db
@@ -226,7 +225,7 @@ class BillingService:
         if priced:
             objects = {i.event["id"]: ref(i.event["data"]["object"]) for i in batch}
             await self._retry_waiting_on("price_id", (objects[event_id] for event_id in priced))
-        healing = _healing_customers(rows)
+        healing = [row[5] for row in rows if row[7]]
         if healing:
             await self._retry_waiting_on("customer_id", healing)
         return [self._delivered(row[0], row[1], row[2], row[3]) for row in rows]
@@ -386,7 +385,8 @@ class BillingService:
 
     async def _unpark(self, conn: Conn, customer_id: str | None) -> None:
         """Apply the events parked for a customer that is now linked, oldest first; then
-        again its invoices that failed because their subscription came after them."""
+        again its invoices that failed because their subscription came after them (among
+        the parked events, or a subscription `stripe sync` just applied)."""
         cur = await conn.execute(queries["parked_events"], {"customer_id": customer_id})
         for _id, _type, _status, payload in await cur.fetchall():
             await self._process(conn, payload, unpark=False)
@@ -680,8 +680,6 @@ class BillingService:
         await self._db.transaction(work)
         if type_.startswith("price."):
             await self._retry_waiting_on("price_id", [ref(obj)])
-        elif type_.startswith("customer.subscription."):
-            await self._retry_waiting_on("customer_id", [ref(obj.get("customer"))])
 
     async def _pages(
         self, list_fn: Callable[..., Any], params: dict[str, Any]
@@ -701,25 +699,6 @@ class BillingService:
             if not raw.get("has_more") or not raw.get("data"):
                 return
             after = raw["data"][-1]["id"]
-
-
-def _healing_customers(rows: Sequence[Any]) -> list[str]:
-    """The customers of a receive call's rows that may have an invoice to retry: one a
-    subscription was applied for while invoices of theirs failed before the call because
-    their plan could not be told (flagged by the query: `heals`), and one with an invoice
-    that failed so in this call (its subscription may have come later in the call, or been
-    committed by another process meanwhile). `failed_on_subscription` then finds the
-    invoices whose subscription is stored; usually none."""
-    return [
-        customer
-        for _id, type_, status, error, _tenant, customer, _unpark, heals in rows
-        if heals
-        or (
-            status == "failed"
-            and type_.startswith("invoice.")
-            and (error or "").startswith("unknown price ")
-        )
-    ]
 
 
 def _raw(obj: Any) -> Obj:
