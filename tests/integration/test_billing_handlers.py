@@ -574,30 +574,6 @@ async def test_events_failed_on_a_price_apply_once_the_price_sells_a_plan(
     assert [i["id"] for i in billing["invoices"] if i["allowance_credits"]] == [invoice["id"]]
 
 
-def _invoice_before_its_subscription(
-    customer_id: str, names_it: str = "parent"
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """A paid invoice in the 2025-03-31 shape naming a price never stored here, and the
-    created event of its subscription, whose price (embedded) sells `starter`. The invoice
-    names its subscription where `names_it` says: in its `parent` only (as Stripe's
-    2025-03-31 invoices do), or in its `line` only (older ones)."""
-    start, end = b.period()
-    price = fs.price(fs.new_id("price"), tollhouse_plan="starter")
-    sub = fs.subscription(fs.new_id("sub"), customer_id, price, start=start, end=end)
-    invoice = b.priced_by_id(
-        fs.invoice(fs.new_id("in"), customer_id, sub["id"], price, start=start, end=end)
-    )
-    if names_it == "parent":
-        del invoice["lines"]["data"][0]["subscription"]
-    else:
-        invoice["parent"] = None
-    return (
-        invoice,
-        fs.event("invoice.paid", invoice),
-        fs.event("customer.subscription.created", sub),
-    )
-
-
 async def test_an_invoice_failed_before_its_subscription_applies_when_the_subscription_comes(
     client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
 ) -> None:
@@ -606,7 +582,7 @@ async def test_an_invoice_failed_before_its_subscription_applies_when_the_subscr
     the same receive call, not left for a replay."""
     await b.load_prices(client)
     c = await b.linked_customer(client, auth)
-    invoice, paid, created = _invoice_before_its_subscription(c.customer_id)
+    invoice, paid, created = b.invoice_before_its_subscription(c.customer_id)
     failed = await b.ok(client, paid)
     assert failed["status"] == "failed" and failed["error"].startswith("unknown price ")
     assert (await b.ok(client, created))["status"] == "processed"
@@ -616,7 +592,7 @@ async def test_an_invoice_failed_before_its_subscription_applies_when_the_subscr
     assert [i["id"] for i in billing["invoices"] if i["allowance_credits"]] == [invoice["id"]]
 
     other = await b.linked_customer(client, auth)
-    invoice, paid, created = _invoice_before_its_subscription(other.customer_id, "line")
+    invoice, paid, created = b.invoice_before_its_subscription(other.customer_id, "line")
     batch = [Incoming.read(json.dumps(event).encode()) for event in (paid, created)]
     delivered = await tollhouse.billing._receive(batch)
     assert [d.status for d in delivered] == ["failed", "processed"]  # as applied in the call
@@ -626,7 +602,7 @@ async def test_an_invoice_failed_before_its_subscription_applies_when_the_subscr
 
     # An invoice of a subscription never stored is not retried by another subscription of
     # its customer: it waits for its own.
-    _, orphan_paid, _ = _invoice_before_its_subscription(other.customer_id)
+    _, orphan_paid, _ = b.invoice_before_its_subscription(other.customer_id)
     assert (await b.ok(client, orphan_paid))["status"] == "failed"
     updated = fs.event("customer.subscription.updated", created["data"]["object"])
     assert (await b.ok(client, updated))["status"] == "processed"
@@ -642,7 +618,7 @@ async def test_a_parked_invoice_applies_after_its_parked_subscription_once_linke
     await b.load_prices(client)
     user_id, _ = await b.new_user(client, auth)
     customer_id = fs.new_id("cus")
-    invoice, paid, created = _invoice_before_its_subscription(customer_id, "line")
+    invoice, paid, created = b.invoice_before_its_subscription(customer_id, "line")
     second = int(time.time()) - 30
     paid = fs.event("invoice.paid", invoice, created=second, event_id="evt_a" + fs.new_id("x"))
     created = fs.event(
@@ -675,7 +651,7 @@ async def test_an_invoice_failure_committed_while_its_subscription_waits_is_seen
     wait: the invoice is applied once the subscription is."""
     await b.load_prices(client)
     c = await b.linked_customer(client, auth)
-    _, paid, created = _invoice_before_its_subscription(c.customer_id)
+    _, paid, created = b.invoice_before_its_subscription(c.customer_id)
     async with await psycopg.AsyncConnection.connect(dsn) as other:
         params = receive_params([Incoming.read(json.dumps(paid).encode())])
         cur = await other.execute(queries["receive"], {**params, "unpark": False})

@@ -290,15 +290,9 @@ async def test_sync_applies_an_invoice_that_failed_before_the_subscription_it_br
     never arrived. `stripe sync` stores the subscription and applies the invoice's event."""
     await b.load_prices(client)
     c = await b.linked_customer(client, auth)
-    start, end = b.period()
-    price = fs.price(fs.new_id("price"), tollhouse_plan="starter")
-    sub = fs.subscription(fs.new_id("sub"), c.customer_id, price, start=start, end=end)
-    invoice = b.priced_by_id(
-        fs.invoice(fs.new_id("in"), c.customer_id, sub["id"], price, start=start, end=end)
-    )
-    paid = fs.event("invoice.paid", invoice)
+    invoice, paid, created = b.invoice_before_its_subscription(c.customer_id)
     assert (await b.ok(client, paid))["status"] == "failed"
-    stripe_api.put("subscriptions", sub)
+    stripe_api.put("subscriptions", created["data"]["object"])
     report = await tollhouse.billing.sync()
     assert report.failures == [], report.failures
     assert (await tollhouse.billing.event(paid["id"])).status == "processed"
@@ -341,16 +335,11 @@ async def test_a_replayed_subscription_applies_the_invoice_that_failed_before_it
     invoice, older, fails again first; the subscription then applies, and the invoice with
     it."""
     c = await b.linked_customer(client, auth)
-    start, end = b.period()
     plan = "team_" + uuid.uuid4().hex[:6]
-    price = fs.price(fs.new_id("price"), tollhouse_plan=plan)
-    sub = fs.subscription(fs.new_id("sub"), c.customer_id, price, start=start, end=end)
-    invoice = b.priced_by_id(
-        fs.invoice(fs.new_id("in"), c.customer_id, sub["id"], price, start=start, end=end)
-    )
+    invoice, _, created = b.invoice_before_its_subscription(c.customer_id, plan=plan)
     now = int(time.time())
     paid = fs.event("invoice.paid", invoice, created=now - 20)
-    created = fs.event("customer.subscription.created", sub, created=now - 10)
+    created = fs.event("customer.subscription.created", created["data"]["object"], created=now - 10)
     assert (await b.ok(client, created))["status"] == "failed"
     assert (await b.ok(client, paid))["status"] == "failed"
     await tollhouse.credits.set_plan(plan, monthly_credits=3000, daily_cap=None, overdraft_limit=0)

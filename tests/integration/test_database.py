@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, LiteralString
 
 import psycopg
 import pytest
@@ -172,25 +172,30 @@ async def test_service_connections_act_as_the_service_role(tollhouse: Tollhouse)
         assert await _whoami(conn) == ("tollhouse_service", None)
 
 
+async def _row_under(service_dsn: str, options: str, query: LiteralString) -> Any:
+    """One row read through a pool whose logins start with `options` (the settings a
+    server, a role or an operator's environment may give them)."""
+    db = Database(psycopg.conninfo.make_conninfo(service_dsn, options=options), min_size=1)
+    await db.open()
+    try:
+        async with db.connection() as conn:
+            return await (await conn.execute(query)).fetchone()
+    finally:
+        await db.close()
+
+
 async def test_service_connections_count_in_utc_whatever_the_servers_zone(
     service_dsn: str,
 ) -> None:
     """A login whose zone is another (an operator's PGTZ, ALTER ROLE/DATABASE SET timezone)
     still counts months and days and writes timestamps in UTC."""
-    elsewhere = psycopg.conninfo.make_conninfo(service_dsn, options="-c TimeZone=Pacific/Chatham")
-    db = Database(elsewhere, min_size=1)
-    await db.open()
-    try:
-        async with db.connection() as conn:
-            row = await (
-                await conn.execute(
-                    "SELECT current_setting('TimeZone'),"
-                    " ('2026-03-31 23:30:00+00'::timestamptz + interval '1 month')::text"
-                )
-            ).fetchone()
-        assert row == ("UTC", "2026-04-30 23:30:00+00")
-    finally:
-        await db.close()
+    row = await _row_under(
+        service_dsn,
+        "-c TimeZone=Pacific/Chatham",
+        "SELECT current_setting('TimeZone'),"
+        " ('2026-03-31 23:30:00+00'::timestamptz + interval '1 month')::text",
+    )
+    assert row == ("UTC", "2026-04-30 23:30:00+00")
 
 
 async def test_service_connections_read_timestamps_whatever_the_servers_date_style(
@@ -200,29 +205,21 @@ async def test_service_connections_read_timestamps_whatever_the_servers_date_sty
     only in the `postgres` IntervalStyle: a login set to others (ALTER DATABASE/ROLE SET
     datestyle) made every such read fail, in the service and in `migrate`, `serve`'s start
     and `doctor` (their own connections). Every connection of ours sets both."""
-    elsewhere = psycopg.conninfo.make_conninfo(
-        service_dsn, options="-c DateStyle=SQL,DMY -c IntervalStyle=sql_standard"
+    options = "-c DateStyle=SQL,DMY -c IntervalStyle=sql_standard"
+    row = await _row_under(
+        service_dsn,
+        options,
+        "SELECT current_setting('DateStyle'), current_setting('IntervalStyle'),"
+        " '2026-03-31 23:30:00+00'::timestamptz, date '2026-03-31', interval '1 month 2 days'",
     )
-    db = Database(elsewhere, min_size=1)
-    await db.open()
-    try:
-        async with db.connection() as conn:
-            row = await (
-                await conn.execute(
-                    "SELECT current_setting('DateStyle'), current_setting('IntervalStyle'),"
-                    " '2026-03-31 23:30:00+00'::timestamptz, date '2026-03-31',"
-                    " interval '1 month 2 days'"
-                )
-            ).fetchone()
-        assert row == (
-            "ISO, MDY",
-            "postgres",
-            datetime(2026, 3, 31, 23, 30, tzinfo=UTC),
-            date(2026, 3, 31),
-            timedelta(days=32),
-        )
-    finally:
-        await db.close()
+    assert row == (
+        "ISO, MDY",
+        "postgres",
+        datetime(2026, 3, 31, 23, 30, tzinfo=UTC),
+        date(2026, 3, 31),
+        timedelta(days=32),
+    )
+    elsewhere = psycopg.conninfo.make_conninfo(service_dsn, options=options)
     assert {s.state for s in await migrate.verify(elsewhere)} == {"applied"}
 
 

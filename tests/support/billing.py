@@ -110,6 +110,30 @@ def priced_by_id(invoice: dict[str, Any]) -> dict[str, Any]:
     return invoice
 
 
+def invoice_before_its_subscription(
+    customer_id: str, names_it: str = "parent", plan: str = "starter"
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A paid invoice in the 2025-03-31 shape naming a price never stored here, and the
+    created event of its subscription, whose price (embedded) sells `plan`. The invoice
+    names its subscription where `names_it` says: in its `parent` only (as Stripe's
+    2025-03-31 invoices do), or in its `line` only (older ones)."""
+    start, end = period()
+    price = fs.price(fs.new_id("price"), tollhouse_plan=plan)
+    sub = fs.subscription(fs.new_id("sub"), customer_id, price, start=start, end=end)
+    invoice = priced_by_id(
+        fs.invoice(fs.new_id("in"), customer_id, sub["id"], price, start=start, end=end)
+    )
+    if names_it == "parent":
+        del invoice["lines"]["data"][0]["subscription"]
+    else:
+        invoice["parent"] = None
+    return (
+        invoice,
+        fs.event("invoice.paid", invoice),
+        fs.event("customer.subscription.created", sub),
+    )
+
+
 async def failed_on_bare_price(
     client: httpx.AsyncClient, customer_id: str
 ) -> tuple[str, dict[str, Any]]:
