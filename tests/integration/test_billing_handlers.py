@@ -674,6 +674,41 @@ async def test_an_invoice_failure_committed_while_its_subscription_waits_is_seen
     assert (await tollhouse.billing.event(paid["id"])).status == "processed"
 
 
+async def test_an_operators_retry_racing_the_subscription_still_applies_the_invoice(
+    client: httpx.AsyncClient,
+    auth: dict[str, str],
+    tollhouse: Tollhouse,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An operator retries a failed invoice while its subscription is delivered: the
+    subscription's call commits while the retry holds the invoice's row (its look for the
+    waiting invoices skips that row), and the invoice fails again in the retry. The retry
+    looks for the subscription after its commit and applies the invoice."""
+    await b.load_prices(client)
+    c = await b.linked_customer(client, auth)
+    invoice, paid, created = b.invoice_before_its_subscription(c.customer_id)
+    assert (await b.ok(client, paid))["status"] == "failed"
+    billing = tollhouse.billing
+    process = billing._process
+    delivered: list[str] = []
+
+    async def subscription_meanwhile(conn: Any, event: Any, *, unpark: bool = True) -> Any:
+        done = await process(conn, event, unpark=unpark)
+        if event["id"] == paid["id"] and not delivered:
+            assert done.status == "failed"  # not committed: this retry holds the row
+            subscription = Incoming.read(json.dumps(created).encode())
+            delivered.extend(d.status for d in await billing._receive([subscription]))
+        return done
+
+    monkeypatch.setattr(billing, "_process", subscription_meanwhile)
+    retried = await billing.retry(paid["id"])
+    assert delivered == ["processed"]
+    assert retried.status == "failed"  # the retry itself, before its look
+    assert (await billing.event(paid["id"])).status == "processed"
+    answer = (await client.get(f"/v1/users/{c.user_id}/billing", headers=auth)).json()
+    assert [i["id"] for i in answer["invoices"] if i["allowance_credits"]] == [invoice["id"]]
+
+
 async def test_a_price_is_answered_2xx_even_when_retrying_what_failed_on_it_fails(
     client: httpx.AsyncClient,
     auth: dict[str, str],
@@ -684,7 +719,7 @@ async def test_a_price_is_answered_2xx_even_when_retrying_what_failed_on_it_fail
     c = await b.linked_customer(client, auth)
     price_id, created = await b.failed_on_bare_price(client, c.customer_id)
 
-    async def unavailable(event_id: str) -> None:
+    async def unavailable(event_id: str, **_: object) -> None:
         raise DatabaseUnavailable("the database went away")
 
     monkeypatch.setattr(tollhouse.billing, "retry", unavailable)

@@ -254,7 +254,7 @@ class BillingService:
                 continue
             for event_id in waiting:
                 try:
-                    retried = await self.retry(event_id)
+                    retried = await self.retry(event_id, healing=True)
                 except Exception as exc:
                     # The delivery that healed it is committed and must be answered 2xx:
                     # this event stays failed, for `stripe replay`.
@@ -394,9 +394,14 @@ class BillingService:
         for _id, _type, _status, payload in await cur.fetchall():
             await self._process(conn, payload, unpark=False)
 
-    async def retry(self, event_id: str) -> Delivery:
+    async def retry(self, event_id: str, *, healing: bool = False) -> Delivery:
         """Apply a stored event again (failed, parked or received ones; a processed or
-        ignored one is left as it is)."""
+        ignored one is left as it is).
+
+        An invoice that fails again because its plan could not be told looks for its
+        subscription after the commit: one applied meanwhile skipped it while this retry
+        held its row (`failed_on_subscription` is SKIP LOCKED). `healing`: a retry made by
+        such a look, which does not look again."""
 
         async def work(conn: Conn) -> tuple[Delivery, Obj | None]:
             cur = await conn.execute(queries["lock_event"], {"id": event_id})
@@ -416,6 +421,14 @@ class BillingService:
                 await self._retry_waiting_on("price_id", [ref(obj)])
             elif delivery.type.startswith("customer.subscription."):
                 await self._retry_waiting_on("customer_id", [ref(obj.get("customer"))])
+        elif (
+            applied is not None
+            and not healing
+            and delivery.status == "failed"
+            and delivery.type.startswith("invoice.")
+            and (delivery.error or "").startswith("unknown price ")
+        ):
+            await self._retry_waiting_on("customer_id", [handlers.event_customer(applied)])
         return delivery
 
     async def replay(self, status: str = "failed") -> list[Delivery]:
