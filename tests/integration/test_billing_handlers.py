@@ -301,6 +301,79 @@ async def test_an_event_racing_the_link_is_applied_not_left_parked(
     assert user["plan"] == "pro"
 
 
+async def test_an_event_parked_while_the_link_is_made_is_applied_not_left_parked(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse, dsn: str
+) -> None:
+    """The subscription event parks (its customer linked to no tenant) in a transaction
+    that has not committed yet when the checkout that links the customer comes. Its
+    application released the customer's lock with its subtransaction; migration 0021 takes
+    it again to the commit, so the link waits, and its unparking then sees the event (it
+    used to miss the uncommitted parked row and leave it parked)."""
+    await b.load_prices(client)
+    user_id, _ = await b.new_user(client, auth)
+    customer = fs.new_id("cus")
+    start, end = b.period()
+    sub = fs.event(
+        "customer.subscription.created",
+        fs.subscription(fs.new_id("sub"), customer, b.PRICES[b.PRO], start=start, end=end),
+    )
+    session = b.subscription_session(customer, str(user_id))
+    async with await psycopg.AsyncConnection.connect(dsn) as other:
+        params = receive_params([Incoming.read(json.dumps(sub).encode())])
+        cur = await other.execute(queries["receive"], {**params, "unpark": False})
+        assert [r[2] for r in await cur.fetchall()] == ["parked"]  # not committed yet
+        linking = asyncio.create_task(b.ok(client, fs.event("checkout.session.completed", session)))
+        for _ in range(300):
+            cur = await other.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            )
+            if linking.done() or (await cur.fetchone() or (0,))[0]:
+                break
+            await asyncio.sleep(0.01)
+        await other.commit()
+    assert (await linking)["status"] == "processed"
+    assert (await tollhouse.billing.event(sub["id"])).status == "processed"
+    user = (await client.get(f"/v1/users/{user_id}", headers=auth)).json()
+    assert user["plan"] == "pro"
+
+
+async def test_a_python_handled_event_parked_while_the_link_is_made_is_applied(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
+) -> None:
+    """The same race for an event a Python handler applies: a paid credit-pack Checkout
+    naming only its customer parks in a transaction not committed yet when the checkout
+    that links the customer comes; the link waits for it, then applies it."""
+    await b.load_prices(client)
+    user_id, _ = await b.new_user(client, auth)
+    customer = fs.new_id("cus")
+    pack = fs.shape(
+        "checkout.session",
+        id=fs.new_id("cs_test"),
+        mode="payment",
+        customer=customer,
+        client_reference_id=None,
+        payment_status="paid",
+        payment_intent=fs.new_id("pi"),
+        amount_total=1000,
+        metadata={"tollhouse_price_id": b.PACK},
+    )
+    bought = fs.event("checkout.session.completed", pack)
+    session = b.subscription_session(customer, str(user_id))
+    async with tollhouse.db.connection() as conn, conn.transaction():
+        incoming = Incoming.read(json.dumps(bought).encode())
+        assert (await tollhouse.billing._store_and_apply(conn, incoming)).status == "parked"
+        linking = asyncio.create_task(b.ok(client, fs.event("checkout.session.completed", session)))
+        for _ in range(300):
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            )
+            if linking.done() or (await cur.fetchone() or (0,))[0]:
+                break
+            await asyncio.sleep(0.01)
+    assert (await linking)["status"] == "processed"
+    assert (await tollhouse.billing.event(bought["id"])).status == "processed"
+
+
 async def test_the_periods_allowance_is_paid_once_whatever_was_spent_first(
     client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
 ) -> None:
@@ -707,6 +780,58 @@ async def test_an_operators_retry_racing_the_subscription_still_applies_the_invo
     assert (await billing.event(paid["id"])).status == "processed"
     answer = (await client.get(f"/v1/users/{c.user_id}/billing", headers=auth)).json()
     assert [i["id"] for i in answer["invoices"] if i["allowance_credits"]] == [invoice["id"]]
+
+
+async def test_an_operators_retry_waits_for_a_subscription_sync_is_applying(
+    client: httpx.AsyncClient,
+    auth: dict[str, str],
+    tollhouse: Tollhouse,
+    dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`stripe sync` applies the subscription while an operator's retry of the invoice
+    holds its row: sync's look skips that row, and sync commits only after the retry's
+    application failed. The retry keeps the customer's lock to its commit, so it commits
+    after sync and its look then sees the subscription (it looked too early before)."""
+    await b.load_prices(client)
+    c = await b.linked_customer(client, auth)
+    _, paid, created = b.invoice_before_its_subscription(c.customer_id)
+    assert (await b.ok(client, paid))["status"] == "failed"
+    billing = tollhouse.billing
+    process, unpark = billing._process, billing._unpark
+    skipped, commit_sync = asyncio.Event(), asyncio.Event()
+    syncing: list[asyncio.Task[None]] = []
+
+    async def sync_unpark(conn: Any, customer_id: str | None) -> None:
+        await unpark(conn, customer_id)
+        if customer_id == c.customer_id and not skipped.is_set():
+            skipped.set()  # sync looked while the retry held the invoice's row
+            await commit_sync.wait()
+
+    async def sync_meanwhile(conn: Any, event: Any, *, unpark: bool = True) -> Any:
+        done = await process(conn, event, unpark=unpark)
+        if event["id"] == paid["id"] and not syncing:
+            obj = created["data"]["object"]
+            at = datetime.now(UTC)
+            syncing.append(asyncio.create_task(billing._apply_fetched(created["type"], obj, at)))
+            await skipped.wait()
+        return done
+
+    monkeypatch.setattr(billing, "_unpark", sync_unpark)
+    monkeypatch.setattr(billing, "_process", sync_meanwhile)
+    retrying = asyncio.create_task(billing.retry(paid["id"]))
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as watch:
+        for _ in range(500):
+            cur = await watch.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            )
+            if retrying.done() or (await cur.fetchone() or (0,))[0]:
+                break
+            await asyncio.sleep(0.01)
+    commit_sync.set()
+    await syncing[0]
+    assert (await retrying).status == "failed"  # the retry itself, before its look
+    assert (await billing.event(paid["id"])).status == "processed"
 
 
 async def test_a_price_is_answered_2xx_even_when_retrying_what_failed_on_it_fails(

@@ -107,8 +107,9 @@ ORDER BY e.event_created, e.stripe_event_id
 -- is stored with a plan: read as billing_apply_invoice_v1 reads it (the invoice's, else its
 -- parent's, else its subscription line's or first line's) and found by its key (the
 -- customer's tenant and its id); oldest first. Locked when run in a transaction (a
--- customer's unparking); a row another transaction holds is skipped: that one applies the
--- invoice after it gets the customer's lock, so it sees the subscription.
+-- customer's unparking). A row another transaction holds is skipped: that one (a retry of
+-- the invoice, or a receive call failing it) keeps the customer's lock to its commit and
+-- looks for the subscription after it, so it sees this one's.
 SELECT e.stripe_event_id, e.type, e.status, e.payload
 FROM tollhouse.billing_events e
 CROSS JOIN LATERAL (SELECT e.payload -> 'data' -> 'object' AS o) x

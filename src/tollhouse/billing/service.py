@@ -352,7 +352,20 @@ class BillingService:
         self, conn: Conn, event: Obj, at: datetime
     ) -> tuple[str, str | None, uuid.UUID | None, str | None]:
         """Status, error, tenant and customer of an event applied by a Python handler in a
-        savepoint: a failure leaves no partial write."""
+        savepoint: a failure leaves no partial write.
+
+        A parked event takes its customer's lock again, to the commit (the savepoint's
+        rollback released it), as `billing_try_apply_v1` does (migration 0021): a link made
+        later waits and then unparks it; one committed in between is seen, and the event is
+        applied at once."""
+        outcome = await self._apply_in_python_once(conn, event, at)
+        if outcome[0] == "parked" and await handlers.route(conn, outcome[3]) is not None:
+            outcome = await self._apply_in_python_once(conn, event, at)
+        return outcome
+
+    async def _apply_in_python_once(
+        self, conn: Conn, event: Obj, at: datetime
+    ) -> tuple[str, str | None, uuid.UUID | None, str | None]:
         status, error, tenant, customer = "processed", None, None, handlers.event_customer(event)
         try:
             async with conn.transaction():
@@ -398,10 +411,11 @@ class BillingService:
         """Apply a stored event again (failed, parked or received ones; a processed or
         ignored one is left as it is).
 
-        An invoice that fails again because its plan could not be told looks for its
-        subscription after the commit: one applied meanwhile skipped it while this retry
-        held its row (`failed_on_subscription` is SKIP LOCKED). `healing`: a retry made by
-        such a look, which does not look again."""
+        An invoice that fails because its plan could not be told keeps its customer's lock
+        to the commit and then looks for its subscription: one applied meanwhile skipped it
+        while this retry held its row (`failed_on_subscription` is SKIP LOCKED), and
+        committed before this retry could. `healing`: a retry made by such a look, which
+        does not look again."""
 
         async def work(conn: Conn) -> tuple[Delivery, Obj | None]:
             cur = await conn.execute(queries["lock_event"], {"id": event_id})
@@ -411,7 +425,14 @@ class BillingService:
             _id, type_, status, payload = row
             if status in ("processed", "ignored"):
                 return Delivery(event_id, type_, status), None
-            return await self._process(conn, payload), payload
+            delivery = await self._process(conn, payload)
+            if _waits_for_its_subscription(delivery):
+                # Its failed application released the customer's lock with its
+                # subtransaction: taken again to the commit, so that a subscription applied
+                # meanwhile commits before this retry does, and its look below sees it.
+                customer = handlers.event_customer(payload)
+                await conn.execute(queries["route"], {"customer_id": customer})
+            return delivery, payload
 
         delivery, applied = await self._db.transaction(work)
         if applied is not None and delivery.status == "processed":
@@ -421,13 +442,7 @@ class BillingService:
                 await self._retry_waiting_on("price_id", [ref(obj)])
             elif delivery.type.startswith("customer.subscription."):
                 await self._retry_waiting_on("customer_id", [ref(obj.get("customer"))])
-        elif (
-            applied is not None
-            and not healing
-            and delivery.status == "failed"
-            and delivery.type.startswith("invoice.")
-            and (delivery.error or "").startswith("unknown price ")
-        ):
+        elif applied is not None and not healing and _waits_for_its_subscription(delivery):
             await self._retry_waiting_on("customer_id", [handlers.event_customer(applied)])
         return delivery
 
@@ -712,6 +727,16 @@ class BillingService:
             if not raw.get("has_more") or not raw.get("data"):
                 return
             after = raw["data"][-1]["id"]
+
+
+def _waits_for_its_subscription(delivery: Delivery) -> bool:
+    """An invoice that failed because its plan could not be told (a price unknown here or
+    selling nothing, its subscription not stored)."""
+    return (
+        delivery.status == "failed"
+        and delivery.type.startswith("invoice.")
+        and (delivery.error or "").startswith("unknown price ")
+    )
 
 
 def _raw(obj: Any) -> Obj:
