@@ -326,6 +326,7 @@ async def test_an_event_parked_while_the_link_is_made_is_applied_not_left_parked
         for _ in range(300):
             cur = await other.execute(
                 "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             )
             if linking.done() or (await cur.fetchone() or (0,))[0]:
                 break
@@ -366,12 +367,59 @@ async def test_a_python_handled_event_parked_while_the_link_is_made_is_applied(
         for _ in range(300):
             cur = await conn.execute(
                 "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             )
             if linking.done() or (await cur.fetchone() or (0,))[0]:
                 break
             await asyncio.sleep(0.01)
     assert (await linking)["status"] == "processed"
     assert (await tollhouse.billing.event(bought["id"])).status == "processed"
+
+
+async def test_an_event_parked_just_before_the_link_committed_is_applied_at_once(
+    client: httpx.AsyncClient,
+    auth: dict[str, str],
+    tollhouse: Tollhouse,
+    dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The link commits between the parked application (whose savepoint's rollback released
+    the customer's lock) and the taking of that lock again: the lock finds the link, and
+    the event is applied in a second try instead of being stored parked."""
+    await b.load_prices(client)
+    _, tenant_id = await b.new_user(client, auth)
+    customer = fs.new_id("cus")
+    pack = fs.shape(
+        "checkout.session",
+        id=fs.new_id("cs_test"),
+        mode="payment",
+        customer=customer,
+        client_reference_id=None,
+        payment_status="paid",
+        payment_intent=fs.new_id("pi"),
+        amount_total=1000,
+        metadata={"tollhouse_price_id": b.PACK},
+    )
+    billing = tollhouse.billing
+    once = billing._apply_in_python_once
+    tries: list[str] = []
+
+    async def link_in_between(conn: Any, event: Any, at: Any) -> Any:
+        outcome = await once(conn, event, at)
+        tries.append(outcome[0])
+        if len(tries) == 1:
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as other:
+                await other.execute(
+                    "SELECT tollhouse.billing_link_v1(%s, %s)", (customer, tenant_id)
+                )
+        return outcome
+
+    before = (await tollhouse.credits.balance(tenant_id=tenant_id)).balance
+    monkeypatch.setattr(billing, "_apply_in_python_once", link_in_between)
+    answer = await b.ok(client, fs.event("checkout.session.completed", pack))
+    assert tries == ["parked", "processed"]
+    assert answer["status"] == "processed"
+    assert (await tollhouse.credits.balance(tenant_id=tenant_id)).balance == before + 500
 
 
 async def test_the_periods_allowance_is_paid_once_whatever_was_spent_first(
@@ -736,6 +784,7 @@ async def test_an_invoice_failure_committed_while_its_subscription_waits_is_seen
         for _ in range(500):
             cur = await other.execute(
                 "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             )
             if (await cur.fetchone() or (0,))[0]:
                 break
@@ -782,7 +831,7 @@ async def test_an_operators_retry_racing_the_subscription_still_applies_the_invo
     assert [i["id"] for i in answer["invoices"] if i["allowance_credits"]] == [invoice["id"]]
 
 
-async def test_an_operators_retry_waits_for_a_subscription_sync_is_applying(
+async def test_an_operators_retry_waits_for_the_subscription_sync_applies(
     client: httpx.AsyncClient,
     auth: dict[str, str],
     tollhouse: Tollhouse,
@@ -824,6 +873,7 @@ async def test_an_operators_retry_waits_for_a_subscription_sync_is_applying(
         for _ in range(500):
             cur = await watch.execute(
                 "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             )
             if retrying.done() or (await cur.fetchone() or (0,))[0]:
                 break

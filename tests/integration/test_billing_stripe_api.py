@@ -143,6 +143,35 @@ async def test_a_subscribed_tenant_changes_plan_in_the_portal_not_in_a_second_ch
     assert again.status_code == 200, again.text
 
 
+async def test_the_customer_checkout_creates_applies_the_events_parked_for_it(
+    client: httpx.AsyncClient,
+    auth: dict[str, str],
+    tollhouse: Tollhouse,
+    stripe_api: fs.FakeStripe,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An event about the customer Stripe has just created for a checkout came before our
+    link (and parked): the link made by the checkout applies it."""
+    await b.load_prices(client)
+    user_id, _ = await b.new_user(client, auth)
+    customer = fs.new_id("cus")
+    start, end = b.period()
+    sub = fs.subscription(fs.new_id("sub"), customer, b.PRICES[b.PRO], start=start, end=end)
+    created = fs.event("customer.subscription.created", sub)
+    assert (await b.ok(client, created))["status"] == "parked"
+    new_id = fs.new_id
+    monkeypatch.setattr(
+        fs, "new_id", lambda prefix: customer if prefix == "cus" else new_id(prefix)
+    )
+    body = {"price_id": b.PACK, "success_url": "https://a/x", "cancel_url": "https://a/y"}
+    answer = await client.post(f"/v1/users/{user_id}/checkout", json=body, headers=auth)
+    assert answer.status_code == 200, answer.text
+    assert customer in stripe_api.objects["customers"]
+    assert (await tollhouse.billing.event(created["id"])).status == "processed"
+    billing = (await client.get(f"/v1/users/{user_id}/billing", headers=auth)).json()
+    assert billing["customer_id"] == customer and billing["subscription"]["id"] == sub["id"]
+
+
 async def test_checkout_refusals(
     client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
 ) -> None:

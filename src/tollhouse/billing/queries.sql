@@ -109,7 +109,8 @@ ORDER BY e.event_created, e.stripe_event_id
 -- customer's tenant and its id); oldest first. Locked when run in a transaction (a
 -- customer's unparking). A row another transaction holds is skipped: that one (a retry of
 -- the invoice, or a receive call failing it) keeps the customer's lock to its commit and
--- looks for the subscription after it, so it sees this one's.
+-- looks for the subscription after it, so it sees this one's (a retry made by such a look
+-- does not look again: it runs because the subscription is stored).
 SELECT e.stripe_event_id, e.type, e.status, e.payload
 FROM tollhouse.billing_events e
 CROSS JOIN LATERAL (SELECT e.payload -> 'data' -> 'object' AS o) x

@@ -553,7 +553,9 @@ class BillingService:
         )
 
         async def work(conn: Conn) -> None:
-            await handlers.link(conn, created.id, tenant_id)
+            # Events about the new customer may have come (and parked) before this link.
+            if await handlers.link(conn, created.id, tenant_id):
+                await self._unpark(conn, created.id)
 
         await self._db.transaction(work)
         return str(created.id)

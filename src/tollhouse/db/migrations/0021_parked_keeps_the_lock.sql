@@ -43,8 +43,9 @@ BEGIN
                               THEN format('unreadable %s: %s', p_type, SQLERRM)
                               ELSE SQLERRM END;
         END;
+        EXIT WHEN status <> 'parked';
         -- Parked: the customer's lock again, to the commit; linked meanwhile: try again.
-        EXIT WHEN status <> 'parked' OR tollhouse.billing_route_v1(customer_id) IS NULL;
+        EXIT WHEN tollhouse.billing_route_v1(customer_id) IS NULL;
     END LOOP;
 END
 $$;
