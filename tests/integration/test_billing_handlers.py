@@ -42,6 +42,39 @@ def paid_session(customer: str, user_id: uuid.UUID, price_id: str, payment: str)
     )
 
 
+async def _a_lock_wait(
+    conn: psycopg.AsyncConnection[Any], task: asyncio.Task[Any] | None = None
+) -> bool:
+    """Whether a transaction waits for an advisory lock in this database (a customer's or an
+    event's), polled for up to 5 s; stops early when `task` ends (it never waited)."""
+    for _ in range(500):
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        if (await cur.fetchone() or (0,))[0]:
+            return True
+        if task is not None and task.done():
+            return False
+        await asyncio.sleep(0.01)
+    return False
+
+
+def _unlinked_pack_session(customer: str) -> dict[str, Any]:
+    """A paid credit-pack Checkout naming only its customer (no client_reference_id)."""
+    return fs.shape(
+        "checkout.session",
+        id=fs.new_id("cs_test"),
+        mode="payment",
+        customer=customer,
+        client_reference_id=None,
+        payment_status="paid",
+        payment_intent=fs.new_id("pi"),
+        amount_total=1000,
+        metadata={"tollhouse_price_id": b.PACK},
+    )
+
+
 def refund(payment: str, refunded: int, amount: int = 1000) -> dict[str, Any]:
     return fs.shape(
         "charge",
@@ -323,14 +356,7 @@ async def test_an_event_parked_while_the_link_is_made_is_applied_not_left_parked
         cur = await other.execute(queries["receive"], {**params, "unpark": False})
         assert [r[2] for r in await cur.fetchall()] == ["parked"]  # not committed yet
         linking = asyncio.create_task(b.ok(client, fs.event("checkout.session.completed", session)))
-        for _ in range(300):
-            cur = await other.execute(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-            )
-            if linking.done() or (await cur.fetchone() or (0,))[0]:
-                break
-            await asyncio.sleep(0.01)
+        await _a_lock_wait(other, linking)
         await other.commit()
     assert (await linking)["status"] == "processed"
     assert (await tollhouse.billing.event(sub["id"])).status == "processed"
@@ -347,31 +373,14 @@ async def test_a_python_handled_event_parked_while_the_link_is_made_is_applied(
     await b.load_prices(client)
     user_id, _ = await b.new_user(client, auth)
     customer = fs.new_id("cus")
-    pack = fs.shape(
-        "checkout.session",
-        id=fs.new_id("cs_test"),
-        mode="payment",
-        customer=customer,
-        client_reference_id=None,
-        payment_status="paid",
-        payment_intent=fs.new_id("pi"),
-        amount_total=1000,
-        metadata={"tollhouse_price_id": b.PACK},
-    )
+    pack = _unlinked_pack_session(customer)
     bought = fs.event("checkout.session.completed", pack)
     session = b.subscription_session(customer, str(user_id))
     async with tollhouse.db.connection() as conn, conn.transaction():
         incoming = Incoming.read(json.dumps(bought).encode())
         assert (await tollhouse.billing._store_and_apply(conn, incoming)).status == "parked"
         linking = asyncio.create_task(b.ok(client, fs.event("checkout.session.completed", session)))
-        for _ in range(300):
-            cur = await conn.execute(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-            )
-            if linking.done() or (await cur.fetchone() or (0,))[0]:
-                break
-            await asyncio.sleep(0.01)
+        await _a_lock_wait(conn, linking)
     assert (await linking)["status"] == "processed"
     assert (await tollhouse.billing.event(bought["id"])).status == "processed"
 
@@ -389,17 +398,7 @@ async def test_an_event_parked_just_before_the_link_committed_is_applied_at_once
     await b.load_prices(client)
     _, tenant_id = await b.new_user(client, auth)
     customer = fs.new_id("cus")
-    pack = fs.shape(
-        "checkout.session",
-        id=fs.new_id("cs_test"),
-        mode="payment",
-        customer=customer,
-        client_reference_id=None,
-        payment_status="paid",
-        payment_intent=fs.new_id("pi"),
-        amount_total=1000,
-        metadata={"tollhouse_price_id": b.PACK},
-    )
+    pack = _unlinked_pack_session(customer)
     billing = tollhouse.billing
     once = billing._apply_in_python_once
     tries: list[str] = []
@@ -781,16 +780,7 @@ async def test_an_invoice_failure_committed_while_its_subscription_waits_is_seen
         waiting = asyncio.create_task(
             tollhouse.billing._receive([Incoming.read(json.dumps(created).encode())])
         )
-        for _ in range(500):
-            cur = await other.execute(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-            )
-            if (await cur.fetchone() or (0,))[0]:
-                break
-            await asyncio.sleep(0.01)
-        else:
-            raise AssertionError("the subscription's call never waited for the lock")
+        assert await _a_lock_wait(other), "the subscription's call never waited for the lock"
         await other.commit()
         assert [d.status for d in await waiting] == ["processed"]
     assert (await tollhouse.billing.event(paid["id"])).status == "processed"
@@ -870,14 +860,7 @@ async def test_an_operators_retry_waits_for_the_subscription_sync_applies(
     monkeypatch.setattr(billing, "_process", sync_meanwhile)
     retrying = asyncio.create_task(billing.retry(paid["id"]))
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as watch:
-        for _ in range(500):
-            cur = await watch.execute(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-            )
-            if retrying.done() or (await cur.fetchone() or (0,))[0]:
-                break
-            await asyncio.sleep(0.01)
+        await _a_lock_wait(watch, retrying)
     commit_sync.set()
     await syncing[0]
     assert (await retrying).status == "failed"  # the retry itself, before its look
