@@ -60,9 +60,10 @@ SESSION_SETTINGS = (
 )
 
 
-async def connect(dsn: str, *, timeout: float = 10.0) -> Conn:
+async def connect(dsn: str, *, timeout: float = 10.0, as_service: bool = False) -> Conn:
     """One autocommit connection with our session settings (`SESSION_SETTINGS`), with a
-    one-line error when the server is unreachable."""
+    one-line error when the server is unreachable; `as_service`: configured as the pool's
+    are (`configure_connection`, which sets them in the same statement)."""
     try:
         conn = await AsyncConnection.connect(
             dsn, autocommit=True, connect_timeout=max(1, int(timeout))
@@ -73,7 +74,10 @@ async def connect(dsn: str, *, timeout: float = 10.0) -> Conn:
             f"cannot connect to PostgreSQL at {describe(dsn)}: {reason}"
         ) from exc
     try:
-        await conn.execute("SELECT " + SESSION_SETTINGS)
+        if as_service:
+            await configure_connection(conn)
+        else:
+            await conn.execute("SELECT " + SESSION_SETTINGS)
     except BaseException:
         await conn.close()
         raise
@@ -168,8 +172,9 @@ class Database:
         self._parent: Database | None = None
         self._open_lock: asyncio.Lock | None = None
         # No per-checkout check or reset: each costs a round trip on the hot path (about
-        # 40%). Session state is never set outside `configure_connection` (a test greps for
-        # it), and a broken connection is replaced after its error.
+        # 40%). Session state is never set outside `SESSION_SETTINGS` and
+        # `configure_connection` (a test greps for it), and a broken connection is replaced
+        # after its error.
         self._pool = AsyncConnectionPool(
             dsn,
             min_size=min_size,
@@ -185,8 +190,8 @@ class Database:
     async def open(self, timeout: float = 10.0) -> None:
         """Open the pool and wait until its first connections are ready."""
         # One direct connection first, so a refusal reads as its real cause.
-        async with await connect(self.dsn, timeout=timeout) as conn:
-            await configure_connection(conn)
+        async with await connect(self.dsn, timeout=timeout, as_service=True):
+            pass
         try:
             await self._pool.open(wait=True, timeout=timeout)
         except PoolTimeout as exc:

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from tollhouse.db import migrate
-from tollhouse.db.pool import Conn, Database, check_server, configure_connection, connect
+from tollhouse.db.pool import Conn, Database, check_server, connect
 from tollhouse.db.queries import Queries
 from tollhouse.db.roles import END_USER_ROLE, SCHEMA, SERVICE_ROLE
 from tollhouse.errors import TollhouseError
@@ -104,8 +104,7 @@ class HealthService:
     async def _runtime_check(self) -> Check:
         """What the running service's connections act as: never an owner or superuser."""
         try:
-            async with await connect(self._runtime_dsn or self._db.dsn) as conn:
-                await configure_connection(conn)
+            async with await connect(self._runtime_dsn or self._db.dsn, as_service=True) as conn:
                 cur = await conn.execute(_queries["runtime_role"])
                 row = await cur.fetchone()
         except TollhouseError as exc:

@@ -106,9 +106,9 @@ VALUES (%(id)s, %(file_sha256)s, %(options_sha256)s, %(file_name)s, %(options)s,
 -- e-mail if any (seed 001: the provider id matches when there is no e-mail); that record is
 -- created, updated, unchanged, or skipped when its id, e-mail or identity belongs to
 -- another user already in the database. The fingerprint hashes the text of the record's
--- timestamps, which follows TimeZone and DateStyle: the pool's connections fix both (UTC,
--- ISO: tollhouse.db.pool.configure_connection), so a rerun under another PGTZ or database
--- setting finds the same fingerprints.
+-- timestamps, which follows TimeZone and DateStyle: our connections fix both (UTC, ISO:
+-- tollhouse.db.pool.SESSION_SETTINGS), so a rerun under another PGTZ or database setting
+-- finds the same fingerprints.
 CREATE TEMPORARY TABLE import_classified ON COMMIT DROP AS
 WITH ranked AS (
     SELECT i.*,

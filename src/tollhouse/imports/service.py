@@ -31,7 +31,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
 from tollhouse.db.errors import translate
-from tollhouse.db.pool import Conn, Database, configure_connection, connect
+from tollhouse.db.pool import Conn, Database, connect
 from tollhouse.db.queries import Queries
 from tollhouse.errors import ImportFileRejected, ImportInProgress, InvalidRequest
 from tollhouse.ids import uuid7
@@ -356,14 +356,14 @@ class ImportService:
     @contextlib.asynccontextmanager
     async def _own_connection(self) -> AsyncIterator[Conn]:
         """A connection of a batch worker, outside the pool (which may be small)."""
-        conn = await connect(self._db.dsn)
         try:
-            await configure_connection(conn)
-            yield conn
+            conn = await connect(self._db.dsn, as_service=True)
+            try:
+                yield conn
+            finally:
+                await conn.close()
         except psycopg.Error as exc:
             raise translate(exc) from exc
-        finally:
-            await conn.close()
 
     async def _apply_batch(
         self, conn: Conn, run_id: uuid.UUID, after: int, through: int
