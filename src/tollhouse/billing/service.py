@@ -400,12 +400,10 @@ class BillingService:
         """Apply the events parked for a customer that is now linked, oldest first; then
         again its invoices that failed because their subscription came after them (among
         the parked events, or a subscription `stripe sync` just applied)."""
-        cur = await conn.execute(queries["parked_events"], {"customer_id": customer_id})
-        for _id, _type, _status, payload in await cur.fetchall():
-            await self._process(conn, payload, unpark=False)
-        cur = await conn.execute(queries["failed_on_subscription"], {"customer_id": customer_id})
-        for _id, _type, _status, payload in await cur.fetchall():
-            await self._process(conn, payload, unpark=False)
+        for waiting in ("parked_events", "failed_on_subscription"):
+            cur = await conn.execute(queries[waiting], {"customer_id": customer_id})
+            for _id, _type, _status, payload in await cur.fetchall():
+                await self._process(conn, payload, unpark=False)
 
     async def retry(self, event_id: str, *, healing: bool = False) -> Delivery:
         """Apply a stored event again (failed, parked or received ones; a processed or
@@ -435,14 +433,15 @@ class BillingService:
             return delivery, payload
 
         delivery, applied = await self._db.transaction(work)
-        if applied is not None and delivery.status == "processed":
-            # A replayed price or subscription heals what waits on it.
-            obj = applied["data"]["object"]
-            if delivery.type.startswith("price."):
-                await self._retry_waiting_on("price_id", [ref(obj)])
-            elif delivery.type.startswith("customer.subscription."):
-                await self._retry_waiting_on("customer_id", [ref(obj.get("customer"))])
-        elif applied is not None and not healing and _waits_for_its_subscription(delivery):
+        if applied is None:
+            return delivery
+        processed = delivery.status == "processed"
+        if processed and delivery.type.startswith("price."):
+            # A replayed price heals what waits on it; so does a subscription.
+            await self._retry_waiting_on("price_id", [ref(applied["data"]["object"])])
+        elif (processed and delivery.type.startswith("customer.subscription.")) or (
+            not healing and _waits_for_its_subscription(delivery)
+        ):
             await self._retry_waiting_on("customer_id", [handlers.event_customer(applied)])
         return delivery
 
