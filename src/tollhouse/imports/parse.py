@@ -53,6 +53,11 @@ FIELD_LIMIT = 1 << 20
 _SURROGATE = re.compile("[\udc80-\udcff]")
 
 
+def _undecodable(text: str) -> bool:
+    """Whether the text holds a byte that was not UTF-8 (read with surrogateescape)."""
+    return not text.isascii() and _SURROGATE.search(text) is not None
+
+
 @dataclass(frozen=True)
 class HeaderIssue:
     """A warning about the header (record 1)."""
@@ -239,7 +244,7 @@ class CsvFile:
                 raise ImportFileRejected(
                     f"the header cannot be read: {exc}", reason="unreadable_header"
                 ) from None
-            if any(_SURROGATE.search(name) for name in first):
+            if any(_undecodable(name) for name in first):
                 raise _not_utf8("something else (the header is not valid UTF-8)")
             header = check_header(first)
             yield header
@@ -256,7 +261,7 @@ class CsvFile:
                     record_no += 1
                     taken = list(lines.taken)
                     line_no += 1
-                    self.undecodable_records += _SURROGATE.search(taken[0]) is not None
+                    self.undecodable_records += _undecodable(taken[0])
                     lines.put_back(taken[1:])
                     reader = csv.reader(lines.lines, strict=True)
                     code = "field_too_large" if "field larger" in str(exc) else "malformed_csv"
@@ -278,7 +283,7 @@ class CsvFile:
                     # A quote left open that ran into the next lines (records of their
                     # own): report the first line and read the others again as records.
                     line_no += 1
-                    self.undecodable_records += _SURROGATE.search(taken[0]) is not None
+                    self.undecodable_records += _undecodable(taken[0])
                     lines.put_back(taken[1:])
                     reader = csv.reader(lines.lines, strict=True)
                     yield self._counted(
@@ -299,8 +304,7 @@ class CsvFile:
 
     def _check(self, record: RawRecord, header: Header) -> RawRecord:
         row = record.fields
-        joined = "".join(row)
-        undecodable = not joined.isascii() and _SURROGATE.search(joined) is not None
+        undecodable = _undecodable("".join(row))
         # A ragged record's bad bytes count towards the file's refusal too.
         self.undecodable_records += undecodable
         if len(row) != header.width:
