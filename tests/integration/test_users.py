@@ -80,6 +80,9 @@ async def test_plus_tags_and_dots_are_different_addresses(tollhouse: Tollhouse) 
         "a@exa\nmple.com",
         "a@example.com\x00",
         "\u00e9@example.com",
+        # The Kelvin sign lower-cases to an ASCII "k": a look-alike of kelly@example.com.
+        "\u212aelly@example.com",
+        "kelly@\u212a.example.com",
     ],
 )
 async def test_invalid_addresses_are_refused(tollhouse: Tollhouse, bad: str) -> None:

@@ -1,6 +1,9 @@
 """E-mail addresses: normalised (trimmed, lower-cased) and checked at the edge.
 
-Dots and `+tags` are kept: `alice+1@x.com` is another mailbox than `alice@x.com`.
+Dots and `+tags` are kept: `alice+1@x.com` is another mailbox than `alice@x.com`. Addresses
+are ASCII, checked before lower-casing: Unicode's lower case of the Kelvin sign (U+212A) is
+an ASCII `k`, so `\u212aelly@x.com` would otherwise become `kelly@x.com`, and a reset asked for
+the look-alike spelling would reach an account whose mail the app sends elsewhere.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ _EMAIL = re.compile(rf"^{_LOCAL}@(?:{_LABEL}\.)+(?:[a-z]{{2,63}}|xn--[a-z0-9-]{{
 
 def normalise_email(raw: str) -> str:
     """The stored form of an address, or `InvalidEmail`."""
-    email = raw.strip().lower()
-    if len(email) > 254 or "@" not in email:
+    email = raw.strip()
+    if len(email) > 254 or "@" not in email or not email.isascii():
         raise InvalidEmail(f"{_shown(raw)} is not a valid e-mail address", field="email")
+    email = email.lower()
     local = email.rsplit("@", 1)[0]
     if len(local) > 64 or not _EMAIL.fullmatch(email):
         raise InvalidEmail(f"{_shown(raw)} is not a valid e-mail address", field="email")
