@@ -17,11 +17,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.support.flows import verified_account
-from tests.support.idp import GOOGLE_CLIENT, KeySet, claims, sign
+from tests.support.idp import GOOGLE_CLIENT, KeySet, claims, serve_rotating_jwks, sign
 from tollhouse import errors
 from tollhouse.app import Tollhouse
 from tollhouse.identity import IdentityConfig, NoHooks
-from tollhouse.identity.oidc import parse_bool_claim
+from tollhouse.identity.oidc import OidcVerifier, parse_bool_claim
 from tollhouse.identity.passwords import Verification
 
 PASSWORD = "correct horse battery"
@@ -134,6 +134,20 @@ BAD_TOKENS: dict[str, BadToken] = {
         "id_token_wrong_audience",
     ),
     "malformed": lambda k: ("google", "not.a.jwt", None, "id_token_malformed"),
+    # Not in A-05's list: a key of the other type than the token's algorithm (PyJWT raised
+    # TypeError on it, a 500).
+    "ES256 token naming the RSA key": lambda k: (
+        "google",
+        sign(k, claims("google"), alg="ES256", kid=k.rsa_kid),
+        None,
+        "id_token_algorithm_not_allowed",
+    ),
+    "RS256 token naming the EC key": lambda k: (
+        "google",
+        sign(k, claims("google"), alg="RS256", kid=k.ec_kid),
+        None,
+        "id_token_algorithm_not_allowed",
+    ),
 }
 
 
@@ -167,6 +181,34 @@ async def test_apple_hashed_nonce_and_es256_keys_are_accepted(
     token = sign(idp_keys, claims("apple", nonce=hashed), alg="ES256")
     sign_in = await tollhouse.auth.sign_in_oidc("apple", token, raw)
     assert sign_in.created
+
+
+async def test_a_hashed_nonce_token_cannot_be_replayed_with_the_hash(
+    dsn: str, tollhouse: Tollhouse, idp_keys: KeySet
+) -> None:
+    """Whoever holds a token from Apple's native flow sees SHA-256(nonce) in it; sending
+    that as the nonce matches too, and must still count as the same use of the token."""
+    raw = "raw-nonce-456"
+    hashed = hashlib.sha256(raw.encode()).hexdigest()
+    token = sign(idp_keys, claims("apple", nonce=hashed, email="h@icloud.com"), alg="ES256")
+    await tollhouse.auth.sign_in_oidc("apple", token, raw)
+    for sent in (hashed, raw):
+        with pytest.raises(errors.NonceReplayed):
+            await tollhouse.auth.sign_in_oidc("apple", token, sent)
+    assert _count_sessions(dsn) == 1
+
+
+async def test_a_key_withdrawn_from_the_set_is_refused_once_the_set_is_fetched_again(
+    idp_keys: KeySet,
+) -> None:
+    with serve_rotating_jwks(idp_keys) as (url, publish):
+        config = IdentityConfig(google_client_ids=frozenset({GOOGLE_CLIENT}), google_jwks_url=url)
+        verifier = OidcVerifier(config.providers(), key_set_lifespan=0.2)
+        await verifier.verify("google", sign(idp_keys, claims("google", "before")), None)
+        publish(KeySet(rsa_kid="rsa-2", ec_kid="ec-2"))  # rsa-1 withdrawn
+        await asyncio.sleep(0.3)  # the cached set expires
+        with pytest.raises(errors.IdTokenUnknownKey):
+            await verifier.verify("google", sign(idp_keys, claims("google", "after")), None)
 
 
 @pytest.mark.parametrize("issuer", ["https://accounts.google.com", "accounts.google.com"])
@@ -571,6 +613,65 @@ async def test_a_password_sign_in_in_flight_loses_to_a_claim(
     release.set()
     with pytest.raises(errors.InvalidCredentials):
         await attempt
+
+
+def _pause_first_hash(
+    tollhouse: Tollhouse, monkeypatch: pytest.MonkeyPatch
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """The next Argon2 hash waits, once: `entered` is set when it starts, and it goes on
+    when `release` is set (the other events of a race happen in between)."""
+    hasher = tollhouse.auth.hasher
+    entered, release = asyncio.Event(), asyncio.Event()
+    real_hash = hasher.hash
+
+    async def paused_hash(password: str) -> str:
+        if not entered.is_set():
+            entered.set()
+            await release.wait()
+        return await real_hash(password)
+
+    monkeypatch.setattr(hasher, "hash", paused_hash)
+    return entered, release
+
+
+async def test_a_password_change_in_flight_loses_to_a_claim(
+    tollhouse: Tollhouse, idp_keys: KeySet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pre-hijacker keeps changing the password while the address's owner claims the
+    account: the change whose Argon2 ran across the claim must not put a password back."""
+    attacker, _ = await tollhouse.auth.sign_up("claimed@example.com", "attacker password")
+    session = await tollhouse.auth.authenticate(attacker.session_token)
+    entered, release = _pause_first_hash(tollhouse, monkeypatch)
+    change = asyncio.create_task(
+        tollhouse.auth.change_password(session, "attacker password", "attacker password 2")
+    )
+    await entered.wait()
+    owner = await tollhouse.auth.sign_in_oidc(
+        "google", sign(idp_keys, claims("google", email="claimed@example.com", email_verified=True))
+    )
+    assert owner.user.id == attacker.user.id and not owner.user.has_password
+    release.set()
+    with pytest.raises((errors.InvalidCredentials, errors.InvalidSession)):
+        await change
+    assert not (await tollhouse.users.get(attacker.user.id)).has_password
+    with pytest.raises(errors.InvalidCredentials):
+        await tollhouse.auth.sign_in_password("claimed@example.com", "attacker password 2", None)
+    await tollhouse.auth.authenticate(owner.session_token)  # the owner's session stays
+
+
+async def test_a_password_change_in_flight_loses_to_its_sessions_sign_out(
+    tollhouse: Tollhouse, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, _ = await verified_account(tollhouse, "out@example.com")
+    session = await tollhouse.auth.authenticate(first.session_token)
+    entered, release = _pause_first_hash(tollhouse, monkeypatch)
+    change = asyncio.create_task(tollhouse.auth.change_password(session, PASSWORD, "new pass 1"))
+    await entered.wait()
+    await tollhouse.auth.sign_out(first.session_token)
+    release.set()
+    with pytest.raises(errors.InvalidSession):
+        await change
+    await tollhouse.auth.sign_in_password("out@example.com", PASSWORD, None)  # unchanged
 
 
 async def test_linking_ends_the_other_sessions(tollhouse: Tollhouse, idp_keys: KeySet) -> None:

@@ -7,7 +7,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -64,12 +64,24 @@ class _Handler(BaseHTTPRequestHandler):
 @contextmanager
 def serve_jwks(keys: KeySet) -> Iterator[str]:
     """Serve the key set on a free loopback port; yield its URL."""
+    with serve_rotating_jwks(keys) as (url, _):
+        yield url
+
+
+@contextmanager
+def serve_rotating_jwks(keys: KeySet) -> Iterator[tuple[str, Callable[[KeySet], None]]]:
+    """Serve the key set; yield its URL and a function that publishes another set instead
+    (the provider rotating or withdrawing keys)."""
     handler = type("JwksHandler", (_Handler,), {"body": json.dumps(keys.jwks()).encode()})
+
+    def publish(new: KeySet) -> None:
+        handler.body = json.dumps(new.jwks()).encode()
+
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/keys"
+        yield f"http://127.0.0.1:{server.server_address[1]}/keys", publish
     finally:
         server.shutdown()
         server.server_close()

@@ -19,6 +19,7 @@ import contextlib
 import random
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -176,27 +177,52 @@ class AuthService:
         if allowed is None or not allowed[0]:
             raise e.TooManySignInAttempts()
 
-    async def _check_password(self, user_id: uuid.UUID, password: str) -> None:
-        """For re-authentication and password changes: throttled like sign-in."""
+    async def _check_password(self, user_id: uuid.UUID, password: str) -> datetime | None:
+        """For re-authentication and password changes: throttled like sign-in. Returns the
+        `password_changed_at` of the password it verified."""
         await self._take_attempt([f"user:{user_id}"])
         async with self._db.connection() as conn:
             cur = await conn.execute(queries["user_password"], {"user_id": user_id})
             row = await cur.fetchone()
-        if not (await self.hasher.verify(row[0] if row else None, password)).ok:
+        verified = await self.hasher.verify(row[0] if row else None, password)
+        if row is None or not verified.ok:
             raise e.InvalidCredentials("the password is wrong")
         async with self._db.connection() as conn:
             await conn.execute(queries["clear_attempts"], {"key": f"user:{user_id}"})
+        changed_at: datetime | None = row[1]
+        return changed_at
 
     async def change_password(self, session: Session, current: str, new: str) -> None:
-        """Needs the current password; every other session of the user ends."""
+        """Needs the current password; every other session of the user ends.
+
+        The new hash is written only if, under the user's row lock, the password verified is
+        still the current one and the session still open: Argon2 runs outside the
+        transaction, and a claim of the account by its address's owner, a reset or another
+        change that commits meanwhile must win (else the change in flight would put a
+        password the claim removed back on the account)."""
         check_password_rules(new)
-        await self._check_password(session.user_id, current)
+        changed_at = await self._check_password(session.user_id, current)
         new_hash = await self.hasher.hash(new)
-        async with self._db.connection() as conn:
+
+        async def work(conn: Conn) -> None:
+            cur = await conn.execute(
+                queries["confirm_password_unchanged"],
+                {"user_id": session.user_id, "changed_at": changed_at},
+            )
+            still = await cur.fetchone()
+            if still is None or not still[0]:
+                raise e.InvalidCredentials("the password changed meanwhile")
+            # A statement of its own, after the lock: it sees a revocation committed while
+            # the lock was awaited.
+            cur = await conn.execute(queries["session_open"], {"id": session.id})
+            if await cur.fetchone() is None:
+                raise e.InvalidSession()
             await conn.execute(
                 queries["set_password"],
                 {"user_id": session.user_id, "password_hash": new_hash, "keep_session": session.id},
             )
+
+        await self._db.transaction(work)
         await self._hooks.on_password_changed(session.user_id)
 
     async def request_password_reset(self, email: str) -> IssuedUserToken | None:

@@ -55,7 +55,12 @@ WHERE r.email = %(email)s AND u.deleted_at IS NULL
 SELECT id FROM tollhouse.users WHERE id = %(user_id)s FOR NO KEY UPDATE
 
 -- name: user_password
-SELECT password_hash FROM tollhouse.users WHERE id = %(user_id)s AND deleted_at IS NULL
+SELECT password_hash, password_changed_at
+FROM tollhouse.users WHERE id = %(user_id)s AND deleted_at IS NULL
+
+-- name: session_open
+SELECT 1 FROM tollhouse.sessions
+WHERE id = %(id)s AND revoked_at IS NULL AND expires_at > now()
 
 -- name: set_password
 -- A new password ends every session of the user and every outstanding reset token.

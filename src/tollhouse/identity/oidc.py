@@ -1,7 +1,9 @@
 """Verify Google and Apple ID tokens (OpenID Connect Core §3.1.3.7).
 
 Checks, in order: a well-formed JWT with an allowed asymmetric algorithm; a key from the
-provider's JWKS (fetched with PyJWT's `PyJWKClient`, cached); the signature; `iss` exactly
+provider's JWKS (fetched with PyJWT's `PyJWKClient`; the set is cached for an hour, and a key
+the provider withdraws is refused once the set is fetched again) whose own algorithm is the
+token's (an RS256 key never checks an ES256 token); the signature; `iss` exactly
 one of the provider's issuers; every `aud` one of our client ids (and `azp` too when set);
 `exp` and `iat` within 60 s of skew; `sub`; the nonce when the provider requires one or the
 caller sent one. Replay of a nonce is refused by the caller (it needs the database).
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import jwt
-from jwt import PyJWKClient
+from jwt import PyJWK, PyJWKClient
 
 from tollhouse import errors as e
 
@@ -70,10 +72,14 @@ def parse_bool_claim(value: object) -> bool:
 class OidcVerifier:
     """Verifies ID tokens for the configured providers."""
 
-    def __init__(self, providers: Mapping[str, ProviderConfig]) -> None:
+    def __init__(
+        self, providers: Mapping[str, ProviderConfig], key_set_lifespan: float = 3600
+    ) -> None:
         self._providers = dict(providers)
         self._jwks = {
-            name: PyJWKClient(config.jwks_url, cache_keys=True, lifespan=3600, timeout=10)
+            # No `cache_keys`: PyJWT keeps the keys it returned in an LRU cache without expiry,
+            # so a key withdrawn from the set would stay trusted. The set's own cache suffices.
+            name: PyJWKClient(config.jwks_url, lifespan=key_set_lifespan, timeout=10)
             for name, config in self._providers.items()
         }
 
@@ -91,13 +97,18 @@ class OidcVerifier:
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise e.IdTokenUnknownKey("the ID token names no key (kid)")
-        key = await asyncio.to_thread(self._signing_key, name, kid)
-        claims = _decode(id_token, key, header["alg"], config)
+        jwk = await asyncio.to_thread(self._signing_key, name, kid)
+        if jwk.algorithm_name != header["alg"]:
+            # PyJWT would raise TypeError for a key of the other type (a 500, not a 401).
+            raise e.IdTokenAlgorithm(
+                f"the key {kid[:40]!r} signs with {jwk.algorithm_name}, not {header['alg']}"
+            )
+        claims = _decode(id_token, jwk.key, header["alg"], config)
         return _identity(config, claims, nonce)
 
-    def _signing_key(self, name: str, kid: str) -> Any:
+    def _signing_key(self, name: str, kid: str) -> PyJWK:
         try:
-            return self._jwks[name].get_signing_key(kid).key
+            return self._jwks[name].get_signing_key(kid)
         except jwt.PyJWKClientConnectionError as exc:
             raise e.ProviderUnavailable(f"cannot fetch {name} keys: {exc}") from exc
         except jwt.PyJWKClientError as exc:
@@ -177,7 +188,10 @@ def _identity(
             or hmac.compare_digest(token_nonce.encode(), hashed.encode())
         ):
             raise e.NonceMismatch()
-        nonce_hash = hashlib.sha256(f"{claims['sub']}:{nonce}".encode()).digest()
+        # Replay is keyed on the token's own nonce, not the caller's: a token carrying
+        # SHA-256(nonce) could otherwise be used twice, once with the nonce and once with
+        # the hash (which the token shows to whoever holds it).
+        nonce_hash = hashlib.sha256(f"{claims['sub']}:{token_nonce}".encode()).digest()
     email = claims.get("email")
     if email is not None and not isinstance(email, str):
         raise e.IdTokenClaims("the ID token's email claim is malformed")
