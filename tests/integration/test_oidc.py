@@ -21,7 +21,8 @@ from tests.support.idp import GOOGLE_CLIENT, KeySet, claims, serve_rotating_jwks
 from tollhouse import errors
 from tollhouse.app import Tollhouse
 from tollhouse.identity import IdentityConfig, NoHooks
-from tollhouse.identity.oidc import OidcVerifier, parse_bool_claim
+from tollhouse.identity.auth import AuthService
+from tollhouse.identity.oidc import OidcVerifier, VerifiedIdentity, parse_bool_claim
 from tollhouse.identity.passwords import Verification
 
 PASSWORD = "correct horse battery"
@@ -613,6 +614,104 @@ async def test_a_password_sign_in_in_flight_loses_to_a_claim(
     release.set()
     with pytest.raises(errors.InvalidCredentials):
         await attempt
+
+
+async def _a_lock_wait(dsn: str, task: asyncio.Task[Any]) -> bool:
+    """Whether a session of this database waits for a lock (a row's: a transaction id's,
+    which names no database), polled for up to 5 s;
+    stops early when `task` ends (it never waited)."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        for _ in range(500):
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+                " WHERE NOT l.granted AND a.datname = current_database()"
+            )
+            if (await cur.fetchone() or (0,))[0]:
+                return True
+            if task.done():
+                return False
+            await asyncio.sleep(0.01)
+    return False
+
+
+async def test_two_new_identities_racing_onto_one_verified_holder_link_once(
+    dsn: str, tollhouse: Tollhouse, idp_keys: KeySet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rule 2 links one identity of a provider. The second sign-in waited for the holder's
+    lock while the first linked: it must see that link, not its snapshot from before."""
+    await verified_account(tollhouse, "holder@example.com")
+    linking, release = asyncio.Event(), asyncio.Event()
+    real_link = AuthService._link
+
+    async def held_link(
+        self: AuthService, conn: Any, user_id: uuid.UUID, identity: VerifiedIdentity
+    ) -> None:
+        if identity.subject == "g-first":
+            linking.set()
+            await release.wait()
+        await real_link(self, conn, user_id, identity)
+
+    monkeypatch.setattr(AuthService, "_link", held_link)
+
+    def token(subject: str) -> str:
+        return sign(
+            idp_keys, claims("google", subject, email="holder@example.com", email_verified=True)
+        )
+
+    first = asyncio.create_task(tollhouse.auth.sign_in_oidc("google", token("g-first")))
+    await linking.wait()
+    second = asyncio.create_task(tollhouse.auth.sign_in_oidc("google", token("g-second")))
+    assert await _a_lock_wait(dsn, second)
+    release.set()
+    assert (await first).linked
+    with pytest.raises(errors.AccountExistsLinkRequired):
+        await second
+    holder = await tollhouse.users.find_by_email("holder@example.com")
+    assert holder is not None
+    assert [(i.provider, i.subject) for i in holder.identities] == [("google", "g-first")]
+
+
+async def test_a_verification_waits_for_a_sign_in_taking_its_address(
+    dsn: str, tollhouse: Tollhouse, idp_keys: KeySet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sign-in read the address as unverified and moves it to the provider's user; a
+    verification of it that came meanwhile must not leave it with both users."""
+    squatter, verification = await tollhouse.auth.sign_up("moved@example.com", "some password")
+    await tollhouse.users.add_email(squatter.user.id, "kept@example.org")  # not claimable
+    deciding, release = asyncio.Event(), asyncio.Event()
+    real_known = AuthService._known_identity
+    calls = 0
+
+    async def paused_known(self: AuthService, conn: Any, identity: VerifiedIdentity) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the look again, after the holder's lock is taken
+            deciding.set()
+            await release.wait()
+        return await real_known(self, conn, identity)
+
+    monkeypatch.setattr(AuthService, "_known_identity", paused_known)
+    sign_in = asyncio.create_task(
+        tollhouse.auth.sign_in_oidc(
+            "google",
+            sign(idp_keys, claims("google", email="moved@example.com", email_verified=True)),
+        )
+    )
+    await deciding.wait()
+    verify = asyncio.create_task(tollhouse.auth.verify_email(verification.token))
+    assert await _a_lock_wait(dsn, verify)
+    release.set()
+    owner = (await sign_in).user
+    await verify
+    with psycopg.connect(dsn) as conn:
+        held = conn.execute(
+            "SELECT user_id, verified FROM tollhouse.user_emails WHERE email = %s",
+            ("moved@example.com",),
+        ).fetchall()
+        routed = conn.execute(
+            "SELECT user_id FROM tollhouse.email_routes WHERE email = %s", ("moved@example.com",)
+        ).fetchall()
+    assert held == [(owner.id, True)] and routed == [(owner.id,)]
 
 
 def _pause_first_hash(

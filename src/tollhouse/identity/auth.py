@@ -377,9 +377,7 @@ class AuthService:
         email = _provider_email(identity.email)
         holder = None
         if email is not None:
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(queries["email_owner"], {"email": email})
-            holder = await cur.fetchone()
+            holder = await self._email_holder(conn, email)
             # The row lock may have waited for a concurrent first sign-in of this very
             # identity: look again now that it committed.
             known = await self._known_identity(conn, identity) if holder else None
@@ -425,9 +423,13 @@ class AuthService:
                 return _Outcome(holder["user_id"], created=False, linked=True, claimed=True)
             # The holder signs in some other proven way (or is disabled): taking the account
             # over would share it with them. The unverified address moves instead.
-            await conn.execute(
+            cur = await conn.execute(
                 queries["detach_unverified_email"], {"user_id": holder["user_id"], "email": email}
             )
+            if await cur.fetchone() is None:
+                # Verified since it was read (the holder's lock makes this unreachable; it
+                # must never leave the address with two users).
+                raise e.AccountExistsLinkRequired()
             await conn.execute(queries["promote_primary"], {"user_id": holder["user_id"]})
             await record_event(
                 conn, holder["user_id"], "email_detached", provider=identity.provider, email=email
@@ -445,6 +447,21 @@ class AuthService:
         )
         await self._link(conn, user_id, identity)
         return _Outcome(user_id, created=True, linked=False)
+
+    async def _email_holder(self, conn: Conn, email: str) -> dict[str, Any] | None:
+        """Who holds the address and what else it signs in with, read while its user's row
+        is locked. The statement that takes the lock reads with the snapshot it started
+        with, older than whatever committed while it waited (another identity linked, the
+        address verified, one added): so the holder is read again by a statement of its
+        own, until two reads name the same user (the address may have moved meanwhile)."""
+        locked = None
+        while True:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(queries["email_owner"], {"email": email})
+            holder = await cur.fetchone()
+            if holder is None or holder["user_id"] == locked:
+                return holder
+            locked = holder["user_id"]
 
     async def _known_identity(self, conn: Conn, identity: VerifiedIdentity) -> _Outcome | None:
         """Rule 1: the user this (provider, subject) is linked to, if any."""
@@ -691,6 +708,10 @@ class AuthService:
             raise e.TokenUsed()
         if row["expired"]:
             raise e.TokenExpired()
+        # The user's lock before the token's row, as a claim takes them: and a sign-in
+        # deciding on an address as unverified finishes before a verification or reset
+        # through that address changes it.
+        await conn.execute(queries["lock_user"], {"user_id": row["user_id"]})
         used_cur = await conn.execute(queries["use_token"], {"id": token_id})
         used = await used_cur.fetchone()
         if used is None:

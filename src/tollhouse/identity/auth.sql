@@ -229,12 +229,16 @@ UPDATE tollhouse.user_emails SET verified = true, verified_at = now()
 WHERE user_id = %(user_id)s AND email = %(email)s
 
 -- name: detach_unverified_email
-WITH route AS (
-    DELETE FROM tollhouse.email_routes WHERE email = %(email)s AND user_id = %(user_id)s
+-- The route goes only with the address: a verified address keeps both.
+WITH gone AS (
+    DELETE FROM tollhouse.user_emails
+    WHERE user_id = %(user_id)s AND email = %(email)s AND NOT verified
+    RETURNING email, is_primary
+), route AS (
+    DELETE FROM tollhouse.email_routes r USING gone
+    WHERE r.email = gone.email AND r.user_id = %(user_id)s
 )
-DELETE FROM tollhouse.user_emails
-WHERE user_id = %(user_id)s AND email = %(email)s AND NOT verified
-RETURNING is_primary
+SELECT is_primary FROM gone
 
 -- name: promote_primary
 UPDATE tollhouse.user_emails SET is_primary = true
