@@ -34,6 +34,10 @@ class EmailOut(BaseModel):
     via: str
     created_at: datetime
     verified_at: datetime | None
+    deliverable: bool = Field(
+        default=True,
+        description="False while mail to it does not arrive: Apple's relay with forwarding off.",
+    )
 
 
 class IdentityOut(BaseModel):

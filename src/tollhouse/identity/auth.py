@@ -29,6 +29,7 @@ from tollhouse import errors as e
 from tollhouse.db.pool import Conn, Database
 from tollhouse.db.queries import Queries
 from tollhouse.identity import tokens
+from tollhouse.identity.apple import AppleNotificationResult, receive_apple_notification
 from tollhouse.identity.config import IdentityConfig
 from tollhouse.identity.emails import normalise_email
 from tollhouse.identity.hooks import IdentityHooks, NoHooks
@@ -537,6 +538,10 @@ class AuthService:
         user = await self._db.transaction(work, constraints=_AUTH_CONSTRAINTS)
         await self._hooks.on_identity_linked(user.id, identity.provider)
         return user
+
+    async def receive_apple_notification(self, token: str) -> AppleNotificationResult:
+        """A Sign in with Apple server-to-server notification (`tollhouse.identity.apple`)."""
+        return await receive_apple_notification(self._db, self.oidc, token)
 
     async def unlink_identity(self, user_id: uuid.UUID, provider: str, subject: str) -> User:
         """Refused when it would leave the user no way to sign in."""

@@ -250,3 +250,32 @@ WHERE user_id = %(user_id)s
 -- name: forget_old_attempts
 DELETE FROM tollhouse.signin_attempts
 WHERE window_start < now() - 2 * make_interval(secs => %(window)s)
+
+-- name: apple_subject_owner
+SELECT user_id FROM tollhouse.identity_routes WHERE provider = 'apple' AND subject = %(subject)s
+
+-- name: remember_apple_notification
+-- Once per token id: a repeated delivery returns nothing (and waits for the first's commit).
+INSERT INTO tollhouse.apple_notifications (jti, type, subject, event_time, user_id, outcome)
+VALUES (%(jti)s, %(type)s, %(subject)s, %(event_time)s, %(user_id)s, %(outcome)s)
+ON CONFLICT (jti) DO NOTHING
+RETURNING jti
+
+-- name: apple_notification
+SELECT type, outcome FROM tollhouse.apple_notifications WHERE jti = %(jti)s
+
+-- name: revoke_apple_sessions
+-- The sessions Apple signed in, opened before the event (a sign-in after it is a new consent).
+UPDATE tollhouse.sessions SET revoked_at = now()
+WHERE user_id = %(user_id)s AND method = 'apple' AND revoked_at IS NULL
+  AND created_at <= %(before)s
+
+-- name: set_deliverable
+-- Only a newer event than the one that set it counts (Apple does not promise the order).
+UPDATE tollhouse.user_emails
+SET deliverable = %(deliverable)s, deliverable_as_of = %(at)s
+WHERE user_id = %(user_id)s
+  AND email = coalesce(%(email)s, (SELECT i.email FROM tollhouse.user_identities i
+                                  WHERE i.user_id = %(user_id)s AND i.provider = 'apple'
+                                    AND i.subject = %(subject)s))
+  AND (deliverable_as_of IS NULL OR deliverable_as_of < %(at)s)

@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import jwt
@@ -26,6 +28,8 @@ from tollhouse import errors as e
 
 Provider = Literal["google", "apple"]
 ALLOWED_ALGORITHMS = ("RS256", "ES256")
+ID_TOKEN_CLAIMS = ("iss", "sub", "aud", "exp", "iat")
+NOTIFICATION_CLAIMS = ("iss", "aud", "exp", "iat", "jti", "events")
 MAX_SKEW_SECONDS = 60
 
 
@@ -91,20 +95,33 @@ class OidcVerifier:
 
     async def verify(self, name: str, id_token: str, nonce: str | None) -> VerifiedIdentity:
         config = self.provider(name)
-        header = _header(id_token)
+        claims = await self._claims(config, id_token, ID_TOKEN_CLAIMS)
+        return _identity(config, claims, nonce)
+
+    async def verify_apple_notification(self, token: str) -> AppleNotification:
+        """A server-to-server notification of Sign in with Apple: a JWT signed with the same
+        keys as its ID tokens, for one of our client ids, whose `events` claim is a JSON
+        string describing one event of one Apple user."""
+        config = self.provider("apple")
+        claims = await self._claims(config, token, NOTIFICATION_CLAIMS)
+        return _notification(claims)
+
+    async def _claims(
+        self, config: ProviderConfig, token: str, require: tuple[str, ...]
+    ) -> dict[str, Any]:
+        header = _header(token)
         if header.get("alg") not in ALLOWED_ALGORITHMS:
             raise e.IdTokenAlgorithm(f"algorithm {header.get('alg')!r} is not accepted")
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise e.IdTokenUnknownKey("the ID token names no key (kid)")
-        jwk = await asyncio.to_thread(self._signing_key, name, kid)
+        jwk = await asyncio.to_thread(self._signing_key, config.name, kid)
         if jwk.algorithm_name != header["alg"]:
             # PyJWT would raise TypeError for a key of the other type (a 500, not a 401).
             raise e.IdTokenAlgorithm(
                 f"the key {kid[:40]!r} signs with {jwk.algorithm_name}, not {header['alg']}"
             )
-        claims = _decode(id_token, jwk.key, header["alg"], config)
-        return _identity(config, claims, nonce)
+        return _decode(token, jwk.key, header["alg"], config, require)
 
     def _signing_key(self, name: str, kid: str) -> PyJWK:
         try:
@@ -124,14 +141,16 @@ def _header(id_token: str) -> dict[str, Any]:
         raise e.IdTokenMalformed() from exc
 
 
-def _decode(id_token: str, key: Any, algorithm: str, config: ProviderConfig) -> dict[str, Any]:
+def _decode(
+    id_token: str, key: Any, algorithm: str, config: ProviderConfig, require: tuple[str, ...]
+) -> dict[str, Any]:
     try:
         claims: dict[str, Any] = jwt.decode(
             id_token,
             key,
             algorithms=[algorithm],
             options={
-                "require": ["iss", "sub", "aud", "exp", "iat"],
+                "require": list(require),
                 "verify_aud": False,  # checked below: every audience must be ours
                 "verify_iss": False,  # checked below: exact match against a set
             },
@@ -165,10 +184,58 @@ def _decode(id_token: str, key: Any, algorithm: str, config: ProviderConfig) -> 
     iat = claims["iat"]
     if not isinstance(iat, int | float) or iat > time.time() + MAX_SKEW_SECONDS:
         raise e.IdTokenNotYetValid()
-    sub = claims.get("sub")
-    if not isinstance(sub, str) or not 1 <= len(sub) <= 255:
+    if "sub" in require and not _subject(claims.get("sub")):
         raise e.IdTokenClaims("the ID token's subject is missing or malformed")
     return claims
+
+
+def _subject(value: object) -> bool:
+    return isinstance(value, str) and 1 <= len(value) <= 255
+
+
+#: Kinds of Apple notification, and what each does (docs/identity.md). Apple's documentation
+#: spells the deletion both `account-delete` and `account-deleted`.
+APPLE_EVENT_TYPES = frozenset(
+    {"consent-revoked", "account-delete", "account-deleted", "email-disabled", "email-enabled"}
+)
+
+
+@dataclass(frozen=True)
+class AppleNotification:
+    """One verified event of a Sign in with Apple user."""
+
+    jti: str
+    type: str
+    subject: str
+    event_time: datetime | None
+    email: str | None
+
+
+def _notification(claims: dict[str, Any]) -> AppleNotification:
+    jti, raw = claims["jti"], claims["events"]
+    if not isinstance(jti, str) or not 1 <= len(jti) <= 255:
+        raise e.IdTokenClaims("the notification's jti is missing or malformed")
+    try:
+        event = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError as exc:
+        raise e.IdTokenClaims("the notification's events claim is not JSON") from exc
+    if not isinstance(event, dict):
+        raise e.IdTokenClaims("the notification's events claim is not an object")
+    kind, subject = event.get("type"), event.get("sub")
+    if not isinstance(kind, str) or not 1 <= len(kind) <= 100 or not _subject(subject):
+        raise e.IdTokenClaims("the notification's event has no type or subject")
+    millis = event.get("event_time")
+    when = None
+    if isinstance(millis, int) and not isinstance(millis, bool) and 0 < millis < 10**14:
+        when = datetime.fromtimestamp(millis / 1000, UTC)
+    email = event.get("email")
+    return AppleNotification(
+        jti=jti,
+        type=kind,
+        subject=str(subject),
+        event_time=when,
+        email=email if isinstance(email, str) else None,
+    )
 
 
 def _identity(

@@ -40,7 +40,8 @@ SELECT u.id, u.display_name, u.first_name, u.last_name, u.username, u.avatar_url
         WHERE t.owner_user_id = u.id AND t.is_default) AS billing_plan,
        coalesce((SELECT json_agg(json_build_object(
                     'email', e.email, 'is_primary', e.is_primary, 'verified', e.verified,
-                    'via', e.via, 'created_at', e.created_at, 'verified_at', e.verified_at)
+                    'via', e.via, 'created_at', e.created_at, 'verified_at', e.verified_at,
+                    'deliverable', e.deliverable)
                     ORDER BY e.is_primary DESC, e.created_at)
                  FROM tollhouse.user_emails e WHERE e.user_id = u.id), '[]') AS emails,
        coalesce((SELECT json_agg(json_build_object(

@@ -16,6 +16,8 @@ class UserEmail:
     via: str
     created_at: datetime
     verified_at: datetime | None
+    #: False while mail to it does not arrive (Apple's relay with forwarding turned off).
+    deliverable: bool = True
 
 
 @dataclass(frozen=True)

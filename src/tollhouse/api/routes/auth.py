@@ -144,3 +144,35 @@ async def reset(body: ResetBody, _: ServiceKey, tollhouse: TollhouseDep) -> User
 )
 async def verify_email(body: VerifyBody, _: ServiceKey, tollhouse: TollhouseDep) -> UserOut:
     return UserOut.of(await tollhouse.auth.verify_email(body.token))
+
+
+class AppleNotificationBody(BaseModel):
+    """What Apple posts; fields it may add later are ignored."""
+
+    payload: str = Field(min_length=1, max_length=16384, description="The notification's JWT.")
+
+
+class AppleNotificationOut(BaseModel):
+    jti: str
+    type: str
+    outcome: Literal["applied", "unknown_subject", "ignored"]
+    duplicate: bool = Field(description="Received before under this jti: nothing was done now.")
+
+
+@router.post(
+    "/apple/notifications",
+    response_model=AppleNotificationOut,
+    summary="Sign in with Apple's server-to-server notifications (no service key: Apple's "
+    "signature is the authentication)",
+    responses={
+        401: {"description": "id_token_* (not a notification signed by Apple for us)"},
+        400: {"description": "provider_not_configured"},
+    },
+)
+async def apple_notification(
+    body: AppleNotificationBody, tollhouse: TollhouseDep
+) -> AppleNotificationOut:
+    result = await tollhouse.auth.receive_apple_notification(body.payload)
+    return AppleNotificationOut(
+        jti=result.jti, type=result.type, outcome=result.outcome, duplicate=result.duplicate
+    )
