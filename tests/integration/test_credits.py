@@ -10,6 +10,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import psycopg
@@ -594,6 +595,58 @@ async def test_a_new_period_takes_the_plans_current_limits_and_keeps_its_anchor(
     capped = await tollhouse.credits.debit(_debit(user, 6))
     assert capped.code == "daily_cap_exceeded"
     assert balance.balance == 999 + 10  # the new period's allowance arrived
+
+
+def _on_a_settable_clock(conn: psycopg.Connection[Any], function: str) -> str:
+    """Redefine `function` in this test's database with its now() read from the setting
+    `test.now`, and return its real definition (to restore it)."""
+    real = conn.execute("SELECT pg_get_functiondef(%s::regprocedure)", (function,)).fetchone()
+    assert real is not None
+    conn.execute(
+        "CREATE FUNCTION tollhouse.test_now() RETURNS timestamptz LANGUAGE sql STABLE"
+        " AS $$ SELECT current_setting('test.now')::timestamptz $$"
+    )
+    conn.execute(str(real[0]).replace("now()", "tollhouse.test_now()"))
+    return str(real[0])
+
+
+async def test_a_period_ending_on_a_clamped_month_end_renews_at_once(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """An account made on Jan 31 12:00: its first period ends Feb 28 12:00 (clamped). At
+    13:00 the next period, to Mar 31 12:00, has begun and its allowance is live; age() alone
+    still counted 0 whole months then and wrote the ended period back until midnight.
+    (credit_account_v1 runs on a settable clock here; the real one restores it.)"""
+    user = await _payer(tollhouse)
+    tenant = (await tollhouse.credits.balance(user_id=user)).tenant_id
+    await tollhouse.credits.set_plan("free", monthly_credits=10, daily_cap=None, overdraft_limit=0)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET TIME ZONE 'UTC'")
+        real = _on_a_settable_clock(conn, "tollhouse.credit_account_v1(uuid)")
+        conn.execute(
+            "UPDATE tollhouse.credit_accounts SET created_at = '2026-01-31 12:00+00',"
+            " period_start = '2026-01-31 12:00+00', period_end = '2026-02-28 12:00+00',"
+            " allowance_for = '2026-01-31 12:00+00' WHERE tenant_id = %s",
+            (tenant,),
+        )
+        seen = []
+        for at in ("2026-02-28 11:00+00", "2026-02-28 13:00+00", "2026-03-01 00:01+00"):
+            conn.execute("SELECT set_config('test.now', %s, false)", (at,))
+            conn.execute("SELECT tollhouse.credit_account_v1(%s)", (tenant,))
+            row = conn.execute(
+                "SELECT period_start, period_end, balance FROM tollhouse.credit_accounts"
+                " WHERE tenant_id = %s",
+                (tenant,),
+            ).fetchone()
+            assert row is not None
+            seen.append((row[0].isoformat(), row[1].isoformat(), row[2]))
+        conn.execute(real)
+    assert seen == [
+        ("2026-01-31T12:00:00+00:00", "2026-02-28T12:00:00+00:00", 0),
+        ("2026-02-28T12:00:00+00:00", "2026-03-31T12:00:00+00:00", 10),
+        ("2026-02-28T12:00:00+00:00", "2026-03-31T12:00:00+00:00", 10),
+    ]
+    await tollhouse.credits.balance(user_id=user)  # on the real clock again, for the checks
 
 
 async def test_many_connections_storm(
