@@ -997,6 +997,28 @@ async def test_a_batch_does_not_count_a_members_expired_hold_against_its_limit(
     assert [(r.status, r.code) for r in results] == [("applied", None)] * 2
 
 
+@pytest.mark.parametrize("path", ["batch", "alone"])
+async def test_a_deleted_user_spends_nothing_from_its_personal_tenant_named(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None, path: str
+) -> None:
+    """A soft-deleted user naming its personal tenant with its user_id is refused like a
+    deleted member of a pool (the owner's pass came before the deleted_at check)."""
+    user = await _payer(tollhouse, funds=100)
+    tenant = await tollhouse.credits.tenant_of(None, user)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE tollhouse.users SET deleted_at = now() WHERE id = %s", (user,))
+    named = [
+        DebitRequest(amount=10, turn_id=f"t{n}", tenant_id=tenant, user_id=user) for n in (1, 2)
+    ]
+    if path == "batch":
+        results = await tollhouse.credits._send_batch(named)
+    else:
+        results = [await tollhouse.credits.debit_alone(request) for request in named]
+    assert [(r.status, r.code) for r in results] == [("rejected", "not_a_member")] * 2
+    balance = await tollhouse.credits.balance(tenant_id=tenant)
+    assert balance.balance == 100
+
+
 async def test_a_batch_counts_a_members_use_in_the_new_period(
     tollhouse: Tollhouse, no_allowance: None
 ) -> None:
