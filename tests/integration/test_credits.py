@@ -649,6 +649,21 @@ async def test_a_period_ending_on_a_clamped_month_end_renews_at_once(
     await tollhouse.credits.balance(user_id=user)  # on the real clock again, for the checks
 
 
+async def test_a_refused_adjustment_is_the_answer_for_its_id_either_way(
+    tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """-1000 below the floor is refused and replays refused; the same id then asking +1000
+    is an idempotency conflict, not a grant (the refusal left no adjustment row)."""
+    user = await _payer(tollhouse, funds=100)
+    asked = [(-1000, "insufficient_credits"), (-1000, "insufficient_credits")]
+    for amount, code in [*asked, (1000, "idempotency_conflict")]:
+        result = await tollhouse.credits.adjust(
+            amount=amount, adjustment_id="fix-3", note="typo", user_id=user
+        )
+        assert (result.status, result.code) == ("rejected", code)
+    assert (await tollhouse.credits.balance(user_id=user)).balance == 100
+
+
 async def test_many_connections_storm(
     service_dsn: str, identity_config: IdentityConfig, no_allowance: None, tollhouse: Tollhouse
 ) -> None:

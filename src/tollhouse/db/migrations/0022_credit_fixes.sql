@@ -597,3 +597,67 @@ BEGIN
         ORDER BY r.ord;
 END
 $$;
+
+-- An adjustment refused earlier (a negative one below the floor leaves only the refusal of
+-- its turn in credit_debits) is an answer for its id too: the same id with a positive
+-- amount was granted; it is an idempotency conflict now.
+CREATE OR REPLACE FUNCTION tollhouse.credit_adjust_v1(
+    p_tenant uuid, p_user uuid, p_delta bigint, p_adjustment_id text, p_note text
+) RETURNS tollhouse.credit_debit_result
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    a tollhouse.credit_accounts;
+    v_tenant uuid;
+    prior tollhouse.credit_adjustments;
+    r tollhouse.credit_debit_result;
+    v_grant uuid;
+BEGIN
+    a := tollhouse.credit_payer_account_v1(p_tenant, p_user);
+    v_tenant := coalesce(a.tenant_id, p_tenant);
+    IF a.tenant_id IS NULL THEN
+        RETURN ROW(v_tenant, 'rejected', 'not_found', NULL, p_delta, NULL, false)::tollhouse.credit_debit_result;
+    END IF;
+    SELECT * INTO prior FROM tollhouse.credit_adjustments
+    WHERE tenant_id = v_tenant AND adjustment_id = p_adjustment_id;
+    IF FOUND THEN
+        IF prior.amount <> p_delta THEN
+            RETURN ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL, p_delta, NULL, false)::tollhouse.credit_debit_result;
+        END IF;
+        RETURN ROW(v_tenant, 'applied', NULL, prior.ledger_id, prior.amount, prior.balance_after,
+                   true)::tollhouse.credit_debit_result;
+    END IF;
+
+    IF p_delta > 0 THEN
+        IF EXISTS (SELECT 1 FROM tollhouse.credit_debits d
+                   WHERE d.tenant_id = v_tenant AND d.turn_id = 'adjustment:' || p_adjustment_id) THEN
+            RETURN ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL, p_delta, NULL, false)::tollhouse.credit_debit_result;
+        END IF;
+        v_grant := tollhouse.credit_apply_grant_v1(
+            v_tenant, p_delta, 'adjustment', 'adjustment:' || p_adjustment_id, 0, NULL,
+            'adjustment', p_user);
+        SELECT v_tenant, 'applied', NULL, l.id, p_delta, l.balance_after, false
+        INTO r FROM tollhouse.credit_ledger l
+        WHERE l.tenant_id = v_tenant AND l.grant_id = v_grant AND l.kind = 'grant';
+    ELSE
+        -- As a debit of the turn `adjustment:<id>` (a refusal is sticky like any debit's),
+        -- deciding past the cap and member limits (p_reserved), then not counted as usage.
+        r := tollhouse.credit_debit_v1(
+            v_tenant, NULL, -p_delta, 'adjustment:' || p_adjustment_id, NULL, 'adjustment',
+            jsonb_build_object('note', p_note, 'acting_user_id', p_user), true, true);
+        IF r.status <> 'applied' OR r.replayed THEN
+            RETURN ROW(r.tenant_id, r.status, r.code, r.ledger_id, p_delta, r.balance_after,
+                       r.replayed)::tollhouse.credit_debit_result;
+        END IF;
+        UPDATE tollhouse.credit_accounts
+        SET daily_used = greatest(0, daily_used + p_delta)
+        WHERE tenant_id = v_tenant;
+        r.amount := p_delta;
+    END IF;
+    INSERT INTO tollhouse.credit_adjustments
+        (tenant_id, adjustment_id, amount, note, acting_user_id, ledger_id, balance_after)
+    VALUES (v_tenant, p_adjustment_id, p_delta, p_note, p_user, r.ledger_id, r.balance_after);
+    RETURN r;
+END
+$$;
