@@ -462,6 +462,12 @@ class CommitExceedsReservation(InvalidRequest):
     code = "commit_exceeds_reservation"
 
 
+class TurnIdReserved(InvalidRequest):
+    """Turn ids starting with 'adjustment:' are kept for adjustments."""
+
+    code = "turn_id_reserved"
+
+
 class LedgerEntryNotFound(NotFound):
     """No such debit in the ledger."""
 

@@ -664,6 +664,74 @@ async def test_a_refused_adjustment_is_the_answer_for_its_id_either_way(
     assert (await tollhouse.credits.balance(user_id=user)).balance == 100
 
 
+async def test_adjustment_ids_are_each_tenants_own(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """Two tenants take with the same adjustment id, and a client's debit of turn
+    `adjustment:fix-2` (sent before such turn ids were refused) does not answer the
+    adjustment fix-2: a negative adjustment's turn is `adjustment:<tenant>:<id>`."""
+    a, b = await _payer(tollhouse, funds=100), await _payer(tollhouse, funds=100)
+    for user in (a, b):
+        taken = await tollhouse.credits.adjust(
+            amount=-5, adjustment_id="fix-1", note="x", user_id=user
+        )
+        assert (taken.status, taken.replayed, taken.balance_after) == ("applied", False, 95)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "SELECT tollhouse.credit_debit_v1(NULL, %s, 7, 'adjustment:fix-2', NULL,"
+            " 'llm_usage', '{}')",
+            (a,),
+        )
+    taken = await tollhouse.credits.adjust(amount=-7, adjustment_id="fix-2", note="x", user_id=a)
+    assert (taken.status, taken.replayed, taken.balance_after) == ("applied", False, 81)
+    entries, _ = await tollhouse.credits.ledger(user_id=a)
+    tenant = await tollhouse.credits.tenant_of(None, a)
+    assert entries[0].turn_id == f"adjustment:{tenant}:fix-2"
+
+
+async def test_a_client_turn_id_may_not_look_like_an_adjustments(
+    tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    user = await _payer(tollhouse, funds=100)
+    with pytest.raises(errors.TurnIdReserved):
+        await tollhouse.credits.debit(_debit(user, 1, "adjustment:x"))
+    with pytest.raises(errors.TurnIdReserved):
+        await tollhouse.credits.debit_alone(_debit(user, 1, "adjustment:x"))
+    with pytest.raises(errors.TurnIdReserved):
+        await tollhouse.credits.reserve(amount=1, turn_id="adjustment:x", user_id=user)
+    assert (await tollhouse.credits.debit(_debit(user, 1, "adjustments"))).status == "applied"
+
+
+async def test_a_commit_of_a_turn_an_adjustment_answered_keeps_the_hold(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """A hold on the turn a negative adjustment then debited (made in SQL: the service refuses
+    such turn ids): its commit is refused and the hold stays pending, instead of being marked
+    committed and given back with nothing charged."""
+    user = await _payer(tollhouse, funds=100)
+    tenant = await tollhouse.credits.tenant_of(None, user)
+    turn = f"adjustment:{tenant}:z"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        held = conn.execute(
+            "SELECT status FROM tollhouse.credit_reserve_v1(NULL, %s, 40, %s, 600, NULL)",
+            (user, turn),
+        ).fetchone()
+        assert held == ("pending",)
+    taken = await tollhouse.credits.adjust(amount=-5, adjustment_id="z", note="x", user_id=user)
+    assert (taken.status, taken.balance_after) == ("applied", 95)
+    refused = await tollhouse.credits.commit(turn_id=turn, amount=30, user_id=user)
+    assert (refused.status, refused.code) == ("rejected", "idempotency_conflict")
+    with psycopg.connect(dsn) as conn:
+        hold = conn.execute(
+            "SELECT r.status, a.reserved FROM tollhouse.credit_reservations r"
+            " JOIN tollhouse.credit_accounts a USING (tenant_id) WHERE r.turn_id = %s",
+            (turn,),
+        ).fetchone()
+    assert hold == ("pending", 40)
+    released = await tollhouse.credits.release(turn_id=turn, user_id=user)
+    assert (released.status, released.balance_after) == ("released", 95)
+
+
 async def test_many_connections_storm(
     service_dsn: str, identity_config: IdentityConfig, no_allowance: None, tollhouse: Tollhouse
 ) -> None:

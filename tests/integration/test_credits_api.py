@@ -249,6 +249,15 @@ async def test_reservations_and_refunds_over_http(
     )
 
 
+async def test_a_turn_id_like_an_adjustments_is_refused(
+    client: httpx.AsyncClient, auth: dict[str, str], payer: uuid.UUID
+) -> None:
+    for path in ("/v1/credits/debit", "/v1/credits/reservations"):
+        body = {"user_id": str(payer), "amount": 1, "turn_id": "adjustment:fix-1"}
+        reply = await client.post(path, json=body, headers=auth)
+        assert (reply.status_code, reply.json()["error"]["code"]) == (422, "turn_id_reserved")
+
+
 async def test_adjustments_either_way_once_with_a_note(
     client: httpx.AsyncClient, auth: dict[str, str], payer: uuid.UUID, tollhouse: Tollhouse
 ) -> None:

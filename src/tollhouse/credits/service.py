@@ -34,6 +34,9 @@ queries = Queries("tollhouse.credits", "queries.sql")
 log = structlog.get_logger(__name__)
 
 MAX_AMOUNT = 10**15
+#: A negative adjustment is the debit of turn `adjustment:<tenant>:<id>`; no client turn
+#: may look like one.
+ADJUSTMENT_TURNS = "adjustment:"
 _CONSTRAINTS = {
     "credit_grants_source_key": e.IdempotencyConflict,
     "credit_grants_total_check": e.InvalidRequest,
@@ -85,6 +88,8 @@ def _check(request: DebitRequest) -> None:
             raise e.InvalidRequest(f"{name} must be a UUID", field=name)
     if not isinstance(request.metadata, dict):
         raise e.InvalidRequest("metadata must be a JSON object", field="metadata")
+    if isinstance(request.turn_id, str) and request.turn_id.startswith(ADJUSTMENT_TURNS):
+        raise e.TurnIdReserved(field="turn_id")
     for name in ("turn_id", "session_id", "reason", "metadata"):
         reason = unstorable(getattr(request, name))
         if reason:

@@ -601,6 +601,11 @@ $$;
 -- An adjustment refused earlier (a negative one below the floor leaves only the refusal of
 -- its turn in credit_debits) is an answer for its id too: the same id with a positive
 -- amount was granted; it is an idempotency conflict now.
+-- A negative adjustment's turn is `adjustment:<tenant>:<id>`: turn ids are claimed across
+-- tenants (credit_turns), so `adjustment:<id>` made one tenant's id a conflict for every
+-- other tenant, and a client's debit of turn `adjustment:<id>` answered a later adjustment
+-- as a replay. (Clients may no longer send turn ids starting with `adjustment:`.) A refusal
+-- made before this migration, under `adjustment:<id>`, still answers for its id.
 CREATE OR REPLACE FUNCTION tollhouse.credit_adjust_v1(
     p_tenant uuid, p_user uuid, p_delta bigint, p_adjustment_id text, p_note text
 ) RETURNS tollhouse.credit_debit_result
@@ -613,6 +618,8 @@ DECLARE
     prior tollhouse.credit_adjustments;
     r tollhouse.credit_debit_result;
     v_grant uuid;
+    v_turn text;
+    refused tollhouse.credit_debits;
 BEGIN
     a := tollhouse.credit_payer_account_v1(p_tenant, p_user);
     v_tenant := coalesce(a.tenant_id, p_tenant);
@@ -629,11 +636,21 @@ BEGIN
                    true)::tollhouse.credit_debit_result;
     END IF;
 
-    IF p_delta > 0 THEN
-        IF EXISTS (SELECT 1 FROM tollhouse.credit_debits d
-                   WHERE d.tenant_id = v_tenant AND d.turn_id = 'adjustment:' || p_adjustment_id) THEN
+    v_turn := 'adjustment:' || v_tenant || ':' || p_adjustment_id;
+    SELECT * INTO refused FROM tollhouse.credit_debits d
+    WHERE d.tenant_id = v_tenant AND d.status = 'rejected'
+      AND d.turn_id IN (v_turn, 'adjustment:' || p_adjustment_id)
+    ORDER BY d.created_at
+    LIMIT 1;
+    IF FOUND THEN
+        IF p_delta <> -refused.amount THEN
             RETURN ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL, p_delta, NULL, false)::tollhouse.credit_debit_result;
         END IF;
+        RETURN ROW(v_tenant, 'rejected', refused.code, NULL, p_delta, NULL,
+                   true)::tollhouse.credit_debit_result;
+    END IF;
+
+    IF p_delta > 0 THEN
         v_grant := tollhouse.credit_apply_grant_v1(
             v_tenant, p_delta, 'adjustment', 'adjustment:' || p_adjustment_id, 0, NULL,
             'adjustment', p_user);
@@ -641,10 +658,11 @@ BEGIN
         INTO r FROM tollhouse.credit_ledger l
         WHERE l.tenant_id = v_tenant AND l.grant_id = v_grant AND l.kind = 'grant';
     ELSE
-        -- As a debit of the turn `adjustment:<id>` (a refusal is sticky like any debit's),
-        -- deciding past the cap and member limits (p_reserved), then not counted as usage.
+        -- As a debit of the turn `adjustment:<tenant>:<id>` (a refusal is sticky like any
+        -- debit's), deciding past the cap and member limits (p_reserved), then not counted
+        -- as usage.
         r := tollhouse.credit_debit_v1(
-            v_tenant, NULL, -p_delta, 'adjustment:' || p_adjustment_id, NULL, 'adjustment',
+            v_tenant, NULL, -p_delta, v_turn, NULL, 'adjustment',
             jsonb_build_object('note', p_note, 'acting_user_id', p_user), true, true);
         IF r.status <> 'applied' OR r.replayed THEN
             RETURN ROW(r.tenant_id, r.status, r.code, r.ledger_id, p_delta, r.balance_after,
@@ -659,5 +677,112 @@ BEGIN
         (tenant_id, adjustment_id, amount, note, acting_user_id, ledger_id, balance_after)
     VALUES (v_tenant, p_adjustment_id, p_delta, p_note, p_user, r.ledger_id, r.balance_after);
     RETURN r;
+END
+$$;
+
+-- A commit whose debit is not applied leaves nothing behind: the hold was marked committed
+-- and given back before the inner debit, whose refusal was returned without an error, so
+-- those writes committed and the amount was never charged. A turn answered already is
+-- refused before the hold is touched, and any other refusal of the inner debit raises.
+CREATE OR REPLACE FUNCTION tollhouse.credit_resolve_v1(
+    p_tenant uuid, p_user uuid, p_turn_id text, p_commit_amount bigint, p_reason text,
+    p_metadata jsonb
+) RETURNS tollhouse.credit_debit_result
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_tenant uuid;
+    a tollhouse.credit_accounts;
+    r tollhouse.credit_reservations;
+    v_result tollhouse.credit_debit_result;
+    v_code text;
+BEGIN
+    a := tollhouse.credit_payer_account_v1(p_tenant, p_user);
+    v_tenant := coalesce(a.tenant_id, p_tenant);
+    IF a.tenant_id IS NULL THEN
+        RETURN ROW(v_tenant, 'rejected', 'not_found', NULL, p_commit_amount, NULL, false)::tollhouse.credit_debit_result;
+    END IF;
+    SELECT * INTO r FROM tollhouse.credit_reservations
+    WHERE tenant_id = v_tenant AND turn_id = p_turn_id;
+    IF NOT FOUND THEN
+        RETURN ROW(v_tenant, 'rejected', 'reservation_not_found', NULL, p_commit_amount, NULL, false)::tollhouse.credit_debit_result;
+    END IF;
+    IF r.status <> 'pending' THEN
+        IF r.status = 'committed' AND p_commit_amount IS NOT DISTINCT FROM r.committed_amount THEN
+            SELECT tenant_id, status, code, ledger_id, amount, balance_after, true
+            INTO v_result FROM tollhouse.credit_debits
+            WHERE tenant_id = v_tenant AND turn_id = p_turn_id;
+            IF FOUND THEN
+                RETURN v_result;
+            END IF;
+            RETURN ROW(v_tenant, 'committed', NULL, NULL, 0, a.balance, true)::tollhouse.credit_debit_result;
+        END IF;
+        IF r.status = 'released' AND p_commit_amount IS NULL THEN
+            RETURN ROW(v_tenant, 'released', NULL, NULL, r.amount, a.balance, true)::tollhouse.credit_debit_result;
+        END IF;
+        RETURN ROW(v_tenant, 'rejected', 'reservation_' || r.status, NULL, p_commit_amount, NULL, false)::tollhouse.credit_debit_result;
+    END IF;
+    IF p_commit_amount IS NOT NULL AND (p_commit_amount < 0 OR p_commit_amount > r.amount) THEN
+        RETURN ROW(v_tenant, 'rejected', 'commit_exceeds_reservation', NULL, p_commit_amount, NULL, false)::tollhouse.credit_debit_result;
+    END IF;
+    -- Credits under a hold may have expired meanwhile: a commit the balance can no longer
+    -- cover is refused and the hold stays pending (nothing recorded, nothing burned), so the
+    -- app can top up and commit again, or release.
+    IF p_commit_amount IS NOT NULL
+       AND a.balance - (a.reserved - r.amount) - p_commit_amount < -a.overdraft_limit THEN
+        RETURN ROW(v_tenant, 'rejected', 'insufficient_credits', NULL, p_commit_amount, NULL, false)::tollhouse.credit_debit_result;
+    END IF;
+    -- The tenant must not be deleted and the holder must still be a member; otherwise the
+    -- commit is refused and the hold stays pending (it expires, or is released).
+    IF p_commit_amount IS NOT NULL THEN
+        IF tollhouse.credit_tenant_gone_v1(v_tenant) THEN
+            RETURN ROW(v_tenant, 'rejected', 'not_found', NULL, p_commit_amount, NULL, false)::tollhouse.credit_debit_result;
+        END IF;
+        v_code := tollhouse.credit_member_gate_v1(v_tenant, r.acting_user_id, a.period_start,
+                                                  p_commit_amount, false);
+        IF v_code IS NOT NULL THEN
+            RETURN ROW(v_tenant, 'rejected', v_code, NULL, p_commit_amount, NULL, false)::tollhouse.credit_debit_result;
+        END IF;
+    END IF;
+    -- A turn another debit has answered already (a negative adjustment's, made with a
+    -- client's turn id before such ids were refused) cannot be committed: refused, and the
+    -- hold stays pending.
+    IF p_commit_amount IS NOT NULL
+       AND EXISTS (SELECT 1 FROM tollhouse.credit_debits d
+                   WHERE d.tenant_id = v_tenant AND d.turn_id = p_turn_id) THEN
+        RETURN ROW(v_tenant, 'rejected', 'idempotency_conflict', NULL, p_commit_amount, NULL, false)::tollhouse.credit_debit_result;
+    END IF;
+    -- Give the hold back, then (on commit) debit the actual amount as an ordinary debit of
+    -- this turn: the hold guaranteed the funds and the cap.
+    UPDATE tollhouse.credit_accounts
+    SET reserved = reserved - r.amount,
+        daily_used = CASE WHEN day_start = r.day THEN greatest(0, daily_used - r.amount)
+                          ELSE daily_used END,
+        updated_at = now()
+    WHERE tenant_id = v_tenant;
+    UPDATE tollhouse.credit_reservations
+    SET status = CASE WHEN p_commit_amount IS NULL THEN 'released' ELSE 'committed' END,
+        committed_amount = p_commit_amount, resolved_at = now()
+    WHERE tenant_id = v_tenant AND turn_id = p_turn_id;
+    IF p_commit_amount IS NULL THEN
+        SELECT balance INTO a.balance FROM tollhouse.credit_accounts WHERE tenant_id = v_tenant;
+        RETURN ROW(v_tenant, 'released', NULL, NULL, r.amount, a.balance, false)::tollhouse.credit_debit_result;
+    END IF;
+    IF p_commit_amount = 0 THEN
+        RETURN ROW(v_tenant, 'committed', NULL, NULL, 0, a.balance, false)::tollhouse.credit_debit_result;
+    END IF;
+    -- The turn is the holder's (the service's when nobody held it): the holder's member
+    -- limit counts the usage and the ledger names the holder.
+    v_result := tollhouse.credit_debit_v1(v_tenant, r.acting_user_id,
+                                          p_commit_amount, p_turn_id, r.session_id,
+                                          p_reason, p_metadata, true, true);
+    -- The checks above decide as the debit does; should they ever differ, the hold must not
+    -- stay committed and given back with nothing charged: the whole call is undone.
+    IF v_result.status <> 'applied' OR v_result.replayed THEN
+        RAISE EXCEPTION 'the commit of turn % was not applied (%); nothing changed',
+            p_turn_id, coalesce(v_result.code, v_result.status);
+    END IF;
+    RETURN v_result;
 END
 $$;
