@@ -732,6 +732,36 @@ async def test_a_commit_of_a_turn_an_adjustment_answered_keeps_the_hold(
     assert (released.status, released.balance_after) == ("released", 95)
 
 
+async def test_a_new_time_zone_keeps_todays_use_and_moves_the_day_to_its_own(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """Cap 25: 20 debited and 5 held in Kiritimati (UTC+14), then the zone is Pago Pago
+    (UTC-11). The day is now Pago Pago's today with the 25 still counted (the held 5 goes
+    when released), and Pago Pago's next midnight frees the cap. Left on Kiritimati's date,
+    a day ahead, the cap stayed frozen a further day."""
+    await tollhouse.credits.set_plan("free", monthly_credits=0, daily_cap=25, overdraft_limit=0)
+    user = await _payer(tollhouse, funds=1000)
+    await tollhouse.credits.set_time_zone("Pacific/Kiritimati", user_id=user)
+    assert (await tollhouse.credits.debit(_debit(user, 20))).status == "applied"
+    held = await tollhouse.credits.reserve(amount=5, turn_id="stream", user_id=user)
+    assert held.status == "pending"
+    await tollhouse.credits.set_time_zone("Pacific/Pago_Pago", user_id=user)
+    tenant = await tollhouse.credits.tenant_of(None, user)
+    day = "SELECT day_start = (now() AT TIME ZONE 'Pacific/Pago_Pago')::date, daily_used"
+    day += " FROM tollhouse.credit_accounts WHERE tenant_id = %s"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute(day, (tenant,)).fetchone() == (True, 25)
+        await tollhouse.credits.release(turn_id="stream", user_id=user)
+        assert conn.execute(day, (tenant,)).fetchone() == (True, 20)
+        assert (await tollhouse.credits.debit(_debit(user, 6))).code == "daily_cap_exceeded"
+        # Pago Pago's midnight passes: the account's day is then yesterday's.
+        conn.execute(
+            "UPDATE tollhouse.credit_accounts SET day_start = day_start - 1 WHERE tenant_id = %s",
+            (tenant,),
+        )
+    assert (await tollhouse.credits.debit(_debit(user, 25))).status == "applied"
+
+
 async def test_many_connections_storm(
     service_dsn: str, identity_config: IdentityConfig, no_allowance: None, tollhouse: Tollhouse
 ) -> None:
