@@ -275,9 +275,8 @@ class OrgService:
             current = await _role_of(conn, tenant_id, user_id)
             if not leaving:
                 _may_grant(locked, current)
-            params = {"id": tenant_id, "user_id": user_id}
-            await conn.execute(queries["void_holds"], params)
-            await conn.execute(queries["remove_member"], params)
+            # The membership's trigger voids the member's holds (tenant_members_void_holds).
+            await conn.execute(queries["remove_member"], {"id": tenant_id, "user_id": user_id})
 
         await self._run(work)
 

@@ -786,3 +786,32 @@ BEGIN
     RETURN v_result;
 END
 $$;
+
+-- A member removed by deleting its membership row directly (an end user under row-level
+-- security, policy tenant_members_remove) kept its pending holds on the pool: only
+-- OrgService voided them. A trigger does it now, whoever deletes. BEFORE the row goes, so
+-- the pool's account is locked before the member's limit row (the cascade), in the order a
+-- debit takes them. SECURITY DEFINER: an end user may not write the credit tables.
+CREATE FUNCTION tollhouse.tenant_members_void_holds() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM tollhouse.credit_void_member_holds_v1(OLD.tenant_id, OLD.user_id);
+    RETURN OLD;
+END
+$$;
+CREATE TRIGGER tenant_members_void_holds BEFORE DELETE ON tollhouse.tenant_members
+    FOR EACH ROW EXECUTE FUNCTION tollhouse.tenant_members_void_holds();
+REVOKE ALL ON FUNCTION tollhouse.tenant_members_void_holds() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION tollhouse.tenant_members_void_holds() TO tollhouse_service;
+-- Under FORCE ROW LEVEL SECURITY a non-superuser owner needs policies for the function
+-- above to see and write the rows it voids (a superuser bypasses RLS).
+DO $$
+BEGIN
+    EXECUTE format('CREATE POLICY credit_accounts_owner_all ON tollhouse.credit_accounts '
+                   'TO %I USING (true) WITH CHECK (true)', current_user);
+    EXECUTE format('CREATE POLICY credit_reservations_owner_all ON tollhouse.credit_reservations '
+                   'TO %I USING (true) WITH CHECK (true)', current_user);
+END
+$$;
