@@ -579,6 +579,12 @@ class InvitationUsed(Conflict):
     code = "invitation_already_used"
 
 
+class InvitationSuperseded(Conflict):
+    """A newer invitation to this address is pending; resend or revoke that one."""
+
+    code = "invitation_superseded"
+
+
 class InvitationEmailMismatch(Forbidden):
     """This invitation was sent to another address; sign in with a verified e-mail that
     matches it."""

@@ -556,6 +556,30 @@ async def test_t02_expiry_boundary_on_the_database_clock(tollhouse: Tollhouse) -
     assert (await tollhouse.orgs.accept(resent.token, invitee)).user_id == invitee
 
 
+async def test_resending_an_expired_invitation_a_newer_one_replaced_is_refused(
+    tollhouse: Tollhouse,
+) -> None:
+    """The first invitation expired and a second to the same address is pending: resending
+    the first is 409 invitation_superseded (it was the bare `conflict` of the unique index),
+    and the second still works."""
+    owner = await user(tollhouse)
+    org = await org_with(tollhouse, owner)
+    first = await tollhouse.orgs.invite(org.id, "x@example.com")
+    await tollhouse.db.transaction(
+        lambda conn: conn.execute(
+            "UPDATE tollhouse.tenant_invitations SET expires_at = now() - interval '1 minute'"
+            " WHERE id = %s",
+            (first.invitation.id,),
+        )
+    )
+    second = await tollhouse.orgs.invite(org.id, "x@example.com")
+    with pytest.raises(e.InvitationSuperseded):
+        await tollhouse.orgs.resend(org.id, first.invitation.id)
+    assert (
+        await tollhouse.orgs.resend(org.id, second.invitation.id)
+    ).invitation.status == "pending"
+
+
 async def naive_accept(tollhouse: Tollhouse, token: str, user_id: uuid.UUID) -> None:
     """The control for T-03: read the invitation's status, then accept without a lock."""
     selector = uuid.UUID(hex=token[4:36])

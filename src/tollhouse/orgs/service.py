@@ -51,6 +51,7 @@ _CONSTRAINTS = {
     "tenant_members_owner_check": e.LastOwner,
     "tenant_members_personal_check": e.PersonalTenant,
     "tenant_invitations_email_check": e.InvalidEmail,
+    "tenant_invitations_pending_key": e.InvitationSuperseded,
     "tenant_member_credit_limits_limit_check": e.InvalidRequest,
 }
 
