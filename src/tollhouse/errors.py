@@ -462,6 +462,12 @@ class CommitExceedsReservation(InvalidRequest):
     code = "commit_exceeds_reservation"
 
 
+class TurnIdReserved(InvalidRequest):
+    """Turn ids starting with 'adjustment:' are kept for adjustments."""
+
+    code = "turn_id_reserved"
+
+
 class LedgerEntryNotFound(NotFound):
     """No such debit in the ledger."""
 
@@ -571,6 +577,12 @@ class InvitationUsed(Conflict):
     """This invitation has already been accepted."""
 
     code = "invitation_already_used"
+
+
+class InvitationSuperseded(Conflict):
+    """A newer invitation to this address is pending; resend or revoke that one."""
+
+    code = "invitation_superseded"
 
 
 class InvitationEmailMismatch(Forbidden):

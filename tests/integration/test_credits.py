@@ -10,6 +10,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import psycopg
@@ -596,6 +597,171 @@ async def test_a_new_period_takes_the_plans_current_limits_and_keeps_its_anchor(
     assert balance.balance == 999 + 10  # the new period's allowance arrived
 
 
+def _on_a_settable_clock(conn: psycopg.Connection[Any], function: str) -> str:
+    """Redefine `function` in this test's database with its now() read from the setting
+    `test.now`, and return its real definition (to restore it)."""
+    real = conn.execute("SELECT pg_get_functiondef(%s::regprocedure)", (function,)).fetchone()
+    assert real is not None
+    conn.execute(
+        "CREATE FUNCTION tollhouse.test_now() RETURNS timestamptz LANGUAGE sql STABLE"
+        " AS $$ SELECT current_setting('test.now')::timestamptz $$"
+    )
+    conn.execute(str(real[0]).replace("now()", "tollhouse.test_now()"))
+    return str(real[0])
+
+
+async def test_a_period_ending_on_a_clamped_month_end_renews_at_once(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """An account made on Jan 31 12:00: its first period ends Feb 28 12:00 (clamped). At
+    13:00 the next period, to Mar 31 12:00, has begun and its allowance is live; age() alone
+    still counted 0 whole months then and wrote the ended period back until midnight.
+    (credit_account_v1 runs on a settable clock here; the real one restores it.)"""
+    user = await _payer(tollhouse)
+    tenant = (await tollhouse.credits.balance(user_id=user)).tenant_id
+    await tollhouse.credits.set_plan("free", monthly_credits=10, daily_cap=None, overdraft_limit=0)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET TIME ZONE 'UTC'")
+        real = _on_a_settable_clock(conn, "tollhouse.credit_account_v1(uuid)")
+        conn.execute(
+            "UPDATE tollhouse.credit_accounts SET created_at = '2026-01-31 12:00+00',"
+            " period_start = '2026-01-31 12:00+00', period_end = '2026-02-28 12:00+00',"
+            " allowance_for = '2026-01-31 12:00+00' WHERE tenant_id = %s",
+            (tenant,),
+        )
+        seen = []
+        for at in ("2026-02-28 11:00+00", "2026-02-28 13:00+00", "2026-03-01 00:01+00"):
+            conn.execute("SELECT set_config('test.now', %s, false)", (at,))
+            conn.execute("SELECT tollhouse.credit_account_v1(%s)", (tenant,))
+            row = conn.execute(
+                "SELECT period_start, period_end, balance FROM tollhouse.credit_accounts"
+                " WHERE tenant_id = %s",
+                (tenant,),
+            ).fetchone()
+            assert row is not None
+            seen.append((row[0].isoformat(), row[1].isoformat(), row[2]))
+        conn.execute(real)
+    assert seen == [
+        ("2026-01-31T12:00:00+00:00", "2026-02-28T12:00:00+00:00", 0),
+        ("2026-02-28T12:00:00+00:00", "2026-03-31T12:00:00+00:00", 10),
+        ("2026-02-28T12:00:00+00:00", "2026-03-31T12:00:00+00:00", 10),
+    ]
+    await tollhouse.credits.balance(user_id=user)  # on the real clock again, for the checks
+
+
+async def test_a_refused_adjustment_is_the_answer_for_its_id_either_way(
+    tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """-1000 below the floor is refused and replays refused; the same id then asking +1000
+    is an idempotency conflict, not a grant (the refusal left no adjustment row)."""
+    user = await _payer(tollhouse, funds=100)
+    asked = [(-1000, "insufficient_credits"), (-1000, "insufficient_credits")]
+    for amount, code in [*asked, (1000, "idempotency_conflict")]:
+        result = await tollhouse.credits.adjust(
+            amount=amount, adjustment_id="fix-3", note="typo", user_id=user
+        )
+        assert (result.status, result.code) == ("rejected", code)
+    assert (await tollhouse.credits.balance(user_id=user)).balance == 100
+
+
+async def test_adjustment_ids_are_each_tenants_own(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """Two tenants take with the same adjustment id, and a client's debit of turn
+    `adjustment:fix-2` (sent before such turn ids were refused) does not answer the
+    adjustment fix-2: a negative adjustment's turn is `adjustment:<tenant>:<id>`."""
+    a, b = await _payer(tollhouse, funds=100), await _payer(tollhouse, funds=100)
+    for user in (a, b):
+        taken = await tollhouse.credits.adjust(
+            amount=-5, adjustment_id="fix-1", note="x", user_id=user
+        )
+        assert (taken.status, taken.replayed, taken.balance_after) == ("applied", False, 95)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "SELECT tollhouse.credit_debit_v1(NULL, %s, 7, 'adjustment:fix-2', NULL,"
+            " 'llm_usage', '{}')",
+            (a,),
+        )
+    taken = await tollhouse.credits.adjust(amount=-7, adjustment_id="fix-2", note="x", user_id=a)
+    assert (taken.status, taken.replayed, taken.balance_after) == ("applied", False, 81)
+    entries, _ = await tollhouse.credits.ledger(user_id=a)
+    tenant = await tollhouse.credits.tenant_of(None, a)
+    assert entries[0].turn_id == f"adjustment:{tenant}:fix-2"
+
+
+async def test_a_client_turn_id_may_not_look_like_an_adjustments(
+    tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    user = await _payer(tollhouse, funds=100)
+    with pytest.raises(errors.TurnIdReserved):
+        await tollhouse.credits.debit(_debit(user, 1, "adjustment:x"))
+    with pytest.raises(errors.TurnIdReserved):
+        await tollhouse.credits.debit_alone(_debit(user, 1, "adjustment:x"))
+    with pytest.raises(errors.TurnIdReserved):
+        await tollhouse.credits.reserve(amount=1, turn_id="adjustment:x", user_id=user)
+    assert (await tollhouse.credits.debit(_debit(user, 1, "adjustments"))).status == "applied"
+
+
+async def test_a_commit_of_a_turn_an_adjustment_answered_keeps_the_hold(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """A hold on the turn a negative adjustment then debited (made in SQL: the service refuses
+    such turn ids): its commit is refused and the hold stays pending, instead of being marked
+    committed and given back with nothing charged."""
+    user = await _payer(tollhouse, funds=100)
+    tenant = await tollhouse.credits.tenant_of(None, user)
+    turn = f"adjustment:{tenant}:z"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        held = conn.execute(
+            "SELECT status FROM tollhouse.credit_reserve_v1(NULL, %s, 40, %s, 600, NULL)",
+            (user, turn),
+        ).fetchone()
+        assert held == ("pending",)
+    taken = await tollhouse.credits.adjust(amount=-5, adjustment_id="z", note="x", user_id=user)
+    assert (taken.status, taken.balance_after) == ("applied", 95)
+    refused = await tollhouse.credits.commit(turn_id=turn, amount=30, user_id=user)
+    assert (refused.status, refused.code) == ("rejected", "idempotency_conflict")
+    with psycopg.connect(dsn) as conn:
+        hold = conn.execute(
+            "SELECT r.status, a.reserved FROM tollhouse.credit_reservations r"
+            " JOIN tollhouse.credit_accounts a USING (tenant_id) WHERE r.turn_id = %s",
+            (turn,),
+        ).fetchone()
+    assert hold == ("pending", 40)
+    released = await tollhouse.credits.release(turn_id=turn, user_id=user)
+    assert (released.status, released.balance_after) == ("released", 95)
+
+
+async def test_a_new_time_zone_keeps_todays_use_and_moves_the_day_to_its_own(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """Cap 25: 20 debited and 5 held in Kiritimati (UTC+14), then the zone is Pago Pago
+    (UTC-11). The day is now Pago Pago's today with the 25 still counted (the held 5 goes
+    when released), and Pago Pago's next midnight frees the cap. Left on Kiritimati's date,
+    a day ahead, the cap stayed frozen a further day."""
+    await tollhouse.credits.set_plan("free", monthly_credits=0, daily_cap=25, overdraft_limit=0)
+    user = await _payer(tollhouse, funds=1000)
+    await tollhouse.credits.set_time_zone("Pacific/Kiritimati", user_id=user)
+    assert (await tollhouse.credits.debit(_debit(user, 20))).status == "applied"
+    held = await tollhouse.credits.reserve(amount=5, turn_id="stream", user_id=user)
+    assert held.status == "pending"
+    await tollhouse.credits.set_time_zone("Pacific/Pago_Pago", user_id=user)
+    tenant = await tollhouse.credits.tenant_of(None, user)
+    day = "SELECT day_start = (now() AT TIME ZONE 'Pacific/Pago_Pago')::date, daily_used"
+    day += " FROM tollhouse.credit_accounts WHERE tenant_id = %s"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute(day, (tenant,)).fetchone() == (True, 25)
+        await tollhouse.credits.release(turn_id="stream", user_id=user)
+        assert conn.execute(day, (tenant,)).fetchone() == (True, 20)
+        assert (await tollhouse.credits.debit(_debit(user, 6))).code == "daily_cap_exceeded"
+        # Pago Pago's midnight passes: the account's day is then yesterday's.
+        conn.execute(
+            "UPDATE tollhouse.credit_accounts SET day_start = day_start - 1 WHERE tenant_id = %s",
+            (tenant,),
+        )
+    assert (await tollhouse.credits.debit(_debit(user, 25))).status == "applied"
+
+
 async def test_many_connections_storm(
     service_dsn: str, identity_config: IdentityConfig, no_allowance: None, tollhouse: Tollhouse
 ) -> None:
@@ -942,6 +1108,28 @@ async def test_a_batch_does_not_count_a_members_expired_hold_against_its_limit(
         [DebitRequest(amount=50, turn_id=f"m{n}", tenant_id=org, user_id=member) for n in (1, 2)]
     )
     assert [(r.status, r.code) for r in results] == [("applied", None)] * 2
+
+
+@pytest.mark.parametrize("path", ["batch", "alone"])
+async def test_a_deleted_user_spends_nothing_from_its_personal_tenant_named(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None, path: str
+) -> None:
+    """A soft-deleted user naming its personal tenant with its user_id is refused like a
+    deleted member of a pool (the owner's pass came before the deleted_at check)."""
+    user = await _payer(tollhouse, funds=100)
+    tenant = await tollhouse.credits.tenant_of(None, user)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE tollhouse.users SET deleted_at = now() WHERE id = %s", (user,))
+    named = [
+        DebitRequest(amount=10, turn_id=f"t{n}", tenant_id=tenant, user_id=user) for n in (1, 2)
+    ]
+    if path == "batch":
+        results = await tollhouse.credits._send_batch(named)
+    else:
+        results = [await tollhouse.credits.debit_alone(request) for request in named]
+    assert [(r.status, r.code) for r in results] == [("rejected", "not_a_member")] * 2
+    balance = await tollhouse.credits.balance(tenant_id=tenant)
+    assert balance.balance == 100
 
 
 async def test_a_batch_counts_a_members_use_in_the_new_period(

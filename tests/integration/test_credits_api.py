@@ -249,6 +249,35 @@ async def test_reservations_and_refunds_over_http(
     )
 
 
+async def test_a_turn_id_like_an_adjustments_is_refused(
+    client: httpx.AsyncClient, auth: dict[str, str], payer: uuid.UUID
+) -> None:
+    for path in ("/v1/credits/debit", "/v1/credits/reservations"):
+        body = {"user_id": str(payer), "amount": 1, "turn_id": "adjustment:fix-1"}
+        reply = await client.post(path, json=body, headers=auth)
+        assert (reply.status_code, reply.json()["error"]["code"]) == (422, "turn_id_reserved")
+
+
+async def test_an_adjustment_id_fits_its_turn_id(
+    client: httpx.AsyncClient, auth: dict[str, str], payer: uuid.UUID
+) -> None:
+    """A negative adjustment's turn is `adjustment:<tenant>:<id>`, at most 200 characters:
+    an id of 152 applies either way; 153 is the body's 422, not the database's."""
+    for amount, size in ((5, 152), (-5, 152)):
+        adjustment_id = ("up" if amount > 0 else "dn") + "x" * (size - 2)
+        body = {
+            "user_id": str(payer),
+            "amount": amount,
+            "note": "x",
+            "adjustment_id": adjustment_id,
+        }
+        reply = await client.post("/v1/credits/adjustments", json=body, headers=auth)
+        assert reply.status_code == 200, reply.json()
+    body = {"user_id": str(payer), "amount": -5, "note": "x", "adjustment_id": "x" * 153}
+    reply = await client.post("/v1/credits/adjustments", json=body, headers=auth)
+    assert (reply.status_code, reply.json()["error"]["code"]) == (422, "validation_error")
+
+
 async def test_adjustments_either_way_once_with_a_note(
     client: httpx.AsyncClient, auth: dict[str, str], payer: uuid.UUID, tollhouse: Tollhouse
 ) -> None:

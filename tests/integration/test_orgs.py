@@ -343,6 +343,30 @@ async def test_holds_count_against_the_member_limit(tollhouse: Tollhouse) -> Non
     assert await spend(tollhouse, org.id, member, 1) == "member_limit_exceeded"
 
 
+@pytest.mark.parametrize("who", ["member", "owner"])
+async def test_a_membership_deleted_under_rls_voids_the_members_holds(
+    tollhouse: Tollhouse, who: str
+) -> None:
+    """The member leaves, or the owner removes it, by deleting the membership row as an end
+    user (not through OrgService): its pending hold on the pool is released all the same."""
+    owner, member = await user(tollhouse), await user(tollhouse)
+    org = await org_with(tollhouse, owner, member)
+    held = await tollhouse.credits.reserve(
+        amount=30, turn_id="stream", tenant_id=org.id, user_id=member
+    )
+    assert held.status == "pending"
+    async with tollhouse.db.as_end_user(owner if who == "owner" else member) as conn:
+        cur = await conn.execute(
+            "DELETE FROM tollhouse.tenant_members WHERE tenant_id = %s AND user_id = %s",
+            (org.id, member),
+        )
+        assert cur.rowcount == 1
+    balance = await tollhouse.credits.balance(tenant_id=org.id)
+    assert balance.available == balance.balance
+    late = await tollhouse.credits.commit(turn_id="stream", amount=10, tenant_id=org.id)
+    assert late.code == "reservation_released"
+
+
 async def test_non_members_cannot_spend_from_a_pool(tollhouse: Tollhouse) -> None:
     owner, stranger = await user(tollhouse), await user(tollhouse)
     org = await org_with(tollhouse, owner)
@@ -530,6 +554,30 @@ async def test_t02_expiry_boundary_on_the_database_clock(tollhouse: Tollhouse) -
     resent = await tollhouse.orgs.resend(org.id, late.invitation.id)
     await expire_in(1, resent.invitation.id)
     assert (await tollhouse.orgs.accept(resent.token, invitee)).user_id == invitee
+
+
+async def test_resending_an_expired_invitation_a_newer_one_replaced_is_refused(
+    tollhouse: Tollhouse,
+) -> None:
+    """The first invitation expired and a second to the same address is pending: resending
+    the first is 409 invitation_superseded (it was the bare `conflict` of the unique index),
+    and the second still works."""
+    owner = await user(tollhouse)
+    org = await org_with(tollhouse, owner)
+    first = await tollhouse.orgs.invite(org.id, "x@example.com")
+    await tollhouse.db.transaction(
+        lambda conn: conn.execute(
+            "UPDATE tollhouse.tenant_invitations SET expires_at = now() - interval '1 minute'"
+            " WHERE id = %s",
+            (first.invitation.id,),
+        )
+    )
+    second = await tollhouse.orgs.invite(org.id, "x@example.com")
+    with pytest.raises(e.InvitationSuperseded):
+        await tollhouse.orgs.resend(org.id, first.invitation.id)
+    assert (
+        await tollhouse.orgs.resend(org.id, second.invitation.id)
+    ).invitation.status == "pending"
 
 
 async def naive_accept(tollhouse: Tollhouse, token: str, user_id: uuid.UUID) -> None:
@@ -723,10 +771,11 @@ async def test_a_commit_checks_the_holder_before_giving_the_hold_back(
     )
     assert committed.status == "applied"  # the service's hold: charged to the pool
     await tollhouse.credits.reserve(amount=20, turn_id="m", tenant_id=org.id, user_id=member)
-    await tollhouse.db.transaction(  # the member leaves behind the service's back
+    # The holder stops being one who may spend behind the service's back. (Deleting its
+    # membership would void the hold: tenant_members_void_holds.)
+    await tollhouse.db.transaction(
         lambda conn: conn.execute(
-            "DELETE FROM tollhouse.tenant_members WHERE tenant_id = %s AND user_id = %s",
-            (org.id, member),
+            "UPDATE tollhouse.users SET deleted_at = now() WHERE id = %s", (member,)
         )
     )
     refused = await tollhouse.credits.commit(turn_id="m", amount=5, tenant_id=org.id)

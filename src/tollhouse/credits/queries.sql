@@ -147,6 +147,26 @@ SELECT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = %(time_zone)s)
 
 -- name: set_time_zone
 -- After `refresh_account` in the same transaction (one statement cannot update a row a
--- function in it already changed).
-UPDATE tollhouse.credit_accounts SET time_zone = %(time_zone)s, updated_at = now()
-WHERE tenant_id = %(tenant_id)s
+-- function in it already changed). The day moves to today in the new zone, keeping the
+-- usage counted for today in the old one (and the pending holds counted in it): left in the
+-- old zone, a day ahead of the new zone's froze the cap until the new zone passed it (the
+-- day only moves forward), up to 35 hours.
+WITH old AS (
+    SELECT tenant_id, day_start, day_start >= (now() AT TIME ZONE time_zone)::date AS today
+    FROM tollhouse.credit_accounts
+    WHERE tenant_id = %(tenant_id)s
+), holds AS (
+    UPDATE tollhouse.credit_reservations r
+    SET day = (now() AT TIME ZONE %(time_zone)s)::date
+    FROM old
+    WHERE r.tenant_id = old.tenant_id AND r.status = 'pending' AND r.day = old.day_start
+      AND old.today
+)
+UPDATE tollhouse.credit_accounts a
+SET time_zone = %(time_zone)s,
+    day_start = CASE WHEN old.day_start IS NOT NULL
+                     THEN (now() AT TIME ZONE %(time_zone)s)::date END,
+    daily_used = CASE WHEN old.today THEN a.daily_used ELSE 0 END,
+    updated_at = now()
+FROM old
+WHERE a.tenant_id = old.tenant_id

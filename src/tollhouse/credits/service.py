@@ -34,6 +34,12 @@ queries = Queries("tollhouse.credits", "queries.sql")
 log = structlog.get_logger(__name__)
 
 MAX_AMOUNT = 10**15
+#: A negative adjustment is the debit of turn `adjustment:<tenant>:<id>`; no client turn
+#: may look like one.
+ADJUSTMENT_TURNS = "adjustment:"
+#: The longest adjustment id: its turn, `adjustment:<tenant uuid>:<id>`, fits the 200
+#: characters of a turn id.
+MAX_ADJUSTMENT_ID = 200 - len("adjustment:") - 36 - 1
 _CONSTRAINTS = {
     "credit_grants_source_key": e.IdempotencyConflict,
     "credit_grants_total_check": e.InvalidRequest,
@@ -85,6 +91,8 @@ def _check(request: DebitRequest) -> None:
             raise e.InvalidRequest(f"{name} must be a UUID", field=name)
     if not isinstance(request.metadata, dict):
         raise e.InvalidRequest("metadata must be a JSON object", field="metadata")
+    if isinstance(request.turn_id, str) and request.turn_id.startswith(ADJUSTMENT_TURNS):
+        raise e.TurnIdReserved(field="turn_id")
     for name in ("turn_id", "session_id", "reason", "metadata"):
         reason = unstorable(getattr(request, name))
         if reason:
@@ -382,8 +390,10 @@ class CreditService:
             )
         if not note.strip() or len(note) > 500:
             raise e.InvalidRequest("note must say why, in 1 to 500 characters", field="note")
-        if not 0 < len(adjustment_id) <= 200:
-            raise e.InvalidRequest("adjustment_id must be 1 to 200 characters")
+        if not 0 < len(adjustment_id) <= MAX_ADJUSTMENT_ID:
+            raise e.InvalidRequest(
+                f"adjustment_id must be 1 to {MAX_ADJUSTMENT_ID} characters", field="adjustment_id"
+            )
         if tenant_id is None and user_id is None:
             raise e.InvalidRequest("name the payer: user_id or tenant_id")
         params = {

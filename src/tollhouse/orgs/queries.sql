@@ -88,9 +88,6 @@ WHERE tenant_id = %(id)s AND user_id = %(user_id)s
 -- name: set_owner
 UPDATE tollhouse.tenants SET owner_user_id = %(user_id)s, updated_at = now() WHERE id = %(id)s
 
--- name: void_holds
-SELECT tollhouse.credit_void_member_holds_v1(%(id)s, %(user_id)s)
-
 -- name: remove_member
 DELETE FROM tollhouse.tenant_members WHERE tenant_id = %(id)s AND user_id = %(user_id)s
 

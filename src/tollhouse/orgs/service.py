@@ -51,6 +51,7 @@ _CONSTRAINTS = {
     "tenant_members_owner_check": e.LastOwner,
     "tenant_members_personal_check": e.PersonalTenant,
     "tenant_invitations_email_check": e.InvalidEmail,
+    "tenant_invitations_pending_key": e.InvitationSuperseded,
     "tenant_member_credit_limits_limit_check": e.InvalidRequest,
 }
 
@@ -275,9 +276,8 @@ class OrgService:
             current = await _role_of(conn, tenant_id, user_id)
             if not leaving:
                 _may_grant(locked, current)
-            params = {"id": tenant_id, "user_id": user_id}
-            await conn.execute(queries["void_holds"], params)
-            await conn.execute(queries["remove_member"], params)
+            # The membership's trigger voids the member's holds (tenant_members_void_holds).
+            await conn.execute(queries["remove_member"], {"id": tenant_id, "user_id": user_id})
 
         await self._run(work)
 

@@ -15,7 +15,7 @@ from tollhouse.api.errors import envelope, status_for
 from tollhouse.api.schemas import Strict
 from tollhouse.app import Tollhouse
 from tollhouse.credits import DebitRequest, DebitResult, rejection
-from tollhouse.credits.service import MAX_AMOUNT
+from tollhouse.credits.service import MAX_ADJUSTMENT_ID, MAX_AMOUNT
 from tollhouse.errors import InvalidRequest
 
 router = APIRouter(prefix="/v1", tags=["credits"])
@@ -63,7 +63,9 @@ class AdjustmentBody(Payer):
     amount: Annotated[StrictInt, Field(ge=-MAX_AMOUNT, le=MAX_AMOUNT)] = Field(
         description="Credits to add (> 0) or take (< 0); never 0"
     )
-    adjustment_id: str = Field(min_length=1, max_length=200, description="Applies once")
+    adjustment_id: str = Field(
+        min_length=1, max_length=MAX_ADJUSTMENT_ID, description="Applies once"
+    )
     note: str = Field(min_length=1, max_length=500, pattern=r"\S", description="Why")
 
 
