@@ -261,9 +261,10 @@ async def test_a_turn_id_like_an_adjustments_is_refused(
 async def test_an_adjustment_id_fits_its_turn_id(
     client: httpx.AsyncClient, auth: dict[str, str], payer: uuid.UUID
 ) -> None:
-    """A negative adjustment's turn is `adjustment:<tenant>:<id>`, at most 200 characters:
-    an id of 152 applies either way; 153 is the body's 422, not the database's."""
-    for amount, size in ((5, 152), (-5, 152)):
+    """A negative adjustment's turn is `adjustment:<tenant>:<id>`, at most 200 characters,
+    and a positive one's grant source `adjustment:<id>`: ids up to 189 apply either way (a
+    long one's turn names it by its hash); 190 is the body's 422, not the database's."""
+    for amount, size in ((5, 152), (-5, 152), (5, 189), (-5, 189), (-6, 153)):
         adjustment_id = ("up" if amount > 0 else "dn") + "x" * (size - 2)
         body = {
             "user_id": str(payer),
@@ -273,7 +274,9 @@ async def test_an_adjustment_id_fits_its_turn_id(
         }
         reply = await client.post("/v1/credits/adjustments", json=body, headers=auth)
         assert reply.status_code == 200, reply.json()
-    body = {"user_id": str(payer), "amount": -5, "note": "x", "adjustment_id": "x" * 153}
+        again = await client.post("/v1/credits/adjustments", json=body, headers=auth)
+        assert again.json()["replayed"] is True
+    body = {"user_id": str(payer), "amount": -5, "note": "x", "adjustment_id": "x" * 190}
     reply = await client.post("/v1/credits/adjustments", json=body, headers=auth)
     assert (reply.status_code, reply.json()["error"]["code"]) == (422, "validation_error")
 

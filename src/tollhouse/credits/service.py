@@ -37,9 +37,9 @@ MAX_AMOUNT = 10**15
 #: A negative adjustment is the debit of turn `adjustment:<tenant>:<id>`; no client turn
 #: may look like one.
 ADJUSTMENT_TURNS = "adjustment:"
-#: The longest adjustment id: its turn, `adjustment:<tenant uuid>:<id>`, fits the 200
-#: characters of a turn id.
-MAX_ADJUSTMENT_ID = 200 - len("adjustment:") - 36 - 1
+#: The longest adjustment id: a positive one's grant has the source id `adjustment:<id>`, of
+#: at most 200 characters. (A negative one's turn names an id too long for it by its hash.)
+MAX_ADJUSTMENT_ID = 200 - len("adjustment:")
 _CONSTRAINTS = {
     "credit_grants_source_key": e.IdempotencyConflict,
     "credit_grants_total_check": e.InvalidRequest,

@@ -605,7 +605,9 @@ $$;
 -- tenants (credit_turns), so `adjustment:<id>` made one tenant's id a conflict for every
 -- other tenant, and a client's debit of turn `adjustment:<id>` answered a later adjustment
 -- as a replay. (Clients may no longer send turn ids starting with `adjustment:`.) A refusal
--- made before this migration, under `adjustment:<id>`, still answers for its id.
+-- made before this migration, under `adjustment:<id>`, still answers for its id. An id too
+-- long for the turn's 200 characters (153 to 189, which worked before) is named by its
+-- SHA-256 there instead: `adjustment:<tenant>:sha256:<hex>`.
 CREATE OR REPLACE FUNCTION tollhouse.credit_adjust_v1(
     p_tenant uuid, p_user uuid, p_delta bigint, p_adjustment_id text, p_note text
 ) RETURNS tollhouse.credit_debit_result
@@ -636,7 +638,10 @@ BEGIN
                    true)::tollhouse.credit_debit_result;
     END IF;
 
-    v_turn := 'adjustment:' || v_tenant || ':' || p_adjustment_id;
+    v_turn := 'adjustment:' || v_tenant || ':' || CASE
+        WHEN length(p_adjustment_id) <= 152 THEN p_adjustment_id
+        ELSE 'sha256:' || encode(sha256(convert_to(p_adjustment_id, 'UTF8')), 'hex')
+    END;
     SELECT * INTO refused FROM tollhouse.credit_debits d
     WHERE d.tenant_id = v_tenant AND d.status = 'rejected'
       AND d.turn_id IN (v_turn, 'adjustment:' || p_adjustment_id)
