@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -199,6 +199,59 @@ async def test_signed_bodies_that_are_not_events_are_400_and_stored_nowhere(
     response = await client.post("/v1/stripe/webhook", content=pair, headers=fs.sign(pair))
     assert response.status_code == 200, response.text
     assert await event_rows(tollhouse) == 1
+    # The text backslash-u0000 (an escaped backslash) is no NUL: stored like any text.
+    escaped = json.dumps(fs.event("foo.bar", {"id": "x", "description": "\\u0000"}))
+    response = await client.post("/v1/stripe/webhook", content=escaped, headers=fs.sign(escaped))
+    assert response.status_code == 200, response.text
+    assert await event_rows(tollhouse) == 2
+
+
+def _with(event: dict[str, Any], **fields: Any) -> str:
+    return json.dumps({**event, **fields})
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        # A `created` no timestamp can hold (PostgreSQL's and Python's end before year 10000).
+        lambda ev: _with(ev, created=253_402_300_800),
+        lambda ev: _with(ev, created=-62_135_596_801),
+        lambda ev: _with(ev, created=2**63),
+        lambda ev: _with(ev, created=0),
+        lambda ev: _with(ev, created=True),
+        # `data` that is not an object.
+        lambda ev: _with(ev, data=[1]),
+        lambda ev: _with(ev, data="x"),
+        # Numbers jsonb cannot store: NaN and Infinity are not JSON; 1e400 is no float.
+        lambda ev: _with(ev, data={"object": {"id": "x", "amount": float("nan")}}),
+        lambda ev: _with(ev, data={"object": {"id": "x", "amount": float("-inf")}}),
+        lambda ev: _with(ev, data={"object": {"id": "x"}}).replace('"x"}', '"x", "n": 1e400}'),
+    ],
+    ids=[
+        "created 10000",
+        "created before year 1",
+        "created 2**63",
+        "created 0",
+        "created true",
+        "data list",
+        "data string",
+        "NaN",
+        "-Infinity",
+        "1e400",
+    ],
+)
+async def test_signed_events_out_of_range_are_400_and_stored_nowhere(
+    client: httpx.AsyncClient, tollhouse: Tollhouse, make: Callable[[dict[str, Any]], str]
+) -> None:
+    """Each of these was a 500, or a 200 that stored a row the event list could not read."""
+    for kind in ("customer.updated", "checkout.session.completed", "foo.bar"):
+        body = make(fs.event(kind, {"id": "cus_x"}))
+        response = await client.post("/v1/stripe/webhook", content=body, headers=fs.sign(body))
+        assert (response.status_code, response.json()["error"]["code"]) == (
+            400,
+            "invalid_payload",
+        ), body
+    assert await event_rows(tollhouse) == 0
 
 
 # --- W-04, W-05: duplicates -------------------------------------------------------------------

@@ -124,6 +124,23 @@ async def test_library_debit_refuses_what_postgresql_cannot_store(
     assert good.status == "applied"
 
 
+@pytest.mark.parametrize(
+    "expires_at",
+    ["9999-12-31T23:59:59-14:00", "9999-12-31T23:00:00-01:00", "0001-01-01T00:00:00+14:00"],
+)
+async def test_a_grant_expiry_no_timestamp_reads_back_is_refused(
+    client: httpx.AsyncClient, auth: dict[str, str], payer: uuid.UUID, expires_at: str
+) -> None:
+    """Year 10000 in UTC was stored, and every balance read of the payer failed after."""
+    body = {"user_id": str(payer), "amount": 10, "source": "promo", "expires_at": expires_at}
+    refused = await client.post("/v1/credits/grants", json=body, headers=auth)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (422, "invalid_request")
+    body["expires_at"] = "9999-12-31T10:00:00-01:00"  # the last day, still in range in UTC
+    assert (await client.post("/v1/credits/grants", json=body, headers=auth)).status_code == 200
+    balance = await client.get("/v1/credits/balance", params={"user_id": str(payer)}, headers=auth)
+    assert balance.status_code == 200 and balance.json()["balance"] == 110
+
+
 async def test_balance_grants_and_ledger_pages(
     client: httpx.AsyncClient, auth: dict[str, str], payer: uuid.UUID
 ) -> None:

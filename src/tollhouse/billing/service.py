@@ -83,31 +83,54 @@ def receive_params(batch: Sequence[Incoming]) -> dict[str, Any]:
     }
 
 
+#: Stripe's `created`, seconds since 1970, must be a time PostgreSQL and Python both read:
+#: before the year 10000.
+MAX_CREATED = 253_402_300_800
+
+
+def _not_a_number(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")  # NaN and Infinity: no jsonb value
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text[:40]} is out of range")
+    return value
+
+
 def parse_event(body: bytes) -> Obj:
     """The event in a verified body, or `InvalidWebhookPayload`."""
     try:
-        event = json.loads(body.decode())
+        event = json.loads(body.decode(), parse_constant=_not_a_number, parse_float=_finite)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise e.InvalidWebhookPayload("the body is not JSON") from exc
+    created = event.get("created") if isinstance(event, dict) else None
+    data = event.get("data") if isinstance(event, dict) else None
     if (
         not isinstance(event, dict)
         or not isinstance(event.get("id"), str)
         or not event["id"]
         or not isinstance(event.get("type"), str)
-        or not isinstance(event.get("created"), int)
-        or not isinstance((event.get("data") or {}).get("object"), dict)
+        or not isinstance(created, int)
+        or isinstance(created, bool)
+        or not isinstance(data, dict)
+        or not isinstance(data.get("object"), dict)
     ):
         raise e.InvalidWebhookPayload("the body is not a Stripe event (id, type, created, data)")
-    if b"\\u0000" in body or b"\x00" in body:  # PostgreSQL's jsonb stores no NUL
-        raise e.InvalidWebhookPayload("the event contains NUL characters")
-    if b"\\u" in body and _lone_surrogate(event):  # nor half of a UTF-16 pair
-        raise e.InvalidWebhookPayload("the event contains an unpaired UTF-16 surrogate")
+    if not 0 < created < MAX_CREATED:
+        raise e.InvalidWebhookPayload("the event's created time is out of range")
+    if b"\\u" in body:  # only an escape makes a NUL or half a UTF-16 pair (json refuses raw)
+        problem = _unstorable_text(event)
+        if problem is not None:
+            raise e.InvalidWebhookPayload(f"the event contains {problem}")
     return event
 
 
-def _lone_surrogate(value: Any) -> bool:
-    """Whether a string in `value` (keys included) holds a surrogate: `json` joins the
-    escaped pairs into one character, so what is left is half of one, which is no text."""
+def _unstorable_text(value: Any) -> str | None:
+    """What in a string of `value` (keys included) PostgreSQL's jsonb cannot store: a NUL,
+    or a surrogate (`json` joins the escaped pairs into one character, so what is left is
+    half of one, which is no text)."""
     stack = [value]
     while stack:
         item = stack.pop()
@@ -117,11 +140,13 @@ def _lone_surrogate(value: Any) -> bool:
         elif isinstance(item, list):
             stack.extend(item)
         elif isinstance(item, str):
+            if "\x00" in item:
+                return "NUL characters"
             try:
                 item.encode()
             except UnicodeEncodeError:
-                return True
-    return False
+                return "an unpaired UTF-16 surrogate"
+    return None
 
 
 class BillingService:

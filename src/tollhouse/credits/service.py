@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -34,6 +34,10 @@ queries = Queries("tollhouse.credits", "queries.sql")
 log = structlog.get_logger(__name__)
 
 MAX_AMOUNT = 10**15
+#: An expiry is a time both PostgreSQL and Python read back: from 1970 to the end of 9999,
+#: in UTC (9999-12-31 23:00-01:00 is already the year 10000 there).
+FIRST_EXPIRY = datetime(1970, 1, 1, tzinfo=UTC)
+LAST_EXPIRY = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
 #: A negative adjustment is the debit of turn `adjustment:<tenant>:<id>`; no client turn
 #: may look like one.
 ADJUSTMENT_TURNS = "adjustment:"
@@ -353,6 +357,7 @@ class CreditService:
         """Add credits; with a `source_id`, a repeat returns the first grant."""
         if not 0 < amount <= MAX_AMOUNT:
             raise e.InvalidRequest(f"amount must be between 1 and {MAX_AMOUNT}", field="amount")
+        expires_at = _expiry(expires_at)
         async with self._db.connection(_CONSTRAINTS) as conn:
             cur = conn.cursor(row_factory=class_row(GrantResult))
             await cur.execute(
@@ -560,3 +565,18 @@ async def conservation_problems(
         f" reserved {reserved}, pending holds {held}"
         for tenant, balance, ledger_sum, remaining, reserved, held in await cur.fetchall()
     ]
+
+
+def _expiry(value: datetime | None) -> datetime | None:
+    """A grant's expiry in UTC (a naive one is UTC), or `InvalidRequest` outside 1970-9999."""
+    if value is None:
+        return None
+    try:
+        utc = value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    except OverflowError:
+        utc = None
+    if utc is None or not FIRST_EXPIRY <= utc <= LAST_EXPIRY:
+        raise e.InvalidRequest(
+            "expires_at must be between 1970-01-01 and 9999-12-31 in UTC", field="expires_at"
+        )
+    return utc
