@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -122,6 +123,35 @@ async def test_bad_bodies_get_the_envelope_and_write_nothing(
     assert error["code"] == code
     assert error["message"]
     assert [k.name for k in await tollhouse.keys.list()] == ["tests"]
+
+
+async def test_a_body_over_a_mebibyte_is_413_before_it_is_parsed(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse
+) -> None:
+    """Declared (refused before reading) or streamed without a length (cut off once past)."""
+    padding = " " * (1 << 20)
+    body = ('{"email": "big@example.com", "display_name": "x"' + padding + "}").encode()
+    headers = {**auth, "Content-Type": "application/json"}
+    declared = await client.post("/v1/users", content=body, headers=headers)
+    assert (declared.status_code, declared.json()["error"]["code"]) == (413, "payload_too_large")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 65536):
+            yield body[start : start + 65536]
+
+    streamed = await client.post("/v1/users", content=chunks(), headers=headers)
+    assert (streamed.status_code, streamed.json()["error"]["code"]) == (413, "payload_too_large")
+    assert await tollhouse.users.find_by_email("big@example.com") is None
+    small = await client.post(
+        "/v1/users", content=body.replace(padding.encode(), b""), headers=headers
+    )
+    assert small.status_code == 201, small.text
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+async def test_probes_answer_head_too(client: httpx.AsyncClient, path: str) -> None:
+    answer = await client.head(path)
+    assert answer.status_code == 200 and answer.content == b""
 
 
 async def test_validation_errors_name_the_field(

@@ -217,7 +217,7 @@ def _with(event: dict[str, Any], **fields: Any) -> str:
         lambda ev: _with(ev, created=253_402_300_800),
         lambda ev: _with(ev, created=-62_135_596_801),
         lambda ev: _with(ev, created=2**63),
-        lambda ev: _with(ev, created=0),
+        lambda ev: _with(ev, created=-1),
         lambda ev: _with(ev, created=True),
         # `data` that is not an object.
         lambda ev: _with(ev, data=[1]),
@@ -231,7 +231,7 @@ def _with(event: dict[str, Any], **fields: Any) -> str:
         "created 10000",
         "created before year 1",
         "created 2**63",
-        "created 0",
+        "created before 1970",
         "created true",
         "data list",
         "data string",

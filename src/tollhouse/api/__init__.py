@@ -58,7 +58,9 @@ def create_app(
             DebitShortPath, tollhouse=tollhouse, route=_route(credits.router, DEBIT_PATH)
         )
     # Added last, so outermost: it also wraps both short paths.
-    app.add_middleware(RequestMiddleware, metrics=app.state.metrics)
+    app.add_middleware(
+        RequestMiddleware, metrics=app.state.metrics, own_body_bounds=frozenset({WEBHOOK_PATH})
+    )
     return app
 
 

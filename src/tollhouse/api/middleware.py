@@ -11,6 +11,7 @@ import secrets
 import time
 
 import structlog
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tollhouse.api.errors import envelope
@@ -22,6 +23,21 @@ REQUEST_ID_HEADER = "x-request-id"
 REQUEST_ID_HEADER_BYTES = REQUEST_ID_HEADER.encode()
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+#: The largest request body any route reads (the webhook's and the debit's short paths keep
+#: smaller bounds of their own); larger is 413 before any of it is parsed.
+MAX_BODY_BYTES = 1 << 20
+_TOO_LARGE = f"The request body is larger than {MAX_BODY_BYTES} bytes."
+
+
+class _BodyTooLarge(HTTPException):
+    """A body without a Content-Length grew past `MAX_BODY_BYTES` while it streamed in. An
+    HTTPException, so that FastAPI's body reading passes it on (it answers any other error
+    of the body's stream as 400) to the error handlers, which answer its 413."""
+
+    def __init__(self) -> None:
+        super().__init__(413, _TOO_LARGE)
+
+
 # A request id made here: 32 hex digits, a random prefix for the process and a counter (a
 # uuid4 a request cost a getrandom system call).
 _ID_PREFIX = secrets.token_hex(8)
@@ -61,10 +77,19 @@ class RequestMiddleware:
     every request: the headers are read in one pass, and the metrics' labelled children are
     kept rather than looked up (`Metrics.child`)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, json_prefix: str = "/v1/") -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        json_prefix: str = "/v1/",
+        own_body_bounds: frozenset[str] = frozenset(),
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.json_prefix = json_prefix
+        #: Paths that bound their bodies themselves and answer with their own error (the
+        #: Stripe webhook's 400 `invalid_payload`, which Stripe's retries rely on).
+        self.own_body_bounds = own_body_bounds
 
     def _record(self, method: str, route: str, status: int, elapsed: float) -> None:
         metrics = self.metrics
@@ -104,8 +129,18 @@ class RequestMiddleware:
                 message["headers"] = [*message.get("headers", ()), id_header]
             await send(message)
 
+        bounded = scope["path"] not in self.own_body_bounds
+        if bounded and length is None and chunked:
+            receive = _bounded(receive)
         try:
             if (
+                bounded
+                and length is not None
+                and length.strip().isdigit()
+                and int(length) > MAX_BODY_BYTES
+            ):
+                await _send_error(send_with_id, 413, "payload_too_large", _TOO_LARGE)
+            elif (
                 method in _BODY_METHODS
                 and scope["path"].startswith(self.json_prefix)
                 and (length.strip() not in ("", "0") if length is not None else chunked)
@@ -119,6 +154,9 @@ class RequestMiddleware:
                 )
             else:
                 await self.app(scope, receive, send_with_id)
+        except _BodyTooLarge:
+            if not sent_start:
+                await _send_error(send_with_id, 413, "payload_too_large", _TOO_LARGE)
         except Exception:
             log.exception("unhandled_error", method=method, path=scope["path"])
             if not sent_start:
@@ -142,6 +180,23 @@ class RequestMiddleware:
                 duration_ms=round(elapsed * 1000, 2),
             )
             structlog.contextvars.unbind_contextvars("request_id")
+
+
+def _bounded(receive: Receive) -> Receive:
+    """`receive`, raising `_BodyTooLarge` once the body passes `MAX_BODY_BYTES`: a body of
+    declared length is bounded by that length (the server reads no more)."""
+    size = 0
+
+    async def bounded() -> Message:
+        nonlocal size
+        message = await receive()
+        if message["type"] == "http.request":
+            size += len(message.get("body", b""))
+            if size > MAX_BODY_BYTES:
+                raise _BodyTooLarge()
+        return message
+
+    return bounded
 
 
 async def _send_error(send: Send, status: int, code: str, message: str, **fields: str) -> None:

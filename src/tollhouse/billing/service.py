@@ -118,7 +118,7 @@ def parse_event(body: bytes) -> Obj:
         or not isinstance(data.get("object"), dict)
     ):
         raise e.InvalidWebhookPayload("the body is not a Stripe event (id, type, created, data)")
-    if not 0 < created < MAX_CREATED:
+    if not 0 <= created < MAX_CREATED:
         raise e.InvalidWebhookPayload("the event's created time is out of range")
     if b"\\u" in body:  # only an escape makes a NUL or half a UTF-16 pair (json refuses raw)
         problem = _unstorable_text(event)

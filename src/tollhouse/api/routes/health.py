@@ -23,12 +23,21 @@ class ReadinessOut(BaseModel):
     migrations: bool
 
 
+# GET and HEAD (some load balancers probe with HEAD), each a route of its own so that each
+# has its own operation id.
 @router.get("/healthz", response_model=Liveness, summary="The process is alive")
+@router.head("/healthz", response_model=Liveness, summary="The process is alive")
 async def healthz() -> Liveness:
     return Liveness(status="ok")
 
 
 @router.get(
+    "/readyz",
+    response_model=ReadinessOut,
+    summary="The database answers and its migrations are current",
+    responses={503: {"description": "Not ready; the error envelope says why"}},
+)
+@router.head(
     "/readyz",
     response_model=ReadinessOut,
     summary="The database answers and its migrations are current",
