@@ -112,6 +112,7 @@ def identity_config(settings: Settings) -> IdentityConfig:
         signin_window_seconds=settings.signin_window_seconds,
         google_client_ids=_ids(settings.google_client_ids),
         apple_client_ids=_ids(settings.apple_client_ids),
+        link_nonce_required=settings.link_nonce_required,
         google_jwks_url=settings.google_jwks_url,
         apple_jwks_url=settings.apple_jwks_url,
     )

@@ -303,6 +303,18 @@ class VerifiedEmailRequired(Forbidden):
     code = "verified_email_required"
 
 
+class LinkNonceRequired(Forbidden):
+    """Link with a nonce from POST /v1/me/identities/nonce: this service requires one."""
+
+    code = "link_nonce_required"
+
+
+class LinkNonceInvalid(Forbidden):
+    """This link nonce was given to another session, was used already, or has expired."""
+
+    code = "link_nonce_invalid"
+
+
 class LastCredential(Conflict):
     """This is the last way to sign in; add another before removing it."""
 

@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     signin_window_seconds: int = Field(default=900, ge=1)
     google_client_ids: str = Field(default="", description="Comma-separated OAuth client ids.")
     apple_client_ids: str = Field(default="", description="Comma-separated Services/App ids.")
+    link_nonce_required: bool = Field(
+        default=False,
+        description="Explicit linking only with a nonce from POST /v1/me/identities/nonce.",
+    )
     google_jwks_url: str = "https://www.googleapis.com/oauth2/v3/certs"
     apple_jwks_url: str = "https://appleid.apple.com/auth/keys"
     # Billing (Stripe)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.support.flows import verified_account
 from tests.support.idp import KeySet, claims, sign
+from tollhouse import errors
+from tollhouse.app import Tollhouse
+from tollhouse.identity import IdentityConfig
 
 PASSWORD = "correct horse battery"
 
@@ -255,6 +260,71 @@ async def test_link_and_unlink_over_http(
     assert unlinked.json()["identities"] == []
     missing = await client.delete("/v1/me/identities/google/lk", headers=session)
     assert (missing.status_code, missing.json()["error"]["code"]) == (404, "identity_not_found")
+
+
+async def test_a_link_nonce_over_http_binds_the_link_to_its_session(
+    client: httpx.AsyncClient, auth: dict[str, str], idp_keys: KeySet, tollhouse: Tollhouse
+) -> None:
+    """RELIABILITY A-08: a link request forged in the victim's browser carries the forger's
+    token, whose nonce was given to the forger's session, not the victim's."""
+    sessions = {}
+    for who in ("victim", "forger"):
+        sign_in, _ = await verified_account(tollhouse, f"{who}-link@example.com")
+        sessions[who] = _bearer(sign_in.session_token)
+    issued = {}
+    for who, session in sessions.items():
+        answer = await client.post("/v1/me/identities/nonce", headers=session)
+        assert answer.status_code == 201 and set(answer.json()) == {"nonce", "expires_at"}
+        issued[who] = answer.json()["nonce"]
+
+    def link(subject: str, nonce: str) -> dict[str, str]:
+        token = sign(idp_keys, claims("google", subject, nonce=nonce))
+        return {"provider": "google", "id_token": token, "nonce": nonce}
+
+    forged = await client.post(
+        "/v1/me/identities", json=link("forger-g", issued["forger"]), headers=sessions["victim"]
+    )
+    assert (forged.status_code, forged.json()["error"]["code"]) == (403, "link_nonce_invalid")
+    own = await client.post(
+        "/v1/me/identities", json=link("victim-g", issued["victim"]), headers=sessions["victim"]
+    )
+    assert own.status_code == 201
+    assert [i["subject"] for i in own.json()["identities"]] == ["victim-g"]
+    again = await client.post(
+        "/v1/me/identities", json=link("victim-g2", issued["victim"]), headers=sessions["victim"]
+    )
+    assert (again.status_code, again.json()["error"]["code"]) == (403, "link_nonce_invalid")
+    # The forger's own session may still use its nonce: the refusal did not spend it.
+    forgers = await client.post(
+        "/v1/me/identities", json=link("forger-g", issued["forger"]), headers=sessions["forger"]
+    )
+    assert forgers.status_code == 201
+
+
+async def test_linking_can_require_a_link_nonce(
+    service_dsn: str, identity_config: IdentityConfig, idp_keys: KeySet
+) -> None:
+    config = dataclasses.replace(identity_config, link_nonce_required=True)
+    async with Tollhouse.open(service_dsn, min_size=1, max_size=2, identity=config) as th:
+        _, session = await verified_account(th, "strict-link@example.com")
+        with pytest.raises(errors.LinkNonceRequired):
+            await th.auth.link_identity(session, "google", sign(idp_keys, claims("google", "s1")))
+        made_up = sign(idp_keys, claims("google", "s1", nonce="the-apps-own"))
+        with pytest.raises(errors.LinkNonceRequired):
+            await th.auth.link_identity(session, "google", made_up, "the-apps-own")
+        nonce, _ = await th.auth.link_nonce(session)
+        async with th.db.connection() as conn:
+            await conn.execute(
+                "UPDATE tollhouse.identity_link_nonces SET expires_at = now() - interval '1 s'"
+            )
+        expired = sign(idp_keys, claims("google", "s1", nonce=nonce))
+        with pytest.raises(errors.LinkNonceInvalid):
+            await th.auth.link_identity(session, "google", expired, nonce)
+        nonce, _ = await th.auth.link_nonce(session)
+        user = await th.auth.link_identity(
+            session, "google", sign(idp_keys, claims("google", "s1", nonce=nonce)), nonce
+        )
+        assert [i.subject for i in user.identities] == ["s1"]
 
 
 async def test_identity_routes_are_published(client: httpx.AsyncClient) -> None:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
+import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -45,6 +47,7 @@ log = structlog.get_logger(__name__)
 SESSION_PREFIX = "ths"
 VERIFY_PREFIX = "thv"
 RESET_PREFIX = "thr"
+LINK_NONCE_PREFIX = "thl_"
 
 _AUTH_CONSTRAINTS = {**CONSTRAINTS, "identity_routes_pkey": e.IdentityTaken}
 
@@ -510,6 +513,8 @@ class AuthService:
         unverified sign-up could otherwise plant its maker's identity in an account its
         address's real owner later claims.) The user's other sessions end."""
         await self._require_recent(session)
+        if nonce is None and self.config.link_nonce_required:
+            raise e.LinkNonceRequired()
         identity = await self.oidc.verify(provider, id_token, nonce)
 
         async def work(conn: Conn) -> User:
@@ -519,6 +524,8 @@ class AuthService:
                 raise e.UserNotFound()
             if proof[1] == 0 and proof[2] == 0:
                 raise e.VerifiedEmailRequired()
+            if nonce is not None:
+                await self._use_link_nonce(conn, session, nonce)
             await self._consume_nonce(conn, identity)
             cur = await conn.execute(
                 queries["identity_owner"],
@@ -538,6 +545,45 @@ class AuthService:
         user = await self._db.transaction(work, constraints=_AUTH_CONSTRAINTS)
         await self._hooks.on_identity_linked(user.id, identity.provider)
         return user
+
+    async def link_nonce(self, session: Session) -> tuple[str, datetime]:
+        """A nonce for the ID token of an explicit link by this session, and when it expires:
+        the app puts it in the provider's sign-in request (Apple's native flows: its
+        SHA-256) and sends it back with the token. It names its user (`thl_<user>.<secret>`),
+        so a nonce given to anyone else's session is told from one the app made itself."""
+        nonce = f"{LINK_NONCE_PREFIX}{session.user_id.hex}.{secrets.token_urlsafe(32)}"
+        async with self._db.connection() as conn:
+            cur = await conn.execute(
+                queries["issue_link_nonce"],
+                {
+                    "user_id": session.user_id,
+                    "nonce_hash": hashlib.sha256(nonce.encode()).digest(),
+                    "session_id": session.id,
+                    "ttl": self.config.link_nonce_ttl_seconds,
+                },
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        expires_at: datetime = row[0]
+        return nonce, expires_at
+
+    async def _use_link_nonce(self, conn: Conn, session: Session, nonce: str) -> None:
+        owner = _link_nonce_owner(nonce)
+        if owner is None:  # not one of ours: a nonce the app made
+            if self.config.link_nonce_required:
+                raise e.LinkNonceRequired()
+            return
+        cur = await conn.execute(
+            queries["use_link_nonce"],
+            {
+                "user_id": owner,
+                "nonce_hash": hashlib.sha256(nonce.encode()).digest(),
+                "session_id": session.id,
+            },
+        )
+        row = await cur.fetchone()
+        if row is None or not row[0]:
+            raise e.LinkNonceInvalid()  # another session's, used, expired, or never issued
 
     async def receive_apple_notification(self, token: str) -> AppleNotificationResult:
         """A Sign in with Apple server-to-server notification (`tollhouse.identity.apple`)."""
@@ -592,6 +638,7 @@ class AuthService:
         Sign-ins call it now and then; an operator may call it on a schedule."""
         async with self._db.connection() as conn:
             await conn.execute(queries["forget_expired_nonces"])
+            await conn.execute(queries["forget_expired_link_nonces"])
             await conn.execute(
                 queries["forget_old_attempts"], {"window": self.config.signin_window_seconds}
             )
@@ -722,6 +769,17 @@ class AuthService:
         if used is None:
             raise e.TokenUsed()  # a concurrent use won
         return used[0], used[1]
+
+
+def _link_nonce_owner(nonce: str) -> uuid.UUID | None:
+    """The user a link nonce of ours was given to, or None for any other nonce."""
+    if not nonce.startswith(LINK_NONCE_PREFIX):
+        return None
+    head, _, _ = nonce[len(LINK_NONCE_PREFIX) :].partition(".")
+    try:
+        return uuid.UUID(hex=head) if len(head) == 32 else None
+    except ValueError:
+        return None
 
 
 def _provider_email(raw: str | None) -> str | None:

@@ -279,3 +279,18 @@ WHERE user_id = %(user_id)s
                                   WHERE i.user_id = %(user_id)s AND i.provider = 'apple'
                                     AND i.subject = %(subject)s))
   AND (deliverable_as_of IS NULL OR deliverable_as_of < %(at)s)
+
+-- name: issue_link_nonce
+INSERT INTO tollhouse.identity_link_nonces (user_id, nonce_hash, session_id, expires_at)
+VALUES (%(user_id)s, %(nonce_hash)s, %(session_id)s, now() + make_interval(secs => %(ttl)s))
+RETURNING expires_at
+
+-- name: use_link_nonce
+-- Once, by the session it was given to, before it expires.
+UPDATE tollhouse.identity_link_nonces SET used_at = now()
+WHERE user_id = %(user_id)s AND nonce_hash = %(nonce_hash)s
+  AND session_id = %(session_id)s AND used_at IS NULL AND expires_at > now()
+RETURNING true
+
+-- name: forget_expired_link_nonces
+DELETE FROM tollhouse.identity_link_nonces WHERE expires_at < now() - interval '1 day'

@@ -24,6 +24,9 @@ class IdentityConfig:
     signin_window_seconds: int = 900
     verify_email_ttl_seconds: int = 24 * 3600
     reset_password_ttl_seconds: int = 3600
+    #: Explicit linking only with a nonce this session was given (RELIABILITY A-08).
+    link_nonce_required: bool = False
+    link_nonce_ttl_seconds: int = 600
     google_client_ids: frozenset[str] = field(default_factory=frozenset)
     apple_client_ids: frozenset[str] = field(default_factory=frozenset)
     google_jwks_url: str = GOOGLE_JWKS_URL

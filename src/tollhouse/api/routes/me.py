@@ -3,6 +3,7 @@ end-user role under row-level security, with the acting user set transaction-loc
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from fastapi import APIRouter, status
@@ -76,13 +77,32 @@ async def my_identities(session: CurrentSession, tollhouse: TollhouseDep) -> Ide
     return IdentityList(identities=UserOut.of(user).identities)
 
 
+class LinkNonceOut(BaseModel):
+    nonce: str = Field(description="Put it in the provider's request; send it back to link.")
+    expires_at: datetime
+
+
+@router.post(
+    "/identities/nonce",
+    response_model=LinkNonceOut,
+    status_code=status.HTTP_201_CREATED,
+    summary="A nonce for linking an identity, bound to this session (used once, 10 minutes)",
+)
+async def link_nonce(session: CurrentSession, tollhouse: TollhouseDep) -> LinkNonceOut:
+    nonce, expires_at = await tollhouse.auth.link_nonce(session)
+    return LinkNonceOut(nonce=nonce, expires_at=expires_at)
+
+
 @router.post(
     "/identities",
     response_model=UserOut,
     status_code=status.HTTP_201_CREATED,
     summary="Link an identity (signed in within the last 5 minutes)",
     responses={
-        403: {"description": "reauthentication_required"},
+        403: {
+            "description": "reauthentication_required, verified_email_required, "
+            "link_nonce_required, link_nonce_invalid"
+        },
         409: {"description": "identity_taken"},
     },
 )
