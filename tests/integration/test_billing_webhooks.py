@@ -199,6 +199,14 @@ async def test_signed_bodies_that_are_not_events_are_400_and_stored_nowhere(
     response = await client.post("/v1/stripe/webhook", content=pair, headers=fs.sign(pair))
     assert response.status_code == 200, response.text
     assert await event_rows(tollhouse) == 1
+    # A NUL in the first of two values of one key: Python keeps the second, PostgreSQL reads
+    # both.
+    twice = json.dumps(fs.event("foo.bar", {"id": "x", "note": "NUL"})).replace(
+        '"note": "NUL"', '"note": "\\u0000", "note": "ok"'
+    )
+    response = await client.post("/v1/stripe/webhook", content=twice, headers=fs.sign(twice))
+    assert (response.status_code, response.json()["error"]["code"]) == (400, "invalid_payload")
+    assert await event_rows(tollhouse) == 1
     # The text backslash-u0000 (an escaped backslash) is no NUL: stored like any text.
     escaped = json.dumps(fs.event("foo.bar", {"id": "x", "description": "\\u0000"}))
     response = await client.post("/v1/stripe/webhook", content=escaped, headers=fs.sign(escaped))

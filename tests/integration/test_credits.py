@@ -4,6 +4,7 @@ with a naive read-then-write control for each concurrency rule."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import re
 import uuid
@@ -702,6 +703,34 @@ async def test_a_client_turn_id_may_not_look_like_an_adjustments(
     assert (await tollhouse.credits.debit(_debit(user, 1, "adjustments"))).status == "applied"
 
 
+async def test_a_debit_made_with_an_adjustment_like_turn_before_0022_can_be_repeated(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """Such turn ids were accepted before; a client's retry gets the recorded answer."""
+    user = await _payer(tollhouse, funds=100)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "SELECT tollhouse.credit_debit_v1(NULL, %s, 7, 'adjustment:old', NULL,"
+            " 'llm_usage', '{}')",
+            (user,),
+        )
+    for send in (tollhouse.credits.debit, tollhouse.credits.debit_alone):
+        again = await send(_debit(user, 7, "adjustment:old"))
+        assert (again.status, again.replayed, again.balance_after) == ("applied", True, 93)
+
+
+async def test_an_adjustment_id_spelled_like_a_hash_is_another_id(
+    tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    user = await _payer(tollhouse, funds=100)
+    long_id = "L" * 160
+    first = await tollhouse.credits.adjust(amount=-5, adjustment_id=long_id, note="x", user_id=user)
+    spelled = "sha256:" + hashlib.sha256(long_id.encode()).hexdigest()
+    other = await tollhouse.credits.adjust(amount=-5, adjustment_id=spelled, note="x", user_id=user)
+    assert (first.replayed, other.replayed) == (False, False)
+    assert (other.balance_after, other.ledger_id != first.ledger_id) == (90, True)
+
+
 async def test_a_commit_of_a_turn_an_adjustment_answered_keeps_the_hold(
     dsn: str, tollhouse: Tollhouse, no_allowance: None
 ) -> None:
@@ -760,6 +789,39 @@ async def test_a_new_time_zone_keeps_todays_use_and_moves_the_day_to_its_own(
             (tenant,),
         )
     assert (await tollhouse.credits.debit(_debit(user, 25))).status == "applied"
+
+
+async def test_a_new_time_zone_leaves_an_earlier_days_hold_out_of_todays_count(
+    dsn: str, tollhouse: Tollhouse, no_allowance: None
+) -> None:
+    """Cap 25, zone Kiritimati: a hold of 10 from yesterday (not in today's count) and 15
+    debited today. Pago Pago is a day behind, so its today is Kiritimati's yesterday: the
+    hold's day must not become the counted day, or releasing it takes 10 off today's 15."""
+    await tollhouse.credits.set_plan("free", monthly_credits=0, daily_cap=25, overdraft_limit=0)
+    user = await _payer(tollhouse, funds=1000)
+    await tollhouse.credits.set_time_zone("Pacific/Kiritimati", user_id=user)
+    assert (await tollhouse.credits.debit(_debit(user, 15))).status == "applied"
+    held = await tollhouse.credits.reserve(amount=10, turn_id="overnight", user_id=user)
+    assert held.status == "pending"
+    tenant = await tollhouse.credits.tenant_of(None, user)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # Held yesterday (Kiritimati): counted in yesterday's use, not today's 15.
+        conn.execute(
+            "UPDATE tollhouse.credit_reservations SET day = day - 1 WHERE tenant_id = %s",
+            (tenant,),
+        )
+        conn.execute(
+            "UPDATE tollhouse.credit_accounts SET daily_used = 15 WHERE tenant_id = %s",
+            (tenant,),
+        )
+    await tollhouse.credits.set_time_zone("Pacific/Pago_Pago", user_id=user)
+    await tollhouse.credits.release(turn_id="overnight", user_id=user)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        used = conn.execute(
+            "SELECT daily_used FROM tollhouse.credit_accounts WHERE tenant_id = %s", (tenant,)
+        ).fetchone()
+    assert used == (15,)
+    assert (await tollhouse.credits.debit(_debit(user, 20))).code == "daily_cap_exceeded"
 
 
 async def test_many_connections_storm(

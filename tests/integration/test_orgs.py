@@ -367,6 +367,51 @@ async def test_a_membership_deleted_under_rls_voids_the_members_holds(
     assert late.code == "reservation_released"
 
 
+async def test_an_owner_leaving_under_rls_while_the_service_removes_a_member_both_finish(
+    tollhouse: Tollhouse, dsn: str
+) -> None:
+    """The service locks the tenant, then the account (OrgService); a membership deleted
+    under RLS locks them through its triggers. Taken the other way round by the hold-voiding
+    trigger (the account first), the two deadlocked."""
+    owner, second, member = await user(tollhouse), await user(tollhouse), await user(tollhouse)
+    org = await org_with(tollhouse, owner, member)
+    await tollhouse.orgs.add_member(org.id, second, role="owner")
+    delete = "DELETE FROM tollhouse.tenant_members WHERE tenant_id = %s AND user_id = %s"
+    async with (
+        await psycopg.AsyncConnection.connect(dsn) as service,
+        await psycopg.AsyncConnection.connect(dsn) as end_user,
+    ):
+        await service.execute(
+            "SELECT id FROM tollhouse.tenants WHERE id = %s FOR NO KEY UPDATE", (org.id,)
+        )
+        await end_user.execute(
+            "SELECT set_config('role', 'tollhouse_user', true),"
+            " set_config('tollhouse.user_id', %s, true)",
+            (str(second),),
+        )
+        leaving = asyncio.create_task(end_user.execute(delete, (org.id, second)))
+        for _ in range(500):  # until the leaving owner waits for a lock
+            cur = await tollhouse_locks_waiting(dsn)
+            if cur or leaving.done():
+                break
+            await asyncio.sleep(0.01)
+        await service.execute(delete, (org.id, member))
+        await service.commit()
+        assert (await leaving).rowcount == 1
+        await end_user.commit()
+    assert {m.user_id for m in await tollhouse.orgs.members(org.id)} == {owner}
+
+
+async def tollhouse_locks_waiting(dsn: str) -> int:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+            " WHERE NOT l.granted AND a.datname = current_database()"
+        )
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
 async def test_non_members_cannot_spend_from_a_pool(tollhouse: Tollhouse) -> None:
     owner, stranger = await user(tollhouse), await user(tollhouse)
     org = await org_with(tollhouse, owner)

@@ -72,7 +72,9 @@ def serve_jwks(keys: KeySet) -> Iterator[str]:
 def serve_rotating_jwks(keys: KeySet) -> Iterator[tuple[str, Callable[[KeySet], None]]]:
     """Serve the key set; yield its URL and a function that publishes another set instead
     (the provider rotating or withdrawing keys)."""
-    handler = type("JwksHandler", (_Handler,), {"body": json.dumps(keys.jwks()).encode()})
+    handler: type[_Handler] = type(
+        "JwksHandler", (_Handler,), {"body": json.dumps(keys.jwks()).encode()}
+    )
 
     def publish(new: KeySet) -> None:
         handler.body = json.dumps(new.jwks()).encode()

@@ -121,7 +121,9 @@ def parse_event(body: bytes) -> Obj:
     if not 0 <= created < MAX_CREATED:
         raise e.InvalidWebhookPayload("the event's created time is out of range")
     if b"\\u" in body:  # only an escape makes a NUL or half a UTF-16 pair (json refuses raw)
-        problem = _unstorable_text(event)
+        # Read again keeping every pair: of a key given twice Python keeps the last value,
+        # but PostgreSQL reads the body, every value included.
+        problem = _unstorable_text(json.loads(body.decode(), object_pairs_hook=list))
         if problem is not None:
             raise e.InvalidWebhookPayload(f"the event contains {problem}")
     return event
@@ -137,7 +139,7 @@ def _unstorable_text(value: Any) -> str | None:
         if isinstance(item, dict):
             stack.extend(item.keys())
             stack.extend(item.values())
-        elif isinstance(item, list):
+        elif isinstance(item, list | tuple):  # tuples: the pairs of an object read as a list
             stack.extend(item)
         elif isinstance(item, str):
             if "\x00" in item:

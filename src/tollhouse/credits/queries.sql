@@ -156,11 +156,15 @@ WITH old AS (
     FROM tollhouse.credit_accounts
     WHERE tenant_id = %(tenant_id)s
 ), holds AS (
+    -- Holds counted in today's usage move to the new today; the others (an earlier day's,
+    -- not counted) to a day before it, or releasing one would take from today's count what
+    -- it never held (a zone behind the old one can make the old yesterday the new today).
     UPDATE tollhouse.credit_reservations r
-    SET day = (now() AT TIME ZONE %(time_zone)s)::date
+    SET day = CASE WHEN r.day = old.day_start AND old.today
+                   THEN (now() AT TIME ZONE %(time_zone)s)::date
+                   ELSE least(r.day, (now() AT TIME ZONE %(time_zone)s)::date - 1) END
     FROM old
-    WHERE r.tenant_id = old.tenant_id AND r.status = 'pending' AND r.day = old.day_start
-      AND old.today
+    WHERE r.tenant_id = old.tenant_id AND r.status = 'pending'
 )
 UPDATE tollhouse.credit_accounts a
 SET time_zone = %(time_zone)s,
@@ -170,3 +174,6 @@ SET time_zone = %(time_zone)s,
     updated_at = now()
 FROM old
 WHERE a.tenant_id = old.tenant_id
+
+-- name: turn_known
+SELECT EXISTS (SELECT 1 FROM tollhouse.credit_turns WHERE turn_id = %(turn_id)s)

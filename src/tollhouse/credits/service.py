@@ -95,8 +95,6 @@ def _check(request: DebitRequest) -> None:
             raise e.InvalidRequest(f"{name} must be a UUID", field=name)
     if not isinstance(request.metadata, dict):
         raise e.InvalidRequest("metadata must be a JSON object", field="metadata")
-    if isinstance(request.turn_id, str) and request.turn_id.startswith(ADJUSTMENT_TURNS):
-        raise e.TurnIdReserved(field="turn_id")
     for name in ("turn_id", "session_id", "reason", "metadata"):
         reason = unstorable(getattr(request, name))
         if reason:
@@ -138,12 +136,26 @@ class CreditService:
     async def debit(self, request: DebitRequest) -> DebitResult:
         """Debit through group commit. Rejections come back as results, not exceptions."""
         _check(request)
+        await self._refuse_new_adjustment_turn(request.turn_id)
         return await self.batcher.submit(request)
 
     async def debit_alone(self, request: DebitRequest) -> DebitResult:
         """One debit in its own transaction (no coalescing)."""
         _check(request)
+        await self._refuse_new_adjustment_turn(request.turn_id)
         return (await self._send_one([request]))[0]
+
+    async def _refuse_new_adjustment_turn(self, turn_id: str) -> None:
+        """`TurnIdReserved` for a new turn id that looks like an adjustment's: those name
+        adjustments' debits. A turn used before that rule (migration 0022) may still be
+        repeated and gets its recorded answer, as any retry does."""
+        if not (isinstance(turn_id, str) and turn_id.startswith(ADJUSTMENT_TURNS)):
+            return
+        async with self._db.connection() as conn:
+            cur = await conn.execute(queries["turn_known"], {"turn_id": turn_id})
+            row = await cur.fetchone()
+        if row is None or not row[0]:
+            raise e.TurnIdReserved(field="turn_id")
 
     async def _send_lone(self, requests: Sequence[DebitRequest]) -> list[DebitResult]:
         """A batch of one, on a lane: `credit_debit_v1`, the single-debit function."""
@@ -208,6 +220,7 @@ class CreditService:
     ) -> DebitResult:
         """Hold up to `amount` for a turn; status `pending`, or a rejection."""
         _check(DebitRequest(amount=amount, turn_id=turn_id, tenant_id=tenant_id, user_id=user_id))
+        await self._refuse_new_adjustment_turn(turn_id)
         if not 1 <= ttl_seconds <= 7 * 24 * 3600:
             raise e.InvalidRequest("ttl_seconds must be between 1 and 604800", field="ttl_seconds")
         params = {

@@ -9,12 +9,14 @@ DELETE FROM tollhouse.signin_attempts WHERE key = %(key)s
 -- name: confirm_password_unchanged
 -- Under the row lock, the password verified must still be the current one: a claim, reset
 -- or change that committed meanwhile wins over the sign-in in flight (a re-hash of the same
--- password does not change password_changed_at).
+-- password does not change password_changed_at). NO KEY UPDATE, as `lock_user`: a FOR
+-- UPDATE lock would also block the foreign-key check of a reset token being made for the
+-- user, whose maker holds the user's older token (a deadlock with a password change).
 SELECT password_hash IS NOT NULL
        AND password_changed_at IS NOT DISTINCT FROM %(changed_at)s
        AND status = 'active' AND deleted_at IS NULL
 FROM tollhouse.users WHERE id = %(user_id)s
-FOR UPDATE
+FOR NO KEY UPDATE
 
 -- name: refund_attempt
 UPDATE tollhouse.signin_attempts SET attempts = attempts - 1

@@ -607,7 +607,8 @@ $$;
 -- as a replay. (Clients may no longer send turn ids starting with `adjustment:`.) A refusal
 -- made before this migration, under `adjustment:<id>`, still answers for its id. An id too
 -- long for the turn's 200 characters (153 to 189, which worked before) is named by its
--- SHA-256 there instead: `adjustment:<tenant>:sha256:<hex>`.
+-- SHA-256 there instead: `adjustment:<tenant>:sha256:<hex>`; so is an id that starts with
+-- `sha256:` (it could otherwise spell another id's hashed turn).
 CREATE OR REPLACE FUNCTION tollhouse.credit_adjust_v1(
     p_tenant uuid, p_user uuid, p_delta bigint, p_adjustment_id text, p_note text
 ) RETURNS tollhouse.credit_debit_result
@@ -639,7 +640,8 @@ BEGIN
     END IF;
 
     v_turn := 'adjustment:' || v_tenant || ':' || CASE
-        WHEN length(p_adjustment_id) <= 152 THEN p_adjustment_id
+        WHEN length(p_adjustment_id) <= 152 AND p_adjustment_id NOT LIKE 'sha256:%'
+            THEN p_adjustment_id
         ELSE 'sha256:' || encode(sha256(convert_to(p_adjustment_id, 'UTF8')), 'hex')
     END;
     SELECT * INTO refused FROM tollhouse.credit_debits d
@@ -796,12 +798,16 @@ $$;
 -- security, policy tenant_members_remove) kept its pending holds on the pool: only
 -- OrgService voided them. A trigger does it now, whoever deletes. BEFORE the row goes, so
 -- the pool's account is locked before the member's limit row (the cascade), in the order a
--- debit takes them. SECURITY DEFINER: an end user may not write the credit tables.
+-- debit takes them; and the tenant before the account, in the order OrgService takes them
+-- (a member leaving under RLS while the service removed another deadlocked otherwise).
+-- Debits take only KEY SHARE on the tenant, which NO KEY UPDATE lets through.
+-- SECURITY DEFINER: an end user may not write the credit tables.
 CREATE FUNCTION tollhouse.tenant_members_void_holds() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    PERFORM 1 FROM tollhouse.tenants WHERE id = OLD.tenant_id FOR NO KEY UPDATE;
     PERFORM tollhouse.credit_void_member_holds_v1(OLD.tenant_id, OLD.user_id);
     RETURN OLD;
 END
