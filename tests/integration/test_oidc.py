@@ -20,6 +20,7 @@ from tests.support.flows import verified_account
 from tests.support.idp import GOOGLE_CLIENT, KeySet, claims, serve_rotating_jwks, sign
 from tollhouse import errors
 from tollhouse.app import Tollhouse
+from tollhouse.db.queries import Queries
 from tollhouse.identity import IdentityConfig, NoHooks
 from tollhouse.identity.auth import AuthService
 from tollhouse.identity.oidc import OidcVerifier, VerifiedIdentity, parse_bool_claim
@@ -712,6 +713,52 @@ async def test_a_verification_waits_for_a_sign_in_taking_its_address(
             "SELECT user_id FROM tollhouse.email_routes WHERE email = %s", ("moved@example.com",)
         ).fetchall()
     assert held == [(owner.id, True)] and routed == [(owner.id,)]
+
+
+async def test_a_password_change_and_a_reset_request_do_not_deadlock(
+    dsn: str, tollhouse: Tollhouse
+) -> None:
+    """The change holds the user's lock and then retires its reset tokens; the request
+    retires the old token and then makes one, whose foreign-key check needs KEY SHARE on
+    the user. A FOR UPDATE lock blocked that check: each side waited for the other."""
+    signed, _ = await tollhouse.auth.sign_up("both-ways@example.com", PASSWORD)
+    user_id = signed.user.id
+    assert await tollhouse.auth.request_password_reset("both-ways@example.com") is not None
+    auth_sql = Queries("tollhouse.identity", "auth.sql")
+    async with (
+        await psycopg.AsyncConnection.connect(dsn) as change,
+        await psycopg.AsyncConnection.connect(dsn) as request,
+    ):
+        cur = await change.execute(
+            "SELECT password_changed_at FROM tollhouse.users WHERE id = %s", (user_id,)
+        )
+        changed_at = (await cur.fetchone() or (None,))[0]
+        cur = await change.execute(
+            auth_sql["confirm_password_unchanged"], {"user_id": user_id, "changed_at": changed_at}
+        )
+        assert await cur.fetchone() == (True,)
+        token = {
+            "id": uuid.uuid4(),
+            "user_id": user_id,
+            "purpose": "reset_password",
+            "email": "both-ways@example.com",
+            "secret_hash": b"x" * 32,
+            "ttl": 600,
+        }
+        making = asyncio.create_task(request.execute(auth_sql["create_token"], token))
+
+        async def request_made() -> None:
+            await making
+            await request.commit()
+
+        made = asyncio.create_task(request_made())
+        await _a_lock_wait(dsn, making)  # it waits for the change (or never has to)
+        await change.execute(
+            auth_sql["set_password"],
+            {"user_id": user_id, "password_hash": "h", "keep_session": None},
+        )
+        await change.commit()
+        await made
 
 
 def _pause_first_hash(
