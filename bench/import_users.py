@@ -2,10 +2,13 @@
 fresh embedded PostgreSQL, then import it again (every record unchanged).
 
     python bench/import_users.py [--records N] [--batch-size N] [--keep FILE]
+                                 [--bulk-settings] [--without-foreign-keys]
 
 Prints records/s, seconds per phase and the importer's peak RSS (this process: the file is
 generated in a child process first, so the generator's memory is not counted). Issue 7's
-target: 1,000,000 records in at most 60 s, peak RSS under 300 MB.
+target: 1,000,000 records in at most 60 s, peak RSS under 300 MB. `--without-foreign-keys`
+drops every foreign key of the schema after migrating: not a way to run, a measure of the
+most the foreign-key checks can cost (docs/import.md).
 """
 
 from __future__ import annotations
@@ -88,8 +91,29 @@ def cpu_seconds(pgdata: Path) -> tuple[float, float]:
     return server, client
 
 
-async def run(dsn: str, pgdata: Path, path: Path, records: int, batch_size: int) -> None:
+async def drop_foreign_keys(dsn: str) -> int:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT conrelid::regclass::text, conname FROM pg_constraint c"
+            " JOIN pg_namespace n ON n.oid = c.connamespace"
+            " WHERE n.nspname = 'tollhouse' AND c.contype = 'f'"
+        )
+        keys = await cur.fetchall()
+        for table, name in keys:
+            await conn.execute(
+                sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+                    sql.SQL(table), sql.Identifier(name)
+                )
+            )
+    return len(keys)
+
+
+async def run(
+    dsn: str, pgdata: Path, path: Path, records: int, batch_size: int, without_fks: bool
+) -> None:
     await migrate.migrate(dsn)
+    if without_fks:
+        print(f"dropped {await drop_foreign_keys(dsn)} foreign keys (a measure, not a setup)")
     service_dsn = as_user(dsn, "tollhouse_service")
     rss_before = peak_rss_mb()
     async with Tollhouse.open(service_dsn, min_size=1, max_size=2) as tollhouse:
@@ -165,6 +189,11 @@ def main() -> None:
         action="store_true",
         help="give the server bulk-load settings first (BULK_SETTINGS; durability unchanged)",
     )
+    parser.add_argument(
+        "--without-foreign-keys",
+        action="store_true",
+        help="drop every foreign key after migrating, to measure what their checks cost",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tollhouse-bench-import-"))
     path = args.keep or work / "users.csv"
@@ -186,7 +215,16 @@ def main() -> None:
             server.stop()
             dsn = server.start()
             print(f"server settings: {BULK_SETTINGS}")
-        asyncio.run(run(dsn, work / "pgdata", path, args.records, args.batch_size))
+        asyncio.run(
+            run(
+                dsn,
+                work / "pgdata",
+                path,
+                args.records,
+                args.batch_size,
+                args.without_foreign_keys,
+            )
+        )
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)  # the database; a --keep file lives elsewhere
