@@ -846,6 +846,44 @@ async def test_admins_do_not_set_their_own_or_owners_limits(tollhouse: Tollhouse
     assert (await tollhouse.orgs.set_credit_limit(org.id, admin, 9, owner)).credit_limit == 9
 
 
+async def test_an_admin_gives_no_credit_limit_above_its_own(tollhouse: Tollhouse) -> None:
+    """Two admins capped at 10 could lift each other's caps, or one add (or invite) a second
+    account of its own without any, and spend the pool past what the owner allowed."""
+    owner, first, second, alt = [await user(tollhouse) for _ in range(4)]
+    org = await org_with(tollhouse, owner, first, second)
+    for admin in (first, second):
+        await tollhouse.orgs.change_role(org.id, admin, "admin", owner)
+        await tollhouse.orgs.set_credit_limit(org.id, admin, 10, owner)
+    with pytest.raises(e.OrganisationPermissionDenied):
+        await tollhouse.orgs.set_credit_limit(org.id, second, -1, first)
+    with pytest.raises(e.OrganisationPermissionDenied):
+        await tollhouse.orgs.add_member(org.id, alt, actor=first)  # unlimited by default
+    with pytest.raises(e.OrganisationPermissionDenied):
+        await tollhouse.orgs.add_member(org.id, alt, actor=first, credit_limit=11)
+    with pytest.raises(e.OrganisationPermissionDenied):
+        await tollhouse.orgs.invite(org.id, "alt-admin@example.com", actor=first)
+    added = await tollhouse.orgs.add_member(org.id, alt, actor=first, credit_limit=10)
+    assert added.credit_limit == 10
+    assert (await tollhouse.orgs.set_credit_limit(org.id, alt, 4, first)).credit_limit == 4
+    assert (await tollhouse.orgs.set_credit_limit(org.id, second, -1, owner)).credit_limit == -1
+
+
+async def test_an_invitation_dies_with_its_inviters_authority(tollhouse: Tollhouse) -> None:
+    """An admin invites its own second address as admin, is removed, and would get back in
+    by accepting."""
+    owner, admin, alt = await user(tollhouse), await user(tollhouse), await user(tollhouse, "alt")
+    org = await org_with(tollhouse, owner, admin)
+    await tollhouse.orgs.change_role(org.id, admin, "admin", owner)
+    issued = await tollhouse.orgs.invite(org.id, "alt@example.com", "admin", admin)
+    await tollhouse.orgs.remove_member(org.id, admin, owner)
+    with pytest.raises(e.InvitationRevoked):
+        await tollhouse.orgs.accept(issued.token, alt)
+    assert {m.user_id for m in await tollhouse.orgs.members(org.id)} == {owner}
+    # The owner's own invitation still works.
+    again = await tollhouse.orgs.invite(org.id, "alt@example.com", "admin", owner)
+    assert (await tollhouse.orgs.accept(again.token, alt)).role == "admin"
+
+
 async def test_the_owner_of_record_follows_the_owners(tollhouse: Tollhouse) -> None:
     first, second = await user(tollhouse), await user(tollhouse)
     org = await org_with(tollhouse, first, second)

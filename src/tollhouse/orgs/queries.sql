@@ -136,8 +136,12 @@ FROM tollhouse.tenant_invitations
 WHERE tenant_id = %(id)s AND (%(invitation_id)s::uuid IS NULL OR id = %(invitation_id)s::uuid)
 ORDER BY created_at DESC, id DESC
 
+-- name: credit_limit_of
+SELECT credit_limit FROM tollhouse.tenant_member_credit_limits
+WHERE tenant_id = %(id)s AND user_id = %(user_id)s
+
 -- name: invitation_for_update
-SELECT tenant_id, id, email, role, credit_limit, selector, secret_hash, status,
+SELECT tenant_id, id, email, role, credit_limit, invited_by, selector, secret_hash, status,
        status = 'pending' AND expires_at <= now() AS expired
 FROM tollhouse.tenant_invitations
 WHERE tenant_id = %(id)s AND id = %(invitation_id)s

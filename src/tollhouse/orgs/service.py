@@ -236,6 +236,7 @@ class OrgService:
         async def work(conn: Conn) -> None:
             locked = await self._lock(conn, tenant_id, actor, MANAGERS, personal_ok=False)
             _may_grant(locked, role)
+            await _may_give_limit(conn, locked, tenant_id, actor, credit_limit)
             params = {"id": tenant_id, "user_id": user_id, "role": role}
             cur = await conn.execute(queries["add_member"], params)
             if await cur.fetchone() is None:
@@ -312,11 +313,13 @@ class OrgService:
 
         async def work(conn: Conn) -> None:
             locked = await self._lock(conn, tenant_id, actor, MANAGERS, personal_ok=False)
-            _may_grant(locked, await _role_of(conn, tenant_id, user_id))
-            if locked.actor_role == ADMIN and user_id == actor:
+            target_role = await _role_of(conn, tenant_id, user_id)
+            _may_grant(locked, target_role)
+            if locked.actor_role == ADMIN and (user_id == actor or target_role == ADMIN):
                 raise e.OrganisationPermissionDenied(
-                    "an admin's own limit is set by an owner", role=ADMIN
+                    "an admin's limit is set by an owner", role=ADMIN
                 )
+            await _may_give_limit(conn, locked, tenant_id, actor, credit_limit)
             await _set_limit(conn, tenant_id, user_id, credit_limit)
 
         await self._run(work)
@@ -340,7 +343,8 @@ class OrgService:
         issued = tokens.issue(INVITATION_PREFIX)
 
         async def work(conn: Conn) -> Invitation:
-            await self._lock(conn, tenant_id, actor, MANAGERS, personal_ok=False)
+            locked = await self._lock(conn, tenant_id, actor, MANAGERS, personal_ok=False)
+            await _may_give_limit(conn, locked, tenant_id, actor, credit_limit)
             params: dict[str, Any] = {"id": tenant_id, "email": address}
             cur = await conn.execute(queries["member_is_invitee"], params)
             if await _scalar(cur):
@@ -439,6 +443,16 @@ class OrgService:
                 raise e.OrganisationNotFound(tenant_id=str(tenant_id))
             if row["status"] != "pending":
                 raise _closed(row)
+            if row["invited_by"] is not None:
+                # What the invitation gives is the inviter's to give only while it manages
+                # the organisation: an admin removed or demoted since cannot get back in.
+                by = {"id": tenant_id, "user_id": row["invited_by"]}
+                inviter = await _scalar(await conn.execute(queries["member_role"], by))
+                if inviter not in MANAGERS:
+                    raise e.InvitationRevoked(
+                        "whoever sent this invitation no longer manages the organisation",
+                        invitation_id=str(invitation_id),
+                    )
             params: dict[str, Any] = {"user_id": user_id, "email": row["email"]}
             if not await _scalar(await conn.execute(queries["verified_email"], params)):
                 raise e.InvitationEmailMismatch()
@@ -452,6 +466,24 @@ class OrgService:
 
         tenant_id = await self._run(work)
         return await self.member(tenant_id, user_id)
+
+
+async def _may_give_limit(
+    conn: Conn, locked: _Locked, tenant_id: uuid.UUID, actor: uuid.UUID | None, limit: int
+) -> None:
+    """Owners (and the service) give any credit limit; an admin none above its own, and no
+    unlimited one unless its own is (else two admins could lift each other's caps, or one
+    add a second account of its own without any)."""
+    if locked.actor_role != ADMIN or actor is None:
+        return
+    params = {"id": tenant_id, "user_id": actor}
+    own = await _scalar(await conn.execute(queries["credit_limit_of"], params))
+    if own is None or own == UNLIMITED:
+        return
+    if limit == UNLIMITED or limit > own:
+        raise e.OrganisationPermissionDenied(
+            f"an admin gives no credit limit above its own ({own})", role=ADMIN
+        )
 
 
 def _may_grant(locked: _Locked, role: str) -> None:
