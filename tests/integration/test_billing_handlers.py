@@ -120,6 +120,42 @@ async def test_credit_pack_grants_once_and_a_refund_takes_back_what_is_unspent(
     assert row == (475, 25)  # what was spent is reported, not turned into debt
 
 
+async def test_a_refund_delivered_while_its_purchase_commits_is_applied(
+    client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse, dsn: str
+) -> None:
+    """The purchase's transaction is open (applied, not committed) when the refund arrives.
+    Without a lock between them, the refund found no purchase (stored `ignored`), the
+    purchase could not see the refund's uncommitted event, and the credits were kept."""
+    await b.load_prices(client)
+    c = await b.linked_customer(client, auth)
+    session = paid_session(c.customer_id, c.user_id, b.PACK, "pi_race")
+    checkout = Incoming.read(json.dumps(fs.event("checkout.session.completed", session)).encode())
+    refunded = Incoming.read(
+        json.dumps(fs.event("charge.refunded", refund("pi_race", 1000))).encode()
+    )
+    billing = tollhouse.billing
+    applied, release = asyncio.Event(), asyncio.Event()
+
+    async def purchase(conn: Any) -> Any:  # held open after applying
+        delivery = await billing._store_and_apply(conn, checkout)
+        applied.set()
+        await release.wait()
+        return delivery
+
+    bought = asyncio.create_task(tollhouse.db.transaction(purchase))
+    await applied.wait()
+    refunding = asyncio.create_task(billing._take(refunded))
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as watcher:
+        waited = await _a_lock_wait(watcher, refunding)
+    release.set()
+    assert (await bought).status == "processed"
+    assert (await refunding).status == "processed"
+    assert waited
+    assert await balance(client, auth, c.user_id) == 100  # the pack taken back
+    (row,) = await rows(tollhouse, "SELECT taken_back FROM tollhouse.credit_pack_purchases")
+    assert row == (500,)
+
+
 async def test_lifetime_deal_sets_the_plan_until_refunded(
     client: httpx.AsyncClient, auth: dict[str, str]
 ) -> None:

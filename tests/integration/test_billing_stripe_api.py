@@ -182,6 +182,17 @@ async def test_checkout_refusals(
     assert (unknown.status_code, unknown.json()["error"]["code"]) == (422, "unknown_price")
     nobody = await client.post(f"/v1/users/{uuid.uuid4()}/checkout", json=body, headers=auth)
     assert (nobody.status_code, nobody.json()["error"]["code"]) == (404, "user_not_found")
+    # Prices whose payment the handlers would not apply are not sold: a one-time price with
+    # only a plan (no lifetime flag), a recurring one with only credits.
+    for price in (
+        fs.price("price_plan_once", recurring=False, tollhouse_plan="pro"),
+        fs.price("price_credits_monthly", recurring=True, tollhouse_credits="300"),
+    ):
+        await b.ok(client, fs.event("price.created", price))
+        unsold = await client.post(
+            f"/v1/users/{user_id}/checkout", json={**body, "price_id": price["id"]}, headers=auth
+        )
+        assert (unsold.status_code, unsold.json()["error"]["code"]) == (422, "unknown_price")
     bad_url = {**body, "price_id": b.PRO, "success_url": "javascript:alert(1)"}
     invalid = await client.post(f"/v1/users/{user_id}/checkout", json=bad_url, headers=auth)
     assert invalid.status_code == 422

@@ -139,12 +139,14 @@ async def _purchase(ctx: Context, tenant: uuid.UUID, session_id: str) -> None:
     price_id, terms = await resolve_price(ctx.conn, price_ref)
     if price_id is None:
         raise Problem("the session's price cannot be told (no tollhouse_price_id metadata)")
+    payment_intent = ref(ctx.obj.get("payment_intent"))
     params = {
         "tenant_id": tenant,
-        "payment_intent": ref(ctx.obj.get("payment_intent")),
+        "payment_intent": payment_intent,
         "amount": ctx.obj.get("amount_total"),
         "price_id": price_id,
     }
+    await _lock_payment(ctx.conn, payment_intent)
     if terms.lifetime and terms.plan is not None:
         await known_plan(ctx.conn, terms.plan, f"price {price_id}")
         await ctx.conn.execute(
@@ -158,17 +160,28 @@ async def _purchase(ctx: Context, tenant: uuid.UUID, session_id: str) -> None:
         )
     else:
         raise Problem(f"unknown price {price_id}: neither a credit pack nor a lifetime deal")
-    await _refund_earlier(ctx.conn, ref(ctx.obj.get("payment_intent")))
+    await _refund_earlier(ctx.conn, payment_intent)
 
 
 async def charge_refunded(ctx: Context) -> Applied:
-    if ref(ctx.obj.get("payment_intent")) is None:
+    payment_intent = ref(ctx.obj.get("payment_intent"))
+    if payment_intent is None:
         return Applied("ignored")
+    await _lock_payment(ctx.conn, payment_intent)
     tenant = await _refund(ctx.conn, ctx.obj)
     if tenant is None:
         # Before its purchase: the event stays stored, and the purchase applies it (below).
         return Applied("ignored")
     return Applied("processed", tenant, ref(ctx.obj.get("customer")))
+
+
+async def _lock_payment(conn: Conn, payment_intent: str | None) -> None:
+    """The payment's lock, to the commit, taken by its purchase before it is written and by
+    its refunds before they look for it: whichever comes second waits, then sees the other
+    (a refund applied while its purchase was uncommitted found nothing and was lost, and
+    the purchase did not see the refund's uncommitted event either)."""
+    if payment_intent is not None:
+        await conn.execute(queries["lock_payment"], {"payment_intent": payment_intent})
 
 
 async def _refund(conn: Conn, charge: Obj) -> uuid.UUID | None:

@@ -168,6 +168,9 @@ UNION ALL
 SELECT 'lifetime', tenant_id, id, amount FROM tollhouse.lifetime_purchases
 WHERE payment_intent = %(payment_intent)s
 
+-- name: lock_payment
+SELECT pg_advisory_xact_lock(hashtextextended('tollhouse.stripe_payment:' || %(payment_intent)s, 0))
+
 -- name: earlier_refund
 -- The largest refunded total Stripe has told of for a payment (refund events carry totals).
 SELECT payload #> '{data,object}' FROM tollhouse.billing_events

@@ -605,9 +605,22 @@ class BillingService:
                 current = await cur.fetchone()
         if price is None or not price[5]:
             raise e.PriceNotFound(price_id=price_id)
-        _id, plan, credits, _lifetime, type_, _active = price
-        if plan is None and credits is None:
-            raise e.PriceNotFound(price_id=price_id)
+        _id, plan, credits, lifetime, type_, _active = price
+        # Only what the handlers will apply is sold: a subscription needs a plan; a one-time
+        # payment, a credit pack or a lifetime deal of a plan. (A one-time price with only a
+        # plan, or a recurring one with only credits, was paid for and then failed.)
+        sells = (
+            plan is not None
+            if type_ == "recurring"
+            else (credits is not None or (bool(lifetime) and plan is not None))
+        )
+        if not sells:
+            raise e.PriceNotFound(
+                f"price {price_id} sells nothing Tollhouse applies: a recurring price needs"
+                " tollhouse_plan; a one-time price tollhouse_credits, or tollhouse_lifetime=true"
+                " with tollhouse_plan",
+                price_id=price_id,
+            )
         if current is not None:
             # A second subscription would pay twice for one plan: a plan changes in the portal.
             raise e.AlreadySubscribed(

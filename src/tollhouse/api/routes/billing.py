@@ -99,8 +99,8 @@ IdempotencyKey = Annotated[
         min_length=1,
         max_length=255,
         pattern=r"^[\x21-\x7e]+$",
-        description="Retries with the same key get the same Checkout Session (for 24 hours);"
-        " the same key with another price or URLs is 409 idempotency_conflict.",
+        description="Retries with the same key, price and URLs get the same Checkout Session"
+        " (for 24 hours); another price or URLs make another session.",
     ),
 ]
 
