@@ -120,6 +120,27 @@ async def test_credit_pack_grants_once_and_a_refund_takes_back_what_is_unspent(
     assert row == (475, 25)  # what was spent is reported, not turned into debt
 
 
+async def test_the_billing_view_shows_the_lifetime_deal_that_sets_the_plan(
+    client: httpx.AsyncClient, auth: dict[str, str]
+) -> None:
+    await b.load_prices(client)
+    starter = fs.price(
+        "price_lifetime_starter",
+        recurring=False,
+        tollhouse_plan="starter",
+        tollhouse_lifetime="true",
+    )
+    await b.ok(client, fs.event("price.created", starter))
+    c = await b.linked_customer(client, auth)
+    for price, payment in ((starter["id"], "pi_life_starter"), (b.LIFETIME, "pi_life_power")):
+        session = paid_session(c.customer_id, c.user_id, price, payment)
+        assert (await b.ok(client, fs.event("checkout.session.completed", session)))[
+            "status"
+        ] == "processed"
+    view = (await client.get(f"/v1/users/{c.user_id}/billing", headers=auth)).json()
+    assert (view["plan"], view["lifetime"]["plan"]) == ("power", "power")
+
+
 async def test_a_refund_delivered_while_its_purchase_commits_is_applied(
     client: httpx.AsyncClient, auth: dict[str, str], tollhouse: Tollhouse, dsn: str
 ) -> None:

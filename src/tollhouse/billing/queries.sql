@@ -215,8 +215,10 @@ SELECT tollhouse.billing_effective_plan_v1(%(tenant_id)s) AS plan,
        (SELECT json_build_object('id', l.id, 'plan', l.plan, 'price_id', l.price_id,
                                  'created_at', l.created_at)
         FROM tollhouse.lifetime_purchases l
+        LEFT JOIN tollhouse.plans p ON p.name = l.plan
         WHERE l.tenant_id = %(tenant_id)s AND l.refunded_at IS NULL
-        ORDER BY l.created_at LIMIT 1) AS lifetime,
+        -- The deal billing_plan_v1 takes the plan from: the richest, then the oldest.
+        ORDER BY p.monthly_credits DESC NULLS LAST, l.created_at LIMIT 1) AS lifetime,
        coalesce((SELECT json_agg(json_build_object(
                     'id', i.id, 'status', i.status, 'plan', i.plan, 'amount_due', i.amount_due,
                     'amount_paid', i.amount_paid, 'currency', i.currency,
