@@ -884,6 +884,56 @@ async def test_an_invitation_dies_with_its_inviters_authority(tollhouse: Tollhou
     assert (await tollhouse.orgs.accept(again.token, alt)).role == "admin"
 
 
+async def test_the_sole_live_owner_cannot_be_soft_deleted(tollhouse: Tollhouse) -> None:
+    """Deleting the user changed no membership, so the owner rule never ran: the
+    organisation kept only a deleted owner, and nobody could act as its owner."""
+    owner, admin, second = await user(tollhouse), await user(tollhouse), await user(tollhouse)
+    org = await org_with(tollhouse, owner, admin)
+    await tollhouse.orgs.change_role(org.id, admin, "admin", owner)
+    with pytest.raises(e.LastOwner):
+        await tollhouse.users.delete(owner)
+    assert (await tollhouse.users.get(owner)).deleted_at is None
+    await tollhouse.orgs.add_member(org.id, second, "owner", owner)
+    await tollhouse.users.delete(owner)
+    assert (await tollhouse.orgs.get(org.id)).owner_user_id == second  # a live owner
+    with pytest.raises(e.LastOwner):  # the remaining live owner cannot leave either
+        await tollhouse.orgs.remove_member(org.id, second, second)
+
+
+async def test_a_suspended_owner_does_not_count_as_an_owner(tollhouse: Tollhouse) -> None:
+    active, suspended = await user(tollhouse), await user(tollhouse)
+    org = await org_with(tollhouse, active)
+    await tollhouse.orgs.add_member(org.id, suspended, "owner", active)
+    await tollhouse.users.update(suspended, {"status": "suspended"})
+    with pytest.raises(e.LastOwner):
+        await tollhouse.orgs.remove_member(org.id, active, active)
+    with pytest.raises(e.MemberNotFound):  # nor is ownership handed to it
+        await tollhouse.orgs.transfer_ownership(org.id, suspended, active)
+
+
+async def test_deleting_an_owner_and_removing_the_other_at_once_keeps_one(
+    tollhouse: Tollhouse, dsn: str
+) -> None:
+    """Write skew: one transaction deletes owner A, another removes owner B. Both triggers
+    write the tenant row first, so the second waits and then sees the first."""
+    first, second = await user(tollhouse), await user(tollhouse)
+    org = await org_with(tollhouse, first)
+    await tollhouse.orgs.add_member(org.id, second, "owner", first)
+    async with await psycopg.AsyncConnection.connect(dsn) as deleting:
+        await deleting.execute(
+            "UPDATE tollhouse.users SET deleted_at = now() WHERE id = %s", (first,)
+        )
+        removal = asyncio.create_task(tollhouse.orgs.remove_member(org.id, second, second))
+        for _ in range(500):
+            if await tollhouse_locks_waiting(dsn) or removal.done():
+                break
+            await asyncio.sleep(0.01)
+        await deleting.commit()
+    with pytest.raises(e.LastOwner):
+        await removal
+    assert {m.user_id for m in await tollhouse.orgs.members(org.id)} == {first, second}
+
+
 async def test_the_owner_of_record_follows_the_owners(tollhouse: Tollhouse) -> None:
     first, second = await user(tollhouse), await user(tollhouse)
     org = await org_with(tollhouse, first, second)

@@ -34,6 +34,8 @@ CONSTRAINTS: Mapping[str, type[e.TollhouseError]] = {
     "users_plan_override_check": e.InvalidProfile,
     "user_roles_role_check": e.InvalidRequest,
     "user_emails_one_primary_key": e.Conflict,
+    # Soft-deleting the sole live owner of an organisation (migration 0025).
+    "tenant_members_owner_check": e.LastOwner,
 }
 
 PROFILE_FIELDS = ("display_name", "first_name", "last_name", "username", "avatar_url")
@@ -186,7 +188,7 @@ class UserService:
                 raise e.UserNotFound(f"no user {user_id} to change", user_id=str(user_id))
             return await load_user(conn, user_id, include_deleted=True)
 
-        return await self._db.transaction(work)
+        return await self._db.transaction(work, constraints=CONSTRAINTS)
 
     async def add_email(
         self, user_id: uuid.UUID, email: str, *, verified: bool = False, via: str = "admin"

@@ -78,6 +78,10 @@ WHERE u.id = %(user_id)s AND u.deleted_at IS NULL
 ON CONFLICT (tenant_id, user_id) DO NOTHING
 RETURNING user_id
 
+-- name: user_live
+SELECT EXISTS (SELECT 1 FROM tollhouse.users
+               WHERE id = %(user_id)s AND deleted_at IS NULL AND status = 'active')
+
 -- name: user_exists
 SELECT EXISTS (SELECT 1 FROM tollhouse.users WHERE id = %(user_id)s AND deleted_at IS NULL)
 

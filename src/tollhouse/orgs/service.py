@@ -290,6 +290,11 @@ class OrgService:
         async def work(conn: Conn) -> None:
             await self._lock(conn, tenant_id, actor, {OWNER}, personal_ok=False)
             await _role_of(conn, tenant_id, new_owner)
+            if not await _scalar(await conn.execute(queries["user_live"], {"user_id": new_owner})):
+                raise e.MemberNotFound(
+                    "ownership goes only to an active, not deleted user",
+                    user_id=str(new_owner),
+                )
             params = {"id": tenant_id, "user_id": new_owner, "role": OWNER}
             await conn.execute(queries["set_role"], params)
             await conn.execute(queries["set_owner"], params)
