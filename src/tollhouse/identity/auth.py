@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import random
-import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -47,7 +45,7 @@ log = structlog.get_logger(__name__)
 SESSION_PREFIX = "ths"
 VERIFY_PREFIX = "thv"
 RESET_PREFIX = "thr"
-LINK_NONCE_PREFIX = "thl_"
+LINK_NONCE_PREFIX = "thl"
 
 _AUTH_CONSTRAINTS = {**CONSTRAINTS, "identity_routes_pkey": e.IdentityTaken}
 
@@ -549,15 +547,16 @@ class AuthService:
     async def link_nonce(self, session: Session) -> tuple[str, datetime]:
         """A nonce for the ID token of an explicit link by this session, and when it expires:
         the app puts it in the provider's sign-in request (Apple's native flows: its
-        SHA-256) and sends it back with the token. It names its user (`thl_<user>.<secret>`),
-        so a nonce given to anyone else's session is told from one the app made itself."""
-        nonce = f"{LINK_NONCE_PREFIX}{session.user_id.hex}.{secrets.token_urlsafe(32)}"
+        SHA-256) and sends it back with the token. It is a token whose selector is its user
+        (`thl_<user>.<secret>`), so a nonce given to anyone else's session is told from one
+        the app made itself."""
+        issued = tokens.issue(LINK_NONCE_PREFIX, selector=session.user_id)
         async with self._db.connection() as conn:
             cur = await conn.execute(
                 queries["issue_link_nonce"],
                 {
                     "user_id": session.user_id,
-                    "nonce_hash": hashlib.sha256(nonce.encode()).digest(),
+                    "nonce_hash": issued.secret_hash,
                     "session_id": session.id,
                     "ttl": self.config.link_nonce_ttl_seconds,
                 },
@@ -565,21 +564,20 @@ class AuthService:
             row = await cur.fetchone()
         assert row is not None
         expires_at: datetime = row[0]
-        return nonce, expires_at
+        return issued.token, expires_at
 
     async def _use_link_nonce(self, conn: Conn, session: Session, nonce: str) -> None:
-        owner = _link_nonce_owner(nonce)
-        if owner is None:  # not one of ours: a nonce the app made
-            if self.config.link_nonce_required:
+        parsed = tokens.parse(nonce, LINK_NONCE_PREFIX)
+        if parsed is None:
+            if nonce.startswith(f"{LINK_NONCE_PREFIX}_"):
+                raise e.LinkNonceInvalid()  # ours in form, but not one we could have made
+            if self.config.link_nonce_required:  # not one of ours: a nonce the app made
                 raise e.LinkNonceRequired()
             return
+        owner, secret = parsed
         cur = await conn.execute(
             queries["use_link_nonce"],
-            {
-                "user_id": owner,
-                "nonce_hash": hashlib.sha256(nonce.encode()).digest(),
-                "session_id": session.id,
-            },
+            {"user_id": owner, "nonce_hash": tokens.digest(secret), "session_id": session.id},
         )
         row = await cur.fetchone()
         if row is None or not row[0]:
@@ -769,17 +767,6 @@ class AuthService:
         if used is None:
             raise e.TokenUsed()  # a concurrent use won
         return used[0], used[1]
-
-
-def _link_nonce_owner(nonce: str) -> uuid.UUID | None:
-    """The user a link nonce of ours was given to, or None for any other nonce."""
-    if not nonce.startswith(LINK_NONCE_PREFIX):
-        return None
-    head, _, _ = nonce[len(LINK_NONCE_PREFIX) :].partition(".")
-    try:
-        return uuid.UUID(hex=head) if len(head) == 32 else None
-    except ValueError:
-        return None
 
 
 def _provider_email(raw: str | None) -> str | None:

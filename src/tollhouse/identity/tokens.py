@@ -28,9 +28,9 @@ def digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode("ascii")).digest()
 
 
-def issue(prefix: str) -> IssuedToken:
-    """A new random token with a time-ordered selector."""
-    token_id = uuid7()
+def issue(prefix: str, selector: uuid.UUID | None = None) -> IssuedToken:
+    """A new random token with a time-ordered selector, or the one given."""
+    token_id = selector or uuid7()
     secret = secrets.token_urlsafe(32)
     return IssuedToken(token_id, f"{prefix}_{token_id.hex}.{secret}", digest(secret))
 
