@@ -27,7 +27,7 @@ from typing import Literal, cast
 from tollhouse import errors as e
 from tollhouse.db.pool import Conn, Database
 from tollhouse.db.queries import Queries
-from tollhouse.identity.emails import normalise_email
+from tollhouse.identity.emails import provider_email
 from tollhouse.identity.oidc import APPLE_EVENT_TYPES, AppleNotification, OidcVerifier
 from tollhouse.identity.users import record_event
 
@@ -53,7 +53,9 @@ async def receive_apple_notification(
     event = await verifier.verify_apple_notification(token)
 
     async def work(conn: Conn) -> AppleNotificationResult:
-        cur = await conn.execute(queries["apple_subject_owner"], {"subject": event.subject})
+        cur = await conn.execute(
+            queries["identity_owner"], {"provider": "apple", "subject": event.subject}
+        )
         owner = await cur.fetchone()
         user_id: uuid.UUID | None = owner[0] if owner else None
         outcome: Outcome
@@ -103,7 +105,7 @@ async def _apply(conn: Conn, user_id: uuid.UUID, event: AppleNotification) -> No
             {
                 "user_id": user_id,
                 "subject": event.subject,
-                "email": _normalised(event.email),
+                "email": provider_email(event.email),
                 "deliverable": event.type == "email-enabled",
                 "at": at,
             },
@@ -111,12 +113,3 @@ async def _apply(conn: Conn, user_id: uuid.UUID, event: AppleNotification) -> No
     await record_event(
         conn, user_id, "apple_" + event.type.replace("-", "_"), provider="apple", jti=event.jti
     )
-
-
-def _normalised(email: str | None) -> str | None:
-    if email is None:
-        return None
-    try:
-        return normalise_email(email)
-    except e.InvalidEmail:
-        return None

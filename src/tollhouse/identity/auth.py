@@ -31,7 +31,7 @@ from tollhouse.db.queries import Queries
 from tollhouse.identity import tokens
 from tollhouse.identity.apple import AppleNotificationResult, receive_apple_notification
 from tollhouse.identity.config import IdentityConfig
-from tollhouse.identity.emails import normalise_email
+from tollhouse.identity.emails import normalise_email, provider_email
 from tollhouse.identity.hooks import IdentityHooks, NoHooks
 from tollhouse.identity.oidc import OidcVerifier, VerifiedIdentity
 from tollhouse.identity.passwords import PasswordHasher, check_password_rules
@@ -376,7 +376,7 @@ class AuthService:
         if known is not None:  # rule 1
             return known
 
-        email = _provider_email(identity.email)
+        email = provider_email(identity.email)
         holder = None
         if email is not None:
             holder = await self._email_holder(conn, email)
@@ -767,12 +767,3 @@ class AuthService:
         if used is None:
             raise e.TokenUsed()  # a concurrent use won
         return used[0], used[1]
-
-
-def _provider_email(raw: str | None) -> str | None:
-    if raw is None:
-        return None
-    try:
-        return normalise_email(raw)
-    except e.InvalidEmail:
-        return None

@@ -253,9 +253,6 @@ WHERE user_id = %(user_id)s
 DELETE FROM tollhouse.signin_attempts
 WHERE window_start < now() - 2 * make_interval(secs => %(window)s)
 
--- name: apple_subject_owner
-SELECT user_id FROM tollhouse.identity_routes WHERE provider = 'apple' AND subject = %(subject)s
-
 -- name: remember_apple_notification
 -- Once per token id: a repeated delivery returns nothing (and waits for the first's commit).
 INSERT INTO tollhouse.apple_notifications (jti, type, subject, event_time, user_id, outcome)

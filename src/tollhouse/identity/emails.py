@@ -29,5 +29,15 @@ def normalise_email(raw: str) -> str:
     return email
 
 
+def provider_email(raw: str | None) -> str | None:
+    """An address a provider sent, normalised; None when it sent none or not a valid one."""
+    if raw is None:
+        return None
+    try:
+        return normalise_email(raw)
+    except InvalidEmail:
+        return None
+
+
 def _shown(raw: str) -> str:
     return repr(raw[:80] + ("…" if len(raw) > 80 else ""))
