@@ -5,12 +5,28 @@
 -- (409 last_owner) until another owner is made. Both triggers write the tenant row first, so
 -- a deletion and a concurrent removal of the other owner queue there, and the second sees
 -- the first.
+-- The organisation's longest-standing live owner (not deleted, status active) other than
+-- p_besides: what both triggers below check for, and the owner of record they move to.
+CREATE FUNCTION tollhouse.org_live_owner_v1(p_tenant uuid, p_besides uuid) RETURNS uuid
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT m.user_id FROM tollhouse.tenant_members m
+    JOIN tollhouse.users u ON u.id = m.user_id
+    WHERE m.tenant_id = p_tenant AND m.role = 'owner' AND m.user_id IS DISTINCT FROM p_besides
+      AND u.deleted_at IS NULL AND u.status = 'active'
+    ORDER BY m.created_at, m.user_id
+    LIMIT 1
+$$;
+REVOKE ALL ON FUNCTION tollhouse.org_live_owner_v1(uuid, uuid) FROM PUBLIC;
+
 CREATE OR REPLACE FUNCTION tollhouse.tenant_members_owner_check() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     t record;
+    v_owner uuid;
 BEGIN
     UPDATE tollhouse.tenants SET updated_at = now() WHERE id = OLD.tenant_id
     RETURNING is_default, owner_user_id INTO t;
@@ -21,22 +37,14 @@ BEGIN
         RAISE EXCEPTION 'a personal tenant keeps its owner'
             USING ERRCODE = 'check_violation', CONSTRAINT = 'tenant_members_personal_check';
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM tollhouse.tenant_members m
-                   JOIN tollhouse.users u ON u.id = m.user_id
-                   WHERE m.tenant_id = OLD.tenant_id AND m.role = 'owner'
-                     AND u.deleted_at IS NULL AND u.status = 'active') THEN
+    -- After the change: OLD's member counts only if it is still an owner (a no-op update).
+    v_owner := tollhouse.org_live_owner_v1(OLD.tenant_id, NULL);
+    IF v_owner IS NULL THEN
         RAISE EXCEPTION 'an organisation keeps at least one owner'
             USING ERRCODE = 'check_violation', CONSTRAINT = 'tenant_members_owner_check';
     END IF;
     IF t.owner_user_id = OLD.user_id THEN
-        UPDATE tollhouse.tenants SET owner_user_id = (
-            SELECT m.user_id FROM tollhouse.tenant_members m
-            JOIN tollhouse.users u ON u.id = m.user_id
-            WHERE m.tenant_id = OLD.tenant_id AND m.role = 'owner'
-            ORDER BY (u.deleted_at IS NULL AND u.status = 'active') DESC, m.created_at,
-                     m.user_id
-            LIMIT 1)
-        WHERE id = OLD.tenant_id;
+        UPDATE tollhouse.tenants SET owner_user_id = v_owner WHERE id = OLD.tenant_id;
     END IF;
     RETURN NULL;
 END
@@ -48,6 +56,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_tenant uuid;
+    v_owner uuid;
 BEGIN
     FOR v_tenant IN
         SELECT m.tenant_id FROM tollhouse.tenant_members m
@@ -57,20 +66,12 @@ BEGIN
         ORDER BY m.tenant_id
     LOOP
         UPDATE tollhouse.tenants SET updated_at = now() WHERE id = v_tenant;
-        IF NOT EXISTS (SELECT 1 FROM tollhouse.tenant_members m
-                       JOIN tollhouse.users u ON u.id = m.user_id
-                       WHERE m.tenant_id = v_tenant AND m.role = 'owner' AND m.user_id <> NEW.id
-                         AND u.deleted_at IS NULL AND u.status = 'active') THEN
+        v_owner := tollhouse.org_live_owner_v1(v_tenant, NEW.id);
+        IF v_owner IS NULL THEN
             RAISE EXCEPTION 'an organisation keeps at least one owner'
                 USING ERRCODE = 'check_violation', CONSTRAINT = 'tenant_members_owner_check';
         END IF;
-        UPDATE tollhouse.tenants SET owner_user_id = (
-            SELECT m.user_id FROM tollhouse.tenant_members m
-            JOIN tollhouse.users u ON u.id = m.user_id
-            WHERE m.tenant_id = v_tenant AND m.role = 'owner' AND m.user_id <> NEW.id
-              AND u.deleted_at IS NULL AND u.status = 'active'
-            ORDER BY m.created_at, m.user_id
-            LIMIT 1)
+        UPDATE tollhouse.tenants SET owner_user_id = v_owner
         WHERE id = v_tenant AND owner_user_id = NEW.id;
     END LOOP;
     RETURN NULL;
