@@ -152,7 +152,8 @@ SELECT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = %(time_zone)s)
 -- old zone, a day ahead of the new zone's froze the cap until the new zone passed it (the
 -- day only moves forward), up to 35 hours.
 WITH old AS (
-    SELECT tenant_id, day_start, day_start >= (now() AT TIME ZONE time_zone)::date AS today
+    SELECT tenant_id, day_start, day_start >= (now() AT TIME ZONE time_zone)::date AS today,
+           (now() AT TIME ZONE %(time_zone)s)::date AS new_today
     FROM tollhouse.credit_accounts
     WHERE tenant_id = %(tenant_id)s
 ), holds AS (
@@ -160,16 +161,14 @@ WITH old AS (
     -- not counted) to a day before it, or releasing one would take from today's count what
     -- it never held (a zone behind the old one can make the old yesterday the new today).
     UPDATE tollhouse.credit_reservations r
-    SET day = CASE WHEN r.day = old.day_start AND old.today
-                   THEN (now() AT TIME ZONE %(time_zone)s)::date
-                   ELSE least(r.day, (now() AT TIME ZONE %(time_zone)s)::date - 1) END
+    SET day = CASE WHEN r.day = old.day_start AND old.today THEN old.new_today
+                   ELSE least(r.day, old.new_today - 1) END
     FROM old
     WHERE r.tenant_id = old.tenant_id AND r.status = 'pending'
 )
 UPDATE tollhouse.credit_accounts a
 SET time_zone = %(time_zone)s,
-    day_start = CASE WHEN old.day_start IS NOT NULL
-                     THEN (now() AT TIME ZONE %(time_zone)s)::date END,
+    day_start = CASE WHEN old.day_start IS NOT NULL THEN old.new_today END,
     daily_used = CASE WHEN old.today THEN a.daily_used ELSE 0 END,
     updated_at = now()
 FROM old

@@ -43,7 +43,7 @@ LAST_EXPIRY = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
 ADJUSTMENT_TURNS = "adjustment:"
 #: The longest adjustment id: a positive one's grant has the source id `adjustment:<id>`, of
 #: at most 200 characters. (A negative one's turn names an id too long for it by its hash.)
-MAX_ADJUSTMENT_ID = 200 - len("adjustment:")
+MAX_ADJUSTMENT_ID = 200 - len(ADJUSTMENT_TURNS)
 _CONSTRAINTS = {
     "credit_grants_source_key": e.IdempotencyConflict,
     "credit_grants_total_check": e.InvalidRequest,
