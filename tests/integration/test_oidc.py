@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.support.flows import verified_account
 from tests.support.idp import GOOGLE_CLIENT, KeySet, claims, serve_rotating_jwks, sign
+from tests.support.locks import a_lock_wait
 from tollhouse import errors
 from tollhouse.app import Tollhouse
 from tollhouse.db.queries import Queries
@@ -617,24 +618,6 @@ async def test_a_password_sign_in_in_flight_loses_to_a_claim(
         await attempt
 
 
-async def _a_lock_wait(dsn: str, task: asyncio.Task[Any]) -> bool:
-    """Whether a session of this database waits for a lock (a row's: a transaction id's,
-    which names no database), polled for up to 5 s;
-    stops early when `task` ends (it never waited)."""
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        for _ in range(500):
-            cur = await conn.execute(
-                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
-                " WHERE NOT l.granted AND a.datname = current_database()"
-            )
-            if (await cur.fetchone() or (0,))[0]:
-                return True
-            if task.done():
-                return False
-            await asyncio.sleep(0.01)
-    return False
-
-
 async def test_two_new_identities_racing_onto_one_verified_holder_link_once(
     dsn: str, tollhouse: Tollhouse, idp_keys: KeySet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -662,7 +645,7 @@ async def test_two_new_identities_racing_onto_one_verified_holder_link_once(
     first = asyncio.create_task(tollhouse.auth.sign_in_oidc("google", token("g-first")))
     await linking.wait()
     second = asyncio.create_task(tollhouse.auth.sign_in_oidc("google", token("g-second")))
-    assert await _a_lock_wait(dsn, second)
+    assert await a_lock_wait(dsn, second)
     release.set()
     assert (await first).linked
     with pytest.raises(errors.AccountExistsLinkRequired):
@@ -700,7 +683,7 @@ async def test_a_verification_waits_for_a_sign_in_taking_its_address(
     )
     await deciding.wait()
     verify = asyncio.create_task(tollhouse.auth.verify_email(verification.token))
-    assert await _a_lock_wait(dsn, verify)
+    assert await a_lock_wait(dsn, verify)
     release.set()
     owner = (await sign_in).user
     await verify
@@ -752,7 +735,7 @@ async def test_a_password_change_and_a_reset_request_do_not_deadlock(
             await request.commit()
 
         made = asyncio.create_task(request_made())
-        await _a_lock_wait(dsn, making)  # it waits for the change (or never has to)
+        await a_lock_wait(dsn, making)  # it waits for the change (or never has to)
         await change.execute(
             auth_sql["set_password"],
             {"user_id": user_id, "password_hash": "h", "keep_session": None},

@@ -16,6 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.support.dump import data_dump
+from tests.support.locks import a_lock_wait
 from tollhouse import errors as e
 from tollhouse.app import Tollhouse
 from tollhouse.credits import DebitRequest
@@ -390,26 +391,12 @@ async def test_an_owner_leaving_under_rls_while_the_service_removes_a_member_bot
             (str(second),),
         )
         leaving = asyncio.create_task(end_user.execute(delete, (org.id, second)))
-        for _ in range(500):  # until the leaving owner waits for a lock
-            cur = await tollhouse_locks_waiting(dsn)
-            if cur or leaving.done():
-                break
-            await asyncio.sleep(0.01)
+        await a_lock_wait(dsn, leaving)  # until the leaving owner waits for a lock
         await service.execute(delete, (org.id, member))
         await service.commit()
         assert (await leaving).rowcount == 1
         await end_user.commit()
     assert {m.user_id for m in await tollhouse.orgs.members(org.id)} == {owner}
-
-
-async def tollhouse_locks_waiting(dsn: str) -> int:
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        cur = await conn.execute(
-            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
-            " WHERE NOT l.granted AND a.datname = current_database()"
-        )
-        row = await cur.fetchone()
-    return int(row[0]) if row else 0
 
 
 async def test_non_members_cannot_spend_from_a_pool(tollhouse: Tollhouse) -> None:
@@ -924,10 +911,7 @@ async def test_deleting_an_owner_and_removing_the_other_at_once_keeps_one(
             "UPDATE tollhouse.users SET deleted_at = now() WHERE id = %s", (first,)
         )
         removal = asyncio.create_task(tollhouse.orgs.remove_member(org.id, second, second))
-        for _ in range(500):
-            if await tollhouse_locks_waiting(dsn) or removal.done():
-                break
-            await asyncio.sleep(0.01)
+        await a_lock_wait(dsn, removal)
         await deleting.commit()
     with pytest.raises(e.LastOwner):
         await removal
